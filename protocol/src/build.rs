@@ -1,0 +1,185 @@
+//! Builders for the messages pgheal sends. Each appends one message to a
+//! `BytesMut` and patches the length afterwards.
+
+use bytes::{BufMut, BytesMut};
+
+use crate::backend::TxStatus;
+use crate::sqlstate::SqlState;
+use crate::startup::CancelKey;
+
+/// Severity of an ErrorResponse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Severity {
+    Error,
+    Fatal,
+}
+
+impl Severity {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Severity::Error => "ERROR",
+            Severity::Fatal => "FATAL",
+        }
+    }
+}
+
+fn message(buf: &mut BytesMut, tag: u8, body: impl FnOnce(&mut BytesMut)) {
+    buf.put_u8(tag);
+    untagged(buf, body);
+}
+
+fn untagged(buf: &mut BytesMut, body: impl FnOnce(&mut BytesMut)) {
+    let at = buf.len();
+    buf.put_i32(0);
+    body(buf);
+    let len = (buf.len() - at) as i32;
+    buf[at..at + 4].copy_from_slice(&len.to_be_bytes());
+}
+
+fn cstr(buf: &mut BytesMut, s: &[u8]) {
+    buf.put_slice(s);
+    buf.put_u8(0);
+}
+
+/// ErrorResponse with severity, SQLSTATE, message and an optional hint.
+pub fn error_response(
+    buf: &mut BytesMut,
+    severity: Severity,
+    code: SqlState,
+    msg: &str,
+    hint: Option<&str>,
+) {
+    message(buf, b'E', |b| {
+        for kind in [b'S', b'V'] {
+            b.put_u8(kind);
+            cstr(b, severity.as_str().as_bytes());
+        }
+        b.put_u8(b'C');
+        cstr(b, code.code().as_bytes());
+        b.put_u8(b'M');
+        cstr(b, msg.as_bytes());
+        if let Some(hint) = hint {
+            b.put_u8(b'H');
+            cstr(b, hint.as_bytes());
+        }
+        b.put_u8(0);
+    });
+}
+
+pub fn parameter_status(buf: &mut BytesMut, name: &[u8], value: &[u8]) {
+    message(buf, b'S', |b| {
+        cstr(b, name);
+        cstr(b, value);
+    });
+}
+
+pub fn backend_key_data(buf: &mut BytesMut, key: CancelKey) {
+    message(buf, b'K', |b| {
+        b.put_i32(key.pid);
+        b.put_i32(key.secret);
+    });
+}
+
+pub fn ready_for_query(buf: &mut BytesMut, status: TxStatus) {
+    message(buf, b'Z', |b| b.put_u8(status.byte()));
+}
+
+pub fn auth_ok(buf: &mut BytesMut) {
+    message(buf, b'R', |b| b.put_i32(0));
+}
+
+pub fn auth_cleartext(buf: &mut BytesMut) {
+    message(buf, b'R', |b| b.put_i32(3));
+}
+
+pub fn auth_md5(buf: &mut BytesMut, salt: [u8; 4]) {
+    message(buf, b'R', |b| {
+        b.put_i32(5);
+        b.put_slice(&salt);
+    });
+}
+
+pub fn auth_sasl(buf: &mut BytesMut, mechanisms: &[&str]) {
+    message(buf, b'R', |b| {
+        b.put_i32(10);
+        for m in mechanisms {
+            cstr(b, m.as_bytes());
+        }
+        b.put_u8(0);
+    });
+}
+
+pub fn auth_sasl_continue(buf: &mut BytesMut, data: &[u8]) {
+    message(buf, b'R', |b| {
+        b.put_i32(11);
+        b.put_slice(data);
+    });
+}
+
+pub fn auth_sasl_final(buf: &mut BytesMut, data: &[u8]) {
+    message(buf, b'R', |b| {
+        b.put_i32(12);
+        b.put_slice(data);
+    });
+}
+
+/// NegotiateProtocolVersion: the newest minor version pgheal supports and
+/// the protocol options it did not recognise.
+pub fn negotiate_protocol_version(buf: &mut BytesMut, newest_minor: u16, unrecognized: &[&str]) {
+    message(buf, b'v', |b| {
+        b.put_i32(3 << 16 | newest_minor as i32);
+        b.put_i32(unrecognized.len() as i32);
+        for o in unrecognized {
+            cstr(b, o.as_bytes());
+        }
+    });
+}
+
+/// StartupMessage for protocol 3.0.
+pub fn startup_message(buf: &mut BytesMut, params: &[(&str, &str)]) {
+    startup_message_version(buf, 0, params);
+}
+
+/// StartupMessage for protocol 3.`minor`.
+pub fn startup_message_version(buf: &mut BytesMut, minor: u16, params: &[(&str, &str)]) {
+    untagged(buf, |b| {
+        b.put_i32(3 << 16 | minor as i32);
+        for (k, v) in params {
+            cstr(b, k.as_bytes());
+            cstr(b, v.as_bytes());
+        }
+        b.put_u8(0);
+    });
+}
+
+pub fn cancel_request(buf: &mut BytesMut, key: CancelKey) {
+    untagged(buf, |b| {
+        b.put_i32(80_877_102);
+        b.put_i32(key.pid);
+        b.put_i32(key.secret);
+    });
+}
+
+pub fn password_message(buf: &mut BytesMut, password: &[u8]) {
+    message(buf, b'p', |b| cstr(b, password));
+}
+
+pub fn sasl_initial_response(buf: &mut BytesMut, mechanism: &str, data: &[u8]) {
+    message(buf, b'p', |b| {
+        cstr(b, mechanism.as_bytes());
+        b.put_i32(data.len() as i32);
+        b.put_slice(data);
+    });
+}
+
+pub fn sasl_response(buf: &mut BytesMut, data: &[u8]) {
+    message(buf, b'p', |b| b.put_slice(data));
+}
+
+pub fn query(buf: &mut BytesMut, sql: &str) {
+    message(buf, b'Q', |b| cstr(b, sql.as_bytes()));
+}
+
+pub fn terminate(buf: &mut BytesMut) {
+    message(buf, b'X', |_| {});
+}

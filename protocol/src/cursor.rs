@@ -1,0 +1,51 @@
+//! A bounds-checked reader over one message body.
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("message body is truncated or malformed")]
+pub struct Truncated;
+
+pub(crate) struct Cursor<'a> {
+    buf: &'a [u8],
+}
+
+impl<'a> Cursor<'a> {
+    pub(crate) fn new(buf: &'a [u8]) -> Self {
+        Cursor { buf }
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+
+    pub(crate) fn rest(&self) -> &'a [u8] {
+        self.buf
+    }
+
+    pub(crate) fn u8(&mut self) -> Result<u8, Truncated> {
+        let (&b, rest) = self.buf.split_first().ok_or(Truncated)?;
+        self.buf = rest;
+        Ok(b)
+    }
+
+    pub(crate) fn i32(&mut self) -> Result<i32, Truncated> {
+        let bytes = self.bytes(4)?;
+        Ok(i32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]))
+    }
+
+    pub(crate) fn bytes(&mut self, n: usize) -> Result<&'a [u8], Truncated> {
+        if self.buf.len() < n {
+            return Err(Truncated);
+        }
+        let (head, rest) = self.buf.split_at(n);
+        self.buf = rest;
+        Ok(head)
+    }
+
+    /// A NUL-terminated string, without its terminator.
+    pub(crate) fn cstr(&mut self) -> Result<&'a [u8], Truncated> {
+        let end = self.buf.iter().position(|&b| b == 0).ok_or(Truncated)?;
+        let s = &self.buf[..end];
+        self.buf = &self.buf[end + 1..];
+        Ok(s)
+    }
+}

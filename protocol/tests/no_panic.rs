@@ -1,0 +1,68 @@
+//! Every parser gets arbitrary bytes and must answer without panicking, and
+//! must never claim more bytes than it was given.
+
+use pgheal_protocol::backend::{self, Authentication, ErrorFields, TxStatus};
+use pgheal_protocol::frame::{self, Scanner, Step};
+use pgheal_protocol::{frontend, startup};
+use proptest::prelude::*;
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    #[test]
+    fn scanner_consumes_within_bounds(data in proptest::collection::vec(any::<u8>(), 0..600),
+                                      max in 5usize..400, chunk in 1usize..64) {
+        let mut sc = Scanner::new(max);
+        let mut pos = 0;
+        let mut end = chunk.min(data.len());
+        loop {
+            match sc.next(&data[pos..end], |t| t.is_ascii_uppercase()) {
+                Ok(Step::NeedMore) => {
+                    if end == data.len() { break; }
+                    end = (end + chunk).min(data.len());
+                }
+                Ok(step) => {
+                    prop_assert!(step.consumed() > 0);
+                    pos += step.consumed();
+                    prop_assert!(pos <= end);
+                }
+                Err(_) => break,
+            }
+        }
+    }
+
+    #[test]
+    fn message_and_header_never_panic(data in proptest::collection::vec(any::<u8>(), 0..300)) {
+        if let Ok(Some((_, body, n))) = frame::message(&data, 1 << 20) {
+            prop_assert!(n <= data.len());
+            prop_assert_eq!(body.len() + frame::HEADER_LEN, n);
+        }
+        let _ = frame::header(&data, 1 << 20);
+    }
+
+    #[test]
+    fn startup_never_panics(data in proptest::collection::vec(any::<u8>(), 0..300)) {
+        if let Ok(Some((_, n))) = startup::parse(&data) {
+            prop_assert!(n <= data.len());
+        }
+    }
+
+    #[test]
+    fn startup_with_valid_length_never_panics(body in proptest::collection::vec(any::<u8>(), 4..200)) {
+        let mut data = ((body.len() + 4) as i32).to_be_bytes().to_vec();
+        data.extend(&body);
+        let _ = startup::parse(&data);
+    }
+
+    #[test]
+    fn views_never_panic(data in proptest::collection::vec(any::<u8>(), 0..200)) {
+        let _ = backend::parameter_status(&data);
+        let _ = backend::backend_key_data(&data);
+        let _ = ErrorFields::parse(&data);
+        let _ = Authentication::parse(&data);
+        let _ = TxStatus::parse(&data);
+        let _ = frontend::password(&data);
+        let _ = frontend::sasl_initial_response(&data);
+        let _ = frontend::query(&data);
+    }
+}
