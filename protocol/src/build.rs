@@ -49,13 +49,25 @@ pub fn error_response(
     msg: &str,
     hint: Option<&str>,
 ) {
+    error_response_code(buf, severity, code.code(), msg, hint);
+}
+
+/// ErrorResponse with a SQLSTATE given as text, for codes passed on from a
+/// server.
+pub fn error_response_code(
+    buf: &mut BytesMut,
+    severity: Severity,
+    code: &str,
+    msg: &str,
+    hint: Option<&str>,
+) {
     message(buf, b'E', |b| {
         for kind in [b'S', b'V'] {
             b.put_u8(kind);
             cstr(b, severity.as_str().as_bytes());
         }
         b.put_u8(b'C');
-        cstr(b, code.code().as_bytes());
+        cstr(b, code.as_bytes());
         b.put_u8(b'M');
         cstr(b, msg.as_bytes());
         if let Some(hint) = hint {

@@ -1,0 +1,460 @@
+//! The TOML configuration, read key by key into a validated runtime type.
+//!
+//! Reading does not stop at the first problem: every unknown key, wrong type,
+//! bad duration or missing value is collected with its key path, so
+//! `pgheal check` can report them all at once.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use toml::{Table, Value};
+
+use crate::auth::ScramVerifier;
+
+/// The whole configuration, validated.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub proxy: ProxyConfig,
+    pub pool: PoolTimeouts,
+    pub users: Vec<User>,
+    pub databases: BTreeMap<String, Database>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    pub listen: SocketAddr,
+    pub pool_mode: PoolMode,
+    pub login_timeout: Duration,
+    pub max_message_size: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolMode {
+    Session,
+    Transaction,
+}
+
+#[derive(Debug, Clone)]
+pub struct PoolTimeouts {
+    pub connect_timeout: Duration,
+    pub checkout_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub server_lifetime: Duration,
+}
+
+#[derive(Clone)]
+pub struct User {
+    pub name: String,
+    pub auth: AuthMethod,
+    /// The plain password, when the file gives one.
+    pub password: Option<String>,
+    /// What SCRAM checks against: from `scram_secret` or made from `password`.
+    pub scram: Option<ScramVerifier>,
+    pub admin: bool,
+}
+
+impl fmt::Debug for User {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("User")
+            .field("name", &self.name)
+            .field("auth", &self.auth)
+            .field("admin", &self.admin)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMethod {
+    ScramSha256,
+    Md5,
+    Trust,
+}
+
+#[derive(Clone)]
+pub struct Database {
+    pub name: String,
+    pub nodes: Vec<String>,
+    pub dbname: String,
+    pub user: Option<String>,
+    pub password: Option<String>,
+    pub pool_size: usize,
+    pub min_idle: usize,
+}
+
+impl fmt::Debug for Database {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Database")
+            .field("name", &self.name)
+            .field("nodes", &self.nodes)
+            .field("dbname", &self.dbname)
+            .field("user", &self.user)
+            .field("pool_size", &self.pool_size)
+            .field("min_idle", &self.min_idle)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Config {
+    pub fn user(&self, name: &str) -> Option<&User> {
+        self.users.iter().find(|u| u.name == name)
+    }
+
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors(vec![ConfigError::new(
+                "",
+                format!("cannot read {}: {e}", path.display()),
+            )])
+        })?;
+        Config::parse(&text)
+    }
+
+    pub fn parse(text: &str) -> Result<Config, ConfigErrors> {
+        let table: Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| ConfigErrors(vec![ConfigError::new("", e.to_string())]))?;
+        let mut r = Reader::default();
+        let config = read_config(&mut r, &table);
+        if r.errors.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigErrors(r.errors))
+        }
+    }
+}
+
+/// One problem in the file, with the dotted path of the key it is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub path: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    fn new(path: &str, message: impl Into<String>) -> Self {
+        ConfigError {
+            path: path.to_string(),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+fn read_config(r: &mut Reader, root: &Table) -> Config {
+    r.known_keys(root, "", &["proxy", "pool", "users", "databases"]);
+    let empty = Table::new();
+    let proxy = r.table(root, "proxy", "").unwrap_or(&empty);
+    let pool = r.table(root, "pool", "").unwrap_or(&empty);
+    let config = Config {
+        proxy: read_proxy(r, proxy),
+        pool: read_pool(r, pool),
+        users: read_users(r, root),
+        databases: read_databases(r, root),
+    };
+    if config.databases.is_empty() {
+        r.error("databases", "at least one database must be configured");
+    }
+    config
+}
+
+fn read_proxy(r: &mut Reader, t: &Table) -> ProxyConfig {
+    let p = "proxy";
+    r.known_keys(t, p, &["listen", "pool_mode", "login_timeout", "max_message_size"]);
+    let default_listen = SocketAddr::from(([127, 0, 0, 1], 6432));
+    let max_message_size = r.get(t, p, "max_message_size", 256 * 1024 * 1024usize);
+    if max_message_size < 1024 {
+        r.error("proxy.max_message_size", "must be at least 1024 bytes");
+    }
+    ProxyConfig {
+        listen: r.get(t, p, "listen", default_listen),
+        pool_mode: r.get(t, p, "pool_mode", PoolMode::Transaction),
+        login_timeout: r.get(t, p, "login_timeout", Duration::from_secs(10)),
+        max_message_size,
+    }
+}
+
+fn read_pool(r: &mut Reader, t: &Table) -> PoolTimeouts {
+    let p = "pool";
+    let keys = [
+        "connect_timeout",
+        "checkout_timeout",
+        "idle_timeout",
+        "server_lifetime",
+    ];
+    r.known_keys(t, p, &keys);
+    PoolTimeouts {
+        connect_timeout: r.get(t, p, "connect_timeout", Duration::from_secs(3)),
+        checkout_timeout: r.get(t, p, "checkout_timeout", Duration::from_secs(5)),
+        idle_timeout: r.get(t, p, "idle_timeout", Duration::from_secs(600)),
+        server_lifetime: r.get(t, p, "server_lifetime", Duration::from_secs(3600)),
+    }
+}
+
+fn read_users(r: &mut Reader, root: &Table) -> Vec<User> {
+    let Some(v) = root.get("users") else {
+        return Vec::new();
+    };
+    let Some(list) = v.as_array() else {
+        r.error("users", format!("expected an array of tables, found {}", v.type_str()));
+        return Vec::new();
+    };
+    let mut users: Vec<User> = Vec::new();
+    for (i, item) in list.iter().enumerate() {
+        let path = format!("users[{i}]");
+        let Some(t) = item.as_table() else {
+            r.error(&path, format!("expected a table, found {}", item.type_str()));
+            continue;
+        };
+        if let Some(u) = read_user(r, t, &path) {
+            if users.iter().any(|o| o.name == u.name) {
+                r.error(&format!("{path}.name"), format!("user `{}` is listed twice", u.name));
+            }
+            users.push(u);
+        }
+    }
+    users
+}
+
+fn read_user(r: &mut Reader, t: &Table, p: &str) -> Option<User> {
+    r.known_keys(t, p, &["name", "password", "scram_secret", "auth", "admin"]);
+    let name: Option<String> = r.opt(t, p, "name");
+    let password: Option<String> = r.opt(t, p, "password");
+    let secret: Option<String> = r.opt(t, p, "scram_secret");
+    let auth = r.get(t, p, "auth", AuthMethod::ScramSha256);
+    let admin = r.get(t, p, "admin", false);
+    let Some(name) = name else {
+        r.error(&format!("{p}.name"), "missing: every user needs a name");
+        return None;
+    };
+    let scram = match (&secret, &password) {
+        (Some(s), _) => ScramVerifier::parse(s)
+            .map_err(|e| r.error(&format!("{p}.scram_secret"), e.to_string()))
+            .ok(),
+        (None, Some(pw)) if auth == AuthMethod::ScramSha256 => Some(ScramVerifier::from_password(pw)),
+        _ => None,
+    };
+    match auth {
+        AuthMethod::ScramSha256 if scram.is_none() && secret.is_none() => {
+            r.error(&format!("{p}.password"), "missing: scram-sha-256 needs password or scram_secret");
+        }
+        AuthMethod::Md5 if password.is_none() => {
+            r.error(&format!("{p}.password"), "missing: md5 needs the plain password");
+        }
+        _ => {}
+    }
+    Some(User {
+        name,
+        auth,
+        password,
+        scram,
+        admin,
+    })
+}
+
+fn read_databases(r: &mut Reader, root: &Table) -> BTreeMap<String, Database> {
+    let mut out = BTreeMap::new();
+    let Some(dbs) = r.table(root, "databases", "") else {
+        return out;
+    };
+    for (name, v) in dbs {
+        let path = format!("databases.{name}");
+        let Some(t) = v.as_table() else {
+            r.error(&path, format!("expected a table, found {}", v.type_str()));
+            continue;
+        };
+        out.insert(name.clone(), read_database(r, name, t, &path));
+    }
+    out
+}
+
+fn read_database(r: &mut Reader, name: &str, t: &Table, p: &str) -> Database {
+    let keys = ["nodes", "dbname", "user", "password", "pool_size", "min_idle"];
+    r.known_keys(t, p, &keys);
+    let nodes: Vec<String> = r.get(t, p, "nodes", Vec::new());
+    if nodes.is_empty() {
+        r.error(&format!("{p}.nodes"), "must list at least one node (\"host:port\")");
+    }
+    for (i, n) in nodes.iter().enumerate() {
+        if let Err(e) = check_node_address(n) {
+            r.error(&format!("{p}.nodes[{i}]"), e);
+        }
+    }
+    let pool_size = r.get(t, p, "pool_size", 20usize);
+    let min_idle = r.get(t, p, "min_idle", 0usize);
+    if pool_size == 0 {
+        r.error(&format!("{p}.pool_size"), "must be at least 1");
+    }
+    if min_idle > pool_size {
+        r.error(&format!("{p}.min_idle"), "must not exceed pool_size");
+    }
+    Database {
+        name: name.to_string(),
+        dbname: r.get(t, p, "dbname", name.to_string()),
+        user: r.opt(t, p, "user"),
+        password: r.opt(t, p, "password"),
+        nodes,
+        pool_size,
+        min_idle,
+    }
+}
+
+fn check_node_address(n: &str) -> Result<(), String> {
+    let (host, port) = n
+        .rsplit_once(':')
+        .ok_or_else(|| format!("`{n}` is not \"host:port\""))?;
+    if host.is_empty() {
+        return Err(format!("`{n}` has no host"));
+    }
+    port.parse::<u16>()
+        .map(|_| ())
+        .map_err(|_| format!("`{n}` has no valid port"))
+}
+
+/// Collects errors while reading values out of TOML tables.
+#[derive(Default)]
+struct Reader {
+    errors: Vec<ConfigError>,
+}
+
+impl Reader {
+    fn error(&mut self, path: &str, message: impl Into<String>) {
+        self.errors.push(ConfigError::new(path, message));
+    }
+
+    fn known_keys(&mut self, t: &Table, path: &str, known: &[&str]) {
+        for key in t.keys().filter(|k| !known.contains(&k.as_str())) {
+            let full = join(path, key);
+            self.error(&full, format!("unknown key (expected one of: {})", known.join(", ")));
+        }
+    }
+
+    fn table<'t>(&mut self, t: &'t Table, key: &str, path: &str) -> Option<&'t Table> {
+        let v = t.get(key)?;
+        let table = v.as_table();
+        if table.is_none() {
+            self.error(&join(path, key), format!("expected a table, found {}", v.type_str()));
+        }
+        table
+    }
+
+    fn opt<T: FromToml>(&mut self, t: &Table, path: &str, key: &str) -> Option<T> {
+        let v = t.get(key)?;
+        T::from_toml(v)
+            .map_err(|e| self.error(&join(path, key), e))
+            .ok()
+    }
+
+    fn get<T: FromToml>(&mut self, t: &Table, path: &str, key: &str, default: T) -> T {
+        self.opt(t, path, key).unwrap_or(default)
+    }
+}
+
+fn join(path: &str, key: &str) -> String {
+    if path.is_empty() {
+        key.to_string()
+    } else {
+        format!("{path}.{key}")
+    }
+}
+
+/// A value type that can be read from one TOML value.
+trait FromToml: Sized {
+    fn from_toml(v: &Value) -> Result<Self, String>;
+}
+
+fn expected(what: &str, v: &Value) -> String {
+    format!("expected {what}, found {}", v.type_str())
+}
+
+impl FromToml for String {
+    fn from_toml(v: &Value) -> Result<Self, String> {
+        v.as_str().map(str::to_string).ok_or_else(|| expected("a string", v))
+    }
+}
+
+impl FromToml for bool {
+    fn from_toml(v: &Value) -> Result<Self, String> {
+        v.as_bool().ok_or_else(|| expected("a boolean", v))
+    }
+}
+
+impl FromToml for usize {
+    fn from_toml(v: &Value) -> Result<Self, String> {
+        let i = v.as_integer().ok_or_else(|| expected("an integer", v))?;
+        usize::try_from(i).map_err(|_| format!("must not be negative, found {i}"))
+    }
+}
+
+impl FromToml for Duration {
+    fn from_toml(v: &Value) -> Result<Self, String> {
+        let s = v.as_str().ok_or_else(|| expected("a duration like \"500ms\" or \"10s\"", v))?;
+        humantime::parse_duration(s).map_err(|e| format!("invalid duration \"{s}\": {e}"))
+    }
+}
+
+impl FromToml for SocketAddr {
+    fn from_toml(v: &Value) -> Result<Self, String> {
+        let s = String::from_toml(v)?;
+        s.parse()
+            .map_err(|_| format!("invalid address \"{s}\": expected \"ip:port\""))
+    }
+}
+
+impl FromToml for Vec<String> {
+    fn from_toml(v: &Value) -> Result<Self, String> {
+        let items = v.as_array().ok_or_else(|| expected("an array of strings", v))?;
+        items.iter().map(String::from_toml).collect()
+    }
+}
+
+impl FromToml for PoolMode {
+    fn from_toml(v: &Value) -> Result<Self, String> {
+        match String::from_toml(v)?.as_str() {
+            "session" => Ok(PoolMode::Session),
+            "transaction" => Ok(PoolMode::Transaction),
+            other => Err(format!("unknown pool mode \"{other}\" (expected \"session\" or \"transaction\")")),
+        }
+    }
+}
+
+impl FromToml for AuthMethod {
+    fn from_toml(v: &Value) -> Result<Self, String> {
+        match String::from_toml(v)?.as_str() {
+            "scram-sha-256" => Ok(AuthMethod::ScramSha256),
+            "md5" => Ok(AuthMethod::Md5),
+            "trust" => Ok(AuthMethod::Trust),
+            other => Err(format!(
+                "unknown auth method \"{other}\" (expected \"scram-sha-256\", \"md5\" or \"trust\")"
+            )),
+        }
+    }
+}

@@ -1,0 +1,149 @@
+//! Errors a client can be told about, and the one place that turns them
+//! into ErrorResponse messages.
+
+use std::io;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use pgheal_protocol::build::{self, Severity};
+use pgheal_protocol::sqlstate::{self, SqlState};
+use pgheal_protocol::startup::StartupError;
+use pgheal_protocol::FrameError;
+
+use crate::upstream::UpstreamError;
+
+/// Why a client's connection or request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("invalid message from client: {0}")]
+    Frame(#[from] FrameError),
+    #[error("{0}")]
+    Startup(#[from] StartupError),
+    #[error("invalid message from client: {0}")]
+    Malformed(&'static str),
+    #[error("password authentication failed for user \"{0}\"")]
+    AuthFailed(String),
+    #[error("no PostgreSQL user name specified in startup packet")]
+    NoUser,
+    #[error("{0}")]
+    BadParameter(String),
+    #[error("database \"{0}\" does not exist")]
+    UnknownDatabase(String),
+    #[error("{0} is not supported by pgheal")]
+    Unsupported(&'static str),
+    #[error("client did not finish logging in within {0:?}")]
+    LoginTimeout(Duration),
+    #[error(transparent)]
+    Pool(#[from] PoolError),
+    #[error("client connection: {0}")]
+    ClientIo(#[source] io::Error),
+    #[error("server connection lost: {0}")]
+    ServerLost(#[source] io::Error),
+    #[error("invalid message from server: {0}")]
+    ServerProtocol(FrameError),
+}
+
+/// Why no server connection could be had.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error(
+        "no server connection for database \"{database}\" became free within {waited:?} (pool_size {size})"
+    )]
+    Timeout {
+        database: String,
+        waited: Duration,
+        size: usize,
+    },
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+}
+
+impl ClientError {
+    /// SQLSTATE and severity to send, or `None` when nothing can be sent
+    /// (the client is gone or never spoke the protocol).
+    fn wire(&self) -> Option<(Severity, String)> {
+        use ClientError::*;
+        let fatal = |s: SqlState| Some((Severity::Fatal, s.code().to_string()));
+        match self {
+            Frame(_) | Malformed(_) => fatal(sqlstate::PROTOCOL_VIOLATION),
+            Startup(StartupError::UnsupportedProtocol { .. }) => fatal(sqlstate::FEATURE_NOT_SUPPORTED),
+            Startup(_) => fatal(sqlstate::PROTOCOL_VIOLATION),
+            AuthFailed(_) => fatal(sqlstate::INVALID_PASSWORD),
+            NoUser => fatal(sqlstate::INVALID_AUTHORIZATION_SPECIFICATION),
+            UnknownDatabase(_) => fatal(sqlstate::INVALID_CATALOG_NAME),
+            BadParameter(_) => fatal(sqlstate::INVALID_PARAMETER_VALUE),
+            Unsupported(_) => fatal(sqlstate::FEATURE_NOT_SUPPORTED),
+            Pool(PoolError::Timeout { .. }) => {
+                Some((Severity::Error, sqlstate::TOO_MANY_CONNECTIONS.code().to_string()))
+            }
+            Pool(PoolError::Upstream(e)) => Some((Severity::Error, e.sqlstate())),
+            ServerLost(_) | ServerProtocol(_) => {
+                Some((Severity::Error, sqlstate::CONNECTION_FAILURE.code().to_string()))
+            }
+            LoginTimeout(_) | ClientIo(_) => None,
+        }
+    }
+
+    fn hint(&self) -> Option<&'static str> {
+        match self {
+            ClientError::Pool(PoolError::Timeout { .. }) => {
+                Some("All server connections are busy; raise pool_size or shorten transactions.")
+            }
+            _ => None,
+        }
+    }
+
+    /// True when the client connection must be closed after the error.
+    pub fn is_fatal(&self) -> bool {
+        !matches!(self.wire(), Some((Severity::Error, _)))
+    }
+
+    /// Appends the ErrorResponse for this error, if one can be sent. An
+    /// error that is not fatal may be raised while the client is logged in.
+    pub fn write_response(&self, buf: &mut BytesMut, logged_in: bool) -> bool {
+        let Some((mut severity, code)) = self.wire() else {
+            return false;
+        };
+        if !logged_in {
+            severity = Severity::Fatal;
+        }
+        build::error_response_code(buf, severity, &code, &self.to_string(), self.hint());
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pgheal_protocol::backend::ErrorFields;
+
+    fn code_of(e: ClientError, logged_in: bool) -> (Vec<u8>, Vec<u8>) {
+        let mut buf = BytesMut::new();
+        assert!(e.write_response(&mut buf, logged_in));
+        let f = ErrorFields::parse(&buf[5..]).unwrap();
+        (f.severity.to_vec(), f.code.to_vec())
+    }
+
+    #[test]
+    fn errors_map_to_sqlstates() {
+        assert_eq!(
+            code_of(ClientError::AuthFailed("u".into()), false),
+            (b"FATAL".to_vec(), b"28P01".to_vec())
+        );
+        assert_eq!(
+            code_of(ClientError::UnknownDatabase("d".into()), false).1,
+            b"3D000".to_vec()
+        );
+        let timeout = ClientError::Pool(PoolError::Timeout {
+            database: "d".into(),
+            waited: Duration::from_secs(1),
+            size: 4,
+        });
+        assert!(!timeout.is_fatal());
+        assert_eq!(code_of(timeout, true), (b"ERROR".to_vec(), b"53300".to_vec()));
+        let frame = ClientError::Frame(FrameError::LengthTooSmall { tag: b'Q', len: -1 });
+        assert_eq!(code_of(frame, true), (b"FATAL".to_vec(), b"08P01".to_vec()));
+        let gone = ClientError::ClientIo(io::Error::from(io::ErrorKind::BrokenPipe));
+        assert!(!gone.write_response(&mut BytesMut::new(), true));
+    }
+}

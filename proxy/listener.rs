@@ -1,0 +1,88 @@
+//! The accept loop: one task per client.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+use crate::config::Config;
+use crate::login::{self, Handshake};
+use crate::session::Session;
+use crate::App;
+
+/// A running proxy.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub app: Arc<App>,
+    accept: JoinHandle<()>,
+}
+
+impl Running {
+    /// Stops accepting new clients.
+    pub fn stop_accepting(&self) {
+        self.accept.abort();
+    }
+
+    /// Runs until the accept loop ends.
+    pub async fn wait(mut self) {
+        let _ = (&mut self.accept).await;
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+/// Binds `[proxy] listen` and starts serving.
+pub async fn start(config: Config) -> io::Result<Running> {
+    let listener = TcpListener::bind(config.proxy.listen).await?;
+    let addr = listener.local_addr()?;
+    let app = App::new(config);
+    let accept = tokio::spawn(accept_loop(listener, app.clone()));
+    tracing::info!(%addr, "pgheal is listening");
+    Ok(Running { addr, app, accept })
+}
+
+async fn accept_loop(listener: TcpListener, app: Arc<App>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                crate::net::tune(&stream);
+                tokio::spawn(serve(app.clone(), stream, peer));
+            }
+            Err(e) => {
+                // Out of file descriptors and the like: back off briefly.
+                tracing::error!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn serve(app: Arc<App>, stream: TcpStream, peer: SocketAddr) {
+    let client = match login::handshake(&app, stream).await {
+        Ok(Handshake::Cancelled) => return,
+        Ok(Handshake::Client(c)) => c,
+        Err((mut stream, e)) => {
+            tracing::info!(%peer, error = %e, "login failed");
+            let mut out = BytesMut::new();
+            if e.write_response(&mut out, false) {
+                let _ = stream.write_all(&out).await;
+            }
+            return;
+        }
+    };
+    let (user, database) = (client.user.clone(), client.database.name.clone());
+    tracing::info!(%peer, %user, %database, "client logged in");
+    match Session::new(app, client).run().await {
+        Ok(()) => tracing::info!(%peer, %user, %database, "client left"),
+        Err(e) => tracing::info!(%peer, %user, %database, error = %e, "client closed"),
+    }
+}

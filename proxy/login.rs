@@ -1,0 +1,199 @@
+//! The client's way in: startup packet, SSL/GSS refusals, cancel requests,
+//! protocol version negotiation and authentication against `[[users]]`.
+
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use pgheal_protocol::build;
+use pgheal_protocol::frame;
+use pgheal_protocol::frontend;
+use pgheal_protocol::startup::{self, StartupMessage, StartupPacket, SUPPORTED_MINOR};
+use rand::RngCore;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::auth::{self, ScramExchange, ScramVerifier, SCRAM_SHA_256};
+use crate::config::{AuthMethod, Database};
+use crate::error::ClientError;
+use crate::params::Params;
+use crate::App;
+
+/// What the handshake ended with.
+pub enum Handshake {
+    /// A cancel request was handled; the connection ends.
+    Cancelled,
+    /// An authenticated client, ready for the welcome messages.
+    Client(LoggedIn),
+}
+
+pub struct LoggedIn {
+    pub stream: TcpStream,
+    /// Bytes the client sent beyond the handshake.
+    pub buf: BytesMut,
+    pub user: String,
+    pub database: Database,
+    pub params: Params,
+}
+
+/// Reads the startup packet and authenticates, all within the login
+/// timeout. Errors are answered by the caller.
+pub async fn handshake(app: &Arc<App>, mut stream: TcpStream) -> Result<Handshake, (TcpStream, ClientError)> {
+    let timeout = app.config().proxy.login_timeout;
+    let mut buf = BytesMut::with_capacity(512);
+    let result = tokio::time::timeout(timeout, login(app, &mut stream, &mut buf)).await;
+    match result {
+        Ok(Ok(None)) => Ok(Handshake::Cancelled),
+        Ok(Ok(Some((user, database, params)))) => Ok(Handshake::Client(LoggedIn {
+            stream,
+            buf,
+            user,
+            database,
+            params,
+        })),
+        Ok(Err(e)) => Err((stream, e)),
+        Err(_) => Err((stream, ClientError::LoginTimeout(timeout))),
+    }
+}
+
+async fn login(
+    app: &Arc<App>,
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+) -> Result<Option<(String, Database, Params)>, ClientError> {
+    let msg = loop {
+        match read_startup(stream, buf).await? {
+            StartupPacket::SslRequest | StartupPacket::GssEncRequest => write(stream, b"N").await?,
+            StartupPacket::Cancel(key) => {
+                app.cancels.cancel(key).await;
+                return Ok(None);
+            }
+            StartupPacket::Startup(msg) => break msg,
+        }
+    };
+    negotiate_version(stream, &msg).await?;
+    let user = msg.param("user").ok_or(ClientError::NoUser)?.to_string();
+    if matches!(msg.param("replication"), Some(r) if !matches!(r, "false" | "0" | "off" | "no")) {
+        return Err(ClientError::Unsupported("a replication connection"));
+    }
+    authenticate(app, stream, buf, &user).await?;
+    let db_name = msg.param("database").unwrap_or(&user).to_string();
+    let database = app
+        .config()
+        .databases
+        .get(&db_name)
+        .cloned()
+        .ok_or(ClientError::UnknownDatabase(db_name))?;
+    let params = Params::from_startup(&msg.params).map_err(ClientError::BadParameter)?;
+    Ok(Some((user, database, params)))
+}
+
+async fn read_startup(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<StartupPacket, ClientError> {
+    loop {
+        if let Some((packet, len)) = startup::parse(buf)? {
+            let _ = buf.split_to(len);
+            return Ok(packet);
+        }
+        read_more(stream, buf).await?;
+    }
+}
+
+async fn read_more(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<(), ClientError> {
+    match stream.read_buf(buf).await {
+        Ok(0) => Err(ClientError::ClientIo(std::io::ErrorKind::UnexpectedEof.into())),
+        Ok(_) => Ok(()),
+        Err(e) => Err(ClientError::ClientIo(e)),
+    }
+}
+
+async fn write(stream: &mut TcpStream, bytes: &[u8]) -> Result<(), ClientError> {
+    stream.write_all(bytes).await.map_err(ClientError::ClientIo)
+}
+
+/// A client asking for a newer 3.x minor version, or for `_pq_.` options,
+/// is told what pgheal speaks, as PostgreSQL does.
+async fn negotiate_version(stream: &mut TcpStream, msg: &StartupMessage) -> Result<(), ClientError> {
+    let options: Vec<&str> = msg.protocol_options().collect();
+    if msg.minor <= SUPPORTED_MINOR && options.is_empty() {
+        return Ok(());
+    }
+    let mut out = BytesMut::new();
+    build::negotiate_protocol_version(&mut out, SUPPORTED_MINOR, &options);
+    write(stream, &out).await
+}
+
+/// Reads one PasswordMessage-type ('p') message.
+async fn read_password(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<Bytes, ClientError> {
+    loop {
+        if let Some((tag, _, len)) = frame::message(buf, 64 * 1024)? {
+            if tag != frontend::PASSWORD {
+                return Err(ClientError::Malformed("expected a password message"));
+            }
+            let mut msg = buf.split_to(len).freeze();
+            return Ok(msg.split_off(frame::HEADER_LEN));
+        }
+        read_more(stream, buf).await?;
+    }
+}
+
+async fn authenticate(app: &Arc<App>, stream: &mut TcpStream, buf: &mut BytesMut, user: &str) -> Result<(), ClientError> {
+    let config = app.config();
+    let entry = config.user(user);
+    let method = entry.map_or(AuthMethod::ScramSha256, |u| u.auth);
+    let ok = match method {
+        AuthMethod::Trust => true,
+        AuthMethod::Md5 => {
+            let password = entry.and_then(|u| u.password.as_deref()).unwrap_or_default();
+            md5(stream, buf, user, password).await?
+        }
+        AuthMethod::ScramSha256 => {
+            let verifier = entry.and_then(|u| u.scram.clone()).unwrap_or_else(ScramVerifier::mock);
+            scram(stream, buf, verifier).await?
+        }
+    };
+    if !ok || entry.is_none() {
+        tracing::info!(user, "client authentication failed");
+        return Err(ClientError::AuthFailed(user.to_string()));
+    }
+    let mut out = BytesMut::new();
+    build::auth_ok(&mut out);
+    write(stream, &out).await
+}
+
+async fn md5(stream: &mut TcpStream, buf: &mut BytesMut, user: &str, password: &str) -> Result<bool, ClientError> {
+    let mut salt = [0u8; 4];
+    rand::rngs::OsRng.fill_bytes(&mut salt);
+    let mut out = BytesMut::new();
+    build::auth_md5(&mut out, salt);
+    write(stream, &out).await?;
+    let body = read_password(stream, buf).await?;
+    let sent = frontend::password(&body).map_err(|_| ClientError::Malformed("password message"))?;
+    Ok(!password.is_empty() && auth::md5_matches(user, password, salt, sent))
+}
+
+async fn scram(stream: &mut TcpStream, buf: &mut BytesMut, verifier: ScramVerifier) -> Result<bool, ClientError> {
+    let mut out = BytesMut::new();
+    build::auth_sasl(&mut out, &[SCRAM_SHA_256]);
+    write(stream, &out).await?;
+    let body = read_password(stream, buf).await?;
+    let (mechanism, first) =
+        frontend::sasl_initial_response(&body).map_err(|_| ClientError::Malformed("SASL initial response"))?;
+    if mechanism != SCRAM_SHA_256.as_bytes() {
+        return Err(ClientError::Malformed("unknown SASL mechanism"));
+    }
+    let (exchange, server_first) =
+        ScramExchange::start(verifier, first).map_err(|_| ClientError::Malformed("SCRAM client-first message"))?;
+    out.clear();
+    build::auth_sasl_continue(&mut out, server_first.as_bytes());
+    write(stream, &out).await?;
+    let client_final = read_password(stream, buf).await?;
+    match exchange.finish(&client_final) {
+        Ok(server_final) => {
+            out.clear();
+            build::auth_sasl_final(&mut out, server_final.as_bytes());
+            write(stream, &out).await?;
+            Ok(true)
+        }
+        Err(auth::ScramError::WrongProof) => Ok(false),
+        Err(_) => Err(ClientError::Malformed("SCRAM client-final message")),
+    }
+}

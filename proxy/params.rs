@@ -1,0 +1,175 @@
+//! Session parameters: what a client asked for in its startup packet, what
+//! a server reported, and the SET/RESET that turns one into the other.
+
+use std::collections::BTreeMap;
+
+/// Parameters by case-folded name, keeping the name as first given.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Params {
+    map: BTreeMap<String, (String, String)>,
+}
+
+/// Startup keys that are not run-time parameters.
+const NOT_PARAMETERS: [&str; 4] = ["user", "database", "replication", "options"];
+
+impl Params {
+    pub fn set(&mut self, name: &str, value: &str) {
+        let key = name.to_ascii_lowercase();
+        match self.map.get_mut(&key) {
+            Some(entry) => entry.1 = value.to_string(),
+            None => {
+                self.map.insert(key, (name.to_string(), value.to_string()));
+            }
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.map
+            .get(&name.to_ascii_lowercase())
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.map.values().map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// The parameters a client's startup packet asks for, including those
+    /// in `options` (`-c name=value`, `--name=value`).
+    pub fn from_startup(params: &[(String, String)]) -> Result<Params, String> {
+        let mut out = Params::default();
+        for (k, v) in params {
+            if k == "options" {
+                for (name, value) in parse_options(v)? {
+                    out.set_checked(&name, &value)?;
+                }
+            } else if !NOT_PARAMETERS.contains(&k.as_str()) && !k.starts_with("_pq_.") {
+                out.set_checked(k, v)?;
+            }
+        }
+        Ok(out)
+    }
+
+    fn set_checked(&mut self, name: &str, value: &str) -> Result<(), String> {
+        if !is_parameter_name(name) {
+            return Err(format!("unrecognized configuration parameter \"{name}\""));
+        }
+        self.set(name, value);
+        Ok(())
+    }
+
+    /// The statements that take a server from `self` to `wanted`, or `None`
+    /// when nothing differs.
+    pub fn diff_sql(&self, wanted: &Params) -> Option<String> {
+        let mut sql = String::new();
+        for (key, (name, value)) in &wanted.map {
+            if self.map.get(key).map(|(_, v)| v) != Some(value) {
+                sql.push_str(&format!("SET {name} TO {};", quote_literal(value)));
+            }
+        }
+        for (key, (name, _)) in &self.map {
+            if !wanted.map.contains_key(key) {
+                sql.push_str(&format!("RESET {name};"));
+            }
+        }
+        (!sql.is_empty()).then_some(sql)
+    }
+}
+
+fn is_parameter_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
+}
+
+fn quote_literal(value: &str) -> String {
+    format!("'{}'", value.replace('\'', "''"))
+}
+
+/// Splits libpq's `options` string: words separated by spaces, `\` escapes.
+fn parse_options(options: &str) -> Result<Vec<(String, String)>, String> {
+    let mut words = Vec::new();
+    let mut word = String::new();
+    let mut chars = options.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => word.extend(chars.next()),
+            c if c.is_whitespace() => {
+                if !word.is_empty() {
+                    words.push(std::mem::take(&mut word));
+                }
+            }
+            c => word.push(c),
+        }
+    }
+    if !word.is_empty() {
+        words.push(word);
+    }
+    let mut out = Vec::new();
+    let mut it = words.into_iter();
+    while let Some(w) = it.next() {
+        let setting = match w.as_str() {
+            "-c" => it.next().ok_or("-c without a setting in options")?,
+            _ if w.starts_with("--") => w[2..].to_string(),
+            _ if w.starts_with("-c") => w[2..].to_string(),
+            _ => return Err(format!("unsupported startup option \"{w}\"")),
+        };
+        let (name, value) = setting
+            .split_once('=')
+            .ok_or_else(|| format!("option \"{setting}\" has no value"))?;
+        out.push((name.replace('-', "_"), value.to_string()));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn startup(pairs: &[(&str, &str)]) -> Result<Params, String> {
+        let v: Vec<(String, String)> = pairs
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect();
+        Params::from_startup(&v)
+    }
+
+    #[test]
+    fn startup_params_and_options() {
+        let p = startup(&[
+            ("user", "u"),
+            ("database", "d"),
+            ("application_name", "app"),
+            ("options", "-c search_path=a,b --statement-timeout=5s -cwork_mem=1MB"),
+        ])
+        .unwrap();
+        assert_eq!(p.get("APPLICATION_NAME"), Some("app"));
+        assert_eq!(p.get("search_path"), Some("a,b"));
+        assert_eq!(p.get("statement_timeout"), Some("5s"));
+        assert_eq!(p.get("work_mem"), Some("1MB"));
+        assert_eq!(p.get("user"), None);
+        assert!(startup(&[("bad name", "x")]).is_err());
+        assert!(startup(&[("options", "-x")]).is_err());
+        assert!(startup(&[("options", "-c nothing")]).is_err());
+    }
+
+    #[test]
+    fn diff_sets_changed_and_resets_missing() {
+        let mut have = Params::default();
+        have.set("TimeZone", "UTC");
+        have.set("search_path", "old");
+        let mut want = Params::default();
+        want.set("timezone", "UTC");
+        want.set("application_name", "it's");
+        let sql = have.diff_sql(&want).unwrap();
+        assert_eq!(sql, "SET application_name TO 'it''s';RESET search_path;");
+        assert_eq!(want.diff_sql(&want), None);
+    }
+}

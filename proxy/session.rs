@@ -1,0 +1,501 @@
+//! One client's life after login: the welcome, then the data path.
+//!
+//! The client task owns its server connection while attached; no other task
+//! or channel sits between them. Bytes move in whole buffers. Only message
+//! headers are scanned, except ReadyForQuery and ParameterStatus from the
+//! server, which are read whole; DataRow bodies are never looked at.
+
+use std::future::poll_fn;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use pgheal_protocol::backend::{self, TxStatus};
+use pgheal_protocol::build;
+use pgheal_protocol::frame::{FrameError, Scanner, Step};
+use pgheal_protocol::frontend;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_util::io::poll_read_buf;
+
+use crate::cancel::Registration;
+use crate::config::PoolMode;
+use crate::error::{ClientError, PoolError};
+use crate::login::LoggedIn;
+use crate::params::Params;
+use crate::pool::{Lease, Pool};
+use crate::upstream::ServerConn;
+use crate::App;
+
+/// Bytes read per call when a buffer runs low.
+const READ_CHUNK: usize = 16 * 1024;
+/// Stop reading from one side while this much waits to be written to the
+/// other: back-pressure instead of buffering.
+const MAX_PENDING: usize = 256 * 1024;
+/// An idle client gives its buffers back after this long.
+const IDLE_SHRINK: Duration = Duration::from_secs(1);
+
+/// One direction of the stream: bytes read but not yet written, the prefix
+/// that was scanned (and so may be written), and where messages end.
+struct Flow {
+    buf: BytesMut,
+    scanned: usize,
+    scanner: Scanner,
+}
+
+impl Flow {
+    fn new(max_message: usize) -> Self {
+        Flow {
+            buf: BytesMut::new(),
+            scanned: 0,
+            scanner: Scanner::new(max_message),
+        }
+    }
+
+    fn reserve(&mut self) {
+        if self.buf.capacity() - self.buf.len() < 1024 {
+            self.buf.reserve(READ_CHUNK);
+        }
+    }
+
+    fn advance(&mut self, n: usize) {
+        self.buf.advance(n);
+        self.scanned -= n;
+    }
+
+    /// Drops everything buffered, keeping the scanner's place.
+    fn clear(&mut self) {
+        self.buf.clear();
+        self.scanned = 0;
+    }
+
+    fn shrink(&mut self) {
+        if self.buf.is_empty() {
+            self.buf = BytesMut::new();
+        }
+    }
+}
+
+/// How one attachment to a server ended.
+enum PumpEnd {
+    /// Transaction mode: the server is idle again and may go back.
+    Released,
+    ClientGone,
+    ClientBroke(FrameError),
+    ServerLost(io::Error),
+}
+
+pub struct Session {
+    client: TcpStream,
+    up: Flow,
+    down: Flow,
+    params: Params,
+    mode: PoolMode,
+    pool: Arc<Pool>,
+    cancel: Registration,
+    /// Queries, Syncs and FunctionCalls sent to the server and not yet
+    /// answered by ReadyForQuery.
+    pending: u32,
+    /// The server has work from this client that has not ended with an
+    /// idle ReadyForQuery.
+    owed: bool,
+    tx: TxStatus,
+    terminated: bool,
+    client_eof: bool,
+    /// Drop the rest of a client message whose request failed.
+    dropping: bool,
+    welcomed: bool,
+}
+
+impl Session {
+    pub fn new(app: Arc<App>, client: LoggedIn) -> Session {
+        let max = app.config().proxy.max_message_size;
+        let mode = app.config().proxy.pool_mode;
+        let pool = app.pool_for(&client.database, &client.user);
+        let mut up = Flow::new(max);
+        up.buf = client.buf;
+        Session {
+            cancel: app.cancels.register(),
+            client: client.stream,
+            up,
+            down: Flow::new(usize::MAX),
+            params: client.params,
+            mode,
+            pool,
+            pending: 0,
+            owed: false,
+            tx: TxStatus::Idle,
+            terminated: false,
+            client_eof: false,
+            dropping: false,
+            welcomed: false,
+        }
+    }
+
+    /// Sends the welcome and serves the client until it leaves. A fatal
+    /// error is told to the client before its connection closes.
+    pub async fn run(mut self) -> Result<(), ClientError> {
+        let result = self.serve().await;
+        if let Err(e) = &result {
+            let mut out = BytesMut::new();
+            // A server lost in the middle of a message leaves nothing to say.
+            let mid_message = matches!(e, ClientError::ServerLost(_));
+            if !mid_message && e.write_response(&mut out, self.welcomed) {
+                let _ = self.client.write_all(&out).await;
+            }
+        }
+        result
+    }
+
+    async fn serve(&mut self) -> Result<(), ClientError> {
+        let mut lease = self.welcome().await?;
+        self.welcomed = true;
+        loop {
+            if lease.is_none() {
+                if !self.wait_for_request().await? {
+                    return Ok(());
+                }
+                lease = match self.checkout().await {
+                    Ok(l) => Some(l),
+                    Err(e) => {
+                        self.refuse_request(e).await?;
+                        continue;
+                    }
+                };
+            }
+            let Some(l) = lease.as_mut() else { continue };
+            let end = poll_fn(|cx| self.poll_pump(cx, l.conn())).await;
+            match end {
+                PumpEnd::Released => {
+                    self.detach(lease.take(), true);
+                }
+                PumpEnd::ClientGone => {
+                    self.leave(lease.take()).await;
+                    return Ok(());
+                }
+                PumpEnd::ClientBroke(e) => {
+                    self.detach(lease.take(), false);
+                    return Err(e.into());
+                }
+                PumpEnd::ServerLost(e) => {
+                    let addr = l.pool().addr().to_string();
+                    tracing::warn!(server = %addr, error = %e, "server connection lost");
+                    self.detach(lease.take(), false);
+                    self.report_server_lost(e).await?;
+                }
+            }
+        }
+    }
+
+    /// Authentication is done: tell the client the server's parameters, its
+    /// cancel key and that it may start. Session mode keeps the server.
+    async fn welcome(&mut self) -> Result<Option<Lease>, ClientError> {
+        let mut lease = match self.pool.checkout().await {
+            Ok(l) => Some(l),
+            Err(e) if self.mode == PoolMode::Session => return Err(e.into()),
+            Err(e) => {
+                tracing::warn!(error = %e, "no server for the welcome; using remembered parameters");
+                None
+            }
+        };
+        let reported = match lease.as_mut() {
+            Some(l) => {
+                if let Some(e) = l.conn().apply_params(&self.params).await.map_err(PoolError::from)? {
+                    return Err(PoolError::Upstream(e).into());
+                }
+                l.conn().reported.clone()
+            }
+            None => self.remembered_parameters()?,
+        };
+        let mut out = BytesMut::new();
+        for (name, value) in reported.iter() {
+            build::parameter_status(&mut out, name.as_bytes(), value.as_bytes());
+        }
+        build::backend_key_data(&mut out, self.cancel.key);
+        build::ready_for_query(&mut out, TxStatus::Idle);
+        self.client.write_all(&out).await.map_err(ClientError::ClientIo)?;
+        if self.mode == PoolMode::Transaction {
+            if let Some(mut l) = lease.take() {
+                l.release();
+            }
+        } else if let Some(l) = lease.as_mut() {
+            self.cancel.slot.attach(l.pool().addr(), l.server_key());
+        }
+        Ok(lease)
+    }
+
+    fn remembered_parameters(&self) -> Result<Params, ClientError> {
+        let Some(mut reported) = self.pool.welcome() else {
+            return Err(ClientError::Pool(PoolError::Timeout {
+                database: self.pool.database.clone(),
+                waited: Duration::ZERO,
+                size: 0,
+            }));
+        };
+        for (name, value) in self.params.iter() {
+            if reported.get(name).is_some() {
+                reported.set(name, value);
+            }
+        }
+        Ok(reported)
+    }
+
+    /// Waits, holding no server, until the client sent at least one whole
+    /// message header. Returns false when the client left.
+    async fn wait_for_request(&mut self) -> Result<bool, ClientError> {
+        let mut shrunk = false;
+        loop {
+            self.scan_up()?;
+            if self.terminated && self.up.scanned == 0 {
+                return Ok(false);
+            }
+            if self.up.scanned > 0 {
+                return Ok(true);
+            }
+            tokio::select! {
+                r = self.client.readable() => r.map_err(ClientError::ClientIo)?,
+                _ = tokio::time::sleep(IDLE_SHRINK), if !shrunk => {
+                    self.up.shrink();
+                    self.down.shrink();
+                    shrunk = true;
+                    continue;
+                }
+            }
+            self.up.reserve();
+            match self.client.try_read_buf(&mut self.up.buf) {
+                Ok(0) => return Ok(false),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(ClientError::ClientIo(e)),
+            }
+        }
+    }
+
+    async fn checkout(&mut self) -> Result<Lease, PoolError> {
+        let mut lease = self.pool.checkout().await?;
+        if let Some(e) = lease.conn().apply_params(&self.params).await? {
+            tracing::warn!(error = %e, "cannot apply the client's session parameters");
+        }
+        self.cancel.slot.attach(lease.pool().addr(), lease.server_key());
+        Ok(lease)
+    }
+
+    /// No server could be had: answer the buffered request with the error
+    /// and drop it.
+    async fn refuse_request(&mut self, e: PoolError) -> Result<(), ClientError> {
+        tracing::warn!(error = %e, "request refused");
+        let err = ClientError::Pool(e);
+        let mut out = BytesMut::new();
+        err.write_response(&mut out, true);
+        for _ in 1..self.pending.max(1) {
+            err.write_response(&mut out, true);
+        }
+        if self.pending > 0 {
+            for _ in 0..self.pending {
+                build::ready_for_query(&mut out, TxStatus::Idle);
+            }
+        }
+        self.forget_request();
+        self.client.write_all(&out).await.map_err(ClientError::ClientIo)
+    }
+
+    /// Drops what the client sent for a request that will not run.
+    fn forget_request(&mut self) {
+        self.up.buf.truncate(self.up.scanned);
+        self.up.clear();
+        self.dropping = !self.up.scanner.at_boundary();
+        self.pending = 0;
+        self.owed = false;
+        self.tx = TxStatus::Idle;
+    }
+
+    fn detach(&mut self, lease: Option<Lease>, reuse: bool) {
+        self.cancel.slot.detach();
+        if let Some(mut lease) = lease {
+            if reuse {
+                lease.release();
+            }
+        }
+        self.pending = 0;
+        self.owed = false;
+        self.tx = TxStatus::Idle;
+    }
+
+    /// The client left: give the server back when it is clean.
+    async fn leave(&mut self, lease: Option<Lease>) {
+        self.cancel.slot.detach();
+        let Some(mut lease) = lease else { return };
+        if self.owed || self.tx != TxStatus::Idle {
+            return;
+        }
+        if self.mode == PoolMode::Session {
+            if let Err(e) = lease.conn().reset().await {
+                tracing::warn!(error = %e, "cannot reset a session-mode server; closing it");
+                return;
+            }
+        }
+        lease.release();
+    }
+
+    /// The server died under the client. Between messages the client hears
+    /// 08006 and keeps its connection; in the middle of one it cannot.
+    async fn report_server_lost(&mut self, e: io::Error) -> Result<(), ClientError> {
+        if !self.down.scanner.at_boundary() {
+            return Err(ClientError::ServerLost(e));
+        }
+        let mut out = BytesMut::new();
+        out.extend_from_slice(&self.down.buf[..self.down.scanned]);
+        self.down.clear();
+        ClientError::ServerLost(e).write_response(&mut out, true);
+        build::ready_for_query(&mut out, TxStatus::Idle);
+        self.forget_request();
+        self.client.write_all(&out).await.map_err(ClientError::ClientIo)
+    }
+
+    fn scan_up(&mut self) -> Result<(), FrameError> {
+        loop {
+            let step = self.up.scanner.next(&self.up.buf[self.up.scanned..], |_| false)?;
+            match step {
+                Step::NeedMore => return Ok(()),
+                Step::Body(n) if self.dropping => {
+                    self.up.buf.advance(n);
+                    self.dropping = !self.up.scanner.at_boundary();
+                    continue;
+                }
+                Step::Header { tag, .. } if tag == frontend::TERMINATE => {
+                    self.up.buf.truncate(self.up.scanned);
+                    self.terminated = true;
+                    return Ok(());
+                }
+                Step::Header { tag, .. } => {
+                    if matches!(tag, frontend::QUERY | frontend::SYNC | frontend::FUNCTION_CALL) {
+                        self.pending += 1;
+                    }
+                    self.owed = true;
+                }
+                _ => {}
+            }
+            self.up.scanned += step.consumed();
+        }
+    }
+
+    fn scan_down(&mut self, conn: &mut ServerConn) -> Result<(), FrameError> {
+        let whole = |t| t == backend::READY_FOR_QUERY || t == backend::PARAMETER_STATUS;
+        loop {
+            let start = self.down.scanned;
+            let step = self.down.scanner.next(&self.down.buf[start..], whole)?;
+            if let Step::Whole { tag, len } = step {
+                let body = &self.down.buf[start + 5..start + len];
+                if tag == backend::READY_FOR_QUERY {
+                    self.tx = TxStatus::parse(body).unwrap_or(TxStatus::Failed);
+                    self.pending = self.pending.saturating_sub(1);
+                    if self.pending == 0 && self.tx == TxStatus::Idle {
+                        self.owed = false;
+                    }
+                } else {
+                    let _ = conn.note_parameter(body);
+                }
+            } else if step == Step::NeedMore {
+                return Ok(());
+            }
+            self.down.scanned += step.consumed();
+        }
+    }
+
+    fn releasable(&self) -> bool {
+        self.mode == PoolMode::Transaction
+            && !self.owed
+            && self.up.buf.is_empty()
+            && self.up.scanner.at_boundary()
+            && self.down.buf.is_empty()
+    }
+
+    /// Moves bytes both ways until the attachment ends. Each side is read
+    /// only while the other side's backlog is small.
+    fn poll_pump(&mut self, cx: &mut Context<'_>, conn: &mut ServerConn) -> Poll<PumpEnd> {
+        loop {
+            let mut progress = match self.poll_client_read(cx) {
+                Ok(p) => p,
+                Err(end) => return Poll::Ready(end),
+            };
+            if self.client_eof || (self.terminated && self.up.buf.is_empty()) {
+                return Poll::Ready(PumpEnd::ClientGone);
+            }
+            match write_some(cx, &mut conn.stream, &mut self.up) {
+                Poll::Ready(Ok(n)) => progress |= n > 0,
+                Poll::Ready(Err(e)) => return Poll::Ready(PumpEnd::ServerLost(e)),
+                Poll::Pending => {}
+            }
+            match self.poll_server_read(cx, conn) {
+                Ok(p) => progress |= p,
+                Err(end) => return Poll::Ready(end),
+            }
+            match write_some(cx, &mut self.client, &mut self.down) {
+                Poll::Ready(Ok(n)) => progress |= n > 0,
+                Poll::Ready(Err(_)) => return Poll::Ready(PumpEnd::ClientGone),
+                Poll::Pending => {}
+            }
+            if self.releasable() {
+                return Poll::Ready(PumpEnd::Released);
+            }
+            if !progress {
+                return Poll::Pending;
+            }
+        }
+    }
+
+    fn poll_client_read(&mut self, cx: &mut Context<'_>) -> Result<bool, PumpEnd> {
+        if self.terminated || self.client_eof || self.up.scanned >= MAX_PENDING {
+            return Ok(false);
+        }
+        self.up.reserve();
+        match poll_read_buf(Pin::new(&mut self.client), cx, &mut self.up.buf) {
+            Poll::Ready(Ok(0)) => {
+                self.client_eof = true;
+                Ok(true)
+            }
+            Poll::Ready(Ok(_)) => {
+                self.scan_up().map_err(PumpEnd::ClientBroke)?;
+                Ok(true)
+            }
+            Poll::Ready(Err(_)) => Err(PumpEnd::ClientGone),
+            Poll::Pending => Ok(false),
+        }
+    }
+
+    fn poll_server_read(&mut self, cx: &mut Context<'_>, conn: &mut ServerConn) -> Result<bool, PumpEnd> {
+        if self.down.scanned >= MAX_PENDING {
+            return Ok(false);
+        }
+        self.down.reserve();
+        match poll_read_buf(Pin::new(&mut conn.stream), cx, &mut self.down.buf) {
+            Poll::Ready(Ok(0)) => Err(PumpEnd::ServerLost(io::ErrorKind::UnexpectedEof.into())),
+            Poll::Ready(Ok(_)) => {
+                // A server that breaks framing is as good as gone.
+                self.scan_down(conn)
+                    .map_err(|e| PumpEnd::ServerLost(io::Error::new(io::ErrorKind::InvalidData, e)))?;
+                Ok(true)
+            }
+            Poll::Ready(Err(e)) => Err(PumpEnd::ServerLost(e)),
+            Poll::Pending => Ok(false),
+        }
+    }
+}
+
+/// Writes what is scanned in `flow`; `Ready(Ok(0))` when there is nothing.
+fn write_some<W: AsyncWrite + Unpin>(cx: &mut Context<'_>, w: &mut W, flow: &mut Flow) -> Poll<io::Result<usize>> {
+    if flow.scanned == 0 {
+        return Poll::Ready(Ok(0));
+    }
+    match Pin::new(w).poll_write(cx, &flow.buf[..flow.scanned]) {
+        Poll::Ready(Ok(0)) => Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+        Poll::Ready(Ok(n)) => {
+            flow.advance(n);
+            Poll::Ready(Ok(n))
+        }
+        other => other,
+    }
+}
