@@ -1,0 +1,221 @@
+//! Test harness: real PostgreSQL nodes (see `pgheal::localpg`), pgheal in
+//! the same process on a free port, and the real client programs.
+#![allow(dead_code)]
+
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use pgheal::config::Config;
+use pgheal::listener::{self, Running};
+use pgheal::localpg::PgNode;
+
+pub const APP_PASSWORD: &str = "apppw";
+
+/// A node with role `app` (password `apppw`) owning database `app`.
+pub async fn app_node() -> PgNode {
+    let node = PgNode::start_new().await.expect("start PostgreSQL");
+    node.sql("postgres", &format!("CREATE ROLE app LOGIN PASSWORD '{APP_PASSWORD}'"))
+        .await
+        .expect("create role");
+    node.sql("postgres", "CREATE DATABASE app OWNER app")
+        .await
+        .expect("create database");
+    node
+}
+
+/// pgheal with `[[users]] app/apppw` and `[databases.app]` on `node`;
+/// `extra` is appended to `[databases.app]`, `top` goes before it.
+pub async fn proxy_with(node: &PgNode, top: &str, extra: &str) -> Running {
+    let text = format!(
+        r#"
+[proxy]
+listen = "127.0.0.1:0"
+{top}
+
+[[users]]
+name = "app"
+password = "{APP_PASSWORD}"
+
+[databases.app]
+nodes = ["{addr}"]
+{extra}
+"#,
+        addr = node.addr()
+    );
+    start(&text).await
+}
+
+pub async fn proxy(node: &PgNode) -> Running {
+    proxy_with(node, "", "").await
+}
+
+pub async fn start(toml: &str) -> Running {
+    let config = Config::parse(toml).unwrap_or_else(|e| panic!("test config is invalid:\n{e}"));
+    listener::start(config).await.expect("start pgheal")
+}
+
+pub fn url(proxy: &Running, user: &str, password: &str, db: &str) -> String {
+    format!(
+        "postgres://{user}:{password}@127.0.0.1:{}/{db}?sslmode=disable",
+        proxy.addr.port()
+    )
+}
+
+pub fn app_url(proxy: &Running) -> String {
+    url(proxy, "app", APP_PASSWORD, "app")
+}
+
+/// Runs a client program (psql, pgbench) to completion in a blocking thread.
+pub async fn run(program: &str, args: Vec<String>, stdin: Option<Vec<u8>>) -> Output {
+    let program = program.to_string();
+    tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        let mut cmd = Command::new(&program);
+        cmd.args(&args)
+            .env("PGCONNECT_TIMEOUT", "10")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+        let mut input = child.stdin.take().expect("stdin");
+        if let Some(bytes) = stdin {
+            input.write_all(&bytes).expect("write stdin");
+        }
+        drop(input);
+        child.wait_with_output().expect("wait for client")
+    })
+    .await
+    .expect("client thread")
+}
+
+/// psql with `-X -q -v ON_ERROR_STOP=0 -At` and the given extra arguments.
+pub async fn psql(url: &str, extra: &[&str], stdin: Option<&[u8]>) -> Output {
+    let mut args = vec![
+        url.to_string(),
+        "-X".into(),
+        "-qAt".into(),
+        "-v".into(),
+        "ON_ERROR_STOP=0".into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    run("psql", args, stdin.map(<[u8]>::to_vec)).await
+}
+
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+pub async fn connect(url: &str) -> (tokio_postgres::Client, tokio::task::JoinHandle<()>) {
+    let (client, conn) = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio_postgres::connect(url, tokio_postgres::NoTls),
+    )
+    .await
+    .expect("connect timed out")
+    .expect("connect through pgheal");
+    let handle = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    (client, handle)
+}
+
+/// The SQLSTATE of a tokio-postgres error.
+pub fn code(e: &tokio_postgres::Error) -> String {
+    e.code().map(|c| c.code().to_string()).unwrap_or_else(|| format!("no code: {e}"))
+}
+
+/// A client that speaks the wire protocol by hand, for the cases real
+/// drivers never produce.
+pub struct Raw {
+    pub stream: tokio::net::TcpStream,
+    buf: bytes::BytesMut,
+}
+
+impl Raw {
+    pub async fn connect(proxy: &Running) -> Raw {
+        let stream = tokio::net::TcpStream::connect(proxy.addr).await.expect("connect");
+        Raw {
+            stream,
+            buf: bytes::BytesMut::new(),
+        }
+    }
+
+    pub async fn send(&mut self, bytes: &[u8]) {
+        use tokio::io::AsyncWriteExt;
+        self.stream.write_all(bytes).await.expect("send");
+    }
+
+    /// Sends a StartupMessage for a trust user and reads up to ReadyForQuery.
+    pub async fn login(proxy: &Running, user: &str, db: &str) -> Raw {
+        let mut raw = Raw::connect(proxy).await;
+        let mut out = bytes::BytesMut::new();
+        pgheal_protocol::build::startup_message(&mut out, &[("user", user), ("database", db)]);
+        raw.send(&out).await;
+        raw.read_until(b'Z').await;
+        raw
+    }
+
+    /// The next whole message as (tag, body), or None at end of stream.
+    /// Panics if nothing arrives within 20 s.
+    pub async fn next(&mut self) -> Option<(u8, Vec<u8>)> {
+        use tokio::io::AsyncReadExt;
+        loop {
+            if let Some((tag, body, len)) = pgheal_protocol::frame::message(&self.buf, 1 << 30).expect("framing") {
+                let msg = (tag, body.to_vec());
+                let _ = self.buf.split_to(len);
+                return Some(msg);
+            }
+            let read = tokio::time::timeout(Duration::from_secs(20), self.stream.read_buf(&mut self.buf));
+            match read.await.expect("no answer from pgheal within 20 s") {
+                Ok(0) | Err(_) => return None,
+                Ok(_) => {}
+            }
+        }
+    }
+
+    /// Reads messages up to and including one with `tag`; returns them all.
+    pub async fn read_until(&mut self, tag: u8) -> Vec<(u8, Vec<u8>)> {
+        let mut seen = Vec::new();
+        while let Some(m) = self.next().await {
+            let done = m.0 == tag;
+            seen.push(m);
+            if done {
+                return seen;
+            }
+        }
+        panic!("stream ended before {:?}; saw {:?}", tag as char, seen);
+    }
+
+    /// Reads to the end of the stream; returns the SQLSTATEs of any errors.
+    pub async fn error_codes_until_closed(&mut self) -> Vec<String> {
+        let mut codes = Vec::new();
+        while let Some((tag, body)) = self.next().await {
+            if tag == b'E' {
+                let f = pgheal_protocol::backend::ErrorFields::parse(&body).expect("error fields");
+                codes.push(text(f.code));
+            }
+        }
+        codes
+    }
+}
+
+/// SQLSTATE of an ErrorResponse body.
+pub fn error_code(body: &[u8]) -> String {
+    text(pgheal_protocol::backend::ErrorFields::parse(body).expect("error fields").code)
+}
+
+/// Waits up to `within` for `check` to hold, polling.
+pub async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    while tokio::time::Instant::now() < deadline {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out after {within:?} waiting for {what}");
+}
