@@ -193,22 +193,22 @@ impl Session {
     /// Authentication is done: tell the client the server's parameters, its
     /// cancel key and that it may start. Session mode keeps the server.
     async fn welcome(&mut self) -> Result<Option<Lease>, ClientError> {
-        let mut lease = match self.pool.checkout().await {
-            Ok(l) => Some(l),
-            Err(e) if self.mode == PoolMode::Session => return Err(e.into()),
-            Err(e) => {
-                tracing::warn!(error = %e, "no server for the welcome; using remembered parameters");
-                None
-            }
-        };
-        let reported = match lease.as_mut() {
-            Some(l) => {
+        let (mut lease, reported) = match self.pool.checkout().await {
+            Ok(mut l) => {
                 if let Some(e) = l.conn().apply_params(&self.params).await.map_err(PoolError::from)? {
                     return Err(PoolError::Upstream(e).into());
                 }
-                l.conn().reported.clone()
+                let reported = l.conn().reported.clone();
+                (Some(l), reported)
             }
-            None => self.remembered_parameters()?,
+            Err(e) => match self.remembered_parameters() {
+                // Transaction mode needs no server until the first query.
+                Some(reported) if self.mode == PoolMode::Transaction => {
+                    tracing::warn!(error = %e, "no server for the welcome; using remembered parameters");
+                    (None, reported)
+                }
+                _ => return Err(e.into()),
+            },
         };
         let mut out = BytesMut::new();
         for (name, value) in reported.iter() {
@@ -227,20 +227,16 @@ impl Session {
         Ok(lease)
     }
 
-    fn remembered_parameters(&self) -> Result<Params, ClientError> {
-        let Some(mut reported) = self.pool.welcome() else {
-            return Err(ClientError::Pool(PoolError::Timeout {
-                database: self.pool.database.clone(),
-                waited: Duration::ZERO,
-                size: 0,
-            }));
-        };
+    /// The parameters the pool's last server reported, with the client's own
+    /// settings laid over them.
+    fn remembered_parameters(&self) -> Option<Params> {
+        let mut reported = self.pool.welcome()?;
         for (name, value) in self.params.iter() {
             if reported.get(name).is_some() {
                 reported.set(name, value);
             }
         }
-        Ok(reported)
+        Some(reported)
     }
 
     /// Waits, holding no server, until the client sent at least one whole

@@ -50,6 +50,10 @@ pub async fn proxy(node: &PgNode) -> Running {
 }
 
 pub async fn start(toml: &str) -> Running {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
     let config = Config::parse(toml).unwrap_or_else(|e| panic!("test config is invalid:\n{e}"));
     listener::start(config).await.expect("start pgheal")
 }
