@@ -80,6 +80,7 @@ impl Flow {
 }
 
 /// How one attachment to a server ended.
+#[derive(Debug)]
 enum PumpEnd {
     /// Transaction mode: the server is idle again and may go back.
     Released,
@@ -108,6 +109,9 @@ pub struct Session {
     /// Drop the rest of a client message whose request failed.
     dropping: bool,
     welcomed: bool,
+    /// The server sent a FATAL error and is about to close: nothing more
+    /// goes to it, and its FATAL already answered the oldest request.
+    server_dying: bool,
 }
 
 impl Session {
@@ -132,6 +136,7 @@ impl Session {
             client_eof: false,
             dropping: false,
             welcomed: false,
+            server_dying: false,
         }
     }
 
@@ -158,6 +163,7 @@ impl Session {
                 if !self.wait_for_request().await? {
                     return Ok(());
                 }
+                tracing::debug!(pending = self.pending, bytes = self.up.buf.len(), "checking out a server");
                 lease = match self.checkout().await {
                     Ok(l) => Some(l),
                     Err(e) => {
@@ -168,6 +174,7 @@ impl Session {
             }
             let Some(l) = lease.as_mut() else { continue };
             let end = poll_fn(|cx| self.poll_pump(cx, l.conn())).await;
+            tracing::debug!(?end, "detached from the server");
             match end {
                 PumpEnd::Released => {
                     self.detach(lease.take(), true);
@@ -183,7 +190,9 @@ impl Session {
                 PumpEnd::ServerLost(e) => {
                     let addr = l.pool().addr().to_string();
                     tracing::warn!(server = %addr, error = %e, "server connection lost");
-                    self.detach(lease.take(), false);
+                    self.cancel.slot.detach();
+                    // Dropping the lease closes the dead connection.
+                    lease = None;
                     self.report_server_lost(e).await?;
                 }
             }
@@ -279,29 +288,32 @@ impl Session {
         Ok(lease)
     }
 
-    /// No server could be had: answer the buffered request with the error
-    /// and drop it.
+    /// No server could be had: answer the buffered requests with the error.
     async fn refuse_request(&mut self, e: PoolError) -> Result<(), ClientError> {
         tracing::warn!(error = %e, "request refused");
-        let err = ClientError::Pool(e);
         let mut out = BytesMut::new();
-        err.write_response(&mut out, true);
-        for _ in 1..self.pending.max(1) {
-            err.write_response(&mut out, true);
-        }
-        if self.pending > 0 {
-            for _ in 0..self.pending {
-                build::ready_for_query(&mut out, TxStatus::Idle);
-            }
-        }
-        self.forget_request();
+        self.fail_requests(&ClientError::Pool(e), &mut out);
         self.client.write_all(&out).await.map_err(ClientError::ClientIo)
     }
 
-    /// Drops what the client sent for a request that will not run.
-    fn forget_request(&mut self) {
-        self.up.buf.truncate(self.up.scanned);
-        self.up.clear();
+    /// Answers each request in flight (a Query, Sync or FunctionCall not yet
+    /// answered) with `err` and ReadyForQuery, as the server would have, and
+    /// forgets what the client sent for them. With none in flight (a Parse
+    /// not yet followed by Sync) only the error goes out; the Sync still to
+    /// come will get its ReadyForQuery.
+    fn fail_requests(&mut self, err: &ClientError, out: &mut BytesMut) {
+        if self.pending == 0 && !self.server_dying {
+            err.write_response(out, true);
+        }
+        for i in 0..self.pending {
+            if i > 0 || !self.server_dying {
+                err.write_response(out, true);
+            }
+            build::ready_for_query(out, TxStatus::Idle);
+        }
+        self.server_dying = false;
+        self.up.buf.advance(self.up.scanned);
+        self.up.scanned = 0;
         self.dropping = !self.up.scanner.at_boundary();
         self.pending = 0;
         self.owed = false;
@@ -318,6 +330,7 @@ impl Session {
         self.pending = 0;
         self.owed = false;
         self.tx = TxStatus::Idle;
+        self.server_dying = false;
     }
 
     /// The client left: give the server back when it is clean.
@@ -345,9 +358,7 @@ impl Session {
         let mut out = BytesMut::new();
         out.extend_from_slice(&self.down.buf[..self.down.scanned]);
         self.down.clear();
-        ClientError::ServerLost(e).write_response(&mut out, true);
-        build::ready_for_query(&mut out, TxStatus::Idle);
-        self.forget_request();
+        self.fail_requests(&ClientError::ServerLost(e), &mut out);
         self.client.write_all(&out).await.map_err(ClientError::ClientIo)
     }
 
@@ -379,7 +390,7 @@ impl Session {
     }
 
     fn scan_down(&mut self, conn: &mut ServerConn) -> Result<(), FrameError> {
-        let whole = |t| t == backend::READY_FOR_QUERY || t == backend::PARAMETER_STATUS;
+        let whole = |t| matches!(t, backend::READY_FOR_QUERY | backend::PARAMETER_STATUS | backend::ERROR_RESPONSE);
         loop {
             let start = self.down.scanned;
             let step = self.down.scanner.next(&self.down.buf[start..], whole)?;
@@ -391,6 +402,9 @@ impl Session {
                     if self.pending == 0 && self.tx == TxStatus::Idle {
                         self.owed = false;
                     }
+                } else if tag == backend::ERROR_RESPONSE {
+                    let severity = backend::ErrorFields::parse(body).map(|f| f.severity).unwrap_or_default();
+                    self.server_dying |= matches!(severity, b"FATAL" | b"PANIC");
                 } else {
                     let _ = conn.note_parameter(body);
                 }
@@ -420,10 +434,12 @@ impl Session {
             if self.client_eof || (self.terminated && self.up.buf.is_empty()) {
                 return Poll::Ready(PumpEnd::ClientGone);
             }
-            match write_some(cx, &mut conn.stream, &mut self.up) {
-                Poll::Ready(Ok(n)) => progress |= n > 0,
-                Poll::Ready(Err(e)) => return Poll::Ready(PumpEnd::ServerLost(e)),
-                Poll::Pending => {}
+            if !self.server_dying {
+                match write_some(cx, &mut conn.stream, &mut self.up) {
+                    Poll::Ready(Ok(n)) => progress |= n > 0,
+                    Poll::Ready(Err(e)) => return Poll::Ready(PumpEnd::ServerLost(e)),
+                    Poll::Pending => {}
+                }
             }
             match self.poll_server_read(cx, conn) {
                 Ok(p) => progress |= p,
@@ -444,7 +460,7 @@ impl Session {
     }
 
     fn poll_client_read(&mut self, cx: &mut Context<'_>) -> Result<bool, PumpEnd> {
-        if self.terminated || self.client_eof || self.up.scanned >= MAX_PENDING {
+        if self.terminated || self.client_eof || self.server_dying || self.up.scanned >= MAX_PENDING {
             return Ok(false);
         }
         self.up.reserve();
