@@ -15,7 +15,9 @@ pub const SCRAM_SHA_256: &str = "SCRAM-SHA-256";
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ScramError {
-    #[error("invalid SCRAM secret: expected SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>")]
+    #[error(
+        "invalid SCRAM secret: expected SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>"
+    )]
     BadSecret,
     #[error("malformed SCRAM message: {0}")]
     Malformed(&'static str),
@@ -42,7 +44,9 @@ impl std::fmt::Debug for ScramVerifier {
 
 impl ScramVerifier {
     pub fn parse(s: &str) -> Result<Self, ScramError> {
-        let rest = s.strip_prefix("SCRAM-SHA-256$").ok_or(ScramError::BadSecret)?;
+        let rest = s
+            .strip_prefix("SCRAM-SHA-256$")
+            .ok_or(ScramError::BadSecret)?;
         let (params, keys) = rest.split_once('$').ok_or(ScramError::BadSecret)?;
         let (iter, salt) = params.split_once(':').ok_or(ScramError::BadSecret)?;
         let (stored, server) = keys.split_once(':').ok_or(ScramError::BadSecret)?;
@@ -97,8 +101,12 @@ pub struct ScramExchange {
 
 impl ScramExchange {
     /// Reads client-first and returns the exchange and server-first.
-    pub fn start(verifier: ScramVerifier, client_first: &[u8]) -> Result<(Self, String), ScramError> {
-        let text = std::str::from_utf8(client_first).map_err(|_| ScramError::Malformed("not UTF-8"))?;
+    pub fn start(
+        verifier: ScramVerifier,
+        client_first: &[u8],
+    ) -> Result<(Self, String), ScramError> {
+        let text =
+            std::str::from_utf8(client_first).map_err(|_| ScramError::Malformed("not UTF-8"))?;
         let (gs2_header, bare) = split_gs2(text)?;
         let client_nonce = attribute(bare, 'r').ok_or(ScramError::Malformed("no nonce"))?;
         let mut ours = [0u8; 18];
@@ -121,7 +129,8 @@ impl ScramExchange {
 
     /// Checks client-final; on success returns server-final (`v=...`).
     pub fn finish(self, client_final: &[u8]) -> Result<String, ScramError> {
-        let text = std::str::from_utf8(client_final).map_err(|_| ScramError::Malformed("not UTF-8"))?;
+        let text =
+            std::str::from_utf8(client_final).map_err(|_| ScramError::Malformed("not UTF-8"))?;
         let (without_proof, proof) = text
             .rsplit_once(",p=")
             .ok_or(ScramError::Malformed("no proof"))?;
@@ -132,8 +141,13 @@ impl ScramExchange {
         if attribute(without_proof, 'r') != Some(self.nonce.as_str()) {
             return Err(ScramError::Malformed("nonce does not match"));
         }
-        let proof = B64.decode(proof).map_err(|_| ScramError::Malformed("proof is not base64"))?;
-        let auth_message = format!("{},{},{}", self.client_first_bare, self.server_first, without_proof);
+        let proof = B64
+            .decode(proof)
+            .map_err(|_| ScramError::Malformed("proof is not base64"))?;
+        let auth_message = format!(
+            "{},{},{}",
+            self.client_first_bare, self.server_first, without_proof
+        );
         let signature = hmac(&self.verifier.stored_key, auth_message.as_bytes());
         if proof.len() != signature.len() {
             return Err(ScramError::WrongProof);
@@ -154,7 +168,9 @@ fn split_gs2(text: &str) -> Result<(&str, &str), ScramError> {
         Some(b'p') => return Err(ScramError::ChannelBinding),
         _ => return Err(ScramError::Malformed("bad gs2 header")),
     }
-    let first = text.find(',').ok_or(ScramError::Malformed("bad gs2 header"))?;
+    let first = text
+        .find(',')
+        .ok_or(ScramError::Malformed("bad gs2 header"))?;
     let second = text[first + 1..]
         .find(',')
         .ok_or(ScramError::Malformed("bad gs2 header"))?;
@@ -179,7 +195,8 @@ fn hmac(key: &[u8], data: &[u8]) -> [u8; 32] {
 
 /// Checks an md5 PasswordMessage (`md5` + hex) against the plain password.
 pub fn md5_matches(user: &str, password: &str, salt: [u8; 4], sent: &[u8]) -> bool {
-    let expected = postgres_protocol::authentication::md5_hash(user.as_bytes(), password.as_bytes(), salt);
+    let expected =
+        postgres_protocol::authentication::md5_hash(user.as_bytes(), password.as_bytes(), salt);
     bool::from(expected.as_bytes().ct_eq(sent))
 }
 
@@ -205,7 +222,10 @@ mod tests {
         let v = ScramVerifier::from_password("s3cret");
         assert_eq!(exchange(v.clone(), "s3cret"), Ok(()));
         assert_eq!(exchange(v, "wrong"), Err(ScramError::WrongProof));
-        assert_eq!(exchange(ScramVerifier::mock(), "anything"), Err(ScramError::WrongProof));
+        assert_eq!(
+            exchange(ScramVerifier::mock(), "anything"),
+            Err(ScramError::WrongProof)
+        );
     }
 
     #[test]
@@ -213,7 +233,10 @@ mod tests {
         let secret = postgres_protocol::password::scram_sha_256(b"pw");
         let v = ScramVerifier::parse(&secret).unwrap();
         assert_eq!(exchange(v, "pw"), Ok(()));
-        assert_eq!(ScramVerifier::parse("md5abc").unwrap_err(), ScramError::BadSecret);
+        assert_eq!(
+            ScramVerifier::parse("md5abc").unwrap_err(),
+            ScramError::BadSecret
+        );
         assert_eq!(
             ScramVerifier::parse("SCRAM-SHA-256$x:AA==$AA==:AA==").unwrap_err(),
             ScramError::BadSecret

@@ -87,7 +87,9 @@ impl CancelRegistry {
     pub async fn cancel(&self, key: CancelKey) {
         let target = {
             let clients = lock(&self.clients);
-            clients.get(&key).and_then(|slot| lock(&slot.target).clone())
+            clients
+                .get(&key)
+                .and_then(|slot| lock(&slot.target).clone())
         };
         let Some(target) = target else {
             tracing::debug!("cancel request with an unknown key or for an idle client ignored");
@@ -102,8 +104,12 @@ impl CancelRegistry {
         };
         match tokio::time::timeout(Duration::from_secs(5), send).await {
             Ok(Ok(())) => tracing::info!(server = %target.addr, "forwarded a cancel request"),
-            Ok(Err(e)) => tracing::warn!(server = %target.addr, error = %e, "cannot forward a cancel request"),
-            Err(_) => tracing::warn!(server = %target.addr, "timed out forwarding a cancel request"),
+            Ok(Err(e)) => {
+                tracing::warn!(server = %target.addr, error = %e, "cannot forward a cancel request")
+            }
+            Err(_) => {
+                tracing::warn!(server = %target.addr, "timed out forwarding a cancel request")
+            }
         }
     }
 }

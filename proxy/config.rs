@@ -113,9 +113,9 @@ impl Config {
     }
 
     pub fn parse(text: &str) -> Result<Config, ConfigErrors> {
-        let table: Table = text
-            .parse()
-            .map_err(|e: toml::de::Error| ConfigErrors(vec![ConfigError::new("", e.to_string())]))?;
+        let table: Table = text.parse().map_err(|e: toml::de::Error| {
+            ConfigErrors(vec![ConfigError::new("", e.to_string())])
+        })?;
         let mut r = Reader::default();
         let config = read_config(&mut r, &table);
         if r.errors.is_empty() {
@@ -188,7 +188,11 @@ fn read_config(r: &mut Reader, root: &Table) -> Config {
 
 fn read_proxy(r: &mut Reader, t: &Table) -> ProxyConfig {
     let p = "proxy";
-    r.known_keys(t, p, &["listen", "pool_mode", "login_timeout", "max_message_size"]);
+    r.known_keys(
+        t,
+        p,
+        &["listen", "pool_mode", "login_timeout", "max_message_size"],
+    );
     let default_listen = SocketAddr::from(([127, 0, 0, 1], 6432));
     let max_message_size = r.get(t, p, "max_message_size", 256 * 1024 * 1024usize);
     if max_message_size < 1024 {
@@ -224,19 +228,28 @@ fn read_users(r: &mut Reader, root: &Table) -> Vec<User> {
         return Vec::new();
     };
     let Some(list) = v.as_array() else {
-        r.error("users", format!("expected an array of tables, found {}", v.type_str()));
+        r.error(
+            "users",
+            format!("expected an array of tables, found {}", v.type_str()),
+        );
         return Vec::new();
     };
     let mut users: Vec<User> = Vec::new();
     for (i, item) in list.iter().enumerate() {
         let path = format!("users[{i}]");
         let Some(t) = item.as_table() else {
-            r.error(&path, format!("expected a table, found {}", item.type_str()));
+            r.error(
+                &path,
+                format!("expected a table, found {}", item.type_str()),
+            );
             continue;
         };
         if let Some(u) = read_user(r, t, &path) {
             if users.iter().any(|o| o.name == u.name) {
-                r.error(&format!("{path}.name"), format!("user `{}` is listed twice", u.name));
+                r.error(
+                    &format!("{path}.name"),
+                    format!("user `{}` is listed twice", u.name),
+                );
             }
             users.push(u);
         }
@@ -259,15 +272,23 @@ fn read_user(r: &mut Reader, t: &Table, p: &str) -> Option<User> {
         (Some(s), _) => ScramVerifier::parse(s)
             .map_err(|e| r.error(&format!("{p}.scram_secret"), e.to_string()))
             .ok(),
-        (None, Some(pw)) if auth == AuthMethod::ScramSha256 => Some(ScramVerifier::from_password(pw)),
+        (None, Some(pw)) if auth == AuthMethod::ScramSha256 => {
+            Some(ScramVerifier::from_password(pw))
+        }
         _ => None,
     };
     match auth {
         AuthMethod::ScramSha256 if scram.is_none() && secret.is_none() => {
-            r.error(&format!("{p}.password"), "missing: scram-sha-256 needs password or scram_secret");
+            r.error(
+                &format!("{p}.password"),
+                "missing: scram-sha-256 needs password or scram_secret",
+            );
         }
         AuthMethod::Md5 if password.is_none() => {
-            r.error(&format!("{p}.password"), "missing: md5 needs the plain password");
+            r.error(
+                &format!("{p}.password"),
+                "missing: md5 needs the plain password",
+            );
         }
         _ => {}
     }
@@ -297,11 +318,21 @@ fn read_databases(r: &mut Reader, root: &Table) -> BTreeMap<String, Database> {
 }
 
 fn read_database(r: &mut Reader, name: &str, t: &Table, p: &str) -> Database {
-    let keys = ["nodes", "dbname", "user", "password", "pool_size", "min_idle"];
+    let keys = [
+        "nodes",
+        "dbname",
+        "user",
+        "password",
+        "pool_size",
+        "min_idle",
+    ];
     r.known_keys(t, p, &keys);
     let nodes: Vec<String> = r.get(t, p, "nodes", Vec::new());
     if nodes.is_empty() {
-        r.error(&format!("{p}.nodes"), "must list at least one node (\"host:port\")");
+        r.error(
+            &format!("{p}.nodes"),
+            "must list at least one node (\"host:port\")",
+        );
     }
     for (i, n) in nodes.iter().enumerate() {
         if let Err(e) = check_node_address(n) {
@@ -353,7 +384,10 @@ impl Reader {
     fn known_keys(&mut self, t: &Table, path: &str, known: &[&str]) {
         for key in t.keys().filter(|k| !known.contains(&k.as_str())) {
             let full = join(path, key);
-            self.error(&full, format!("unknown key (expected one of: {})", known.join(", ")));
+            self.error(
+                &full,
+                format!("unknown key (expected one of: {})", known.join(", ")),
+            );
         }
     }
 
@@ -361,7 +395,10 @@ impl Reader {
         let v = t.get(key)?;
         let table = v.as_table();
         if table.is_none() {
-            self.error(&join(path, key), format!("expected a table, found {}", v.type_str()));
+            self.error(
+                &join(path, key),
+                format!("expected a table, found {}", v.type_str()),
+            );
         }
         table
     }
@@ -397,7 +434,9 @@ fn expected(what: &str, v: &Value) -> String {
 
 impl FromToml for String {
     fn from_toml(v: &Value) -> Result<Self, String> {
-        v.as_str().map(str::to_string).ok_or_else(|| expected("a string", v))
+        v.as_str()
+            .map(str::to_string)
+            .ok_or_else(|| expected("a string", v))
     }
 }
 
@@ -416,7 +455,9 @@ impl FromToml for usize {
 
 impl FromToml for Duration {
     fn from_toml(v: &Value) -> Result<Self, String> {
-        let s = v.as_str().ok_or_else(|| expected("a duration like \"500ms\" or \"10s\"", v))?;
+        let s = v
+            .as_str()
+            .ok_or_else(|| expected("a duration like \"500ms\" or \"10s\"", v))?;
         humantime::parse_duration(s).map_err(|e| format!("invalid duration \"{s}\": {e}"))
     }
 }
@@ -431,7 +472,9 @@ impl FromToml for SocketAddr {
 
 impl FromToml for Vec<String> {
     fn from_toml(v: &Value) -> Result<Self, String> {
-        let items = v.as_array().ok_or_else(|| expected("an array of strings", v))?;
+        let items = v
+            .as_array()
+            .ok_or_else(|| expected("an array of strings", v))?;
         items.iter().map(String::from_toml).collect()
     }
 }
@@ -441,7 +484,9 @@ impl FromToml for PoolMode {
         match String::from_toml(v)?.as_str() {
             "session" => Ok(PoolMode::Session),
             "transaction" => Ok(PoolMode::Transaction),
-            other => Err(format!("unknown pool mode \"{other}\" (expected \"session\" or \"transaction\")")),
+            other => Err(format!(
+                "unknown pool mode \"{other}\" (expected \"session\" or \"transaction\")"
+            )),
         }
     }
 }

@@ -70,10 +70,17 @@ pub async fn run(listen: SocketAddr) -> Result<(), DemoError> {
     let mut node = PgNode::start_new().await?;
     let role = format!("CREATE ROLE {APP_USER} LOGIN PASSWORD '{APP_PASSWORD}'");
     node.sql("postgres", &role).await?;
-    node.sql("postgres", &format!("CREATE DATABASE {APP_DB} OWNER {APP_USER}")).await?;
+    node.sql(
+        "postgres",
+        &format!("CREATE DATABASE {APP_DB} OWNER {APP_USER}"),
+    )
+    .await?;
     let proxy = listener::start(demo_config(listen, &node.addr()))
         .await
-        .map_err(|source| DemoError::Listen { addr: listen, source })?;
+        .map_err(|source| DemoError::Listen {
+            addr: listen,
+            source,
+        })?;
     println!();
     println!("PostgreSQL {} (data in a temporary directory)", node.addr());
     println!("pgheal     {}", proxy.addr);
@@ -84,7 +91,10 @@ pub async fn run(listen: SocketAddr) -> Result<(), DemoError> {
         proxy.addr.port()
     );
     println!();
-    println!("Try: psql \"postgres://{APP_USER}:{APP_PASSWORD}@{}/{APP_DB}\"", proxy.addr);
+    println!(
+        "Try: psql \"postgres://{APP_USER}:{APP_PASSWORD}@{}/{APP_DB}\"",
+        proxy.addr
+    );
     println!("Press Ctrl-C to stop and remove everything.");
     crate::shutdown_signal().await;
     eprintln!("stopping...");

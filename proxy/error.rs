@@ -66,20 +66,24 @@ impl ClientError {
         let fatal = |s: SqlState| Some((Severity::Fatal, s.code().to_string()));
         match self {
             Frame(_) | Malformed(_) => fatal(sqlstate::PROTOCOL_VIOLATION),
-            Startup(StartupError::UnsupportedProtocol { .. }) => fatal(sqlstate::FEATURE_NOT_SUPPORTED),
+            Startup(StartupError::UnsupportedProtocol { .. }) => {
+                fatal(sqlstate::FEATURE_NOT_SUPPORTED)
+            }
             Startup(_) => fatal(sqlstate::PROTOCOL_VIOLATION),
             AuthFailed(_) => fatal(sqlstate::INVALID_PASSWORD),
             NoUser => fatal(sqlstate::INVALID_AUTHORIZATION_SPECIFICATION),
             UnknownDatabase(_) => fatal(sqlstate::INVALID_CATALOG_NAME),
             BadParameter(_) => fatal(sqlstate::INVALID_PARAMETER_VALUE),
             Unsupported(_) => fatal(sqlstate::FEATURE_NOT_SUPPORTED),
-            Pool(PoolError::Timeout { .. }) => {
-                Some((Severity::Error, sqlstate::TOO_MANY_CONNECTIONS.code().to_string()))
-            }
+            Pool(PoolError::Timeout { .. }) => Some((
+                Severity::Error,
+                sqlstate::TOO_MANY_CONNECTIONS.code().to_string(),
+            )),
             Pool(PoolError::Upstream(e)) => Some((Severity::Error, e.sqlstate())),
-            ServerLost(_) | ServerProtocol(_) => {
-                Some((Severity::Error, sqlstate::CONNECTION_FAILURE.code().to_string()))
-            }
+            ServerLost(_) | ServerProtocol(_) => Some((
+                Severity::Error,
+                sqlstate::CONNECTION_FAILURE.code().to_string(),
+            )),
             LoginTimeout(_) | ClientIo(_) => None,
         }
     }
@@ -140,7 +144,10 @@ mod tests {
             size: 4,
         });
         assert!(!timeout.is_fatal());
-        assert_eq!(code_of(timeout, true), (b"ERROR".to_vec(), b"53300".to_vec()));
+        assert_eq!(
+            code_of(timeout, true),
+            (b"ERROR".to_vec(), b"53300".to_vec())
+        );
         let frame = ClientError::Frame(FrameError::LengthTooSmall { tag: b'Q', len: -1 });
         assert_eq!(code_of(frame, true), (b"FATAL".to_vec(), b"08P01".to_vec()));
         let gone = ClientError::ClientIo(io::Error::from(io::ErrorKind::BrokenPipe));

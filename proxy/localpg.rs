@@ -33,7 +33,11 @@ pub enum LocalPgError {
     #[error("{what} failed: {detail}")]
     Command { what: String, detail: String },
     #[error("PostgreSQL on port {port} did not become ready within {waited:?}: {last}")]
-    NotReady { port: u16, waited: Duration, last: String },
+    NotReady {
+        port: u16,
+        waited: Duration,
+        last: String,
+    },
     #[error(transparent)]
     Io(#[from] io::Error),
 }
@@ -207,7 +211,11 @@ impl PgNode {
         let deadline = tokio::time::Instant::now() + within;
         let mut last = String::from("not tried");
         while tokio::time::Instant::now() < deadline {
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
                 return Err(LocalPgError::Command {
                     what: "postgres".into(),
                     detail: format!("exited with {status}: see {}", self.log_path().display()),
@@ -234,7 +242,10 @@ impl PgNode {
     }
 
     /// A connection as the superuser to `database`.
-    pub async fn superuser_conn(&self, database: &str) -> Result<ServerConn, crate::upstream::UpstreamError> {
+    pub async fn superuser_conn(
+        &self,
+        database: &str,
+    ) -> Result<ServerConn, crate::upstream::UpstreamError> {
         ServerConn::connect(&ConnectSpec {
             addr: self.addr(),
             user: SUPERUSER.into(),

@@ -23,7 +23,7 @@ pub enum Handshake {
     /// A cancel request was handled; the connection ends.
     Cancelled,
     /// An authenticated client, ready for the welcome messages.
-    Client(LoggedIn),
+    Client(Box<LoggedIn>),
 }
 
 pub struct LoggedIn {
@@ -37,19 +37,22 @@ pub struct LoggedIn {
 
 /// Reads the startup packet and authenticates, all within the login
 /// timeout. Errors are answered by the caller.
-pub async fn handshake(app: &Arc<App>, mut stream: TcpStream) -> Result<Handshake, (TcpStream, ClientError)> {
+pub async fn handshake(
+    app: &Arc<App>,
+    mut stream: TcpStream,
+) -> Result<Handshake, (TcpStream, ClientError)> {
     let timeout = app.config().proxy.login_timeout;
     let mut buf = BytesMut::with_capacity(512);
     let result = tokio::time::timeout(timeout, login(app, &mut stream, &mut buf)).await;
     match result {
         Ok(Ok(None)) => Ok(Handshake::Cancelled),
-        Ok(Ok(Some((user, database, params)))) => Ok(Handshake::Client(LoggedIn {
+        Ok(Ok(Some((user, database, params)))) => Ok(Handshake::Client(Box::new(LoggedIn {
             stream,
             buf,
             user,
             database,
             params,
-        })),
+        }))),
         Ok(Err(e)) => Err((stream, e)),
         Err(_) => Err((stream, ClientError::LoginTimeout(timeout))),
     }
@@ -87,7 +90,10 @@ async fn login(
     Ok(Some((user, database, params)))
 }
 
-async fn read_startup(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<StartupPacket, ClientError> {
+async fn read_startup(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+) -> Result<StartupPacket, ClientError> {
     loop {
         if let Some((packet, len)) = startup::parse(buf)? {
             let _ = buf.split_to(len);
@@ -99,7 +105,9 @@ async fn read_startup(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<Star
 
 async fn read_more(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<(), ClientError> {
     match stream.read_buf(buf).await {
-        Ok(0) => Err(ClientError::ClientIo(std::io::ErrorKind::UnexpectedEof.into())),
+        Ok(0) => Err(ClientError::ClientIo(
+            std::io::ErrorKind::UnexpectedEof.into(),
+        )),
         Ok(_) => Ok(()),
         Err(e) => Err(ClientError::ClientIo(e)),
     }
@@ -111,9 +119,12 @@ async fn write(stream: &mut TcpStream, bytes: &[u8]) -> Result<(), ClientError> 
 
 /// A client asking for a newer 3.x minor version, or for `_pq_.` options,
 /// is told what pgheal speaks, as PostgreSQL does.
-async fn negotiate_version(stream: &mut TcpStream, msg: &StartupMessage) -> Result<(), ClientError> {
+async fn negotiate_version(
+    stream: &mut TcpStream,
+    msg: &StartupMessage,
+) -> Result<(), ClientError> {
     let options: Vec<&str> = msg.protocol_options().collect();
-    if msg.minor <= SUPPORTED_MINOR && options.is_empty() {
+    if msg.minor == SUPPORTED_MINOR && options.is_empty() {
         return Ok(());
     }
     let mut out = BytesMut::new();
@@ -124,7 +135,7 @@ async fn negotiate_version(stream: &mut TcpStream, msg: &StartupMessage) -> Resu
 /// Reads one PasswordMessage-type ('p') message.
 async fn read_password(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<Bytes, ClientError> {
     loop {
-        if let Some((tag, _, len)) = frame::message(buf, 64 * 1024)? {
+        if let Some(frame::Message { tag, len, .. }) = frame::message(buf, 64 * 1024)? {
             if tag != frontend::PASSWORD {
                 return Err(ClientError::Malformed("expected a password message"));
             }
@@ -135,18 +146,27 @@ async fn read_password(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<Byt
     }
 }
 
-async fn authenticate(app: &Arc<App>, stream: &mut TcpStream, buf: &mut BytesMut, user: &str) -> Result<(), ClientError> {
+async fn authenticate(
+    app: &Arc<App>,
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    user: &str,
+) -> Result<(), ClientError> {
     let config = app.config();
     let entry = config.user(user);
     let method = entry.map_or(AuthMethod::ScramSha256, |u| u.auth);
     let ok = match method {
         AuthMethod::Trust => true,
         AuthMethod::Md5 => {
-            let password = entry.and_then(|u| u.password.as_deref()).unwrap_or_default();
+            let password = entry
+                .and_then(|u| u.password.as_deref())
+                .unwrap_or_default();
             md5(stream, buf, user, password).await?
         }
         AuthMethod::ScramSha256 => {
-            let verifier = entry.and_then(|u| u.scram.clone()).unwrap_or_else(ScramVerifier::mock);
+            let verifier = entry
+                .and_then(|u| u.scram.clone())
+                .unwrap_or_else(ScramVerifier::mock);
             scram(stream, buf, verifier).await?
         }
     };
@@ -159,7 +179,12 @@ async fn authenticate(app: &Arc<App>, stream: &mut TcpStream, buf: &mut BytesMut
     write(stream, &out).await
 }
 
-async fn md5(stream: &mut TcpStream, buf: &mut BytesMut, user: &str, password: &str) -> Result<bool, ClientError> {
+async fn md5(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    user: &str,
+    password: &str,
+) -> Result<bool, ClientError> {
     let mut salt = [0u8; 4];
     rand::rngs::OsRng.fill_bytes(&mut salt);
     let mut out = BytesMut::new();
@@ -170,18 +195,22 @@ async fn md5(stream: &mut TcpStream, buf: &mut BytesMut, user: &str, password: &
     Ok(!password.is_empty() && auth::md5_matches(user, password, salt, sent))
 }
 
-async fn scram(stream: &mut TcpStream, buf: &mut BytesMut, verifier: ScramVerifier) -> Result<bool, ClientError> {
+async fn scram(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    verifier: ScramVerifier,
+) -> Result<bool, ClientError> {
     let mut out = BytesMut::new();
     build::auth_sasl(&mut out, &[SCRAM_SHA_256]);
     write(stream, &out).await?;
     let body = read_password(stream, buf).await?;
-    let (mechanism, first) =
-        frontend::sasl_initial_response(&body).map_err(|_| ClientError::Malformed("SASL initial response"))?;
+    let (mechanism, first) = frontend::sasl_initial_response(&body)
+        .map_err(|_| ClientError::Malformed("SASL initial response"))?;
     if mechanism != SCRAM_SHA_256.as_bytes() {
         return Err(ClientError::Malformed("unknown SASL mechanism"));
     }
-    let (exchange, server_first) =
-        ScramExchange::start(verifier, first).map_err(|_| ClientError::Malformed("SCRAM client-first message"))?;
+    let (exchange, server_first) = ScramExchange::start(verifier, first)
+        .map_err(|_| ClientError::Malformed("SCRAM client-first message"))?;
     out.clear();
     build::auth_sasl_continue(&mut out, server_first.as_bytes());
     write(stream, &out).await?;

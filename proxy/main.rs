@@ -40,7 +40,9 @@ enum Command {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -49,7 +51,9 @@ fn init_logging(format: LogFormat) {
 
 fn load(path: Option<PathBuf>) -> Result<Config, ExitCode> {
     let Some(path) = path else {
-        eprintln!("no configuration: pass --config FILE or set PGHEAL_CONFIG (or try `pgheal demo`)");
+        eprintln!(
+            "no configuration: pass --config FILE or set PGHEAL_CONFIG (or try `pgheal demo`)"
+        );
         return Err(ExitCode::from(2));
     };
     Config::load(&path).map_err(|errors| {
@@ -64,7 +68,10 @@ fn load(path: Option<PathBuf>) -> Result<Config, ExitCode> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("cannot start the runtime: {e}");

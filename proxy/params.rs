@@ -147,7 +147,10 @@ mod tests {
             ("user", "u"),
             ("database", "d"),
             ("application_name", "app"),
-            ("options", "-c search_path=a,b --statement-timeout=5s -cwork_mem=1MB"),
+            (
+                "options",
+                "-c search_path=a,b --statement-timeout=5s -cwork_mem=1MB",
+            ),
         ])
         .unwrap();
         assert_eq!(p.get("APPLICATION_NAME"), Some("app"));

@@ -209,12 +209,17 @@ async fn maintain(pool: Weak<Pool>) {
 
 impl Lease {
     pub fn conn(&mut self) -> &mut ServerConn {
-        self.conn.as_mut().expect("a lease holds its connection until released")
+        self.conn
+            .as_mut()
+            .expect("a lease holds its connection until released")
     }
 
     /// The server's own cancel key.
     pub fn server_key(&self) -> pgheal_protocol::startup::CancelKey {
-        self.conn.as_ref().map_or(pgheal_protocol::startup::CancelKey { pid: 0, secret: 0 }, |c| c.key)
+        self.conn.as_ref().map_or(
+            pgheal_protocol::startup::CancelKey { pid: 0, secret: 0 },
+            |c| c.key,
+        )
     }
 
     pub fn pool(&self) -> &Arc<Pool> {

@@ -115,7 +115,8 @@ pub struct Session {
 }
 
 impl Session {
-    pub fn new(app: Arc<App>, client: LoggedIn) -> Session {
+    pub fn new(app: Arc<App>, client: Box<LoggedIn>) -> Session {
+        let client = *client;
         let max = app.config().proxy.max_message_size;
         let mode = app.config().proxy.pool_mode;
         let pool = app.pool_for(&client.database, &client.user);
@@ -163,7 +164,11 @@ impl Session {
                 if !self.wait_for_request().await? {
                     return Ok(());
                 }
-                tracing::debug!(pending = self.pending, bytes = self.up.buf.len(), "checking out a server");
+                tracing::debug!(
+                    pending = self.pending,
+                    bytes = self.up.buf.len(),
+                    "checking out a server"
+                );
                 lease = match self.checkout().await {
                     Ok(l) => Some(l),
                     Err(e) => {
@@ -204,7 +209,12 @@ impl Session {
     async fn welcome(&mut self) -> Result<Option<Lease>, ClientError> {
         let (mut lease, reported) = match self.pool.checkout().await {
             Ok(mut l) => {
-                if let Some(e) = l.conn().apply_params(&self.params).await.map_err(PoolError::from)? {
+                if let Some(e) = l
+                    .conn()
+                    .apply_params(&self.params)
+                    .await
+                    .map_err(PoolError::from)?
+                {
                     return Err(PoolError::Upstream(e).into());
                 }
                 let reported = l.conn().reported.clone();
@@ -225,7 +235,10 @@ impl Session {
         }
         build::backend_key_data(&mut out, self.cancel.key);
         build::ready_for_query(&mut out, TxStatus::Idle);
-        self.client.write_all(&out).await.map_err(ClientError::ClientIo)?;
+        self.client
+            .write_all(&out)
+            .await
+            .map_err(ClientError::ClientIo)?;
         if self.mode == PoolMode::Transaction {
             if let Some(mut l) = lease.take() {
                 l.release();
@@ -284,7 +297,9 @@ impl Session {
         if let Some(e) = lease.conn().apply_params(&self.params).await? {
             tracing::warn!(error = %e, "cannot apply the client's session parameters");
         }
-        self.cancel.slot.attach(lease.pool().addr(), lease.server_key());
+        self.cancel
+            .slot
+            .attach(lease.pool().addr(), lease.server_key());
         Ok(lease)
     }
 
@@ -293,7 +308,10 @@ impl Session {
         tracing::warn!(error = %e, "request refused");
         let mut out = BytesMut::new();
         self.fail_requests(&ClientError::Pool(e), &mut out);
-        self.client.write_all(&out).await.map_err(ClientError::ClientIo)
+        self.client
+            .write_all(&out)
+            .await
+            .map_err(ClientError::ClientIo)
     }
 
     /// Answers each request in flight (a Query, Sync or FunctionCall not yet
@@ -359,12 +377,18 @@ impl Session {
         out.extend_from_slice(&self.down.buf[..self.down.scanned]);
         self.down.clear();
         self.fail_requests(&ClientError::ServerLost(e), &mut out);
-        self.client.write_all(&out).await.map_err(ClientError::ClientIo)
+        self.client
+            .write_all(&out)
+            .await
+            .map_err(ClientError::ClientIo)
     }
 
     fn scan_up(&mut self) -> Result<(), FrameError> {
         loop {
-            let step = self.up.scanner.next(&self.up.buf[self.up.scanned..], |_| false)?;
+            let step = self
+                .up
+                .scanner
+                .next(&self.up.buf[self.up.scanned..], |_| false)?;
             match step {
                 Step::NeedMore => return Ok(()),
                 Step::Body(n) if self.dropping => {
@@ -378,7 +402,10 @@ impl Session {
                     return Ok(());
                 }
                 Step::Header { tag, .. } => {
-                    if matches!(tag, frontend::QUERY | frontend::SYNC | frontend::FUNCTION_CALL) {
+                    if matches!(
+                        tag,
+                        frontend::QUERY | frontend::SYNC | frontend::FUNCTION_CALL
+                    ) {
                         self.pending += 1;
                     }
                     self.owed = true;
@@ -390,7 +417,12 @@ impl Session {
     }
 
     fn scan_down(&mut self, conn: &mut ServerConn) -> Result<(), FrameError> {
-        let whole = |t| matches!(t, backend::READY_FOR_QUERY | backend::PARAMETER_STATUS | backend::ERROR_RESPONSE);
+        let whole = |t| {
+            matches!(
+                t,
+                backend::READY_FOR_QUERY | backend::PARAMETER_STATUS | backend::ERROR_RESPONSE
+            )
+        };
         loop {
             let start = self.down.scanned;
             let step = self.down.scanner.next(&self.down.buf[start..], whole)?;
@@ -403,7 +435,9 @@ impl Session {
                         self.owed = false;
                     }
                 } else if tag == backend::ERROR_RESPONSE {
-                    let severity = backend::ErrorFields::parse(body).map(|f| f.severity).unwrap_or_default();
+                    let severity = backend::ErrorFields::parse(body)
+                        .map(|f| f.severity)
+                        .unwrap_or_default();
                     self.server_dying |= matches!(severity, b"FATAL" | b"PANIC");
                 } else {
                     let _ = conn.note_parameter(body);
@@ -460,7 +494,8 @@ impl Session {
     }
 
     fn poll_client_read(&mut self, cx: &mut Context<'_>) -> Result<bool, PumpEnd> {
-        if self.terminated || self.client_eof || self.server_dying || self.up.scanned >= MAX_PENDING {
+        if self.terminated || self.client_eof || self.server_dying || self.up.scanned >= MAX_PENDING
+        {
             return Ok(false);
         }
         self.up.reserve();
@@ -478,7 +513,11 @@ impl Session {
         }
     }
 
-    fn poll_server_read(&mut self, cx: &mut Context<'_>, conn: &mut ServerConn) -> Result<bool, PumpEnd> {
+    fn poll_server_read(
+        &mut self,
+        cx: &mut Context<'_>,
+        conn: &mut ServerConn,
+    ) -> Result<bool, PumpEnd> {
         if self.down.scanned >= MAX_PENDING {
             return Ok(false);
         }
@@ -487,8 +526,9 @@ impl Session {
             Poll::Ready(Ok(0)) => Err(PumpEnd::ServerLost(io::ErrorKind::UnexpectedEof.into())),
             Poll::Ready(Ok(_)) => {
                 // A server that breaks framing is as good as gone.
-                self.scan_down(conn)
-                    .map_err(|e| PumpEnd::ServerLost(io::Error::new(io::ErrorKind::InvalidData, e)))?;
+                self.scan_down(conn).map_err(|e| {
+                    PumpEnd::ServerLost(io::Error::new(io::ErrorKind::InvalidData, e))
+                })?;
                 Ok(true)
             }
             Poll::Ready(Err(e)) => Err(PumpEnd::ServerLost(e)),
@@ -498,7 +538,11 @@ impl Session {
 }
 
 /// Writes what is scanned in `flow`; `Ready(Ok(0))` when there is nothing.
-fn write_some<W: AsyncWrite + Unpin>(cx: &mut Context<'_>, w: &mut W, flow: &mut Flow) -> Poll<io::Result<usize>> {
+fn write_some<W: AsyncWrite + Unpin>(
+    cx: &mut Context<'_>,
+    w: &mut W,
+    flow: &mut Flow,
+) -> Poll<io::Result<usize>> {
     if flow.scanned == 0 {
         return Poll::Ready(Ok(0));
     }

@@ -52,9 +52,13 @@ impl UpstreamError {
         match self {
             UpstreamError::Server { code, .. } => code.clone(),
             UpstreamError::Connect { .. } | UpstreamError::Timeout { .. } => {
-                sqlstate::SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION.code().to_string()
+                sqlstate::SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION
+                    .code()
+                    .to_string()
             }
-            UpstreamError::Auth { .. } => sqlstate::INVALID_AUTHORIZATION_SPECIFICATION.code().to_string(),
+            UpstreamError::Auth { .. } => sqlstate::INVALID_AUTHORIZATION_SPECIFICATION
+                .code()
+                .to_string(),
             UpstreamError::Protocol { .. } | UpstreamError::Io { .. } => {
                 sqlstate::CONNECTION_FAILURE.code().to_string()
             }
@@ -99,12 +103,13 @@ impl ServerConn {
 
     async fn connect_inner(spec: &ConnectSpec) -> Result<ServerConn, UpstreamError> {
         let addr = spec.addr.clone();
-        let stream = TcpStream::connect(&spec.addr)
-            .await
-            .map_err(|source| UpstreamError::Connect {
-                addr: addr.clone(),
-                source,
-            })?;
+        let stream =
+            TcpStream::connect(&spec.addr)
+                .await
+                .map_err(|source| UpstreamError::Connect {
+                    addr: addr.clone(),
+                    source,
+                })?;
         crate::net::tune(&stream);
         let mut conn = ServerConn {
             stream,
@@ -115,7 +120,10 @@ impl ServerConn {
             created: Instant::now(),
         };
         let mut out = BytesMut::new();
-        build::startup_message(&mut out, &[("user", &spec.user), ("database", &spec.database)]);
+        build::startup_message(
+            &mut out,
+            &[("user", &spec.user), ("database", &spec.database)],
+        );
         conn.send(&out).await?;
         let mut buf = BytesMut::new();
         conn.authenticate(spec, &mut buf).await?;
@@ -147,7 +155,7 @@ impl ServerConn {
     async fn read_message(&mut self, buf: &mut BytesMut) -> Result<(u8, Bytes), UpstreamError> {
         loop {
             match frame::message(buf, MAX_SERVER_MESSAGE) {
-                Ok(Some((tag, _, len))) => {
+                Ok(Some(frame::Message { tag, len, .. })) => {
                     let mut msg = buf.split_to(len).freeze();
                     let body = msg.split_off(frame::HEADER_LEN);
                     return Ok((tag, body));
@@ -173,7 +181,11 @@ impl ServerConn {
         }
     }
 
-    async fn authenticate(&mut self, spec: &ConnectSpec, buf: &mut BytesMut) -> Result<(), UpstreamError> {
+    async fn authenticate(
+        &mut self,
+        spec: &ConnectSpec,
+        buf: &mut BytesMut,
+    ) -> Result<(), UpstreamError> {
         let mut scram: Option<ScramSha256> = None;
         loop {
             let (tag, body) = self.read_message(buf).await?;
@@ -181,9 +193,15 @@ impl ServerConn {
                 backend::AUTHENTICATION => {}
                 backend::ERROR_RESPONSE => return Err(self.server_error(&body)),
                 backend::NEGOTIATE_PROTOCOL_VERSION => continue,
-                other => return Err(self.protocol(format!("unexpected message {:?} during login", other as char))),
+                other => {
+                    return Err(self.protocol(format!(
+                        "unexpected message {:?} during login",
+                        other as char
+                    )))
+                }
             }
-            let auth = Authentication::parse(&body).map_err(|_| self.protocol("malformed Authentication"))?;
+            let auth = Authentication::parse(&body)
+                .map_err(|_| self.protocol("malformed Authentication"))?;
             let mut out = BytesMut::new();
             match auth {
                 Authentication::Ok => return Ok(()),
@@ -192,28 +210,41 @@ impl ServerConn {
                 }
                 Authentication::Md5Password { salt } => {
                     let pw = self.password(spec)?;
-                    let hash = postgres_protocol::authentication::md5_hash(spec.user.as_bytes(), pw.as_bytes(), salt);
+                    let hash = postgres_protocol::authentication::md5_hash(
+                        spec.user.as_bytes(),
+                        pw.as_bytes(),
+                        salt,
+                    );
                     build::password_message(&mut out, hash.as_bytes());
                 }
                 Authentication::Sasl { mechanisms } => {
                     if !mechanisms.iter().any(|m| *m == b"SCRAM-SHA-256") {
                         return Err(self.unsupported("a SASL mechanism other than SCRAM-SHA-256"));
                     }
-                    let s = ScramSha256::new(self.password(spec)?.as_bytes(), ChannelBinding::unsupported());
+                    let s = ScramSha256::new(
+                        self.password(spec)?.as_bytes(),
+                        ChannelBinding::unsupported(),
+                    );
                     build::sasl_initial_response(&mut out, "SCRAM-SHA-256", s.message());
                     scram = Some(s);
                 }
                 Authentication::SaslContinue(data) => {
-                    let s = scram.as_mut().ok_or_else(|| self.protocol("SASL continue without start"))?;
+                    let s = scram
+                        .as_mut()
+                        .ok_or_else(|| self.protocol("SASL continue without start"))?;
                     s.update(data).map_err(|e| self.protocol(e.to_string()))?;
                     build::sasl_response(&mut out, s.message());
                 }
                 Authentication::SaslFinal(data) => {
-                    let s = scram.as_mut().ok_or_else(|| self.protocol("SASL final without start"))?;
+                    let s = scram
+                        .as_mut()
+                        .ok_or_else(|| self.protocol("SASL final without start"))?;
                     s.finish(data).map_err(|e| self.protocol(e.to_string()))?;
                     continue;
                 }
-                Authentication::Unsupported(_) => return Err(self.unsupported("Kerberos/GSSAPI/SSPI")),
+                Authentication::Unsupported(_) => {
+                    return Err(self.unsupported("Kerberos/GSSAPI/SSPI"))
+                }
             }
             self.send(&out).await?;
         }
@@ -234,7 +265,10 @@ impl ServerConn {
 
     /// Reads until ReadyForQuery, keeping ParameterStatus and BackendKeyData.
     /// Returns the first ErrorResponse seen, if any, once the server is ready.
-    async fn read_until_ready(&mut self, buf: &mut BytesMut) -> Result<Option<UpstreamError>, UpstreamError> {
+    async fn read_until_ready(
+        &mut self,
+        buf: &mut BytesMut,
+    ) -> Result<Option<UpstreamError>, UpstreamError> {
         let mut first_error = None;
         loop {
             let (tag, body) = self.read_message(buf).await?;
@@ -245,11 +279,13 @@ impl ServerConn {
                 }
                 backend::PARAMETER_STATUS => self.note_parameter(&body)?,
                 backend::BACKEND_KEY_DATA => {
-                    let (pid, secret) =
-                        backend::backend_key_data(&body).map_err(|_| self.protocol("malformed BackendKeyData"))?;
+                    let (pid, secret) = backend::backend_key_data(&body)
+                        .map_err(|_| self.protocol("malformed BackendKeyData"))?;
                     self.key = CancelKey { pid, secret };
                 }
-                backend::ERROR_RESPONSE if first_error.is_none() => first_error = Some(self.server_error(&body)),
+                backend::ERROR_RESPONSE if first_error.is_none() => {
+                    first_error = Some(self.server_error(&body))
+                }
                 _ => {}
             }
         }
@@ -257,9 +293,12 @@ impl ServerConn {
 
     /// Records a ParameterStatus body.
     pub fn note_parameter(&mut self, body: &[u8]) -> Result<(), UpstreamError> {
-        let (name, value) = backend::parameter_status(body).map_err(|_| self.protocol("malformed ParameterStatus"))?;
-        self.reported
-            .set(&String::from_utf8_lossy(name), &String::from_utf8_lossy(value));
+        let (name, value) = backend::parameter_status(body)
+            .map_err(|_| self.protocol("malformed ParameterStatus"))?;
+        self.reported.set(
+            &String::from_utf8_lossy(name),
+            &String::from_utf8_lossy(value),
+        );
         Ok(())
     }
 
@@ -273,7 +312,10 @@ impl ServerConn {
     }
 
     /// Brings this connection's session parameters in line with `wanted`.
-    pub async fn apply_params(&mut self, wanted: &Params) -> Result<Option<UpstreamError>, UpstreamError> {
+    pub async fn apply_params(
+        &mut self,
+        wanted: &Params,
+    ) -> Result<Option<UpstreamError>, UpstreamError> {
         let Some(sql) = self.applied.diff_sql(wanted) else {
             return Ok(None);
         };

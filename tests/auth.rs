@@ -34,31 +34,24 @@ async fn proxy_for(node: &pgheal::localpg::PgNode, dbs: &str) -> pgheal::listene
 }
 
 fn postgres_protocol_secret(password: &str) -> String {
-    // The same form `pgheal hash-password` and PostgreSQL produce.
-    let out = std::process::Command::new("python3")
-        .args(["-c", SCRAM_PY, password])
-        .output()
-        .expect("python3");
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    text(&out.stdout).trim().to_string()
+    // The form PostgreSQL stores in pg_authid.
+    postgres_protocol::password::scram_sha_256(password.as_bytes())
 }
 
-const SCRAM_PY: &str = r#"
-import base64, hashlib, hmac, os, sys
-pw = sys.argv[1].encode(); salt = os.urandom(16); it = 4096
-salted = hashlib.pbkdf2_hmac('sha256', pw, salt, it)
-ck = hmac.new(salted, b'Client Key', 'sha256').digest()
-sk = hmac.new(salted, b'Server Key', 'sha256').digest()
-b = lambda x: base64.b64encode(x).decode()
-print(f"SCRAM-SHA-256${it}:{b(salt)}${b(hashlib.sha256(ck).digest())}:{b(sk)}")
-"#;
-
-async fn login(proxy: &pgheal::listener::Running, user: &str, pw: &str, db: &str) -> Result<(), String> {
+async fn login(
+    proxy: &pgheal::listener::Running,
+    user: &str,
+    pw: &str,
+    db: &str,
+) -> Result<(), String> {
     let url = url(proxy, user, pw, db);
     match tokio_postgres::connect(&url, tokio_postgres::NoTls).await {
         Ok((client, conn)) => {
             let h = tokio::spawn(conn);
-            let row = client.query_one("SELECT current_user::text", &[]).await.map_err(|e| code(&e))?;
+            let row = client
+                .query_one("SELECT current_user::text", &[])
+                .await
+                .map_err(|e| code(&e))?;
             let who: String = row.get(0);
             drop(client);
             let _ = h.await;
@@ -78,28 +71,71 @@ async fn each_client_method_accepts_the_right_secret_only() {
     assert_eq!(login(&proxy, "t", "", "app").await, Ok(()));
     assert_eq!(login(&proxy, "s", "spw", "app").await, Ok(()));
 
-    assert_eq!(login(&proxy, "app", "wrong", "app").await, Err("28P01".into()));
-    assert_eq!(login(&proxy, "m", "wrong", "app").await, Err("28P01".into()));
-    assert_eq!(login(&proxy, "s", "wrong", "app").await, Err("28P01".into()));
-    assert_eq!(login(&proxy, "nobody", "x", "app").await, Err("28P01".into()));
-    assert_eq!(login(&proxy, "app", APP_PASSWORD, "nosuchdb").await, Err("3D000".into()));
+    assert_eq!(
+        login(&proxy, "app", "wrong", "app").await,
+        Err("28P01".into())
+    );
+    assert_eq!(
+        login(&proxy, "m", "wrong", "app").await,
+        Err("28P01".into())
+    );
+    assert_eq!(
+        login(&proxy, "s", "wrong", "app").await,
+        Err("28P01".into())
+    );
+    assert_eq!(
+        login(&proxy, "nobody", "x", "app").await,
+        Err("28P01".into())
+    );
+    assert_eq!(
+        login(&proxy, "app", APP_PASSWORD, "nosuchdb").await,
+        Err("3D000".into())
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn psql_reports_failures_with_their_messages() {
     let node = app_node().await;
     let proxy = proxy_for(&node, "").await;
-    let out = psql(&url(&proxy, "app", "wrong", "app"), &["-c", "SELECT 1"], None).await;
-    assert!(text(&out.stderr).contains("password authentication failed for user \"app\""), "{}", text(&out.stderr));
-    let out = psql(&url(&proxy, "app", APP_PASSWORD, "nope"), &["-c", "SELECT 1"], None).await;
-    assert!(text(&out.stderr).contains("database \"nope\" does not exist"), "{}", text(&out.stderr));
+    let out = psql(
+        &url(&proxy, "app", "wrong", "app"),
+        &["-c", "SELECT 1"],
+        None,
+    )
+    .await;
+    assert!(
+        text(&out.stderr).contains("password authentication failed for user \"app\""),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = psql(
+        &url(&proxy, "app", APP_PASSWORD, "nope"),
+        &["-c", "SELECT 1"],
+        None,
+    )
+    .await;
+    assert!(
+        text(&out.stderr).contains("database \"nope\" does not exist"),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_md5_cleartext_and_trust() {
     let node = app_node().await;
-    node.sql("postgres", "SET password_encryption = 'md5'; CREATE ROLE um LOGIN PASSWORD 'umpw'").await.unwrap();
-    node.sql("postgres", "CREATE ROLE uc LOGIN PASSWORD 'ucpw'; CREATE ROLE ut LOGIN").await.unwrap();
+    node.sql(
+        "postgres",
+        "SET password_encryption = 'md5'; CREATE ROLE um LOGIN PASSWORD 'umpw'",
+    )
+    .await
+    .unwrap();
+    node.sql(
+        "postgres",
+        "CREATE ROLE uc LOGIN PASSWORD 'ucpw'; CREATE ROLE ut LOGIN",
+    )
+    .await
+    .unwrap();
     node.prepend_hba(
         "host all um 127.0.0.1/32 md5\nhost all uc 127.0.0.1/32 password\nhost all ut 127.0.0.1/32 trust",
     )
@@ -113,15 +149,26 @@ async fn upstream_md5_cleartext_and_trust() {
          [databases.wrong_pw]\nnodes = [\"{addr}\"]\ndbname = \"app\"\nuser = \"um\"\npassword = \"bad\"\n"
     );
     let proxy = proxy_for(&node, &dbs).await;
-    for (db, role) in [("via_md5", "um"), ("via_cleartext", "uc"), ("via_trust", "ut")] {
+    for (db, role) in [
+        ("via_md5", "um"),
+        ("via_cleartext", "uc"),
+        ("via_trust", "ut"),
+    ] {
         let (client, _h) = connect(&url(&proxy, "app", APP_PASSWORD, db)).await;
-        let who: String = client.query_one("SELECT current_user::text", &[]).await.unwrap().get(0);
+        let who: String = client
+            .query_one("SELECT current_user::text", &[])
+            .await
+            .unwrap()
+            .get(0);
         assert_eq!(who, role, "database {db}");
     }
     // The server's refusal reaches the client with the server's SQLSTATE.
-    let err = tokio_postgres::connect(&url(&proxy, "app", APP_PASSWORD, "wrong_pw"), tokio_postgres::NoTls)
-        .await
-        .err()
-        .expect("refused");
+    let err = tokio_postgres::connect(
+        &url(&proxy, "app", APP_PASSWORD, "wrong_pw"),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .err()
+    .expect("refused");
     assert_eq!(code(&err), "28P01", "{err}");
 }

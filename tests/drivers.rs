@@ -6,7 +6,10 @@ use futures_util::future::join_all;
 use std::time::{Duration, Instant};
 
 async fn pipelined_queries(client: &tokio_postgres::Client) {
-    let stmt = client.prepare("SELECT $1::int * 2, repeat('x', $1::int)").await.unwrap();
+    let stmt = client
+        .prepare("SELECT $1::int * 2, repeat('x', $1::int)")
+        .await
+        .unwrap();
     // All 200 executions are written before the first answer is read.
     let futures = (0..200).map(|i| {
         let stmt = stmt.clone();
@@ -48,14 +51,20 @@ async fn extended_protocol_inside_transactions_in_transaction_mode() {
     let proxy = proxy_with(&node, "", "pool_size = 2").await;
     let url = app_url(&proxy);
     let (setup, _h) = connect(&url).await;
-    setup.batch_execute("CREATE TABLE items(id int primary key, v text)").await.unwrap();
+    setup
+        .batch_execute("CREATE TABLE items(id int primary key, v text)")
+        .await
+        .unwrap();
     let tasks = (0..8).map(|n| {
         let url = url.clone();
         tokio::spawn(async move {
             let (mut client, _h) = connect(&url).await;
             for round in 0..10 {
                 let tx = client.transaction().await.unwrap();
-                let stmt = tx.prepare("INSERT INTO items VALUES ($1, $2)").await.unwrap();
+                let stmt = tx
+                    .prepare("INSERT INTO items VALUES ($1, $2)")
+                    .await
+                    .unwrap();
                 let rows: Vec<(i32, String)> = (0..5)
                     .map(|k| n * 1000 + round * 10 + k)
                     .map(|id| (id, format!("v{id}")))
@@ -71,7 +80,11 @@ async fn extended_protocol_inside_transactions_in_transaction_mode() {
     for t in join_all(tasks).await {
         t.unwrap();
     }
-    let n: i64 = setup.query_one("SELECT count(*) FROM items", &[]).await.unwrap().get(0);
+    let n: i64 = setup
+        .query_one("SELECT count(*) FROM items", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(n, 8 * 10 * 5);
 }
 
@@ -93,10 +106,19 @@ async fn cancel_reaches_the_server_running_the_query() {
         !rows.is_empty()
     })
     .await;
-    token.cancel_query(tokio_postgres::NoTls).await.expect("send cancel");
-    let err = sleeper.await.unwrap().expect_err("query should be cancelled");
+    token
+        .cancel_query(tokio_postgres::NoTls)
+        .await
+        .expect("send cancel");
+    let err = sleeper
+        .await
+        .unwrap()
+        .expect_err("query should be cancelled");
     assert_eq!(code(&err), "57014", "{err}");
-    assert!(started.elapsed() < Duration::from_secs(25), "the sleep ran to completion");
+    assert!(
+        started.elapsed() < Duration::from_secs(25),
+        "the sleep ran to completion"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -117,9 +139,18 @@ async fn cancel_with_a_wrong_key_cancels_nothing() {
     for key in [(1, 1), (0, 0), (-1, 12345)] {
         let mut raw = Raw::connect(&proxy).await;
         let mut out = bytes::BytesMut::new();
-        pgheal_protocol::build::cancel_request(&mut out, pgheal_protocol::startup::CancelKey { pid: key.0, secret: key.1 });
+        pgheal_protocol::build::cancel_request(
+            &mut out,
+            pgheal_protocol::startup::CancelKey {
+                pid: key.0,
+                secret: key.1,
+            },
+        );
         raw.send(&out).await;
-        assert!(raw.next().await.is_none(), "a cancel request gets no answer");
+        assert!(
+            raw.next().await.is_none(),
+            "a cancel request gets no answer"
+        );
     }
     sleeper.await.unwrap().expect("the query was not cancelled");
 }

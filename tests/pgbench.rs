@@ -13,12 +13,19 @@ fn args(url: &str, extra: &[&str]) -> Vec<String> {
 async fn pgbench(url: &str, extra: &[&str]) -> (u64, u64) {
     let out = run("pgbench", args(url, extra), None).await;
     let stdout = text(&out.stdout);
-    assert!(out.status.success(), "pgbench {extra:?} failed:\n{stdout}\n{}", text(&out.stderr));
+    assert!(
+        out.status.success(),
+        "pgbench {extra:?} failed:\n{stdout}\n{}",
+        text(&out.stderr)
+    );
     let field = |prefix: &str| -> u64 {
         stdout
             .lines()
             .find_map(|l| l.strip_prefix(prefix))
-            .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).find(|s| !s.is_empty()))
+            .and_then(|rest| {
+                rest.split(|c: char| !c.is_ascii_digit())
+                    .find(|s| !s.is_empty())
+            })
             .and_then(|n| n.parse().ok())
             .unwrap_or_else(|| panic!("no `{prefix}` in pgbench output:\n{stdout}"))
     };
@@ -38,7 +45,11 @@ async fn sixteen_clients_on_four_servers_in_transaction_mode() {
     assert!(init.status.success(), "pgbench -i: {}", text(&init.stderr));
 
     for mode in ["simple", "extended"] {
-        let (done, failed) = pgbench(&url, &["-S", "-M", mode, "-c", "16", "-j", "2", "-t", "300"]).await;
+        let (done, failed) = pgbench(
+            &url,
+            &["-S", "-M", mode, "-c", "16", "-j", "2", "-t", "300"],
+        )
+        .await;
         assert_eq!((done, failed), (16 * 300, 0), "-S -M {mode}");
     }
     let (done, failed) = pgbench(&url, &["-c", "16", "-j", "2", "-t", "100"]).await;

@@ -10,14 +10,28 @@ async fn simple_queries_batches_notices_and_empty_queries() {
     let url = app_url(&proxy);
 
     let out = psql(&url, &["-c", "SELECT 40 + 2"], None).await;
-    assert_eq!(text(&out.stdout).trim(), "42", "stderr: {}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout).trim(),
+        "42",
+        "stderr: {}",
+        text(&out.stderr)
+    );
 
     // One simple Query holding three statements; the second fails, so the
     // batch stops there and nothing of it commits.
     let batch = "CREATE TABLE b(x int); SELECT 1/0; INSERT INTO b VALUES (1);";
     let out = psql(&url, &["-c", batch], None).await;
-    assert!(text(&out.stderr).contains("division by zero"), "{}", text(&out.stderr));
-    let out = psql(&url, &["-c", "SELECT count(*) FROM pg_class WHERE relname = 'b'"], None).await;
+    assert!(
+        text(&out.stderr).contains("division by zero"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = psql(
+        &url,
+        &["-c", "SELECT count(*) FROM pg_class WHERE relname = 'b'"],
+        None,
+    )
+    .await;
     assert_eq!(text(&out.stdout).trim(), "0");
 
     // Separate statements keep working after an error on the same connection.
@@ -27,7 +41,11 @@ async fn simple_queries_batches_notices_and_empty_queries() {
     let stderr = text(&out.stderr);
     assert!(stderr.contains("division by zero"), "{stderr}");
     assert!(stderr.contains("hello notice"), "{stderr}");
-    assert_eq!(stdout.lines().collect::<Vec<_>>(), vec!["after", "end"], "{stderr}");
+    assert_eq!(
+        stdout.lines().collect::<Vec<_>>(),
+        vec!["after", "end"],
+        "{stderr}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -42,14 +60,23 @@ async fn copy_in_and_out() {
     let out = psql(&url, &["-c", "COPY c FROM STDIN"], Some(rows.as_bytes())).await;
     assert!(out.status.success(), "{}", text(&out.stderr));
 
-    let out = psql(&url, &["-c", "COPY (SELECT * FROM c ORDER BY id) TO STDOUT"], None).await;
+    let out = psql(
+        &url,
+        &["-c", "COPY (SELECT * FROM c ORDER BY id) TO STDOUT"],
+        None,
+    )
+    .await;
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout), rows);
 
     // A COPY that fails part way leaves the connection usable.
     let script = b"COPY c FROM STDIN;\n1\tok\nnot-a-number\tbad\n\\.\nSELECT count(*) FROM c;\n";
     let out = psql(&url, &[], Some(script)).await;
-    assert!(text(&out.stderr).contains("invalid input syntax"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("invalid input syntax"),
+        "{}",
+        text(&out.stderr)
+    );
     assert_eq!(text(&out.stdout).trim(), "5000");
 }
 
@@ -70,5 +97,10 @@ async fn ten_megabyte_values_pass_both_ways() {
     let literal = "x".repeat(10 * 1024 * 1024);
     let script = format!("SELECT length('{literal}');\n");
     let out = psql(&url, &[], Some(script.as_bytes())).await;
-    assert_eq!(text(&out.stdout).trim(), (10 * 1024 * 1024).to_string(), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout).trim(),
+        (10 * 1024 * 1024).to_string(),
+        "{}",
+        text(&out.stderr)
+    );
 }

@@ -11,7 +11,11 @@ name = "raw"
 auth = "trust"
 "#;
 
-async fn proxy_with_trust(node: &pgheal::localpg::PgNode, top: &str, db: &str) -> pgheal::listener::Running {
+async fn proxy_with_trust(
+    node: &pgheal::localpg::PgNode,
+    top: &str,
+    db: &str,
+) -> pgheal::listener::Running {
     start(&format!(
         "[proxy]\nlisten = \"127.0.0.1:0\"\n{top}\n[[users]]\nname = \"app\"\npassword = \"{APP_PASSWORD}\"\n{TRUST}\n\
          [databases.app]\nnodes = [\"{}\"]\nuser = \"app\"\npassword = \"{APP_PASSWORD}\"\n{db}",
@@ -22,14 +26,20 @@ async fn proxy_with_trust(node: &pgheal::localpg::PgNode, top: &str, db: &str) -
 
 /// Queries in a loop on a well-behaved client until told to stop; returns
 /// how many succeeded. Any error fails the test.
-fn bystander(url: String, stop: tokio::sync::watch::Receiver<bool>) -> tokio::task::JoinHandle<u32> {
+fn bystander(
+    url: String,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<u32> {
     tokio::spawn(async move {
         let (client, _h) = connect(&url).await;
         let mut ok = 0;
         while ok == 0 || !*stop.borrow() {
             // Simple protocol: named statements across transactions need
             // prepared-statement tracking, which is its own issue.
-            let rows = client.simple_query("SELECT 7").await.expect("bystander query");
+            let rows = client
+                .simple_query("SELECT 7")
+                .await
+                .expect("bystander query");
             let seven = rows.iter().find_map(|m| match m {
                 tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
                 _ => None,
@@ -54,10 +64,18 @@ async fn malformed_input_closes_only_that_client() {
     assert_eq!(raw.error_codes_until_closed().await, vec!["08P01"]);
 
     // Logged-in clients sending impossible lengths.
-    for header in [[b'Q', 0xff, 0xff, 0xff, 0xff], [b'Q', 0x7f, 0xff, 0xff, 0xff], [b'P', 0, 0, 0, 2]] {
+    for header in [
+        [b'Q', 0xff, 0xff, 0xff, 0xff],
+        [b'Q', 0x7f, 0xff, 0xff, 0xff],
+        [b'P', 0, 0, 0, 2],
+    ] {
         let mut raw = Raw::login(&proxy, "raw", "app").await;
         raw.send(&header).await;
-        assert_eq!(raw.error_codes_until_closed().await, vec!["08P01"], "header {header:?}");
+        assert_eq!(
+            raw.error_codes_until_closed().await,
+            vec!["08P01"],
+            "header {header:?}"
+        );
     }
 
     // A message cut off, then the connection closed.
@@ -79,7 +97,10 @@ async fn malformed_input_closes_only_that_client() {
     pgheal_protocol::build::query(&mut q, "SELECT 1");
     raw.send(&q).await;
     let msgs = raw.read_until(b'Z').await;
-    assert!(msgs.iter().any(|(t, b)| *t == b'D' && b.ends_with(b"1")), "{msgs:?}");
+    assert!(
+        msgs.iter().any(|(t, b)| *t == b'D' && b.ends_with(b"1")),
+        "{msgs:?}"
+    );
 
     stop_tx.send(true).unwrap();
     assert!(calm.await.expect("bystander saw no error") > 0);
@@ -92,20 +113,32 @@ async fn ssl_is_refused_and_newer_protocol_is_negotiated() {
     let mut raw = Raw::connect(&proxy).await;
     raw.send(&[0, 0, 0, 8, 4, 210, 22, 47]).await;
     let mut answer = [0u8; 1];
-    tokio::io::AsyncReadExt::read_exact(&mut raw.stream, &mut answer).await.unwrap();
+    tokio::io::AsyncReadExt::read_exact(&mut raw.stream, &mut answer)
+        .await
+        .unwrap();
     assert_eq!(&answer, b"N");
     let mut out = bytes::BytesMut::new();
-    pgheal_protocol::build::startup_message_version(&mut out, 2, &[("user", "raw"), ("database", "app"), ("_pq_.future", "1")]);
+    pgheal_protocol::build::startup_message_version(
+        &mut out,
+        2,
+        &[("user", "raw"), ("database", "app"), ("_pq_.future", "1")],
+    );
     raw.send(&out).await;
     let msgs = raw.read_until(b'Z').await;
     let (tag, body) = &msgs[0];
     assert_eq!(*tag, b'v');
     assert_eq!(&body[..8], &[0, 3, 0, 0, 0, 0, 0, 1]);
     assert_eq!(&body[8..], b"_pq_.future\0");
-    assert!(msgs.iter().any(|(t, _)| *t == b'K'), "BackendKeyData is sent");
+    assert!(
+        msgs.iter().any(|(t, _)| *t == b'K'),
+        "BackendKeyData is sent"
+    );
 
     // psql's default sslmode=prefer falls back to plain text.
-    let url = format!("postgres://app:{APP_PASSWORD}@127.0.0.1:{}/app?sslmode=prefer", proxy.addr.port());
+    let url = format!(
+        "postgres://app:{APP_PASSWORD}@127.0.0.1:{}/app?sslmode=prefer",
+        proxy.addr.port()
+    );
     let out = psql(&url, &["-c", "SELECT 'plain'"], None).await;
     assert_eq!(text(&out.stdout).trim(), "plain", "{}", text(&out.stderr));
 }
@@ -125,19 +158,37 @@ async fn silent_clients_are_closed_after_the_login_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exhausted_pool_answers_53300_and_recovers() {
     let node = app_node().await;
-    let proxy = proxy_with_trust(&node, "", "pool_size = 1\n[pool]\ncheckout_timeout = \"300ms\"").await;
+    let proxy = proxy_with_trust(
+        &node,
+        "",
+        "pool_size = 1\n[pool]\ncheckout_timeout = \"300ms\"",
+    )
+    .await;
     let (holder, _h1) = connect(&app_url(&proxy)).await;
     let (waiter, _h2) = connect(&app_url(&proxy)).await;
     holder.batch_execute("BEGIN; SELECT 1").await.unwrap();
-    let err = waiter.simple_query("SELECT 2").await.expect_err("pool is exhausted");
+    let err = waiter
+        .simple_query("SELECT 2")
+        .await
+        .expect_err("pool is exhausted");
     assert_eq!(code(&err), "53300", "{err}");
-    let message = err.as_db_error().map(|e| e.message().to_string()).unwrap_or_default();
+    let message = err
+        .as_db_error()
+        .map(|e| e.message().to_string())
+        .unwrap_or_default();
     assert!(message.contains("pool_size 1"), "{message}");
     // The extended protocol gets the same answer, and the connection stays usable.
-    let err = waiter.query_one("SELECT $1::int", &[&3i32]).await.expect_err("still exhausted");
+    let err = waiter
+        .query_one("SELECT $1::int", &[&3i32])
+        .await
+        .expect_err("still exhausted");
     assert_eq!(code(&err), "53300", "{err}");
     holder.batch_execute("COMMIT").await.unwrap();
-    let v: i32 = waiter.query_one("SELECT $1::int", &[&4i32]).await.unwrap().get(0);
+    let v: i32 = waiter
+        .query_one("SELECT $1::int", &[&4i32])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(v, 4);
 }
 
@@ -146,9 +197,22 @@ async fn idle_server_killed_behind_the_pool_is_replaced() {
     let node = app_node().await;
     let proxy = proxy_with_trust(&node, "", "pool_size = 1").await;
     let (client, _h) = connect(&app_url(&proxy)).await;
-    let before: i32 = client.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
-    node.sql("postgres", &format!("SELECT pg_terminate_backend({before})")).await.unwrap();
-    let (admin, _h2) = connect(&format!("postgres://postgres:postgres@{}/postgres", node.addr())).await;
+    let before: i32 = client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    node.sql(
+        "postgres",
+        &format!("SELECT pg_terminate_backend({before})"),
+    )
+    .await
+    .unwrap();
+    let (admin, _h2) = connect(&format!(
+        "postgres://postgres:postgres@{}/postgres",
+        node.addr()
+    ))
+    .await;
     eventually(Duration::from_secs(10), "the backend to exit", || async {
         admin
             .query("SELECT 1 FROM pg_stat_activity WHERE pid = $1", &[&before])
@@ -157,7 +221,11 @@ async fn idle_server_killed_behind_the_pool_is_replaced() {
             .is_empty()
     })
     .await;
-    let after: i32 = client.query_one("SELECT pg_backend_pid()", &[]).await.expect("no error for the client").get(0);
+    let after: i32 = client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .expect("no error for the client")
+        .get(0);
     assert_ne!(before, after);
 }
 
@@ -166,25 +234,43 @@ async fn server_killed_mid_query_gives_08006_and_the_client_carries_on() {
     let node = app_node().await;
     let proxy = proxy_with_trust(&node, "", "pool_size = 2").await;
     let (client, _h) = connect(&app_url(&proxy)).await;
-    let pid: i32 = client.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+    let pid: i32 = client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
     let sleeper = tokio::spawn(async move {
         let r = client.simple_query("SELECT pg_sleep(20)").await;
         (client, r)
     });
-    let (admin, _h2) = connect(&format!("postgres://postgres:postgres@{}/postgres", node.addr())).await;
+    let (admin, _h2) = connect(&format!(
+        "postgres://postgres:postgres@{}/postgres",
+        node.addr()
+    ))
+    .await;
     eventually(Duration::from_secs(10), "pg_sleep to start", || async {
         !admin
-            .query("SELECT 1 FROM pg_stat_activity WHERE pid = $1 AND state = 'active'", &[&pid])
+            .query(
+                "SELECT 1 FROM pg_stat_activity WHERE pid = $1 AND state = 'active'",
+                &[&pid],
+            )
             .await
             .unwrap()
             .is_empty()
     })
     .await;
-    admin.execute("SELECT pg_terminate_backend($1)", &[&pid]).await.unwrap();
+    admin
+        .execute("SELECT pg_terminate_backend($1)", &[&pid])
+        .await
+        .unwrap();
     let (client, result) = sleeper.await.unwrap();
     let err = result.expect_err("the server went away");
     // PostgreSQL's own FATAL 57P01 reaches the client first.
     assert!(["57P01", "08006"].contains(&code(&err).as_str()), "{err}");
-    let v: i32 = client.query_one("SELECT 5", &[]).await.expect("same connection works").get(0);
+    let v: i32 = client
+        .query_one("SELECT 5", &[])
+        .await
+        .expect("same connection works")
+        .get(0);
     assert_eq!(v, 5);
 }

@@ -88,8 +88,12 @@ impl<'a> ErrorFields<'a> {
 pub enum Authentication<'a> {
     Ok,
     CleartextPassword,
-    Md5Password { salt: [u8; 4] },
-    Sasl { mechanisms: Vec<&'a [u8]> },
+    Md5Password {
+        salt: [u8; 4],
+    },
+    Sasl {
+        mechanisms: Vec<&'a [u8]>,
+    },
     SaslContinue(&'a [u8]),
     SaslFinal(&'a [u8]),
     /// Kerberos, GSSAPI, SSPI and anything newer: not supported upstream.

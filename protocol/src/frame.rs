@@ -110,11 +110,25 @@ pub fn header(buf: &[u8], max: usize) -> Result<Option<(u8, usize)>, FrameError>
     Ok(Some((tag, total as usize)))
 }
 
-/// Splits one whole message off the front of `buf`: `(tag, body)` and the
-/// number of bytes it took, or `None` when it is not all there yet.
-pub fn message(buf: &[u8], max: usize) -> Result<Option<(u8, &[u8], usize)>, FrameError> {
+/// One whole message at the front of a buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Message<'a> {
+    pub tag: u8,
+    /// The bytes after the header.
+    pub body: &'a [u8],
+    /// The whole message size, header included.
+    pub len: usize,
+}
+
+/// Finds one whole message at the front of `buf`, or `None` when it is not
+/// all there yet.
+pub fn message(buf: &[u8], max: usize) -> Result<Option<Message<'_>>, FrameError> {
     match header(buf, max)? {
-        Some((tag, len)) if buf.len() >= len => Ok(Some((tag, &buf[HEADER_LEN..len], len))),
+        Some((tag, len)) if buf.len() >= len => Ok(Some(Message {
+            tag,
+            body: &buf[HEADER_LEN..len],
+            len,
+        })),
         _ => Ok(None),
     }
 }
@@ -137,30 +151,52 @@ mod tests {
         let mut sc = Scanner::new(1 << 20);
         let is_z = |t| t == b'Z';
         assert_eq!(sc.next(&stream[..3], is_z), Ok(Step::NeedMore));
-        assert_eq!(sc.next(&stream, is_z), Ok(Step::Header { tag: b'D', len: 105 }));
+        assert_eq!(
+            sc.next(&stream, is_z),
+            Ok(Step::Header {
+                tag: b'D',
+                len: 105
+            })
+        );
         assert!(!sc.at_boundary());
         assert_eq!(sc.next(&stream[5..50], is_z), Ok(Step::Body(45)));
         assert_eq!(sc.next(&stream[50..], is_z), Ok(Step::Body(55)));
         assert!(sc.at_boundary());
         assert_eq!(sc.next(&stream[105..109], is_z), Ok(Step::NeedMore));
-        assert_eq!(sc.next(&stream[105..], is_z), Ok(Step::Whole { tag: b'Z', len: 6 }));
+        assert_eq!(
+            sc.next(&stream[105..], is_z),
+            Ok(Step::Whole { tag: b'Z', len: 6 })
+        );
     }
 
     #[test]
     fn rejects_bad_lengths() {
         let mut sc = Scanner::new(1000);
         let short = [b'Q', 0, 0, 0, 3];
-        assert!(matches!(sc.next(&short, |_| false), Err(FrameError::LengthTooSmall { .. })));
+        assert!(matches!(
+            sc.next(&short, |_| false),
+            Err(FrameError::LengthTooSmall { .. })
+        ));
         let negative = [b'Q', 0xff, 0xff, 0xff, 0xff];
-        assert!(matches!(sc.next(&negative, |_| false), Err(FrameError::LengthTooSmall { .. })));
+        assert!(matches!(
+            sc.next(&negative, |_| false),
+            Err(FrameError::LengthTooSmall { .. })
+        ));
         let big = [b'Q', 0x7f, 0xff, 0xff, 0xff];
-        assert!(matches!(sc.next(&big, |_| false), Err(FrameError::TooLarge { .. })));
+        assert!(matches!(
+            sc.next(&big, |_| false),
+            Err(FrameError::TooLarge { .. })
+        ));
     }
 
     #[test]
     fn message_splits_whole_ones_only() {
         let m = msg(b'S', b"a\0b\0");
         assert_eq!(message(&m[..6], 100), Ok(None));
-        assert_eq!(message(&m, 100), Ok(Some((b'S', &b"a\0b\0"[..], 9))));
+        let whole = message(&m, 100).unwrap().unwrap();
+        assert_eq!(
+            (whole.tag, whole.body, whole.len),
+            (b'S', &b"a\0b\0"[..], 9)
+        );
     }
 }

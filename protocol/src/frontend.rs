@@ -51,8 +51,14 @@ mod tests {
         assert_eq!(password(b"secret\0"), Ok(&b"secret"[..]));
         assert_eq!(password(b"secret"), Err(Truncated));
         let init = b"SCRAM-SHA-256\0\0\0\0\x03abc";
-        assert_eq!(sasl_initial_response(init), Ok((&b"SCRAM-SHA-256"[..], &b"abc"[..])));
-        assert_eq!(sasl_initial_response(&init[..init.len() - 1]), Err(Truncated));
+        assert_eq!(
+            sasl_initial_response(init),
+            Ok((&b"SCRAM-SHA-256"[..], &b"abc"[..]))
+        );
+        assert_eq!(
+            sasl_initial_response(&init[..init.len() - 1]),
+            Err(Truncated)
+        );
         assert_eq!(query(b"select 1\0"), Ok(&b"select 1"[..]));
         assert_eq!(query(b""), Err(Truncated));
     }

@@ -143,7 +143,9 @@ mod tests {
         build::startup_message(&mut buf, &[("user", "app"), ("database", "db")]);
         let (p, n) = parse(&buf).unwrap().unwrap();
         assert_eq!(n, buf.len());
-        let StartupPacket::Startup(m) = p else { panic!("{p:?}") };
+        let StartupPacket::Startup(m) = p else {
+            panic!("{p:?}")
+        };
         assert_eq!(m.minor, 0);
         assert_eq!(m.param("user"), Some("app"));
         assert_eq!(m.param("database"), Some("db"));
@@ -158,21 +160,38 @@ mod tests {
         build::cancel_request(&mut c, CancelKey { pid: 7, secret: -3 });
         assert_eq!(
             parse(&c),
-            Ok(Some((StartupPacket::Cancel(CancelKey { pid: 7, secret: -3 }), 16)))
+            Ok(Some((
+                StartupPacket::Cancel(CancelKey { pid: 7, secret: -3 }),
+                16
+            )))
         );
-        assert_eq!(parse(&[0, 0, 0, 4, 0, 0, 0, 0]), Err(StartupError::BadLength(4)));
-        assert_eq!(parse(&[0x7f, 0xff, 0xff, 0xff]), Err(StartupError::BadLength(i32::MAX)));
+        assert_eq!(
+            parse(&[0, 0, 0, 4, 0, 0, 0, 0]),
+            Err(StartupError::BadLength(4))
+        );
+        assert_eq!(
+            parse(&[0x7f, 0xff, 0xff, 0xff]),
+            Err(StartupError::BadLength(i32::MAX))
+        );
         let v2 = [0, 0, 0, 9, 0, 2, 0, 0, 0];
-        assert!(matches!(parse(&v2), Err(StartupError::UnsupportedProtocol { major: 2, .. })));
+        assert!(matches!(
+            parse(&v2),
+            Err(StartupError::UnsupportedProtocol { major: 2, .. })
+        ));
         let unterminated = [0, 0, 0, 11, 0, 3, 0, 0, b'u', b's', b'e'];
-        assert!(matches!(parse(&unterminated), Err(StartupError::Malformed(_))));
+        assert!(matches!(
+            parse(&unterminated),
+            Err(StartupError::Malformed(_))
+        ));
     }
 
     #[test]
     fn newer_minor_and_protocol_options_are_reported() {
         let mut buf = BytesMut::new();
         build::startup_message_version(&mut buf, 2, &[("user", "u"), ("_pq_.x", "1")]);
-        let Some((StartupPacket::Startup(m), _)) = parse(&buf).unwrap() else { panic!() };
+        let Some((StartupPacket::Startup(m), _)) = parse(&buf).unwrap() else {
+            panic!()
+        };
         assert_eq!(m.minor, 2);
         assert_eq!(m.protocol_options().collect::<Vec<_>>(), vec!["_pq_.x"]);
     }

@@ -33,9 +33,9 @@ proptest! {
 
     #[test]
     fn message_and_header_never_panic(data in proptest::collection::vec(any::<u8>(), 0..300)) {
-        if let Ok(Some((_, body, n))) = frame::message(&data, 1 << 20) {
-            prop_assert!(n <= data.len());
-            prop_assert_eq!(body.len() + frame::HEADER_LEN, n);
+        if let Ok(Some(m)) = frame::message(&data, 1 << 20) {
+            prop_assert!(m.len <= data.len());
+            prop_assert_eq!(m.body.len() + frame::HEADER_LEN, m.len);
         }
         let _ = frame::header(&data, 1 << 20);
     }

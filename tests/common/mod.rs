@@ -14,9 +14,12 @@ pub const APP_PASSWORD: &str = "apppw";
 /// A node with role `app` (password `apppw`) owning database `app`.
 pub async fn app_node() -> PgNode {
     let node = PgNode::start_new().await.expect("start PostgreSQL");
-    node.sql("postgres", &format!("CREATE ROLE app LOGIN PASSWORD '{APP_PASSWORD}'"))
-        .await
-        .expect("create role");
+    node.sql(
+        "postgres",
+        &format!("CREATE ROLE app LOGIN PASSWORD '{APP_PASSWORD}'"),
+    )
+    .await
+    .expect("create role");
     node.sql("postgres", "CREATE DATABASE app OWNER app")
         .await
         .expect("create database");
@@ -80,7 +83,9 @@ pub async fn run(program: &str, args: Vec<String>, stdin: Option<Vec<u8>>) -> Ou
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped());
-        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
         let mut input = child.stdin.take().expect("stdin");
         if let Some(bytes) = stdin {
             input.write_all(&bytes).expect("write stdin");
@@ -125,7 +130,9 @@ pub async fn connect(url: &str) -> (tokio_postgres::Client, tokio::task::JoinHan
 
 /// The SQLSTATE of a tokio-postgres error.
 pub fn code(e: &tokio_postgres::Error) -> String {
-    e.code().map(|c| c.code().to_string()).unwrap_or_else(|| format!("no code: {e}"))
+    e.code()
+        .map(|c| c.code().to_string())
+        .unwrap_or_else(|| format!("no code: {e}"))
 }
 
 /// A client that speaks the wire protocol by hand, for the cases real
@@ -137,7 +144,9 @@ pub struct Raw {
 
 impl Raw {
     pub async fn connect(proxy: &Running) -> Raw {
-        let stream = tokio::net::TcpStream::connect(proxy.addr).await.expect("connect");
+        let stream = tokio::net::TcpStream::connect(proxy.addr)
+            .await
+            .expect("connect");
         Raw {
             stream,
             buf: bytes::BytesMut::new(),
@@ -164,12 +173,14 @@ impl Raw {
     pub async fn next(&mut self) -> Option<(u8, Vec<u8>)> {
         use tokio::io::AsyncReadExt;
         loop {
-            if let Some((tag, body, len)) = pgheal_protocol::frame::message(&self.buf, 1 << 30).expect("framing") {
-                let msg = (tag, body.to_vec());
+            let found = pgheal_protocol::frame::message(&self.buf, 1 << 30).expect("framing");
+            if let Some(m) = found {
+                let (msg, len) = ((m.tag, m.body.to_vec()), m.len);
                 let _ = self.buf.split_to(len);
                 return Some(msg);
             }
-            let read = tokio::time::timeout(Duration::from_secs(20), self.stream.read_buf(&mut self.buf));
+            let read =
+                tokio::time::timeout(Duration::from_secs(20), self.stream.read_buf(&mut self.buf));
             match read.await.expect("no answer from pgheal within 20 s") {
                 Ok(0) | Err(_) => return None,
                 Ok(_) => {}
@@ -205,7 +216,11 @@ impl Raw {
 
 /// SQLSTATE of an ErrorResponse body.
 pub fn error_code(body: &[u8]) -> String {
-    text(pgheal_protocol::backend::ErrorFields::parse(body).expect("error fields").code)
+    text(
+        pgheal_protocol::backend::ErrorFields::parse(body)
+            .expect("error fields")
+            .code,
+    )
 }
 
 /// Waits up to `within` for `check` to hold, polling.

@@ -1,0 +1,101 @@
+//! `pgheal check`: every error in a file, each with its key path.
+
+use std::process::Command;
+
+fn check(text: &str) -> (bool, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pgheal.toml");
+    std::fs::write(&path, text).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_pgheal"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), all)
+}
+
+#[test]
+fn the_example_file_is_valid() {
+    let example =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.toml"))
+            .unwrap();
+    let (ok, out) = check(&example);
+    assert!(ok, "{out}");
+    assert!(out.contains("configuration is valid"), "{out}");
+}
+
+#[test]
+fn every_error_is_reported_with_its_key_path() {
+    let bad = r#"
+[proxy]
+listen = "127.0.0.1:6432"
+pool_mode = "statement"
+login_timeout = "ten seconds"
+colour = "blue"
+
+[pool]
+checkout_timeout = 5
+
+[[users]]
+name = "app"
+auth = "md5"
+
+[databases.app]
+nodes = []
+pool_size = "twenty"
+
+[databases.other]
+nodes = ["localhost", "db:5432"]
+min_idle = 50
+"#;
+    let (ok, out) = check(bad);
+    assert!(!ok, "{out}");
+    for expected in [
+        "proxy.pool_mode: unknown pool mode \"statement\"",
+        "proxy.login_timeout: invalid duration \"ten seconds\"",
+        "proxy.colour: unknown key",
+        "pool.checkout_timeout: expected a duration",
+        "users[0].password: missing: md5 needs the plain password",
+        "databases.app.nodes: must list at least one node",
+        "databases.app.pool_size: expected an integer, found string",
+        "databases.other.nodes[0]: `localhost` is not \"host:port\"",
+        "databases.other.min_idle: must not exceed pool_size",
+    ] {
+        assert!(out.contains(expected), "missing `{expected}` in:\n{out}");
+    }
+    assert!(out.contains("9 error(s)"), "{out}");
+}
+
+#[test]
+fn syntax_errors_and_missing_files_are_reported() {
+    let (ok, out) = check("[proxy\nlisten = 1");
+    assert!(!ok);
+    assert!(out.contains("line 1"), "{out}");
+    let out = Command::new(env!("CARGO_BIN_EXE_pgheal"))
+        .args(["check", "--config", "/nonexistent/pgheal.toml"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read"));
+}
+
+#[test]
+fn secrets_never_appear_in_errors() {
+    let (ok, out) = check(
+        "[[users]]\nname = \"u\"\npassword = \"hunter2\"\nscram_secret = \"hunter3\"\n[databases.d]\nnodes = [\"h:1\"]\npassword = 5",
+    );
+    assert!(!ok);
+    assert!(
+        out.contains("users[0].scram_secret: invalid SCRAM secret"),
+        "{out}"
+    );
+    assert!(
+        !out.contains("hunter2") && !out.contains("hunter3"),
+        "{out}"
+    );
+}
