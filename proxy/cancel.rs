@@ -18,7 +18,7 @@ use tokio::net::TcpStream;
 /// Where a client's current query runs.
 #[derive(Debug, Clone)]
 struct Target {
-    addr: String,
+    addr: Arc<str>,
     key: CancelKey,
 }
 
@@ -28,9 +28,9 @@ pub struct CancelSlot {
 }
 
 impl CancelSlot {
-    pub fn attach(&self, addr: &str, key: CancelKey) {
+    pub fn attach(&self, addr: &Arc<str>, key: CancelKey) {
         *lock(&self.target) = Some(Target {
-            addr: addr.to_string(),
+            addr: addr.clone(),
             key,
         });
     }
@@ -98,7 +98,7 @@ impl CancelRegistry {
         let mut out = BytesMut::new();
         build::cancel_request(&mut out, target.key);
         let send = async {
-            let mut s = TcpStream::connect(&target.addr).await?;
+            let mut s = TcpStream::connect(&*target.addr).await?;
             s.write_all(&out).await?;
             s.shutdown().await
         };

@@ -33,6 +33,7 @@ struct Idle {
 /// The connections of one (node, database, user).
 pub struct Pool {
     pub database: String,
+    addr: Arc<str>,
     spec: ConnectSpec,
     limits: PoolLimits,
     /// One permit per open connection, idle or in use.
@@ -56,6 +57,7 @@ impl Pool {
     pub fn new(database: &str, spec: ConnectSpec, limits: PoolLimits) -> Arc<Pool> {
         let pool = Arc::new(Pool {
             database: database.to_string(),
+            addr: Arc::from(spec.addr.as_str()),
             permits: Arc::new(Semaphore::new(limits.size)),
             spec,
             limits,
@@ -68,7 +70,12 @@ impl Pool {
     }
 
     pub fn addr(&self) -> &str {
-        &self.spec.addr
+        &self.addr
+    }
+
+    /// The node address, cheap to clone.
+    pub fn shared_addr(&self) -> &Arc<str> {
+        &self.addr
     }
 
     pub fn welcome(&self) -> Option<Params> {
@@ -84,6 +91,9 @@ impl Pool {
 
     /// Waits up to `checkout_timeout` for a healthy connection.
     pub async fn checkout(self: &Arc<Self>) -> Result<Lease, PoolError> {
+        if let Some(lease) = self.take_idle() {
+            return Ok(lease);
+        }
         let deadline = tokio::time::Instant::now() + self.limits.checkout_timeout;
         loop {
             let returned = self.returned.notified();

@@ -10,7 +10,6 @@ use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use pgheal_protocol::backend::{self, TxStatus};
@@ -35,8 +34,6 @@ const READ_CHUNK: usize = 16 * 1024;
 /// Stop reading from one side while this much waits to be written to the
 /// other: back-pressure instead of buffering.
 const MAX_PENDING: usize = 256 * 1024;
-/// An idle client gives its buffers back after this long.
-const IDLE_SHRINK: Duration = Duration::from_secs(1);
 
 /// One direction of the stream: bytes read but not yet written, the prefix
 /// that was scanned (and so may be written), and where messages end.
@@ -244,7 +241,7 @@ impl Session {
                 l.release();
             }
         } else if let Some(l) = lease.as_mut() {
-            self.cancel.slot.attach(l.pool().addr(), l.server_key());
+            self.cancel.slot.attach(l.pool().shared_addr(), l.server_key());
         }
         Ok(lease)
     }
@@ -261,10 +258,9 @@ impl Session {
         Some(reported)
     }
 
-    /// Waits, holding no server, until the client sent at least one whole
-    /// message header. Returns false when the client left.
+    /// Waits, holding no server and no buffers, until the client sent at
+    /// least one whole message header. Returns false when the client left.
     async fn wait_for_request(&mut self) -> Result<bool, ClientError> {
-        let mut shrunk = false;
         loop {
             self.scan_up()?;
             if self.terminated && self.up.scanned == 0 {
@@ -273,17 +269,17 @@ impl Session {
             if self.up.scanned > 0 {
                 return Ok(true);
             }
-            tokio::select! {
-                r = self.client.readable() => r.map_err(ClientError::ClientIo)?,
-                _ = tokio::time::sleep(IDLE_SHRINK), if !shrunk => {
-                    self.up.shrink();
-                    self.down.shrink();
-                    shrunk = true;
-                    continue;
-                }
-            }
+            self.up.shrink();
+            self.down.shrink();
+            self.client.readable().await.map_err(ClientError::ClientIo)?;
             self.up.reserve();
-            match self.client.try_read_buf(&mut self.up.buf) {
+            // poll_read (unlike try_read) clears readiness after a short
+            // read, which spares the pump a read that would find nothing.
+            let read = poll_fn(|cx| match poll_read_buf(Pin::new(&mut self.client), cx, &mut self.up.buf) {
+                Poll::Pending => Poll::Ready(Err(io::ErrorKind::WouldBlock.into())),
+                ready => ready,
+            });
+            match read.await {
                 Ok(0) => return Ok(false),
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -299,7 +295,7 @@ impl Session {
         }
         self.cancel
             .slot
-            .attach(lease.pool().addr(), lease.server_key());
+            .attach(lease.pool().shared_addr(), lease.server_key());
         Ok(lease)
     }
 

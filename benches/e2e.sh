@@ -1,0 +1,170 @@
+#!/usr/bin/env bash
+# End-to-end benchmark: pgbench against PostgreSQL directly, through pgheal
+# (transaction mode) and through PgBouncer (transaction mode, same pool
+# size), in one run, alternating targets. Prints TPS, average latency and
+# the ratios, then RSS with N idle logged-in clients for both proxies.
+#
+#   benches/e2e.sh                      # defaults below
+#   DURATION=5 ROUNDS=1 IDLE=2000 benches/e2e.sh
+#
+# Needs: PostgreSQL server binaries, pgbench, pgbouncer, python3. Runs
+# PostgreSQL and PgBouncer as the postgres user when started as root.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DURATION=${DURATION:-8}
+ROUNDS=${ROUNDS:-2}
+POOL=${POOL:-20}
+IDLE=${IDLE:-10000}
+SCALE=${SCALE:-10}
+
+bin=$(dirname "$(readlink -f "$(command -v initdb || ls /usr/lib/postgresql/*/bin/initdb | tail -1)")")
+as_pg=()
+[ "$(id -u)" -eq 0 ] && as_pg=(runuser -u postgres --)
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+work=$(mktemp -d /tmp/pgheal-bench-XXXXXX)
+chmod 755 "$work"
+[ "$(id -u)" -eq 0 ] && chown postgres "$work"
+pids=()
+cleanup() {
+    for p in "${pids[@]}"; do kill -INT "$p" 2>/dev/null || true; done
+    for p in "${pids[@]}"; do
+        for _ in $(seq 100); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+    done
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+pg_port=$(free_port); heal_port=$(free_port); bouncer_port=$(free_port)
+echo "apppw" > "$work/pw"; chmod 644 "$work/pw"
+"${as_pg[@]}" "$bin/initdb" -D "$work/data" -U postgres --auth-local=trust --auth-host=scram-sha-256 \
+    --pwfile="$work/pw" -N -E UTF8 --no-locale >/dev/null
+"${as_pg[@]}" "$bin/postgres" -D "$work/data" -p "$pg_port" -k "$work" -c listen_addresses=127.0.0.1 \
+    -c fsync=off -c max_connections=300 -c shared_buffers=256MB >"$work/pg.log" 2>&1 &
+for _ in $(seq 300); do [ -f "$work/data/postmaster.pid" ] && \
+    [ "$(sed -n 8p "$work/data/postmaster.pid" 2>/dev/null | tr -d ' ')" = "ready" ] && break; sleep 0.1; done
+pids+=("$(head -1 "$work/data/postmaster.pid")")
+psql -qX -h "$work" -p "$pg_port" -U postgres -c "CREATE ROLE app LOGIN SUPERUSER PASSWORD 'apppw'" \
+    -c "CREATE ROLE idle LOGIN PASSWORD 'apppw'" -c "CREATE DATABASE app OWNER app"
+
+cargo build --release -q
+cat > "$work/pgheal.toml" <<TOML
+[proxy]
+listen = "127.0.0.1:$heal_port"
+pool_mode = "transaction"
+[[users]]
+name = "app"
+password = "apppw"
+[[users]]
+name = "idle"
+auth = "trust"
+[databases.app]
+nodes = ["127.0.0.1:$pg_port"]
+user = "app"
+password = "apppw"
+pool_size = $POOL
+TOML
+RUST_LOG=warn target/release/pgheal --config "$work/pgheal.toml" >"$work/pgheal.log" 2>&1 &
+heal_pid=$!; pids+=("$heal_pid")
+
+cat > "$work/userlist.txt" <<TXT
+"app" "apppw"
+"idle" "apppw"
+TXT
+cat > "$work/hba.txt" <<TXT
+host all idle 127.0.0.1/32 trust
+host all all 127.0.0.1/32 scram-sha-256
+TXT
+cat > "$work/pgbouncer.ini" <<INI
+[databases]
+app = host=127.0.0.1 port=$pg_port dbname=app user=app password=apppw
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $bouncer_port
+unix_socket_dir =
+auth_type = hba
+auth_hba_file = $work/hba.txt
+auth_file = $work/userlist.txt
+pool_mode = transaction
+default_pool_size = $POOL
+max_client_conn = $((IDLE + 200))
+max_db_connections = $POOL
+logfile = $work/pgbouncer.log
+pidfile = $work/pgbouncer.pid
+INI
+chmod 644 "$work"/*.ini "$work"/*.txt
+(ulimit -n $((IDLE + 1000)); "${as_pg[@]}" pgbouncer -q "$work/pgbouncer.ini") &
+for _ in $(seq 100); do [ -s "$work/pgbouncer.pid" ] && break; sleep 0.1; done
+bouncer_pid=$(cat "$work/pgbouncer.pid"); pids+=("$bouncer_pid")
+for _ in $(seq 100); do
+    PGPASSWORD=apppw psql -qXAt -h 127.0.0.1 -p "$heal_port" -U app app -c 'select 1' >/dev/null 2>&1 &&
+    PGPASSWORD=apppw psql -qXAt -h 127.0.0.1 -p "$bouncer_port" -U app app -c 'select 1' >/dev/null 2>&1 && break
+    sleep 0.1
+done
+
+export PGPASSWORD=apppw PGSSLMODE=disable
+pgbench -i -q -s "$SCALE" -h 127.0.0.1 -p "$pg_port" -U app app >/dev/null 2>&1
+
+declare -A tps lat
+run() { # name target-port args...
+    local name=$1 port=$2; shift 2
+    local out
+    out=$(pgbench -h 127.0.0.1 -p "$port" -U app -T "$DURATION" -j 2 -n "$@" app 2>&1) || {
+        echo "pgbench failed on port $port: $out" >&2; return 1; }
+    local t l f
+    t=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' <<<"$out")
+    l=$(sed -n 's/^latency average = \([0-9.]*\) ms/\1/p' <<<"$out")
+    f=$(sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p' <<<"$out")
+    [ "${f:-0}" = 0 ] || echo "WARNING: $f failed transactions ($name, port $port)" >&2
+    tps[$name]=$(python3 -c "print(${tps[$name]:-0} + $t)")
+    lat[$name]=$(python3 -c "print(${lat[$name]:-0} + $l)")
+}
+
+cases=(
+    "S-simple-1|-S -M simple -c 1"
+    "S-simple-16|-S -M simple -c 16"
+    "S-simple-64|-S -M simple -c 64"
+    "S-extended-1|-S -M extended -c 1"
+    "S-extended-16|-S -M extended -c 16"
+    "S-extended-64|-S -M extended -c 64"
+    "tpcb-16|-c 16"
+    "C-S-16|-C -S -c 16"
+)
+if [ -n "${CASES:-}" ]; then
+    selected=()
+    for c in "${cases[@]}"; do [[ ${c%%|*} =~ $CASES ]] && selected+=("$c"); done
+    cases=("${selected[@]}")
+fi
+for round in $(seq "$ROUNDS"); do
+    for c in "${cases[@]}"; do
+        name=${c%%|*}; args=${c#*|}
+        # Alternate the order of targets from round to round.
+        if [ $((round % 2)) = 1 ]; then order="direct pgheal pgbouncer"; else order="pgbouncer pgheal direct"; fi
+        for target in $order; do
+            case $target in direct) port=$pg_port;; pgheal) port=$heal_port;; pgbouncer) port=$bouncer_port;; esac
+            # shellcheck disable=SC2086
+            run "$name/$target" "$port" $args
+        done
+    done
+done
+
+printf '\n%-16s %12s %12s %12s %9s %9s   %s\n' case "direct tps" "pgheal tps" "bouncer tps" "heal/bnc" "heal/dir" "avg latency ms (direct/pgheal/bouncer)"
+for c in "${cases[@]}"; do
+    name=${c%%|*}
+    python3 - "$name" "$ROUNDS" "${tps[$name/direct]}" "${tps[$name/pgheal]}" "${tps[$name/pgbouncer]}" \
+        "${lat[$name/direct]}" "${lat[$name/pgheal]}" "${lat[$name/pgbouncer]}" <<'PY'
+import sys
+name, rounds = sys.argv[1], int(sys.argv[2])
+d, h, b, ld, lh, lb = (float(x) / rounds for x in sys.argv[3:9])
+print(f"{name:<16} {d:12.0f} {h:12.0f} {b:12.0f} {h/b:9.2f} {h/d:9.2f}   {ld:.3f}/{lh:.3f}/{lb:.3f}")
+PY
+done
+
+[ "$IDLE" -gt 0 ] || exit 0
+echo
+echo "RSS with $IDLE idle logged-in clients (KiB before, after; bytes per client):"
+heal_mem=$(python3 benches/idle_clients.py 127.0.0.1 "$heal_port" idle app "$IDLE" "$heal_pid")
+bouncer_mem=$(python3 benches/idle_clients.py 127.0.0.1 "$bouncer_port" idle app "$IDLE" "$bouncer_pid")
+echo "pgheal    $heal_mem"
+echo "pgbouncer $bouncer_mem"
