@@ -94,7 +94,10 @@ logfile = $work/pgbouncer.log
 pidfile = $work/pgbouncer.pid
 INI
 chmod 644 "$work"/*.ini "$work"/*.txt
-(ulimit -n $((IDLE + 1000)); "${as_pg[@]}" pgbouncer -q "$work/pgbouncer.ini") &
+# setpriv, unlike runuser, keeps the raised file limit (no PAM session).
+as_pg_nopam=()
+[ "$(id -u)" -eq 0 ] && as_pg_nopam=(setpriv --reuid=postgres --regid=postgres --init-groups)
+(ulimit -n $((IDLE + 1000)); "${as_pg_nopam[@]}" pgbouncer -q "$work/pgbouncer.ini") &
 for _ in $(seq 100); do [ -s "$work/pgbouncer.pid" ] && break; sleep 0.1; done
 bouncer_pid=$(cat "$work/pgbouncer.pid"); pids+=("$bouncer_pid")
 for _ in $(seq 100); do
@@ -164,7 +167,7 @@ done
 [ "$IDLE" -gt 0 ] || exit 0
 echo
 echo "RSS with $IDLE idle logged-in clients (KiB before, after; bytes per client):"
-heal_mem=$(python3 benches/idle_clients.py 127.0.0.1 "$heal_port" idle app "$IDLE" "$heal_pid")
-bouncer_mem=$(python3 benches/idle_clients.py 127.0.0.1 "$bouncer_port" idle app "$IDLE" "$bouncer_pid")
+heal_mem=$(python3 benches/idle_clients.py 127.0.0.1 "$heal_port" idle app "$IDLE" "$heal_pid" 2>&1 | tail -1 || true)
+bouncer_mem=$(python3 benches/idle_clients.py 127.0.0.1 "$bouncer_port" idle app "$IDLE" "$bouncer_pid" 2>&1 | tail -1 || true)
 echo "pgheal    $heal_mem"
 echo "pgbouncer $bouncer_mem"

@@ -17,7 +17,11 @@ fn response_stream() -> Vec<u8> {
         out.extend_from_slice(body);
     };
     for _ in 0..100 {
-        msg(&mut out, b'T', b"\0\x01abalance\0\0\0\0\0\0\0\0\0\0\x17\0\x04\xff\xff\xff\xff\0\0");
+        msg(
+            &mut out,
+            b'T',
+            b"\0\x01abalance\0\0\0\0\0\0\0\0\0\0\x17\0\x04\xff\xff\xff\xff\0\0",
+        );
         msg(&mut out, b'D', b"\0\x01\0\0\0\x041234");
         msg(&mut out, b'C', b"SELECT 1\0");
         msg(&mut out, b'Z', b"I");
@@ -79,7 +83,9 @@ fn startup_parse(c: &mut Criterion) {
             ("options", "-c search_path=public"),
         ],
     );
-    c.bench_function("startup packet", |b| b.iter(|| startup::parse(black_box(&buf))));
+    c.bench_function("startup packet", |b| {
+        b.iter(|| startup::parse(black_box(&buf)))
+    });
 }
 
 criterion_group!(benches, framing, startup_parse);

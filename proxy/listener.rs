@@ -67,22 +67,39 @@ async fn accept_loop(listener: TcpListener, app: Arc<App>) {
 }
 
 async fn serve(app: Arc<App>, stream: TcpStream, peer: SocketAddr) {
-    let client = match login::handshake(&app, stream).await {
-        Ok(Handshake::Cancelled) => return,
-        Ok(Handshake::Client(c)) => c,
+    let Some(client) = login(&app, stream, peer).await else {
+        return;
+    };
+    // The session gets a task of its own, so the client's long idle life
+    // does not carry the login's state.
+    tokio::spawn(session(app, client, peer));
+}
+
+async fn session(app: Arc<App>, client: Box<login::LoggedIn>, peer: SocketAddr) {
+    let (user, database) = (client.user.clone(), client.database.name.clone());
+    tracing::info!(%peer, %user, %database, "client logged in");
+    match Session::new(app, client).run().await {
+        Ok(()) => tracing::info!(%peer, %user, %database, "client left"),
+        Err(e) => tracing::info!(%peer, %user, %database, error = %e, "client closed"),
+    }
+}
+
+/// The handshake; a failure is answered here.
+async fn login(
+    app: &Arc<App>,
+    stream: TcpStream,
+    peer: SocketAddr,
+) -> Option<Box<login::LoggedIn>> {
+    match login::handshake(app, stream).await {
+        Ok(Handshake::Cancelled) => None,
+        Ok(Handshake::Client(c)) => Some(c),
         Err((mut stream, e)) => {
             tracing::info!(%peer, error = %e, "login failed");
             let mut out = BytesMut::new();
             if e.write_response(&mut out, false) {
                 let _ = stream.write_all(&out).await;
             }
-            return;
+            None
         }
-    };
-    let (user, database) = (client.user.clone(), client.database.name.clone());
-    tracing::info!(%peer, %user, %database, "client logged in");
-    match Session::new(app, client).run().await {
-        Ok(()) => tracing::info!(%peer, %user, %database, "client left"),
-        Err(e) => tracing::info!(%peer, %user, %database, error = %e, "client closed"),
     }
 }

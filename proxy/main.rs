@@ -69,7 +69,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = std::env::var("PGHEAL_WORKERS").ok().and_then(|v| v.parse().ok()) {
+    if let Some(n) = std::env::var("PGHEAL_WORKERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
         builder.worker_threads(n);
     }
     let runtime = match builder.enable_all().build() {

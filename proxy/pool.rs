@@ -116,7 +116,9 @@ impl Pool {
     }
 
     async fn open(self: &Arc<Self>, permit: OwnedSemaphorePermit) -> Result<Lease, PoolError> {
-        match ServerConn::connect(&self.spec).await {
+        // Boxed: the connect future is large and rare; it should not swell
+        // every client task that might call it.
+        match Box::pin(ServerConn::connect(&self.spec)).await {
             Ok(conn) => {
                 *lock(&self.welcome) = Some(conn.reported.clone());
                 Ok(Lease {

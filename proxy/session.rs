@@ -141,7 +141,7 @@ impl Session {
     /// Sends the welcome and serves the client until it leaves. A fatal
     /// error is told to the client before its connection closes.
     pub async fn run(mut self) -> Result<(), ClientError> {
-        let result = self.serve().await;
+        let result = Box::pin(self.serve()).await;
         if let Err(e) = &result {
             let mut out = BytesMut::new();
             // A server lost in the middle of a message leaves nothing to say.
@@ -154,7 +154,7 @@ impl Session {
     }
 
     async fn serve(&mut self) -> Result<(), ClientError> {
-        let mut lease = self.welcome().await?;
+        let mut lease = Box::pin(self.welcome()).await?;
         self.welcomed = true;
         loop {
             if lease.is_none() {
@@ -166,10 +166,10 @@ impl Session {
                     bytes = self.up.buf.len(),
                     "checking out a server"
                 );
-                lease = match self.checkout().await {
+                lease = match Box::pin(self.checkout()).await {
                     Ok(l) => Some(l),
                     Err(e) => {
-                        self.refuse_request(e).await?;
+                        Box::pin(self.refuse_request(e)).await?;
                         continue;
                     }
                 };
@@ -182,7 +182,7 @@ impl Session {
                     self.detach(lease.take(), true);
                 }
                 PumpEnd::ClientGone => {
-                    self.leave(lease.take()).await;
+                    Box::pin(self.leave(lease.take())).await;
                     return Ok(());
                 }
                 PumpEnd::ClientBroke(e) => {
@@ -195,7 +195,7 @@ impl Session {
                     self.cancel.slot.detach();
                     // Dropping the lease closes the dead connection.
                     lease = None;
-                    self.report_server_lost(e).await?;
+                    Box::pin(self.report_server_lost(e)).await?;
                 }
             }
         }
@@ -241,7 +241,9 @@ impl Session {
                 l.release();
             }
         } else if let Some(l) = lease.as_mut() {
-            self.cancel.slot.attach(l.pool().shared_addr(), l.server_key());
+            self.cancel
+                .slot
+                .attach(l.pool().shared_addr(), l.server_key());
         }
         Ok(lease)
     }
@@ -271,13 +273,18 @@ impl Session {
             }
             self.up.shrink();
             self.down.shrink();
-            self.client.readable().await.map_err(ClientError::ClientIo)?;
+            self.client
+                .readable()
+                .await
+                .map_err(ClientError::ClientIo)?;
             self.up.reserve();
             // poll_read (unlike try_read) clears readiness after a short
             // read, which spares the pump a read that would find nothing.
-            let read = poll_fn(|cx| match poll_read_buf(Pin::new(&mut self.client), cx, &mut self.up.buf) {
-                Poll::Pending => Poll::Ready(Err(io::ErrorKind::WouldBlock.into())),
-                ready => ready,
+            let read = poll_fn(|cx| {
+                match poll_read_buf(Pin::new(&mut self.client), cx, &mut self.up.buf) {
+                    Poll::Pending => Poll::Ready(Err(io::ErrorKind::WouldBlock.into())),
+                    ready => ready,
+                }
             });
             match read.await {
                 Ok(0) => return Ok(false),
