@@ -8,6 +8,7 @@ pub mod cancel;
 pub mod config;
 pub mod demo;
 pub mod error;
+mod flow;
 pub mod listener;
 pub mod localpg;
 pub mod login;

@@ -14,66 +14,27 @@ use std::task::{Context, Poll};
 use bytes::{Buf, BytesMut};
 use pgheal_protocol::backend::{self, TxStatus};
 use pgheal_protocol::build;
-use pgheal_protocol::frame::{FrameError, Scanner, Step};
+use pgheal_protocol::frame::{FrameError, Step};
 use pgheal_protocol::frontend;
-use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_util::io::poll_read_buf;
 
 use crate::cancel::Registration;
 use crate::config::PoolMode;
 use crate::error::{ClientError, PoolError};
+use crate::flow::{write_some, Flow, MAX_PENDING};
 use crate::login::LoggedIn;
 use crate::params::Params;
 use crate::pool::{Lease, Pool};
 use crate::upstream::ServerConn;
 use crate::App;
 
-/// Bytes read per call when a buffer runs low.
-const READ_CHUNK: usize = 16 * 1024;
-/// Stop reading from one side while this much waits to be written to the
-/// other: back-pressure instead of buffering.
-const MAX_PENDING: usize = 256 * 1024;
-
-/// One direction of the stream: bytes read but not yet written, the prefix
-/// that was scanned (and so may be written), and where messages end.
-struct Flow {
-    buf: BytesMut,
-    scanned: usize,
-    scanner: Scanner,
-}
-
-impl Flow {
-    fn new(max_message: usize) -> Self {
-        Flow {
-            buf: BytesMut::new(),
-            scanned: 0,
-            scanner: Scanner::new(max_message),
-        }
-    }
-
-    fn reserve(&mut self) {
-        if self.buf.capacity() - self.buf.len() < 1024 {
-            self.buf.reserve(READ_CHUNK);
-        }
-    }
-
-    fn advance(&mut self, n: usize) {
-        self.buf.advance(n);
-        self.scanned -= n;
-    }
-
-    /// Drops everything buffered, keeping the scanner's place.
-    fn clear(&mut self) {
-        self.buf.clear();
-        self.scanned = 0;
-    }
-
-    fn shrink(&mut self) {
-        if self.buf.is_empty() {
-            self.buf = BytesMut::new();
-        }
-    }
+/// Whether the client is still there after an attachment.
+#[derive(Debug, PartialEq, Eq)]
+enum Attachment {
+    Detached,
+    ClientGone,
 }
 
 /// How one attachment to a server ended.
@@ -141,7 +102,7 @@ impl Session {
     /// Sends the welcome and serves the client until it leaves. A fatal
     /// error is told to the client before its connection closes.
     pub async fn run(mut self) -> Result<(), ClientError> {
-        let result = Box::pin(self.serve()).await;
+        let result = self.serve().await;
         if let Err(e) = &result {
             let mut out = BytesMut::new();
             // A server lost in the middle of a message leaves nothing to say.
@@ -153,50 +114,57 @@ impl Session {
         result
     }
 
+    /// The client's life: idle waits are small; everything a transaction
+    /// needs lives in a boxed future only while it runs, so thousands of
+    /// idle clients cost little memory.
     async fn serve(&mut self) -> Result<(), ClientError> {
-        let mut lease = Box::pin(self.welcome()).await?;
+        let mut held = Box::pin(self.welcome()).await?.map(Box::new);
         self.welcomed = true;
         loop {
-            if lease.is_none() {
-                if !self.wait_for_request().await? {
-                    return Ok(());
-                }
-                tracing::debug!(
-                    pending = self.pending,
-                    bytes = self.up.buf.len(),
-                    "checking out a server"
-                );
-                lease = match Box::pin(self.checkout()).await {
-                    Ok(l) => Some(l),
-                    Err(e) => {
-                        Box::pin(self.refuse_request(e)).await?;
-                        continue;
-                    }
-                };
+            if held.is_none() && !self.wait_for_request().await? {
+                return Ok(());
             }
-            let Some(l) = lease.as_mut() else { continue };
-            let end = poll_fn(|cx| self.poll_pump(cx, l.conn())).await;
-            tracing::debug!(?end, "detached from the server");
-            match end {
-                PumpEnd::Released => {
-                    self.detach(lease.take(), true);
+            if Box::pin(self.attached(&mut held)).await? == Attachment::ClientGone {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Runs the client's requests on a server (the held one in session
+    /// mode, a checked-out one in transaction mode) until they end.
+    async fn attached(&mut self, held: &mut Option<Box<Lease>>) -> Result<Attachment, ClientError> {
+        let lease = match held {
+            Some(lease) => lease,
+            None => match self.checkout().await {
+                Ok(lease) => held.insert(Box::new(lease)),
+                Err(e) => {
+                    self.refuse_request(e).await?;
+                    return Ok(Attachment::Detached);
                 }
-                PumpEnd::ClientGone => {
-                    Box::pin(self.leave(lease.take())).await;
-                    return Ok(());
-                }
-                PumpEnd::ClientBroke(e) => {
-                    self.detach(lease.take(), false);
-                    return Err(e.into());
-                }
-                PumpEnd::ServerLost(e) => {
-                    let addr = l.pool().addr().to_string();
-                    tracing::warn!(server = %addr, error = %e, "server connection lost");
-                    self.cancel.slot.detach();
-                    // Dropping the lease closes the dead connection.
-                    lease = None;
-                    Box::pin(self.report_server_lost(e)).await?;
-                }
+            },
+        };
+        let end = poll_fn(|cx| self.poll_pump(cx, lease.conn())).await;
+        tracing::debug!(?end, "detached from the server");
+        match end {
+            PumpEnd::Released => {
+                self.detach(held.take(), true);
+                Ok(Attachment::Detached)
+            }
+            PumpEnd::ClientGone => {
+                self.leave(held.take()).await;
+                Ok(Attachment::ClientGone)
+            }
+            PumpEnd::ClientBroke(e) => {
+                self.detach(held.take(), false);
+                Err(e.into())
+            }
+            PumpEnd::ServerLost(e) => {
+                tracing::warn!(server = %lease.pool().addr(), error = %e, "server connection lost");
+                self.cancel.slot.detach();
+                // Dropping the lease closes the dead connection.
+                *held = None;
+                self.report_server_lost(e).await?;
+                Ok(Attachment::Detached)
             }
         }
     }
@@ -273,8 +241,9 @@ impl Session {
             }
             self.up.shrink();
             self.down.shrink();
-            self.client
-                .readable()
+            // poll_read_ready keeps the waker in the socket's own slot: an
+            // idle client's wait costs no more than a pointer.
+            poll_fn(|cx| self.client.poll_read_ready(cx))
                 .await
                 .map_err(ClientError::ClientIo)?;
             self.up.reserve();
@@ -341,7 +310,7 @@ impl Session {
         self.tx = TxStatus::Idle;
     }
 
-    fn detach(&mut self, lease: Option<Lease>, reuse: bool) {
+    fn detach(&mut self, lease: Option<Box<Lease>>, reuse: bool) {
         self.cancel.slot.detach();
         if let Some(mut lease) = lease {
             if reuse {
@@ -355,7 +324,7 @@ impl Session {
     }
 
     /// The client left: give the server back when it is clean.
-    async fn leave(&mut self, lease: Option<Lease>) {
+    async fn leave(&mut self, lease: Option<Box<Lease>>) {
         self.cancel.slot.detach();
         let Some(mut lease) = lease else { return };
         if self.owed || self.tx != TxStatus::Idle {
@@ -537,24 +506,5 @@ impl Session {
             Poll::Ready(Err(e)) => Err(PumpEnd::ServerLost(e)),
             Poll::Pending => Ok(false),
         }
-    }
-}
-
-/// Writes what is scanned in `flow`; `Ready(Ok(0))` when there is nothing.
-fn write_some<W: AsyncWrite + Unpin>(
-    cx: &mut Context<'_>,
-    w: &mut W,
-    flow: &mut Flow,
-) -> Poll<io::Result<usize>> {
-    if flow.scanned == 0 {
-        return Poll::Ready(Ok(0));
-    }
-    match Pin::new(w).poll_write(cx, &flow.buf[..flow.scanned]) {
-        Poll::Ready(Ok(0)) => Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-        Poll::Ready(Ok(n)) => {
-            flow.advance(n);
-            Poll::Ready(Ok(n))
-        }
-        other => other,
     }
 }
