@@ -195,3 +195,127 @@ pub fn query(buf: &mut BytesMut, sql: &str) {
 pub fn terminate(buf: &mut BytesMut) {
     message(buf, b'X', |_| {});
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::{self, Authentication};
+    use crate::frame;
+    use crate::frontend;
+    use crate::sqlstate;
+
+    fn only(buf: &BytesMut) -> (u8, &[u8]) {
+        let m = frame::message(buf, 1 << 20).unwrap().unwrap();
+        assert_eq!(m.len, buf.len(), "exactly one message");
+        (m.tag, m.body)
+    }
+
+    #[test]
+    fn backend_messages_read_back() {
+        let mut b = BytesMut::new();
+        parameter_status(&mut b, b"TimeZone", b"UTC");
+        let (tag, body) = only(&b);
+        assert_eq!(tag, backend::PARAMETER_STATUS);
+        assert_eq!(
+            backend::parameter_status(body),
+            Ok((&b"TimeZone"[..], &b"UTC"[..]))
+        );
+
+        let mut b = BytesMut::new();
+        backend_key_data(
+            &mut b,
+            CancelKey {
+                pid: 42,
+                secret: -7,
+            },
+        );
+        assert_eq!(backend::backend_key_data(only(&b).1), Ok((42, -7)));
+
+        let mut b = BytesMut::new();
+        ready_for_query(&mut b, TxStatus::Failed);
+        assert_eq!(TxStatus::parse(only(&b).1), Ok(TxStatus::Failed));
+
+        let cases: [(fn(&mut BytesMut), Authentication<'static>); 2] = [
+            (auth_ok, Authentication::Ok),
+            (auth_cleartext, Authentication::CleartextPassword),
+        ];
+        for (make, expected) in cases {
+            let mut b = BytesMut::new();
+            make(&mut b);
+            assert_eq!(Authentication::parse(only(&b).1), Ok(expected));
+        }
+        let mut b = BytesMut::new();
+        auth_md5(&mut b, [9, 8, 7, 6]);
+        assert_eq!(
+            Authentication::parse(only(&b).1),
+            Ok(Authentication::Md5Password { salt: [9, 8, 7, 6] })
+        );
+        let mut b = BytesMut::new();
+        auth_sasl(&mut b, &["SCRAM-SHA-256"]);
+        assert_eq!(
+            Authentication::parse(only(&b).1),
+            Ok(Authentication::Sasl {
+                mechanisms: vec![&b"SCRAM-SHA-256"[..]]
+            })
+        );
+        let mut b = BytesMut::new();
+        auth_sasl_continue(&mut b, b"r=abc");
+        assert_eq!(
+            Authentication::parse(only(&b).1),
+            Ok(Authentication::SaslContinue(b"r=abc"))
+        );
+        let mut b = BytesMut::new();
+        auth_sasl_final(&mut b, b"v=xyz");
+        assert_eq!(
+            Authentication::parse(only(&b).1),
+            Ok(Authentication::SaslFinal(b"v=xyz"))
+        );
+    }
+
+    #[test]
+    fn frontend_messages_read_back() {
+        let mut b = BytesMut::new();
+        password_message(&mut b, b"md5abc");
+        assert_eq!(frontend::password(only(&b).1), Ok(&b"md5abc"[..]));
+        let mut b = BytesMut::new();
+        sasl_initial_response(&mut b, "SCRAM-SHA-256", b"n,,n=,r=x");
+        assert_eq!(
+            frontend::sasl_initial_response(only(&b).1),
+            Ok((&b"SCRAM-SHA-256"[..], &b"n,,n=,r=x"[..]))
+        );
+        let mut b = BytesMut::new();
+        sasl_response(&mut b, b"c=biws");
+        assert_eq!(only(&b), (b'p', &b"c=biws"[..]));
+        let mut b = BytesMut::new();
+        query(&mut b, "SELECT 1");
+        assert_eq!(frontend::query(only(&b).1), Ok(&b"SELECT 1"[..]));
+        let mut b = BytesMut::new();
+        terminate(&mut b);
+        assert_eq!(only(&b), (frontend::TERMINATE, &b""[..]));
+    }
+
+    #[test]
+    fn negotiate_and_errors() {
+        let mut b = BytesMut::new();
+        negotiate_protocol_version(&mut b, 0, &["_pq_.a", "_pq_.b"]);
+        let (tag, body) = only(&b);
+        assert_eq!(tag, backend::NEGOTIATE_PROTOCOL_VERSION);
+        assert_eq!(&body[..8], &[0, 3, 0, 0, 0, 0, 0, 2]);
+        assert_eq!(&body[8..], b"_pq_.a\0_pq_.b\0");
+
+        let mut b = BytesMut::new();
+        error_response(
+            &mut b,
+            Severity::Error,
+            sqlstate::TOO_MANY_CONNECTIONS,
+            "busy",
+            None,
+        );
+        let f = backend::ErrorFields::parse(only(&b).1).unwrap();
+        assert_eq!(
+            (f.severity, f.code, f.message),
+            (&b"ERROR"[..], &b"53300"[..], &b"busy"[..])
+        );
+        assert_eq!(sqlstate::TOO_MANY_CONNECTIONS.to_string(), "53300");
+    }
+}
