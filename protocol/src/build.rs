@@ -235,15 +235,15 @@ mod tests {
         ready_for_query(&mut b, TxStatus::Failed);
         assert_eq!(TxStatus::parse(only(&b).1), Ok(TxStatus::Failed));
 
-        let cases: [(fn(&mut BytesMut), Authentication<'static>); 2] = [
-            (auth_ok, Authentication::Ok),
-            (auth_cleartext, Authentication::CleartextPassword),
-        ];
-        for (make, expected) in cases {
-            let mut b = BytesMut::new();
-            make(&mut b);
-            assert_eq!(Authentication::parse(only(&b).1), Ok(expected));
-        }
+        let mut b = BytesMut::new();
+        auth_ok(&mut b);
+        assert_eq!(Authentication::parse(only(&b).1), Ok(Authentication::Ok));
+        let mut b = BytesMut::new();
+        auth_cleartext(&mut b);
+        assert_eq!(
+            Authentication::parse(only(&b).1),
+            Ok(Authentication::CleartextPassword)
+        );
         let mut b = BytesMut::new();
         auth_md5(&mut b, [9, 8, 7, 6]);
         assert_eq!(

@@ -8,6 +8,7 @@
 
 pub mod backend;
 pub mod build;
+pub mod classify;
 pub mod frame;
 pub mod frontend;
 pub mod sqlstate;
