@@ -104,3 +104,24 @@ async fn ten_megabyte_values_pass_both_ways() {
         text(&out.stderr)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_query_gets_empty_query_response() {
+    let node = app_node().await;
+    let proxy = start(&format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\n[[users]]\nname = \"raw\"\nauth = \"trust\"\n\
+         [databases.app]\nnodes = [\"{}\"]\nuser = \"app\"\npassword = \"{APP_PASSWORD}\"\n",
+        node.addr()
+    ))
+    .await;
+    // psql skips empty statements, so speak the protocol by hand.
+    let mut raw = Raw::login(&proxy, "raw", "app").await;
+    let mut q = bytes::BytesMut::new();
+    pgheal_protocol::build::query(&mut q, "");
+    pgheal_protocol::build::query(&mut q, "SELECT 3");
+    raw.send(&q).await;
+    let first: Vec<u8> = raw.read_until(b'Z').await.iter().map(|(t, _)| *t).collect();
+    assert_eq!(first, b"IZ", "EmptyQueryResponse, then ReadyForQuery");
+    let second: Vec<u8> = raw.read_until(b'Z').await.iter().map(|(t, _)| *t).collect();
+    assert_eq!(second, b"TDCZ", "the next query runs as usual");
+}
