@@ -19,6 +19,7 @@ use crate::auth::ScramVerifier;
 pub struct Config {
     pub proxy: ProxyConfig,
     pub pool: PoolTimeouts,
+    pub health: HealthConfig,
     pub users: Vec<User>,
     pub databases: BTreeMap<String, Database>,
 }
@@ -43,6 +44,46 @@ pub struct PoolTimeouts {
     pub checkout_timeout: Duration,
     pub idle_timeout: Duration,
     pub server_lifetime: Duration,
+}
+
+/// How nodes are probed for health and role.
+#[derive(Clone)]
+pub struct HealthConfig {
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+    pub backoff_multiplier: f64,
+    /// Who the health checks log in as; default: each database's `user`.
+    pub user: Option<String>,
+    pub password: Option<String>,
+}
+
+impl fmt::Debug for HealthConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HealthConfig")
+            .field("interval", &self.interval)
+            .field("timeout", &self.timeout)
+            .field("backoff_initial", &self.backoff_initial)
+            .field("backoff_max", &self.backoff_max)
+            .field("backoff_multiplier", &self.backoff_multiplier)
+            .field("user", &self.user)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            interval: Duration::from_millis(500),
+            timeout: Duration::from_secs(1),
+            backoff_initial: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(10),
+            backoff_multiplier: 2.0,
+            user: None,
+            password: None,
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -170,13 +211,15 @@ impl fmt::Display for ConfigErrors {
 impl std::error::Error for ConfigErrors {}
 
 fn read_config(r: &mut Reader, root: &Table) -> Config {
-    r.known_keys(root, "", &["proxy", "pool", "users", "databases"]);
+    r.known_keys(root, "", &["proxy", "pool", "health", "users", "databases"]);
     let empty = Table::new();
     let proxy = r.table(root, "proxy", "").unwrap_or(&empty);
     let pool = r.table(root, "pool", "").unwrap_or(&empty);
+    let health = r.table(root, "health", "").unwrap_or(&empty);
     let config = Config {
         proxy: read_proxy(r, proxy),
         pool: read_pool(r, pool),
+        health: read_health(r, health),
         users: read_users(r, root),
         databases: read_databases(r, root),
     };
@@ -221,6 +264,37 @@ fn read_pool(r: &mut Reader, t: &Table) -> PoolTimeouts {
         idle_timeout: r.get(t, p, "idle_timeout", Duration::from_secs(600)),
         server_lifetime: r.get(t, p, "server_lifetime", Duration::from_secs(3600)),
     }
+}
+
+fn read_health(r: &mut Reader, t: &Table) -> HealthConfig {
+    let p = "health";
+    let keys = [
+        "interval",
+        "timeout",
+        "backoff_initial",
+        "backoff_max",
+        "backoff_multiplier",
+        "user",
+        "password",
+    ];
+    r.known_keys(t, p, &keys);
+    let d = HealthConfig::default();
+    let h = HealthConfig {
+        interval: r.get(t, p, "interval", d.interval),
+        timeout: r.get(t, p, "timeout", d.timeout),
+        backoff_initial: r.get(t, p, "backoff_initial", d.backoff_initial),
+        backoff_max: r.get(t, p, "backoff_max", d.backoff_max),
+        backoff_multiplier: r.get(t, p, "backoff_multiplier", d.backoff_multiplier),
+        user: r.opt(t, p, "user"),
+        password: r.opt(t, p, "password"),
+    };
+    if h.backoff_multiplier < 1.0 {
+        r.error("health.backoff_multiplier", "must be at least 1.0");
+    }
+    if h.interval.is_zero() || h.timeout.is_zero() {
+        r.error("health", "interval and timeout must be above zero");
+    }
+    h
 }
 
 fn read_users(r: &mut Reader, root: &Table) -> Vec<User> {
@@ -450,6 +524,16 @@ impl FromToml for usize {
     fn from_toml(v: &Value) -> Result<Self, String> {
         let i = v.as_integer().ok_or_else(|| expected("an integer", v))?;
         usize::try_from(i).map_err(|_| format!("must not be negative, found {i}"))
+    }
+}
+
+impl FromToml for f64 {
+    fn from_toml(v: &Value) -> Result<Self, String> {
+        match v {
+            Value::Float(f) => Ok(*f),
+            Value::Integer(i) => Ok(*i as f64),
+            _ => Err(expected("a number", v)),
+        }
     }
 }
 

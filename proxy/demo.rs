@@ -5,7 +5,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use crate::auth::ScramVerifier;
-use crate::config::{AuthMethod, Config, Database, PoolMode, PoolTimeouts, ProxyConfig, User};
+use crate::config::{
+    AuthMethod, Config, Database, HealthConfig, PoolMode, PoolTimeouts, ProxyConfig, User,
+};
 use crate::listener;
 use crate::localpg::{LocalPgError, PgNode};
 
@@ -53,6 +55,7 @@ pub fn demo_config(listen: SocketAddr, node: &str) -> Config {
             idle_timeout: Duration::from_secs(600),
             server_lifetime: Duration::from_secs(3600),
         },
+        health: HealthConfig::default(),
         users: vec![User {
             name: APP_USER.into(),
             auth: AuthMethod::ScramSha256,

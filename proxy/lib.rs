@@ -5,6 +5,7 @@
 
 pub mod auth;
 pub mod cancel;
+pub mod cluster;
 pub mod config;
 pub mod demo;
 pub mod error;
@@ -20,26 +21,56 @@ pub mod upstream;
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use std::collections::HashMap;
+
 use cancel::CancelRegistry;
+use cluster::Cluster;
 use config::{Config, Database};
 use pool::{Pool, PoolLimits, Pools};
 use upstream::ConnectSpec;
 
-/// What every client task shares: the configuration, the pools and the
-/// cancel keys.
+/// What every client task shares: the configuration, the pools, the
+/// cancel keys and each database's cluster.
 pub struct App {
     config: Arc<Config>,
     pools: Pools,
     pub cancels: Arc<CancelRegistry>,
+    targets: HashMap<String, Arc<Target>>,
+}
+
+/// A database clients can ask for, and the cluster serving it.
+pub struct Target {
+    pub database: Database,
+    pub cluster: Arc<Cluster>,
 }
 
 impl App {
+    /// Builds the shared state and starts the health loops; needs a tokio
+    /// runtime.
     pub fn new(config: Config) -> Arc<App> {
+        let targets = config
+            .databases
+            .iter()
+            .map(|(name, db)| {
+                let cluster =
+                    Cluster::start(name, &db.nodes, &config.health, health_spec(&config, db));
+                let target = Target {
+                    database: db.clone(),
+                    cluster,
+                };
+                (name.clone(), Arc::new(target))
+            })
+            .collect();
         Arc::new(App {
             config: Arc::new(config),
             pools: Pools::default(),
             cancels: Arc::new(CancelRegistry::default()),
+            targets,
         })
+    }
+
+    pub fn target(&self, database: &str) -> Option<Arc<Target>> {
+        self.targets.get(database).cloned()
     }
 
     pub fn config(&self) -> &Config {
@@ -50,13 +81,26 @@ impl App {
         self.pools.all()
     }
 
-    /// The pool a client of `database` logged in as `user` draws from.
-    pub fn pool_for(&self, database: &Database, user: &str) -> Arc<Pool> {
+    /// The pool a client of `target` logged in as `user` draws from: on the
+    /// discovered primary; before one is known, on the first node not known
+    /// to be down.
+    pub fn pool_for(&self, target: &Target, user: &str) -> Arc<Pool> {
+        let database = &target.database;
         let client = self.config.user(user);
+        let topology = target.cluster.snapshot();
+        let node = topology
+            .primary()
+            .or_else(|| {
+                topology
+                    .nodes
+                    .iter()
+                    .find(|n| n.role != cluster::Role::Down)
+            })
+            .map(|n| n.addr.to_string());
         let spec = ConnectSpec {
-            // Role discovery picks among the nodes in the cluster issue; for
-            // now the first node serves everything.
-            addr: database.nodes.first().cloned().unwrap_or_default(),
+            addr: node
+                .or_else(|| database.nodes.first().cloned())
+                .unwrap_or_default(),
             user: database.user.clone().unwrap_or_else(|| user.to_string()),
             password: database
                 .password
@@ -74,6 +118,24 @@ impl App {
         };
         self.pools.get(&database.name, &spec, &limits)
     }
+}
+
+/// Credentials for a database's health checks: `[health]`'s, else the
+/// database's own upstream user and password.
+fn health_spec(config: &Config, db: &Database) -> Option<ConnectSpec> {
+    let user = config.health.user.clone().or_else(|| db.user.clone())?;
+    let password = config
+        .health
+        .password
+        .clone()
+        .or_else(|| db.password.clone());
+    Some(ConnectSpec {
+        addr: String::new(),
+        user,
+        password,
+        database: db.dbname.clone(),
+        connect_timeout: config.health.timeout,
+    })
 }
 
 /// Locks a mutex, carrying on if another thread panicked while holding it.

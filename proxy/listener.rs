@@ -78,7 +78,10 @@ async fn serve(app: Arc<App>, stream: TcpStream, peer: SocketAddr) {
 async fn session(app: Arc<App>, client: Box<login::LoggedIn>, peer: SocketAddr) {
     let (user, database) = (client.user.clone(), client.database.name.clone());
     tracing::info!(%peer, %user, %database, "client logged in");
-    match Session::new(app, client).run().await {
+    let Some(target) = app.target(&database) else {
+        return;
+    };
+    match Session::new(app, target, client).run().await {
         Ok(()) => tracing::info!(%peer, %user, %database, "client left"),
         Err(e) => tracing::info!(%peer, %user, %database, error = %e, "client closed"),
     }

@@ -112,6 +112,32 @@ impl PgNode {
         Ok(node)
     }
 
+    /// A streaming replica of `primary`, made with `pg_basebackup -R`, started.
+    pub async fn start_replica_of(primary: &PgNode) -> Result<PgNode, LocalPgError> {
+        let mut node = Self::create().await?;
+        let mut cmd = node.command("pg_basebackup");
+        cmd.args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &primary.port.to_string(),
+            "-U",
+            SUPERUSER,
+        ])
+        .arg("-D")
+        .arg(node.data_dir())
+        .args(["-R", "-X", "stream", "-c", "fast"])
+        .env("PGPASSWORD", SUPERUSER_PASSWORD);
+        node.run("pg_basebackup", cmd).await?;
+        node.start().await?;
+        Ok(node)
+    }
+
+    /// Promotes a replica and waits until it accepts writes.
+    pub async fn promote(&self) -> Result<(), LocalPgError> {
+        self.sql("postgres", "SELECT pg_promote(true, 60)").await
+    }
+
     async fn create() -> Result<PgNode, LocalPgError> {
         let bin = find_bin_dir().ok_or(LocalPgError::NoBinaries)?;
         let run_as = run_as()?;

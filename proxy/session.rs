@@ -21,6 +21,7 @@ use tokio::net::TcpStream;
 use tokio_util::io::poll_read_buf;
 
 use crate::cancel::Registration;
+use crate::cluster::Topology;
 use crate::config::PoolMode;
 use crate::error::{ClientError, PoolError};
 use crate::flow::{write_some, Flow, MAX_PENDING};
@@ -28,7 +29,8 @@ use crate::login::LoggedIn;
 use crate::params::Params;
 use crate::pool::{Lease, Pool};
 use crate::upstream::ServerConn;
-use crate::App;
+use crate::{App, Target};
+use tokio::sync::watch;
 
 /// Whether the client is still there after an attachment.
 #[derive(Debug, PartialEq, Eq)]
@@ -54,6 +56,11 @@ pub struct Session {
     params: Params,
     mode: PoolMode,
     pool: Arc<Pool>,
+    app: Arc<App>,
+    target: Arc<Target>,
+    user: String,
+    /// Changes when a node's role changes: time to pick the pool again.
+    topology: watch::Receiver<Arc<Topology>>,
     cancel: Registration,
     /// Queries, Syncs and FunctionCalls sent to the server and not yet
     /// answered by ReadyForQuery.
@@ -73,15 +80,20 @@ pub struct Session {
 }
 
 impl Session {
-    pub fn new(app: Arc<App>, client: Box<LoggedIn>) -> Session {
+    pub fn new(app: Arc<App>, target: Arc<Target>, client: Box<LoggedIn>) -> Session {
         let client = *client;
         let max = app.config().proxy.max_message_size;
         let mode = app.config().proxy.pool_mode;
-        let pool = app.pool_for(&client.database, &client.user);
+        let topology = target.cluster.subscribe();
+        let pool = app.pool_for(&target, &client.user);
         let mut up = Flow::new(max);
         up.buf = client.buf;
         Session {
             cancel: app.cancels.register(),
+            topology,
+            target,
+            user: client.user,
+            app,
             client: client.stream,
             up,
             down: Flow::new(usize::MAX),
@@ -265,6 +277,10 @@ impl Session {
     }
 
     async fn checkout(&mut self) -> Result<Lease, PoolError> {
+        if self.topology.has_changed().unwrap_or(false) {
+            self.topology.borrow_and_update();
+            self.pool = self.app.pool_for(&self.target, &self.user);
+        }
         let mut lease = self.pool.checkout().await?;
         if let Some(e) = lease.conn().apply_params(&self.params).await? {
             tracing::warn!(error = %e, "cannot apply the client's session parameters");

@@ -311,6 +311,45 @@ impl ServerConn {
         self.read_until_ready(&mut BytesMut::new()).await
     }
 
+    /// Runs one simple query and returns its rows as text (`None` for NULL),
+    /// or the server's error. For pgheal's own small queries only.
+    pub async fn query_rows(
+        &mut self,
+        sql: &str,
+    ) -> Result<Vec<Vec<Option<String>>>, UpstreamError> {
+        let mut out = BytesMut::new();
+        build::query(&mut out, sql);
+        self.send(&out).await?;
+        let mut buf = BytesMut::new();
+        let mut rows = Vec::new();
+        let mut failed = None;
+        loop {
+            let (tag, body) = self.read_message(&mut buf).await?;
+            match tag {
+                backend::DATA_ROW => {
+                    let cols =
+                        backend::data_row(&body).map_err(|_| self.protocol("malformed DataRow"))?;
+                    rows.push(
+                        cols.into_iter()
+                            .map(|c| c.map(|v| String::from_utf8_lossy(v).into_owned()))
+                            .collect(),
+                    );
+                }
+                backend::ERROR_RESPONSE if failed.is_none() => {
+                    failed = Some(self.server_error(&body))
+                }
+                backend::PARAMETER_STATUS => self.note_parameter(&body)?,
+                backend::READY_FOR_QUERY => {
+                    return match failed {
+                        Some(e) => Err(e),
+                        None => Ok(rows),
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
     /// Brings this connection's session parameters in line with `wanted`.
     pub async fn apply_params(
         &mut self,

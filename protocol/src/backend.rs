@@ -50,6 +50,28 @@ pub fn backend_key_data(body: &[u8]) -> Result<(i32, i32), Truncated> {
     Ok((cur.i32()?, cur.i32()?))
 }
 
+pub const DATA_ROW: u8 = b'D';
+
+/// DataRow: each column's bytes, `None` for NULL. Only for the proxy's own
+/// queries (health checks); client traffic is never decoded.
+pub fn data_row(body: &[u8]) -> Result<Vec<Option<&[u8]>>, Truncated> {
+    let mut cur = Cursor::new(body);
+    let count = u16::from_be_bytes([cur.u8()?, cur.u8()?]);
+    let mut out = Vec::with_capacity(usize::from(count));
+    for _ in 0..count {
+        let len = cur.i32()?;
+        out.push(if len < 0 {
+            None
+        } else {
+            Some(cur.bytes(len as usize)?)
+        });
+    }
+    if !cur.is_empty() {
+        return Err(Truncated);
+    }
+    Ok(out)
+}
+
 /// The fields of an ErrorResponse or NoticeResponse that pgheal uses.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct ErrorFields<'a> {
@@ -171,5 +193,13 @@ mod tests {
         assert_eq!(Authentication::parse(&[0, 0, 0, 5, 1]), Err(Truncated));
         assert_eq!(TxStatus::parse(b"T"), Ok(TxStatus::InTransaction));
         assert_eq!(TxStatus::parse(b"X"), Err(Truncated));
+    }
+
+    #[test]
+    fn data_rows() {
+        let row = b"\0\x02\0\0\0\x01t\xff\xff\xff\xff";
+        assert_eq!(data_row(row), Ok(vec![Some(&b"t"[..]), None]));
+        assert_eq!(data_row(&row[..row.len() - 1]), Err(Truncated));
+        assert_eq!(data_row(b"\0\0x"), Err(Truncated));
     }
 }

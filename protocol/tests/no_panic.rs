@@ -58,6 +58,7 @@ proptest! {
     fn views_never_panic(data in proptest::collection::vec(any::<u8>(), 0..200)) {
         let _ = backend::parameter_status(&data);
         let _ = backend::backend_key_data(&data);
+        let _ = backend::data_row(&data);
         let _ = ErrorFields::parse(&data);
         let _ = Authentication::parse(&data);
         let _ = TxStatus::parse(&data);
