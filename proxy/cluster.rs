@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use rand::Rng;
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 
 use crate::config::HealthConfig;
 use crate::lock;
@@ -52,6 +52,15 @@ impl Topology {
         }
     }
 
+    /// The index of [`Topology::primary`].
+    pub fn primary_index(&self) -> Option<usize> {
+        let mut primaries = (0..self.nodes.len()).filter(|&i| self.nodes[i].role == Role::Primary);
+        match (primaries.next(), primaries.next()) {
+            (Some(p), None) => Some(p),
+            _ => None,
+        }
+    }
+
     pub fn count(&self, role: Role) -> usize {
         self.nodes.iter().filter(|n| n.role == role).count()
     }
@@ -62,6 +71,9 @@ pub struct Cluster {
     pub database: String,
     state: Mutex<Topology>,
     publish: watch::Sender<Arc<Topology>>,
+    /// One per node: wakes its health loop for an immediate probe.
+    wake: Vec<Arc<Notify>>,
+    probing: bool,
 }
 
 const PROBE: &str = "SELECT pg_is_in_recovery(), \
@@ -93,6 +105,8 @@ impl Cluster {
             database: database.to_string(),
             state: Mutex::new(topology),
             publish,
+            wake: nodes.iter().map(|_| Arc::new(Notify::new())).collect(),
+            probing: spec.is_some(),
         });
         match spec {
             Some(spec) => {
@@ -102,7 +116,8 @@ impl Cluster {
                         connect_timeout: health.timeout,
                         ..spec.clone()
                     };
-                    tokio::spawn(node_loop(Arc::downgrade(&cluster), index, spec, health.clone()));
+                    let wake = cluster.wake[index].clone();
+                    tokio::spawn(node_loop(Arc::downgrade(&cluster), index, spec, health.clone(), wake));
                 }
             }
             None => tracing::warn!(
@@ -112,6 +127,24 @@ impl Cluster {
             ),
         }
         cluster
+    }
+
+    /// False when there are no credentials to probe with: then the first
+    /// node serves everything.
+    pub fn is_probing(&self) -> bool {
+        self.probing
+    }
+
+    /// Something on the data path suggests `addr` changed (a refused
+    /// connection, a lost server, a 25006 where a primary was expected):
+    /// probe it now rather than at the next interval.
+    pub fn nudge(&self, addr: &str) {
+        let state = lock(&self.state);
+        if let Some(i) = state.nodes.iter().position(|n| &*n.addr == addr) {
+            if let Some(w) = self.wake.get(i) {
+                w.notify_one();
+            }
+        }
     }
 
     pub fn snapshot(&self) -> Arc<Topology> {
@@ -154,7 +187,13 @@ impl Cluster {
 }
 
 /// Probes one node forever (until the cluster is dropped).
-async fn node_loop(cluster: Weak<Cluster>, index: usize, spec: ConnectSpec, health: HealthConfig) {
+async fn node_loop(
+    cluster: Weak<Cluster>,
+    index: usize,
+    spec: ConnectSpec,
+    health: HealthConfig,
+    wake: Arc<Notify>,
+) {
     let mut conn: Option<ServerConn> = None;
     let mut failures = 0u32;
     loop {
@@ -192,7 +231,10 @@ async fn node_loop(cluster: Weak<Cluster>, index: usize, spec: ConnectSpec, heal
             }
         };
         drop(cluster);
-        tokio::time::sleep(wait).await;
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = wake.notified() => {}
+        }
     }
 }
 

@@ -20,6 +20,7 @@ pub struct Config {
     pub proxy: ProxyConfig,
     pub pool: PoolTimeouts,
     pub health: HealthConfig,
+    pub failover: FailoverConfig,
     pub users: Vec<User>,
     pub databases: BTreeMap<String, Database>,
 }
@@ -44,6 +45,13 @@ pub struct PoolTimeouts {
     pub checkout_timeout: Duration,
     pub idle_timeout: Duration,
     pub server_lifetime: Duration,
+}
+
+/// What happens while no primary is reachable.
+#[derive(Debug, Clone)]
+pub struct FailoverConfig {
+    /// How long a write waits for a primary before it gets 25006.
+    pub write_wait: Duration,
 }
 
 /// How nodes are probed for health and role.
@@ -123,6 +131,8 @@ pub struct Database {
     pub password: Option<String>,
     pub pool_size: usize,
     pub min_idle: usize,
+    /// Send autocommit reads and `BEGIN READ ONLY` to replicas.
+    pub read_routing: bool,
 }
 
 impl fmt::Debug for Database {
@@ -134,6 +144,7 @@ impl fmt::Debug for Database {
             .field("user", &self.user)
             .field("pool_size", &self.pool_size)
             .field("min_idle", &self.min_idle)
+            .field("read_routing", &self.read_routing)
             .finish_non_exhaustive()
     }
 }
@@ -211,15 +222,21 @@ impl fmt::Display for ConfigErrors {
 impl std::error::Error for ConfigErrors {}
 
 fn read_config(r: &mut Reader, root: &Table) -> Config {
-    r.known_keys(root, "", &["proxy", "pool", "health", "users", "databases"]);
+    r.known_keys(
+        root,
+        "",
+        &["proxy", "pool", "health", "failover", "users", "databases"],
+    );
     let empty = Table::new();
     let proxy = r.table(root, "proxy", "").unwrap_or(&empty);
     let pool = r.table(root, "pool", "").unwrap_or(&empty);
     let health = r.table(root, "health", "").unwrap_or(&empty);
+    let failover = r.table(root, "failover", "").unwrap_or(&empty);
     let config = Config {
         proxy: read_proxy(r, proxy),
         pool: read_pool(r, pool),
         health: read_health(r, health),
+        failover: read_failover(r, failover),
         users: read_users(r, root),
         databases: read_databases(r, root),
     };
@@ -263,6 +280,13 @@ fn read_pool(r: &mut Reader, t: &Table) -> PoolTimeouts {
         checkout_timeout: r.get(t, p, "checkout_timeout", Duration::from_secs(5)),
         idle_timeout: r.get(t, p, "idle_timeout", Duration::from_secs(600)),
         server_lifetime: r.get(t, p, "server_lifetime", Duration::from_secs(3600)),
+    }
+}
+
+fn read_failover(r: &mut Reader, t: &Table) -> FailoverConfig {
+    r.known_keys(t, "failover", &["write_wait"]);
+    FailoverConfig {
+        write_wait: r.get(t, "failover", "write_wait", Duration::from_secs(2)),
     }
 }
 
@@ -399,6 +423,7 @@ fn read_database(r: &mut Reader, name: &str, t: &Table, p: &str) -> Database {
         "password",
         "pool_size",
         "min_idle",
+        "read_routing",
     ];
     r.known_keys(t, p, &keys);
     let nodes: Vec<String> = r.get(t, p, "nodes", Vec::new());
@@ -426,6 +451,7 @@ fn read_database(r: &mut Reader, name: &str, t: &Table, p: &str) -> Database {
         dbname: r.get(t, p, "dbname", name.to_string()),
         user: r.opt(t, p, "user"),
         password: r.opt(t, p, "password"),
+        read_routing: r.get(t, p, "read_routing", false),
         nodes,
         pool_size,
         min_idle,

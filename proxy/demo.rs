@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use crate::auth::ScramVerifier;
 use crate::config::{
-    AuthMethod, Config, Database, HealthConfig, PoolMode, PoolTimeouts, ProxyConfig, User,
+    AuthMethod, Config, Database, FailoverConfig, HealthConfig, PoolMode, PoolTimeouts,
+    ProxyConfig, User,
 };
 use crate::listener;
 use crate::localpg::{LocalPgError, PgNode};
@@ -40,6 +41,7 @@ pub fn demo_config(listen: SocketAddr, node: &str) -> Config {
             password: Some(APP_PASSWORD.into()),
             pool_size: 20,
             min_idle: 0,
+            read_routing: false,
         },
     );
     Config {
@@ -56,6 +58,9 @@ pub fn demo_config(listen: SocketAddr, node: &str) -> Config {
             server_lifetime: Duration::from_secs(3600),
         },
         health: HealthConfig::default(),
+        failover: FailoverConfig {
+            write_wait: Duration::from_secs(2),
+        },
         users: vec![User {
             name: APP_USER.into(),
             auth: AuthMethod::ScramSha256,

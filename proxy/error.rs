@@ -33,6 +33,13 @@ pub enum ClientError {
     Unsupported(&'static str),
     #[error("client did not finish logging in within {0:?}")]
     LoginTimeout(Duration),
+    #[error("cannot execute a write: no primary is available for database \"{database}\" (waited {waited:?})")]
+    NoPrimary {
+        database: String,
+        waited: std::time::Duration,
+    },
+    #[error("no node of database \"{0}\" is reachable")]
+    NoNode(String),
     #[error(transparent)]
     Pool(#[from] PoolError),
     #[error("client connection: {0}")]
@@ -80,6 +87,14 @@ impl ClientError {
                 sqlstate::TOO_MANY_CONNECTIONS.code().to_string(),
             )),
             Pool(PoolError::Upstream(e)) => Some((Severity::Error, e.sqlstate())),
+            NoPrimary { .. } => Some((
+                Severity::Error,
+                sqlstate::READ_ONLY_SQL_TRANSACTION.code().to_string(),
+            )),
+            NoNode(_) => Some((
+                Severity::Error,
+                sqlstate::CANNOT_CONNECT_NOW.code().to_string(),
+            )),
             ServerLost(_) | ServerProtocol(_) => Some((
                 Severity::Error,
                 sqlstate::CONNECTION_FAILURE.code().to_string(),
@@ -93,6 +108,10 @@ impl ClientError {
             ClientError::Pool(PoolError::Timeout { .. }) => {
                 Some("All server connections are busy; raise pool_size or shorten transactions.")
             }
+            ClientError::NoPrimary { .. } => Some(
+                "pgheal is read-only while no node accepts writes; reads still work, and writes resume on this connection when a primary is back.",
+            ),
+            ClientError::NoNode(_) => Some("Every node is down or unreachable; pgheal keeps retrying them."),
             _ => None,
         }
     }

@@ -16,6 +16,7 @@ pub mod login;
 pub mod net;
 pub mod params;
 pub mod pool;
+pub mod router;
 pub mod session;
 pub mod upstream;
 
@@ -81,12 +82,9 @@ impl App {
         self.pools.all()
     }
 
-    /// The pool a client of `target` logged in as `user` draws from: on the
-    /// discovered primary; before one is known, on the first node not known
-    /// to be down.
+    /// The pool for a client's welcome: on the discovered primary, else
+    /// the first node not known to be down.
     pub fn pool_for(&self, target: &Target, user: &str) -> Arc<Pool> {
-        let database = &target.database;
-        let client = self.config.user(user);
         let topology = target.cluster.snapshot();
         let node = topology
             .primary()
@@ -97,10 +95,18 @@ impl App {
                     .find(|n| n.role != cluster::Role::Down)
             })
             .map(|n| n.addr.to_string());
+        let addr = node
+            .or_else(|| target.database.nodes.first().cloned())
+            .unwrap_or_default();
+        self.pool_at(target, user, &addr)
+    }
+
+    /// The pool of `target`'s node at `addr` for a client logged in as `user`.
+    pub fn pool_at(&self, target: &Target, user: &str, addr: &str) -> Arc<Pool> {
+        let database = &target.database;
+        let client = self.config.user(user);
         let spec = ConnectSpec {
-            addr: node
-                .or_else(|| database.nodes.first().cloned())
-                .unwrap_or_default(),
+            addr: addr.to_string(),
             user: database.user.clone().unwrap_or_else(|| user.to_string()),
             password: database
                 .password

@@ -28,8 +28,10 @@ use crate::flow::{write_some, Flow, MAX_PENDING};
 use crate::login::LoggedIn;
 use crate::params::Params;
 use crate::pool::{Lease, Pool};
+use crate::router::{self, Decision, Intent};
 use crate::upstream::ServerConn;
 use crate::{App, Target};
+use pgheal_protocol::sqlstate;
 use tokio::sync::watch;
 
 /// Whether the client is still there after an attachment.
@@ -59,8 +61,11 @@ pub struct Session {
     app: Arc<App>,
     target: Arc<Target>,
     user: String,
-    /// Changes when a node's role changes: time to pick the pool again.
+    /// The topology as of the last routing decision; wakes degraded
+    /// writes when roles change.
     topology: watch::Receiver<Arc<Topology>>,
+    /// This client's pool on each node, by node index, made on first use.
+    node_pools: Vec<Option<Arc<Pool>>>,
     cancel: Registration,
     /// Queries, Syncs and FunctionCalls sent to the server and not yet
     /// answered by ReadyForQuery.
@@ -91,6 +96,7 @@ impl Session {
         Session {
             cancel: app.cancels.register(),
             topology,
+            node_pools: vec![None; target.database.nodes.len()],
             target,
             user: client.user,
             app,
@@ -147,7 +153,7 @@ impl Session {
     async fn attached(&mut self, held: &mut Option<Box<Lease>>) -> Result<Attachment, ClientError> {
         let lease = match held {
             Some(lease) => lease,
-            None => match self.checkout().await {
+            None => match self.route_and_checkout().await {
                 Ok(lease) => held.insert(Box::new(lease)),
                 Err(e) => {
                     self.refuse_request(e).await?;
@@ -172,6 +178,7 @@ impl Session {
             }
             PumpEnd::ServerLost(e) => {
                 tracing::warn!(server = %lease.pool().addr(), error = %e, "server connection lost");
+                self.target.cluster.nudge(lease.pool().addr());
                 self.cancel.slot.detach();
                 // Dropping the lease closes the dead connection.
                 *held = None;
@@ -276,12 +283,86 @@ impl Session {
         }
     }
 
-    async fn checkout(&mut self) -> Result<Lease, PoolError> {
-        if self.topology.has_changed().unwrap_or(false) {
-            self.topology.borrow_and_update();
-            self.pool = self.app.pool_for(&self.target, &self.user);
+    /// Picks the node for the buffered request and checks out a server
+    /// there. A write with no primary waits up to `write_wait` for one.
+    async fn route_and_checkout(&mut self) -> Result<Lease, ClientError> {
+        let pool = self.route().await?;
+        match self.checkout(&pool).await {
+            Ok(lease) => Ok(lease),
+            Err(e) => {
+                if matches!(e, PoolError::Upstream(_)) {
+                    self.target.cluster.nudge(pool.addr());
+                }
+                Err(e.into())
+            }
         }
-        let mut lease = self.pool.checkout().await?;
+    }
+
+    async fn route(&mut self) -> Result<Arc<Pool>, ClientError> {
+        if !self.target.cluster.is_probing() {
+            return Ok(self.pool.clone());
+        }
+        if self.node_pools.iter().any(Option::is_none) {
+            // "Least busy" compares every node's pool, so know them all.
+            for i in 0..self.node_pools.len() {
+                self.node_pool(i);
+            }
+        }
+        let intent = router::intent(&self.up.buf);
+        let read_routing = self.target.database.read_routing;
+        let waited = self.app.config().failover.write_wait;
+        let deadline = tokio::time::Instant::now() + waited;
+        loop {
+            let topology = self.topology.borrow_and_update().clone();
+            let decision = router::decide(&topology, intent, read_routing, |i| self.busy(i));
+            let expired = tokio::time::Instant::now() >= deadline;
+            match decision {
+                Decision::Node(i) => return Ok(self.node_pool(i)),
+                Decision::NoPrimary if expired && intent == Intent::Begin => {
+                    if let Some(i) = router::degraded_begin(&topology, |i| self.busy(i)) {
+                        return Ok(self.node_pool(i));
+                    }
+                }
+                _ => {}
+            }
+            if expired {
+                let database = self.target.database.name.clone();
+                return Err(match decision {
+                    Decision::NoNode => ClientError::NoNode(database),
+                    _ => ClientError::NoPrimary { database, waited },
+                });
+            }
+            let _ = tokio::time::timeout_at(deadline, self.topology.changed()).await;
+        }
+    }
+
+    fn busy(&self, node: usize) -> usize {
+        self.node_pools
+            .get(node)
+            .and_then(Option::as_ref)
+            .map_or(0, |p| p.counts().1)
+    }
+
+    fn node_pool(&mut self, node: usize) -> Arc<Pool> {
+        if let Some(Some(pool)) = self.node_pools.get(node) {
+            return pool.clone();
+        }
+        let addr = self
+            .target
+            .database
+            .nodes
+            .get(node)
+            .cloned()
+            .unwrap_or_default();
+        let pool = self.app.pool_at(&self.target, &self.user, &addr);
+        if let Some(slot) = self.node_pools.get_mut(node) {
+            *slot = Some(pool.clone());
+        }
+        pool
+    }
+
+    async fn checkout(&mut self, pool: &Arc<Pool>) -> Result<Lease, PoolError> {
+        let mut lease = pool.checkout().await?;
         if let Some(e) = lease.conn().apply_params(&self.params).await? {
             tracing::warn!(error = %e, "cannot apply the client's session parameters");
         }
@@ -292,10 +373,10 @@ impl Session {
     }
 
     /// No server could be had: answer the buffered requests with the error.
-    async fn refuse_request(&mut self, e: PoolError) -> Result<(), ClientError> {
+    async fn refuse_request(&mut self, e: ClientError) -> Result<(), ClientError> {
         tracing::warn!(error = %e, "request refused");
         let mut out = BytesMut::new();
-        self.fail_requests(&ClientError::Pool(e), &mut out);
+        self.fail_requests(&e, &mut out);
         self.client
             .write_all(&out)
             .await
@@ -423,10 +504,12 @@ impl Session {
                         self.owed = false;
                     }
                 } else if tag == backend::ERROR_RESPONSE {
-                    let severity = backend::ErrorFields::parse(body)
-                        .map(|f| f.severity)
-                        .unwrap_or_default();
-                    self.server_dying |= matches!(severity, b"FATAL" | b"PANIC");
+                    let fields = backend::ErrorFields::parse(body).unwrap_or_default();
+                    self.server_dying |= matches!(fields.severity, b"FATAL" | b"PANIC");
+                    if fields.code == sqlstate::READ_ONLY_SQL_TRANSACTION.code().as_bytes() {
+                        // A node taken for the primary refuses writes: re-probe it.
+                        self.target.cluster.nudge(&conn.addr);
+                    }
                 } else {
                     let _ = conn.note_parameter(body);
                 }

@@ -14,12 +14,21 @@ async fn primary_and_replica() -> (PgNode, PgNode) {
 
 /// pgheal with nodes listed replica first: roles must be discovered.
 async fn proxy_for(primary: &PgNode, replica: &PgNode) -> pgheal::listener::Running {
+    proxy_over(&[replica, primary], false, "2s").await
+}
+
+async fn proxy_over(
+    nodes: &[&PgNode],
+    read_routing: bool,
+    write_wait: &str,
+) -> pgheal::listener::Running {
+    let list: Vec<String> = nodes.iter().map(|n| format!("\"{}\"", n.addr())).collect();
     start(&format!(
         "[proxy]\nlisten = \"127.0.0.1:0\"\n[health]\ninterval = \"200ms\"\ntimeout = \"1s\"\n\
+         [failover]\nwrite_wait = \"{write_wait}\"\n\
          [[users]]\nname = \"app\"\npassword = \"{APP_PASSWORD}\"\n\
-         [databases.app]\nnodes = [\"{}\", \"{}\"]\nuser = \"app\"\npassword = \"{APP_PASSWORD}\"\n",
-        replica.addr(),
-        primary.addr()
+         [databases.app]\nnodes = [{}]\nuser = \"app\"\npassword = \"{APP_PASSWORD}\"\nread_routing = {read_routing}\n",
+        list.join(", ")
     ))
     .await
 }
@@ -45,7 +54,15 @@ async fn wait_for_roles(proxy: &pgheal::listener::Running, expected: &[Role]) {
 }
 
 async fn in_recovery(client: &tokio_postgres::Client) -> Result<String, tokio_postgres::Error> {
-    let rows = client.simple_query("SELECT pg_is_in_recovery()").await?;
+    value(client, "SELECT pg_is_in_recovery()").await
+}
+
+/// The first column of the first row of a simple query.
+async fn value(
+    client: &tokio_postgres::Client,
+    sql: &str,
+) -> Result<String, tokio_postgres::Error> {
+    let rows = client.simple_query(sql).await?;
     Ok(rows
         .iter()
         .find_map(|m| match m {
@@ -98,5 +115,115 @@ async fn after_a_promotion_writes_go_to_the_new_primary_on_the_same_connection()
     }
     assert!(wrote, "no write succeeded after the promotion");
     assert_eq!(in_recovery(&client).await.unwrap(), "f");
+    assert!(!client.is_closed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_spread_over_replicas_and_stay_on_the_primary_without_read_routing() {
+    let primary = app_node().await;
+    let r1 = PgNode::start_replica_of(&primary).await.expect("replica 1");
+    let r2 = PgNode::start_replica_of(&primary).await.expect("replica 2");
+    let routed = proxy_over(&[&primary, &r1, &r2], true, "2s").await;
+    wait_for_roles(&routed, &[Role::Primary, Role::Replica, Role::Replica]).await;
+    let (a, _ha) = connect(&app_url(&routed)).await;
+    let (b, _hb) = connect(&app_url(&routed)).await;
+    assert_eq!(
+        in_recovery(&a).await.unwrap(),
+        "t",
+        "an autocommit read runs on a replica"
+    );
+    // Two read-only transactions at once land on the two replicas.
+    a.batch_execute("BEGIN READ ONLY").await.unwrap();
+    b.batch_execute("BEGIN READ ONLY").await.unwrap();
+    let port_a = value(&a, "SELECT inet_server_port()").await.unwrap();
+    let port_b = value(&b, "SELECT inet_server_port()").await.unwrap();
+    let replica_ports = [r1.port.to_string(), r2.port.to_string()];
+    assert!(
+        replica_ports.contains(&port_a) && replica_ports.contains(&port_b),
+        "{port_a} {port_b}"
+    );
+    assert_ne!(port_a, port_b, "least busy replica first");
+    a.batch_execute("COMMIT").await.unwrap();
+    b.batch_execute("COMMIT").await.unwrap();
+    // Writes still go to the primary.
+    a.batch_execute("CREATE TABLE w(x int)")
+        .await
+        .expect("write on the primary");
+
+    let plain = proxy_over(&[&primary, &r1, &r2], false, "2s").await;
+    wait_for_roles(&plain, &[Role::Primary, Role::Replica, Role::Replica]).await;
+    let (c, _hc) = connect(&app_url(&plain)).await;
+    for _ in 0..5 {
+        assert_eq!(
+            value(&c, "SELECT inet_server_port()").await.unwrap(),
+            primary.port.to_string()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_primary_reads_work_writes_get_25006_and_resume_after_promotion() {
+    let (mut primary, replica) = primary_and_replica().await;
+    let proxy = proxy_over(&[&primary, &replica], false, "300ms").await;
+    wait_for_roles(&proxy, &[Role::Primary, Role::Replica]).await;
+    let (client, _h) = connect(&app_url(&proxy)).await;
+    client
+        .batch_execute("CREATE TABLE t(x int); INSERT INTO t VALUES (1)")
+        .await
+        .unwrap();
+    // Let the replica catch up on the table before the primary goes.
+    let (direct, _hd) = connect(&format!(
+        "postgres://postgres:postgres@{}/app",
+        replica.addr()
+    ))
+    .await;
+    eventually(
+        Duration::from_secs(20),
+        "the replica to have the row",
+        || async {
+            direct
+                .simple_query("SELECT 1 FROM t")
+                .await
+                .map(|r| r.len() > 1)
+                .unwrap_or(false)
+        },
+    )
+    .await;
+
+    primary.kill9().await;
+    wait_for_roles(&proxy, &[Role::Down, Role::Replica]).await;
+    assert_eq!(
+        value(&client, "SELECT count(*) FROM t")
+            .await
+            .expect("reads keep working"),
+        "1"
+    );
+    let err = client
+        .batch_execute("INSERT INTO t VALUES (2)")
+        .await
+        .expect_err("no primary");
+    assert_eq!(code(&err), "25006", "{err}");
+    let message = err
+        .as_db_error()
+        .map(|e| e.message().to_string())
+        .unwrap_or_default();
+    assert!(message.contains("no primary"), "{message}");
+    // A plain BEGIN runs on the replica: reads inside work, writes get PostgreSQL's own 25006.
+    client.batch_execute("BEGIN").await.unwrap();
+    assert_eq!(value(&client, "SELECT count(*) FROM t").await.unwrap(), "1");
+    let err = client
+        .batch_execute("INSERT INTO t VALUES (3)")
+        .await
+        .expect_err("read-only");
+    assert_eq!(code(&err), "25006");
+    client.batch_execute("ROLLBACK").await.unwrap();
+
+    replica.promote().await.expect("promote");
+    wait_for_roles(&proxy, &[Role::Down, Role::Primary]).await;
+    client
+        .batch_execute("INSERT INTO t VALUES (4)")
+        .await
+        .expect("writes resume on the same connection");
+    assert_eq!(value(&client, "SELECT count(*) FROM t").await.unwrap(), "2");
     assert!(!client.is_closed());
 }
