@@ -46,6 +46,12 @@ pub enum ClientError {
     ClientIo(#[source] io::Error),
     #[error("server connection lost: {0}")]
     ServerLost(#[source] io::Error),
+    #[error("server connection lost inside a transaction, which was rolled back; end it with ROLLBACK ({0})")]
+    ServerLostInTransaction(#[source] io::Error),
+    #[error("server connection lost while a write ran: its outcome is unknown ({0})")]
+    ServerLostDuringWrite(#[source] io::Error),
+    #[error("current transaction is aborted, commands ignored until end of transaction block")]
+    TransactionLost,
     #[error("invalid message from server: {0}")]
     ServerProtocol(FrameError),
 }
@@ -95,7 +101,14 @@ impl ClientError {
                 Severity::Error,
                 sqlstate::CANNOT_CONNECT_NOW.code().to_string(),
             )),
-            ServerLost(_) | ServerProtocol(_) => Some((
+            TransactionLost => Some((
+                Severity::Error,
+                sqlstate::IN_FAILED_SQL_TRANSACTION.code().to_string(),
+            )),
+            ServerLost(_)
+            | ServerLostInTransaction(_)
+            | ServerLostDuringWrite(_)
+            | ServerProtocol(_) => Some((
                 Severity::Error,
                 sqlstate::CONNECTION_FAILURE.code().to_string(),
             )),

@@ -14,7 +14,8 @@ use std::task::{Context, Poll};
 use bytes::{Buf, BytesMut};
 use pgheal_protocol::backend::{self, TxStatus};
 use pgheal_protocol::build;
-use pgheal_protocol::frame::{FrameError, Step};
+use pgheal_protocol::classify::{classify, Class};
+use pgheal_protocol::frame::{self, FrameError, Scanner, Step};
 use pgheal_protocol::frontend;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -33,6 +34,18 @@ use crate::upstream::ServerConn;
 use crate::{App, Target};
 use pgheal_protocol::sqlstate;
 use tokio::sync::watch;
+
+/// Where a client stands in a transaction whose server was lost.
+#[derive(Debug, Default, Clone, Copy)]
+struct LostTx {
+    /// The extended-protocol batch being read ends the transaction.
+    ending: bool,
+    /// The batch already got its 25P02.
+    errored: bool,
+    /// The client has not heard of the loss yet: its next request gets
+    /// 08006 rather than 25P02.
+    announce: bool,
+}
 
 /// Whether the client is still there after an attachment.
 #[derive(Debug, PartialEq, Eq)]
@@ -73,12 +86,20 @@ pub struct Session {
     /// The server has work from this client that has not ended with an
     /// idle ReadyForQuery.
     owed: bool,
+    /// The client sent something not yet answered by a ReadyForQuery.
+    awaiting: bool,
     tx: TxStatus,
     terminated: bool,
     client_eof: bool,
     /// Drop the rest of a client message whose request failed.
     dropping: bool,
     welcomed: bool,
+    /// What the request now running intends (reads may be retried; a lost
+    /// write's outcome is unknown).
+    intent: Intent,
+    /// The server died inside the client's transaction: until the client
+    /// ends it, pgheal answers for the lost transaction itself.
+    lost_tx: Option<LostTx>,
     /// The server sent a FATAL error and is about to close: nothing more
     /// goes to it, and its FATAL already answered the oldest request.
     server_dying: bool,
@@ -108,11 +129,14 @@ impl Session {
             pool,
             pending: 0,
             owed: false,
+            awaiting: false,
             tx: TxStatus::Idle,
             terminated: false,
             client_eof: false,
             dropping: false,
             welcomed: false,
+            intent: Intent::Write,
+            lost_tx: None,
             server_dying: false,
         }
     }
@@ -139,6 +163,12 @@ impl Session {
         let mut held = Box::pin(self.welcome()).await?.map(Box::new);
         self.welcomed = true;
         loop {
+            if self.lost_tx.is_some() {
+                if !Box::pin(self.answer_lost_transaction()).await? {
+                    return Ok(());
+                }
+                continue;
+            }
             if held.is_none() && !self.wait_for_request().await? {
                 return Ok(());
             }
@@ -309,6 +339,7 @@ impl Session {
             }
         }
         let intent = router::intent(&self.up.buf);
+        self.intent = intent;
         let read_routing = self.target.database.read_routing;
         let waited = self.app.config().failover.write_wait;
         let deadline = tokio::time::Instant::now() + waited;
@@ -389,14 +420,18 @@ impl Session {
     /// not yet followed by Sync) only the error goes out; the Sync still to
     /// come will get its ReadyForQuery.
     fn fail_requests(&mut self, err: &ClientError, out: &mut BytesMut) {
-        if self.pending == 0 && !self.server_dying {
+        self.fail_requests_as(err, out, TxStatus::Idle);
+    }
+
+    fn fail_requests_as(&mut self, err: &ClientError, out: &mut BytesMut, status: TxStatus) {
+        // With nothing awaiting an answer an error would be unsolicited, which
+        // drivers take for the end of the connection.
+        if self.pending == 0 && self.awaiting {
             err.write_response(out, true);
         }
-        for i in 0..self.pending {
-            if i > 0 || !self.server_dying {
-                err.write_response(out, true);
-            }
-            build::ready_for_query(out, TxStatus::Idle);
+        for _ in 0..self.pending {
+            err.write_response(out, true);
+            build::ready_for_query(out, status);
         }
         self.server_dying = false;
         self.up.buf.advance(self.up.scanned);
@@ -404,6 +439,7 @@ impl Session {
         self.dropping = !self.up.scanner.at_boundary();
         self.pending = 0;
         self.owed = false;
+        self.awaiting = false;
         self.tx = TxStatus::Idle;
     }
 
@@ -416,6 +452,7 @@ impl Session {
         }
         self.pending = 0;
         self.owed = false;
+        self.awaiting = false;
         self.tx = TxStatus::Idle;
         self.server_dying = false;
     }
@@ -445,11 +482,82 @@ impl Session {
         let mut out = BytesMut::new();
         out.extend_from_slice(&self.down.buf[..self.down.scanned]);
         self.down.clear();
-        self.fail_requests(&ClientError::ServerLost(e), &mut out);
+        // The last ReadyForQuery said whether a transaction was open.
+        let in_transaction = self.tx != TxStatus::Idle;
+        if in_transaction {
+            // Told now if a request was waiting, else on the next one.
+            let announce = self.pending == 0 && !self.awaiting;
+            self.fail_requests_as(
+                &ClientError::ServerLostInTransaction(e),
+                &mut out,
+                TxStatus::Failed,
+            );
+            self.lost_tx = Some(LostTx {
+                announce,
+                ..LostTx::default()
+            });
+        } else if self.intent.reads_only() {
+            self.fail_requests(&ClientError::ServerLost(e), &mut out);
+        } else {
+            self.fail_requests(&ClientError::ServerLostDuringWrite(e), &mut out);
+        }
         self.client
             .write_all(&out)
             .await
             .map_err(ClientError::ClientIo)
+    }
+
+    /// Answers, without a server, a client whose transaction died with its
+    /// server: 25P02 for everything until ROLLBACK or COMMIT (which answers
+    /// ROLLBACK), as PostgreSQL does in a failed transaction. Returns false
+    /// when the client left.
+    async fn answer_lost_transaction(&mut self) -> Result<bool, ClientError> {
+        let max = self.app.config().proxy.max_message_size;
+        loop {
+            while self.dropping {
+                match self.up.scanner.next(&self.up.buf, |_| false)? {
+                    Step::Body(n) => {
+                        self.up.buf.advance(n);
+                        self.dropping = !self.up.scanner.at_boundary();
+                    }
+                    _ => break,
+                }
+            }
+            let mut out = BytesMut::new();
+            let mut consumed = 0;
+            while !self.dropping && self.lost_tx.is_some() {
+                let Some(m) = frame::message(&self.up.buf[consumed..], max)? else {
+                    break;
+                };
+                consumed += m.len;
+                if m.tag == frontend::TERMINATE {
+                    return Ok(false);
+                }
+                answer_in_lost_transaction(&mut self.lost_tx, m.tag, m.body, &mut out);
+            }
+            if consumed > 0 || self.lost_tx.is_none() {
+                self.up.buf.advance(consumed);
+                self.up.scanned = 0;
+                self.up.scanner = Scanner::new(max);
+                self.pending = 0;
+                self.owed = false;
+                self.client
+                    .write_all(&out)
+                    .await
+                    .map_err(ClientError::ClientIo)?;
+                return Ok(true);
+            }
+            poll_fn(|cx| self.client.poll_read_ready(cx))
+                .await
+                .map_err(ClientError::ClientIo)?;
+            self.up.reserve();
+            match self.client.try_read_buf(&mut self.up.buf) {
+                Ok(0) => return Ok(false),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(ClientError::ClientIo(e)),
+            }
+        }
     }
 
     fn scan_up(&mut self) -> Result<(), FrameError> {
@@ -478,6 +586,7 @@ impl Session {
                         self.pending += 1;
                     }
                     self.owed = true;
+                    self.awaiting = true;
                 }
                 _ => {}
             }
@@ -500,15 +609,27 @@ impl Session {
                 if tag == backend::READY_FOR_QUERY {
                     self.tx = TxStatus::parse(body).unwrap_or(TxStatus::Failed);
                     self.pending = self.pending.saturating_sub(1);
-                    if self.pending == 0 && self.tx == TxStatus::Idle {
-                        self.owed = false;
+                    if self.pending == 0 {
+                        self.awaiting = false;
+                        self.owed &= self.tx != TxStatus::Idle;
                     }
                 } else if tag == backend::ERROR_RESPONSE {
                     let fields = backend::ErrorFields::parse(body).unwrap_or_default();
-                    self.server_dying |= matches!(fields.severity, b"FATAL" | b"PANIC");
                     if fields.code == sqlstate::READ_ONLY_SQL_TRANSACTION.code().as_bytes() {
                         // A node taken for the primary refuses writes: re-probe it.
                         self.target.cluster.nudge(&conn.addr);
+                    }
+                    if matches!(fields.severity, b"FATAL" | b"PANIC") {
+                        // The server is going away. Its FATAL would end the
+                        // client's connection; the client hears 08006 from
+                        // pgheal instead, in protocol order, and stays.
+                        let message = fields.message_lossy();
+                        tracing::warn!(server = %conn.addr, %message, "server is closing the connection");
+                        self.server_dying = true;
+                        let tail = self.down.buf.split_off(start + len);
+                        self.down.buf.truncate(start);
+                        self.down.buf.unsplit(tail);
+                        continue;
                     }
                 } else {
                     let _ = conn.note_parameter(body);
@@ -606,4 +727,66 @@ impl Session {
             Poll::Pending => Ok(false),
         }
     }
+}
+
+/// One client message in a lost transaction, answered as PostgreSQL would
+/// in a failed one.
+fn answer_in_lost_transaction(lost: &mut Option<LostTx>, tag: u8, body: &[u8], out: &mut BytesMut) {
+    let Some(mut state) = *lost else { return };
+    let ends =
+        |sql: Option<&[u8]>| matches!(sql.map(classify), Some(Class::Rollback | Class::Commit));
+    let failed = |out: &mut BytesMut, state: &mut LostTx| {
+        let err = if state.announce {
+            ClientError::ServerLostInTransaction(std::io::ErrorKind::ConnectionReset.into())
+        } else {
+            ClientError::TransactionLost
+        };
+        err.write_response(out, true);
+        state.announce = false;
+    };
+    match tag {
+        frontend::QUERY => {
+            if ends(frontend::query(body).ok()) {
+                build::command_complete(out, "ROLLBACK");
+                build::ready_for_query(out, TxStatus::Idle);
+                *lost = None;
+                return;
+            }
+            failed(out, &mut state);
+            build::ready_for_query(out, TxStatus::Failed);
+            state = LostTx {
+                announce: state.announce,
+                ..LostTx::default()
+            };
+        }
+        b'P' if !state.errored && ends(body.split(|&b| b == 0).nth(1)) => {
+            state.ending = true;
+            build::parse_complete(out);
+        }
+        b'B' if state.ending => build::bind_complete(out),
+        b'D' if state.ending => build::no_data(out),
+        b'E' if state.ending => build::command_complete(out, "ROLLBACK"),
+        frontend::SYNC => {
+            let status = if state.ending {
+                TxStatus::Idle
+            } else {
+                TxStatus::Failed
+            };
+            build::ready_for_query(out, status);
+            if state.ending {
+                *lost = None;
+                return;
+            }
+            state = LostTx {
+                announce: state.announce,
+                ..LostTx::default()
+            };
+        }
+        _ if !state.errored && !state.ending => {
+            failed(out, &mut state);
+            state.errored = true;
+        }
+        _ => {}
+    }
+    *lost = Some(state);
 }

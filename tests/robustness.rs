@@ -265,7 +265,7 @@ async fn server_killed_mid_query_gives_08006_and_the_client_carries_on() {
         .unwrap();
     let (client, result) = sleeper.await.unwrap();
     let err = result.expect_err("the server went away");
-    // PostgreSQL's own FATAL 57P01 reaches the client first.
+    // pgheal answers for the lost server (its FATAL is not passed on).
     assert!(["57P01", "08006"].contains(&code(&err).as_str()), "{err}");
     let v: i32 = client
         .query_one("SELECT 5", &[])

@@ -96,6 +96,22 @@ pub fn ready_for_query(buf: &mut BytesMut, status: TxStatus) {
     message(buf, b'Z', |b| b.put_u8(status.byte()));
 }
 
+pub fn command_complete(buf: &mut BytesMut, tag: &str) {
+    message(buf, b'C', |b| cstr(b, tag.as_bytes()));
+}
+
+pub fn parse_complete(buf: &mut BytesMut) {
+    message(buf, b'1', |_| {});
+}
+
+pub fn bind_complete(buf: &mut BytesMut) {
+    message(buf, b'2', |_| {});
+}
+
+pub fn no_data(buf: &mut BytesMut) {
+    message(buf, b'n', |_| {});
+}
+
 pub fn auth_ok(buf: &mut BytesMut) {
     message(buf, b'R', |b| b.put_i32(0));
 }
@@ -289,6 +305,18 @@ mod tests {
         let mut b = BytesMut::new();
         query(&mut b, "SELECT 1");
         assert_eq!(frontend::query(only(&b).1), Ok(&b"SELECT 1"[..]));
+        let mut b = BytesMut::new();
+        command_complete(&mut b, "ROLLBACK");
+        assert_eq!(only(&b), (b'C', &b"ROLLBACK\0"[..]));
+        for (make, tag) in [
+            (parse_complete as fn(&mut BytesMut), b'1'),
+            (bind_complete, b'2'),
+            (no_data, b'n'),
+        ] {
+            let mut b = BytesMut::new();
+            make(&mut b);
+            assert_eq!(only(&b), (tag, &b""[..]));
+        }
         let mut b = BytesMut::new();
         terminate(&mut b);
         assert_eq!(only(&b), (frontend::TERMINATE, &b""[..]));
