@@ -22,7 +22,7 @@ use tokio::net::TcpStream;
 use tokio_util::io::poll_read_buf;
 
 use crate::cancel::Registration;
-use crate::cluster::Topology;
+use crate::cluster::{Role, Topology};
 use crate::config::PoolMode;
 use crate::error::{ClientError, PoolError};
 use crate::flow::{write_some, Flow, MAX_PENDING};
@@ -34,6 +34,16 @@ use crate::upstream::ServerConn;
 use crate::{App, Target};
 use pgheal_protocol::sqlstate;
 use tokio::sync::watch;
+
+/// Why an autocommit read runs again, unseen by the client.
+#[derive(Debug, Clone)]
+enum Rerun {
+    /// A replica refused it with 25006 (a "read" that writes, such as
+    /// `SELECT nextval(...)`): run it on the primary.
+    OnPrimary,
+    /// Its server was lost: run it on another node.
+    Elsewhere(Arc<str>),
+}
 
 /// Where a client stands in a transaction whose server was lost.
 #[derive(Debug, Default, Clone, Copy)]
@@ -59,6 +69,9 @@ enum Attachment {
 enum PumpEnd {
     /// Transaction mode: the server is idle again and may go back.
     Released,
+    /// An autocommit read is to run again elsewhere; nothing of it reached
+    /// the client.
+    Rerun,
     ClientGone,
     ClientBroke(FrameError),
     ServerLost(io::Error),
@@ -100,6 +113,13 @@ pub struct Session {
     /// The server died inside the client's transaction: until the client
     /// ends it, pgheal answers for the lost transaction itself.
     lost_tx: Option<LostTx>,
+    /// The request of an autocommit read, kept until the server's answer
+    /// shows it need not run again.
+    replay: Option<BytesMut>,
+    /// Server bytes are held back (not written to the client) while the
+    /// read may still run again.
+    holding: bool,
+    rerun: Option<Rerun>,
     /// The server sent a FATAL error and is about to close: nothing more
     /// goes to it, and its FATAL already answered the oldest request.
     server_dying: bool,
@@ -137,6 +157,9 @@ impl Session {
             welcomed: false,
             intent: Intent::Write,
             lost_tx: None,
+            replay: None,
+            holding: false,
+            rerun: None,
             server_dying: false,
         }
     }
@@ -196,6 +219,22 @@ impl Session {
         match end {
             PumpEnd::Released => {
                 self.detach(held.take(), true);
+                Ok(Attachment::Detached)
+            }
+            PumpEnd::Rerun => {
+                tracing::info!(server = %lease.pool().addr(), reason = ?self.rerun, "running a read again");
+                self.detach(held.take(), true);
+                self.restore_replay()?;
+                Ok(Attachment::Detached)
+            }
+            PumpEnd::ServerLost(e) if self.replay.is_some() => {
+                let addr = lease.pool().shared_addr().clone();
+                tracing::warn!(server = %addr, error = %e, "server lost before answering a read; running it elsewhere");
+                self.target.cluster.nudge(&addr);
+                self.rerun = Some(Rerun::Elsewhere(addr));
+                *held = None;
+                self.detach(None, false);
+                self.restore_replay()?;
                 Ok(Attachment::Detached)
             }
             PumpEnd::ClientGone => {
@@ -316,20 +355,38 @@ impl Session {
     /// Picks the node for the buffered request and checks out a server
     /// there. A write with no primary waits up to `write_wait` for one.
     async fn route_and_checkout(&mut self) -> Result<Lease, ClientError> {
-        let pool = self.route().await?;
-        match self.checkout(&pool).await {
-            Ok(lease) => Ok(lease),
-            Err(e) => {
-                if matches!(e, PoolError::Upstream(_)) {
-                    self.target.cluster.nudge(pool.addr());
+        let mut rerun = self.rerun.take();
+        loop {
+            let pool = self.route(rerun.as_ref()).await?;
+            let e = match self.checkout(&pool).await {
+                Ok(lease) => {
+                    // One invisible second try for an autocommit read.
+                    let autocommit_read =
+                        self.intent == Intent::Read && self.mode == PoolMode::Transaction;
+                    if rerun.is_none() && autocommit_read {
+                        self.replay = Some(BytesMut::from(&self.up.buf[..]));
+                        self.holding = true;
+                    }
+                    return Ok(lease);
                 }
-                Err(e.into())
+                Err(e) => e,
+            };
+            if !matches!(e, PoolError::Upstream(_)) {
+                return Err(e.into());
             }
+            self.target.cluster.nudge(pool.addr());
+            // A read that could not reach its node tries another, once.
+            if rerun.is_some() || !self.intent.reads_only() {
+                return Err(e.into());
+            }
+            tracing::warn!(server = %pool.addr(), error = %e, "node unreachable; routing the read elsewhere");
+            rerun = Some(Rerun::Elsewhere(pool.shared_addr().clone()));
         }
     }
 
-    async fn route(&mut self) -> Result<Arc<Pool>, ClientError> {
+    async fn route(&mut self, rerun: Option<&Rerun>) -> Result<Arc<Pool>, ClientError> {
         if !self.target.cluster.is_probing() {
+            self.intent = Intent::Write;
             return Ok(self.pool.clone());
         }
         if self.node_pools.iter().any(Option::is_none) {
@@ -338,13 +395,24 @@ impl Session {
                 self.node_pool(i);
             }
         }
-        let intent = router::intent(&self.up.buf);
+        let intent = match rerun {
+            Some(Rerun::OnPrimary) => Intent::Write,
+            _ => router::intent(&self.up.buf),
+        };
         self.intent = intent;
         let read_routing = self.target.database.read_routing;
         let waited = self.app.config().failover.write_wait;
         let deadline = tokio::time::Instant::now() + waited;
         loop {
-            let topology = self.topology.borrow_and_update().clone();
+            let mut topology = self.topology.borrow_and_update().clone();
+            if let Some(Rerun::Elsewhere(lost)) = rerun {
+                let mut t = (*topology).clone();
+                t.nodes
+                    .iter_mut()
+                    .filter(|n| n.addr == *lost)
+                    .for_each(|n| n.role = Role::Down);
+                topology = Arc::new(t);
+            }
             let decision = router::decide(&topology, intent, read_routing, |i| self.busy(i));
             let expired = tokio::time::Instant::now() >= deadline;
             match decision {
@@ -560,6 +628,26 @@ impl Session {
         }
     }
 
+    /// Puts the kept request of a read back as if the client had just sent
+    /// it, and forgets what the server said.
+    fn restore_replay(&mut self) -> Result<(), FrameError> {
+        let Some(request) = self.replay.take() else {
+            return Ok(());
+        };
+        let max = self.app.config().proxy.max_message_size;
+        self.down.clear();
+        self.down.scanner = Scanner::new(usize::MAX);
+        self.up.buf = request;
+        self.up.scanned = 0;
+        self.up.scanner = Scanner::new(max);
+        self.holding = false;
+        self.pending = 0;
+        self.owed = false;
+        self.awaiting = false;
+        self.tx = TxStatus::Idle;
+        self.scan_up()
+    }
+
     fn scan_up(&mut self) -> Result<(), FrameError> {
         loop {
             let step = self
@@ -579,6 +667,12 @@ impl Session {
                     return Ok(());
                 }
                 Step::Header { tag, .. } => {
+                    if self.holding {
+                        // More from the client: the kept request is no
+                        // longer all of it; answer as it comes.
+                        self.replay = None;
+                        self.holding = false;
+                    }
                     if matches!(
                         tag,
                         frontend::QUERY | frontend::SYNC | frontend::FUNCTION_CALL
@@ -604,6 +698,15 @@ impl Session {
         loop {
             let start = self.down.scanned;
             let step = self.down.scanner.next(&self.down.buf[start..], whole)?;
+            if let (true, Step::Header { tag, .. } | Step::Whole { tag, .. }) = (self.holding, step)
+            {
+                let message = &self.down.buf[start..start + step.consumed()];
+                let read_only = tag == backend::ERROR_RESPONSE
+                    && backend::ErrorFields::parse(message.get(5..).unwrap_or_default()).is_ok_and(
+                        |f| f.code == sqlstate::READ_ONLY_SQL_TRANSACTION.code().as_bytes(),
+                    );
+                self.watch_held_answer(tag, read_only);
+            }
             if let Step::Whole { tag, len } = step {
                 let body = &self.down.buf[start + 5..start + len];
                 if tag == backend::READY_FOR_QUERY {
@@ -641,6 +744,26 @@ impl Session {
         }
     }
 
+    /// While a read's answer is held back: a 25006 from a replica means run
+    /// it on the primary; anything that is an answer lets it through.
+    fn watch_held_answer(&mut self, tag: u8, read_only_error: bool) {
+        match tag {
+            // Describing the result is not yet an answer.
+            b'T' | b'1' | b'2' | b't' | b'n' | b'S' => {}
+            // The request is answered in full without an error.
+            backend::READY_FOR_QUERY if self.rerun.is_none() => {
+                self.holding = false;
+                self.replay = None;
+            }
+            backend::READY_FOR_QUERY => {}
+            backend::ERROR_RESPONSE if read_only_error => self.rerun = Some(Rerun::OnPrimary),
+            _ => {
+                self.holding = false;
+                self.replay = None;
+            }
+        }
+    }
+
     fn releasable(&self) -> bool {
         self.mode == PoolMode::Transaction
             && !self.owed
@@ -671,10 +794,15 @@ impl Session {
                 Ok(p) => progress |= p,
                 Err(end) => return Poll::Ready(end),
             }
-            match write_some(cx, &mut self.client, &mut self.down) {
-                Poll::Ready(Ok(n)) => progress |= n > 0,
-                Poll::Ready(Err(_)) => return Poll::Ready(PumpEnd::ClientGone),
-                Poll::Pending => {}
+            if self.rerun.is_some() && self.pending == 0 {
+                return Poll::Ready(PumpEnd::Rerun);
+            }
+            if !self.holding {
+                match write_some(cx, &mut self.client, &mut self.down) {
+                    Poll::Ready(Ok(n)) => progress |= n > 0,
+                    Poll::Ready(Err(_)) => return Poll::Ready(PumpEnd::ClientGone),
+                    Poll::Pending => {}
+                }
             }
             if self.releasable() {
                 return Poll::Ready(PumpEnd::Released);

@@ -27,6 +27,7 @@ async fn proxy_over(
         "[proxy]\nlisten = \"127.0.0.1:0\"\n[health]\ninterval = \"200ms\"\ntimeout = \"1s\"\n\
          [failover]\nwrite_wait = \"{write_wait}\"\n\
          [[users]]\nname = \"app\"\npassword = \"{APP_PASSWORD}\"\n\
+         [[users]]\nname = \"raw\"\nauth = \"trust\"\n\
          [databases.app]\nnodes = [{}]\nuser = \"app\"\npassword = \"{APP_PASSWORD}\"\nread_routing = {read_routing}\n",
         list.join(", ")
     ))
@@ -226,4 +227,89 @@ async fn without_a_primary_reads_work_writes_get_25006_and_resume_after_promotio
         .expect("writes resume on the same connection");
     assert_eq!(value(&client, "SELECT count(*) FROM t").await.unwrap(), "2");
     assert!(!client.is_closed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_that_writes_is_rerun_on_the_primary_unseen() {
+    let (primary, replica) = primary_and_replica().await;
+    let proxy = proxy_over(&[&primary, &replica], true, "2s").await;
+    wait_for_roles(&proxy, &[Role::Primary, Role::Replica]).await;
+    let (client, _h) = connect(&app_url(&proxy)).await;
+    client.batch_execute("CREATE SEQUENCE s").await.unwrap();
+    eventually(
+        Duration::from_secs(20),
+        "the replica to have the sequence",
+        || async {
+            value(&client, "SELECT count(*) FROM pg_class WHERE relname = 's'")
+                .await
+                .ok()
+                .as_deref()
+                == Some("1")
+        },
+    )
+    .await;
+    // Simple and extended protocol alike: the client sees only the primary's answer.
+    assert_eq!(
+        value(&client, "SELECT nextval('s')")
+            .await
+            .expect("no 25006 reaches the client"),
+        "1"
+    );
+    // Extended protocol, unnamed statement (as pgbench -M extended sends it).
+    let mut raw = Raw::login(&proxy, "raw", "app").await;
+    raw.send(b"P\0\0\0\x1b\0SELECT nextval('s')\0\0\0B\0\0\0\x0c\0\0\0\0\0\0\0\0E\0\0\0\x09\0\0\0\0\0S\0\0\0\x04").await;
+    let answer = raw.read_until(b'Z').await;
+    let tags: Vec<u8> = answer.iter().map(|(t, _)| *t).collect();
+    assert_eq!(tags, b"12DCZ", "{answer:?}");
+    assert!(answer[2].1.ends_with(b"2"), "{answer:?}");
+    let (direct, _hd) = connect(&format!(
+        "postgres://postgres:postgres@{}/app",
+        primary.addr()
+    ))
+    .await;
+    assert_eq!(
+        value(&direct, "SELECT last_value FROM s").await.unwrap(),
+        "2"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_survive_a_replica_killed_under_load() {
+    let (primary, mut replica) = primary_and_replica().await;
+    let proxy = proxy_over(&[&primary, &replica], true, "2s").await;
+    wait_for_roles(&proxy, &[Role::Primary, Role::Replica]).await;
+    let url = app_url(&proxy);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let on_replica = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let readers: Vec<_> = (0..4)
+        .map(|_| {
+            let url = url.clone();
+            let stop = stop_rx.clone();
+            let on_replica = on_replica.clone();
+            tokio::spawn(async move {
+                let (client, _h) = connect(&url).await;
+                let mut done = 0u32;
+                while done < 20 || !*stop.borrow() {
+                    let v = value(&client, "SELECT pg_is_in_recovery(), pg_sleep(0.01)")
+                        .await
+                        .expect("a read failed");
+                    if v == "t" {
+                        on_replica.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    done += 1;
+                }
+                done
+            })
+        })
+        .collect();
+    eventually(Duration::from_secs(20), "reads on the replica", || async {
+        on_replica.load(std::sync::atomic::Ordering::Relaxed) >= 20
+    })
+    .await;
+    replica.kill9().await;
+    wait_for_roles(&proxy, &[Role::Primary, Role::Down]).await;
+    stop_tx.send(true).unwrap();
+    for r in readers {
+        assert!(r.await.expect("no reader saw an error") >= 20);
+    }
 }
