@@ -29,13 +29,13 @@ pub enum DemoError {
 }
 
 /// The configuration the demo runs with.
-pub fn demo_config(listen: SocketAddr, node: &str) -> Config {
+pub fn demo_config(listen: SocketAddr, nodes: &[String]) -> Config {
     let mut databases = BTreeMap::new();
     databases.insert(
         APP_DB.to_string(),
         Database {
             name: APP_DB.into(),
-            nodes: vec![node.to_string()],
+            nodes: nodes.to_vec(),
             dbname: APP_DB.into(),
             user: Some(APP_USER.into()),
             password: Some(APP_PASSWORD.into()),
@@ -72,41 +72,69 @@ pub fn demo_config(listen: SocketAddr, node: &str) -> Config {
     }
 }
 
-/// Starts PostgreSQL and pgheal, prints the URL, and cleans up on Ctrl-C.
+/// Starts a primary, a streaming replica and pgheal, prints the URL and
+/// how to try a failover, and cleans up on Ctrl-C.
 pub async fn run(listen: SocketAddr) -> Result<(), DemoError> {
-    eprintln!("starting a throwaway PostgreSQL primary...");
-    let mut node = PgNode::start_new().await?;
+    eprintln!("starting a throwaway PostgreSQL primary and a streaming replica...");
+    let mut primary = PgNode::start_new().await?;
     let role = format!("CREATE ROLE {APP_USER} LOGIN PASSWORD '{APP_PASSWORD}'");
-    node.sql("postgres", &role).await?;
-    node.sql(
-        "postgres",
-        &format!("CREATE DATABASE {APP_DB} OWNER {APP_USER}"),
-    )
-    .await?;
-    let proxy = listener::start(demo_config(listen, &node.addr()))
+    primary.sql("postgres", &role).await?;
+    primary
+        .sql(
+            "postgres",
+            &format!("CREATE DATABASE {APP_DB} OWNER {APP_USER}"),
+        )
+        .await?;
+    let mut replica = PgNode::start_replica_of(&primary).await?;
+    let nodes = [primary.addr(), replica.addr()];
+    let proxy = listener::start(demo_config(listen, &nodes))
         .await
         .map_err(|source| DemoError::Listen {
             addr: listen,
             source,
         })?;
-    println!();
-    println!("PostgreSQL {} (data in a temporary directory)", node.addr());
-    println!("pgheal     {}", proxy.addr);
-    println!();
-    println!(
-        "DATABASE_URL=postgres://{APP_USER}:{APP_PASSWORD}@{}:{}/{APP_DB}",
-        proxy.addr.ip(),
-        proxy.addr.port()
-    );
-    println!();
-    println!(
-        "Try: psql \"postgres://{APP_USER}:{APP_PASSWORD}@{}/{APP_DB}\"",
-        proxy.addr
-    );
-    println!("Press Ctrl-C to stop and remove everything.");
+    print_banner(&primary, &replica, proxy.addr);
     crate::shutdown_signal().await;
     eprintln!("stopping...");
     proxy.stop_accepting();
-    node.stop().await;
+    replica.stop().await;
+    primary.stop().await;
     Ok(())
+}
+
+fn print_banner(primary: &PgNode, replica: &PgNode, proxy: SocketAddr) {
+    let url = format!(
+        "postgres://{APP_USER}:{APP_PASSWORD}@{}:{}/{APP_DB}",
+        proxy.ip(),
+        proxy.port()
+    );
+    let pid = |n: &PgNode| n.pid().map_or_else(|| "?".to_string(), |p| p.to_string());
+    println!();
+    println!(
+        "PostgreSQL {} primary (pid {}), data in a temporary directory",
+        primary.addr(),
+        pid(primary)
+    );
+    println!(
+        "PostgreSQL {} replica (pid {}), made with pg_basebackup -R",
+        replica.addr(),
+        pid(replica)
+    );
+    println!("pgheal     {proxy}");
+    println!();
+    println!("DATABASE_URL={url}");
+    println!();
+    println!("Try a failover while a client stays connected:");
+    println!("  psql \"{url}\"                       # keep it open; create a table, insert");
+    println!(
+        "  kill -9 {}                            # the primary dies: reads go on, writes get 25006",
+        pid(primary)
+    );
+    println!(
+        "  psql \"postgres://postgres:postgres@{}/postgres\" -c 'SELECT pg_promote()'",
+        replica.addr()
+    );
+    println!("  # back in the open psql, the next write succeeds on the promoted replica");
+    println!();
+    println!("Press Ctrl-C to stop and remove everything.");
 }

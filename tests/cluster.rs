@@ -313,3 +313,38 @@ async fn reads_survive_a_replica_killed_under_load() {
         assert!(r.await.expect("no reader saw an error") >= 20);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_primaries_get_no_writes_until_one_is_gone() {
+    let (mut old, new) = primary_and_replica().await;
+    let proxy = proxy_over(&[&old, &new], false, "300ms").await;
+    wait_for_roles(&proxy, &[Role::Primary, Role::Replica]).await;
+    let (client, _h) = connect(&app_url(&proxy)).await;
+    client.batch_execute("CREATE TABLE t(x int)").await.unwrap();
+    old.kill9().await;
+    new.promote().await.unwrap();
+    wait_for_roles(&proxy, &[Role::Down, Role::Primary]).await;
+    // The old primary comes back by itself, still a primary: split brain.
+    old.start().await.unwrap();
+    wait_for_roles(&proxy, &[Role::Primary, Role::Primary]).await;
+    let err = client
+        .batch_execute("INSERT INTO t VALUES (1)")
+        .await
+        .expect_err("no writes in split brain");
+    assert_eq!(code(&err), "25006", "{err}");
+    assert_eq!(
+        value(&client, "SELECT 7").await.expect("reads still work"),
+        "7"
+    );
+    // Once one is gone, writes resume on the same connection.
+    old.stop().await;
+    wait_for_roles(&proxy, &[Role::Down, Role::Primary]).await;
+    client
+        .batch_execute("INSERT INTO t VALUES (2)")
+        .await
+        .expect("writes resume");
+    assert_eq!(
+        value(&client, "SELECT inet_server_port()").await.unwrap(),
+        new.port.to_string()
+    );
+}

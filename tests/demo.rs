@@ -38,12 +38,13 @@ async fn demo_prints_a_working_url_and_cleans_up_on_ctrl_c() {
         .find_map(|l| l.strip_prefix("DATABASE_URL="))
         .unwrap_or_else(|| panic!("no DATABASE_URL in {lines:?}"))
         .to_string();
-    let pg_addr = lines
+    let pg_addrs: Vec<String> = lines
         .iter()
-        .find_map(|l| l.strip_prefix("PostgreSQL "))
-        .and_then(|l| l.split_whitespace().next())
-        .expect("PostgreSQL address")
-        .to_string();
+        .filter_map(|l| l.strip_prefix("PostgreSQL "))
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_string)
+        .collect();
+    assert_eq!(pg_addrs.len(), 2, "a primary and a replica: {lines:?}");
 
     let out = psql(
         &url,
@@ -77,9 +78,11 @@ async fn demo_prints_a_working_url_and_cleans_up_on_ctrl_c() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert!(status.success(), "{status:?}");
-    // Its PostgreSQL is gone too.
-    assert!(
-        std::net::TcpStream::connect(&pg_addr).is_err(),
-        "PostgreSQL still listening on {pg_addr}"
-    );
+    // Its PostgreSQL nodes are gone too.
+    for addr in &pg_addrs {
+        assert!(
+            std::net::TcpStream::connect(addr).is_err(),
+            "PostgreSQL still listening on {addr}"
+        );
+    }
 }
