@@ -32,6 +32,8 @@ pub struct NodeStatus {
     pub lsn: u64,
     /// Consecutive failed probes.
     pub failures: u32,
+    /// When the last successful probe was taken.
+    pub probed_at: Option<std::time::Instant>,
     pub last_error: Option<String>,
 }
 
@@ -96,6 +98,7 @@ impl Cluster {
                     role: Role::Unknown,
                     lsn: 0,
                     failures: 0,
+                    probed_at: None,
                     last_error: None,
                 })
                 .collect(),
@@ -197,6 +200,7 @@ async fn node_loop(
     let mut conn: Option<ServerConn> = None;
     let mut failures = 0u32;
     loop {
+        let started = std::time::Instant::now();
         let result = tokio::time::timeout(health.timeout, probe(&mut conn, &spec)).await;
         let result = result.unwrap_or_else(|_| {
             Err(UpstreamError::Timeout {
@@ -213,6 +217,7 @@ async fn node_loop(
                 cluster.update(index, |n| {
                     n.role = role;
                     n.lsn = lsn;
+                    n.probed_at = Some(started);
                     n.failures = 0;
                     n.last_error = None;
                 });
@@ -328,6 +333,7 @@ mod tests {
             role,
             lsn: 0,
             failures: 0,
+            probed_at: None,
             last_error: None,
         };
         let one = Topology {

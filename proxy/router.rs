@@ -65,18 +65,22 @@ pub enum Decision {
     NoNode,
 }
 
-/// Reads go to the least busy replica when `read_routing` is on, or when
-/// there is no primary; everything else goes to the primary.
+/// Reads go to the least busy replica that has replayed at least
+/// `min_lsn` when `read_routing` is on, or to any replica when there is no
+/// primary; everything else goes to the primary.
 pub fn decide(
     topology: &Topology,
     intent: Intent,
     read_routing: bool,
+    min_lsn: u64,
     busy: impl Fn(usize) -> usize,
 ) -> Decision {
     let primary = topology.primary_index();
+    // Without a primary, availability wins over read-your-writes.
+    let floor = if primary.is_some() { min_lsn } else { 0 };
     let replica = || {
         (0..topology.nodes.len())
-            .filter(|&i| topology.nodes[i].role == Role::Replica)
+            .filter(|&i| topology.nodes[i].role == Role::Replica && topology.nodes[i].lsn >= floor)
             .min_by_key(|&i| busy(i))
     };
     if intent.reads_only() && (read_routing || primary.is_none()) {
@@ -128,6 +132,7 @@ mod tests {
                     role,
                     lsn: 0,
                     failures: 0,
+                    probed_at: None,
                     last_error: None,
                 })
                 .collect(),
@@ -158,33 +163,38 @@ mod tests {
         let t = topo(&[Role::Replica, Role::Primary, Role::Replica]);
         let busy = |i: usize| if i == 0 { 5 } else { 1 };
         assert_eq!(
-            decide(&t, Intent::Read, true, busy),
+            decide(&t, Intent::Read, true, 0, busy),
             Decision::Node(2),
             "least busy replica"
         );
-        assert_eq!(decide(&t, Intent::Read, false, busy), Decision::Node(1));
-        assert_eq!(decide(&t, Intent::Write, true, busy), Decision::Node(1));
+        assert_eq!(decide(&t, Intent::Read, false, 0, busy), Decision::Node(1));
+        assert_eq!(decide(&t, Intent::Write, true, 0, busy), Decision::Node(1));
         assert_eq!(
-            decide(&t, Intent::ReadOnlyTx, true, busy),
+            decide(&t, Intent::ReadOnlyTx, true, 0, busy),
             Decision::Node(2)
         );
+        // A replica behind the client's last write gets none of its reads.
+        assert_eq!(decide(&t, Intent::Read, true, 1, busy), Decision::Node(1));
         let degraded = topo(&[Role::Replica, Role::Down]);
         assert_eq!(
-            decide(&degraded, Intent::Read, false, busy),
+            decide(&degraded, Intent::Read, false, 0, busy),
             Decision::Node(0)
         );
         assert_eq!(
-            decide(&degraded, Intent::Write, false, busy),
+            decide(&degraded, Intent::Write, false, 0, busy),
             Decision::NoPrimary
         );
         assert_eq!(degraded_begin(&degraded, busy), Some(0));
         let split = topo(&[Role::Primary, Role::Primary]);
         assert_eq!(
-            decide(&split, Intent::Write, false, busy),
+            decide(&split, Intent::Write, false, 0, busy),
             Decision::NoPrimary
         );
-        assert_eq!(decide(&split, Intent::Read, false, busy), Decision::Node(0));
+        assert_eq!(
+            decide(&split, Intent::Read, false, 0, busy),
+            Decision::Node(0)
+        );
         let down = topo(&[Role::Down, Role::Down]);
-        assert_eq!(decide(&down, Intent::Read, true, busy), Decision::NoNode);
+        assert_eq!(decide(&down, Intent::Read, true, 0, busy), Decision::NoNode);
     }
 }

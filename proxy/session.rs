@@ -35,6 +35,36 @@ use crate::{App, Target};
 use pgheal_protocol::sqlstate;
 use tokio::sync::watch;
 
+/// A client's last write: when it ended, and the primary's WAL position at
+/// the first health probe after that (at or past the write's commit).
+#[derive(Debug, Clone, Copy)]
+struct Fence {
+    since: std::time::Instant,
+    lsn: Option<u64>,
+}
+
+impl Fence {
+    /// The LSN a replica must have replayed to serve this client's reads,
+    /// or `None` when every replica has.
+    fn floor(&mut self, topology: &Topology) -> Option<u64> {
+        if self.lsn.is_none() {
+            self.lsn = topology
+                .primary()
+                .filter(|p| p.probed_at.is_some_and(|at| at > self.since))
+                .map(|p| p.lsn);
+        }
+        let Some(lsn) = self.lsn else {
+            // Not yet known: no replica qualifies.
+            return Some(u64::MAX);
+        };
+        let behind = topology
+            .nodes
+            .iter()
+            .any(|n| n.role == Role::Replica && n.lsn < lsn);
+        behind.then_some(lsn)
+    }
+}
+
 /// Why an autocommit read runs again, unseen by the client.
 #[derive(Debug, Clone)]
 enum Rerun {
@@ -120,6 +150,9 @@ pub struct Session {
     /// read may still run again.
     holding: bool,
     rerun: Option<Rerun>,
+    /// Read-your-writes: after this client's write, its reads stay on the
+    /// primary until a replica has replayed past it.
+    fence: Option<Fence>,
     /// The server sent a FATAL error and is about to close: nothing more
     /// goes to it, and its FATAL already answered the oldest request.
     server_dying: bool,
@@ -160,6 +193,7 @@ impl Session {
             replay: None,
             holding: false,
             rerun: None,
+            fence: None,
             server_dying: false,
         }
     }
@@ -218,6 +252,12 @@ impl Session {
         tracing::debug!(?end, "detached from the server");
         match end {
             PumpEnd::Released => {
+                if !self.intent.reads_only() {
+                    self.fence = Some(Fence {
+                        since: std::time::Instant::now(),
+                        lsn: None,
+                    });
+                }
                 self.detach(held.take(), true);
                 Ok(Attachment::Detached)
             }
@@ -413,7 +453,13 @@ impl Session {
                     .for_each(|n| n.role = Role::Down);
                 topology = Arc::new(t);
             }
-            let decision = router::decide(&topology, intent, read_routing, |i| self.busy(i));
+            let floor = self.fence.as_mut().map_or(Some(0), |f| f.floor(&topology));
+            if floor.is_none() {
+                self.fence = None;
+            }
+            let min_lsn = floor.unwrap_or(0);
+            let decision =
+                router::decide(&topology, intent, read_routing, min_lsn, |i| self.busy(i));
             let expired = tokio::time::Instant::now() >= deadline;
             match decision {
                 Decision::Node(i) => return Ok(self.node_pool(i)),

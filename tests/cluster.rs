@@ -348,3 +348,57 @@ async fn two_primaries_get_no_writes_until_one_is_gone() {
         new.port.to_string()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_reads_its_own_writes_while_the_replica_lags() {
+    let (primary, replica) = primary_and_replica().await;
+    let proxy = proxy_over(&[&primary, &replica], true, "2s").await;
+    wait_for_roles(&proxy, &[Role::Primary, Role::Replica]).await;
+    let (client, _h) = connect(&app_url(&proxy)).await;
+    client.batch_execute("CREATE TABLE t(x int)").await.unwrap();
+    let (direct, _hd) = connect(&format!(
+        "postgres://postgres:postgres@{}/app",
+        replica.addr()
+    ))
+    .await;
+    eventually(
+        Duration::from_secs(20),
+        "the replica to have the table",
+        || async { direct.simple_query("SELECT 1 FROM t").await.is_ok() },
+    )
+    .await;
+    direct
+        .batch_execute("SELECT pg_wal_replay_pause()")
+        .await
+        .unwrap();
+
+    client
+        .batch_execute("INSERT INTO t VALUES (1)")
+        .await
+        .unwrap();
+    assert_eq!(
+        value(&client, "SELECT count(*) FROM t").await.unwrap(),
+        "1",
+        "its own write is visible"
+    );
+    assert_eq!(
+        in_recovery(&client).await.unwrap(),
+        "f",
+        "served by the primary while the replica lags"
+    );
+    // Another client, with no write of its own, reads from the lagging replica.
+    let (other, _ho) = connect(&app_url(&proxy)).await;
+    assert_eq!(value(&other, "SELECT count(*) FROM t").await.unwrap(), "0");
+
+    direct
+        .batch_execute("SELECT pg_wal_replay_resume()")
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(20),
+        "reads to return to the replica",
+        || async { in_recovery(&client).await.unwrap() == "t" },
+    )
+    .await;
+    assert_eq!(value(&client, "SELECT count(*) FROM t").await.unwrap(), "1");
+}
