@@ -411,15 +411,17 @@ impl Session {
                 }
                 Err(e) => e,
             };
-            if !matches!(e, PoolError::Upstream(_)) {
+            let unreachable = matches!(&e, PoolError::Upstream(u) if u.is_unreachable());
+            if !unreachable {
                 return Err(e.into());
             }
             self.target.cluster.nudge(pool.addr());
-            // A read that could not reach its node tries another, once.
-            if rerun.is_some() || !self.intent.reads_only() {
+            // Nothing was sent: route again once without that node. A read
+            // goes elsewhere; a write waits for a primary like any other.
+            if rerun.is_some() {
                 return Err(e.into());
             }
-            tracing::warn!(server = %pool.addr(), error = %e, "node unreachable; routing the read elsewhere");
+            tracing::warn!(server = %pool.addr(), error = %e, "node unreachable; routing again without it");
             rerun = Some(Rerun::Elsewhere(pool.shared_addr().clone()));
         }
     }

@@ -48,6 +48,19 @@ pub enum UpstreamError {
 }
 
 impl UpstreamError {
+    /// The node could not take the request at all (down, shutting down,
+    /// starting up, unreachable): nothing was sent, so another node or a
+    /// later try is safe.
+    pub fn is_unreachable(&self) -> bool {
+        match self {
+            UpstreamError::Connect { .. }
+            | UpstreamError::Timeout { .. }
+            | UpstreamError::Io { .. } => true,
+            UpstreamError::Server { code, .. } => code.starts_with("57P") || code.starts_with("08"),
+            UpstreamError::Auth { .. } | UpstreamError::Protocol { .. } => false,
+        }
+    }
+
     pub fn sqlstate(&self) -> String {
         match self {
             UpstreamError::Server { code, .. } => code.clone(),

@@ -402,3 +402,51 @@ async fn a_client_reads_its_own_writes_while_the_replica_lags() {
     .await;
     assert_eq!(value(&client, "SELECT count(*) FROM t").await.unwrap(), "1");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn primary_killed_under_steady_load_loses_no_reads_and_no_connections() {
+    let (mut primary, replica) = primary_and_replica().await;
+    let proxy = proxy_over(&[&primary, &replica], true, "500ms").await;
+    wait_for_roles(&proxy, &[Role::Primary, Role::Replica]).await;
+    let url = app_url(&proxy);
+    let (setup, _h) = connect(&url).await;
+    setup.batch_execute("CREATE TABLE w(x int)").await.unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let clients: Vec<_> = (0..6)
+        .map(|n| {
+            let url = url.clone();
+            let stop = stop_rx.clone();
+            tokio::spawn(async move {
+                let (client, _h) = connect(&url).await;
+                let (mut reads, mut write_errors) = (0u32, Vec::new());
+                while !*stop.borrow() {
+                    if n % 2 == 0 {
+                        value(&client, "SELECT count(*) FROM pg_class")
+                            .await
+                            .expect("a read failed");
+                        reads += 1;
+                    } else if let Err(e) = client.batch_execute("INSERT INTO w VALUES (1)").await {
+                        write_errors.push(code(&e));
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                (reads, write_errors, client.is_closed())
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    primary.kill9().await;
+    wait_for_roles(&proxy, &[Role::Down, Role::Replica]).await;
+    // Hold the degraded state past write_wait so writes meet it.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop_tx.send(true).unwrap();
+    for c in clients {
+        let (_reads, errors, closed) = c.await.expect("no read failed");
+        assert!(!closed, "a client connection was closed");
+        // In flight at the kill: 08006 (outcome unknown); afterwards: 25006.
+        assert!(
+            errors.iter().all(|c| c == "25006" || c == "08006"),
+            "{errors:?}"
+        );
+    }
+}
