@@ -1,0 +1,123 @@
+//! Failover run (a benchmark, not a test): steady reads and writes through
+//! pgheal, `kill -9` of the primary, promotion of the replica. Prints failed
+//! reads, rejected writes by SQLSTATE, time from the kill to the first
+//! 25006, time from the promotion to the first successful write, and
+//! client connections lost.
+//!
+//!     cargo bench --bench failover
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use pgheal::cluster::Role;
+use pgheal::config::Config;
+use pgheal::localpg::PgNode;
+
+const CLIENTS: usize = 8;
+
+#[derive(Default)]
+struct Log {
+    reads_ok: u64,
+    reads_failed: BTreeMap<String, u64>,
+    writes_ok: u64,
+    writes_failed: BTreeMap<String, u64>,
+    first_25006: Option<Instant>,
+    writes_ok_at: Vec<Instant>,
+}
+
+async fn client(url: String, writer: bool, log: Arc<Mutex<Log>>, stop: tokio::sync::watch::Receiver<bool>) -> bool {
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.expect("connect");
+    tokio::spawn(conn);
+    while !*stop.borrow() {
+        let sql = if writer { "INSERT INTO w VALUES (1)" } else { "SELECT count(*) FROM pg_class" };
+        let result = client.simple_query(sql).await;
+        let now = Instant::now();
+        {
+            let mut log = log.lock().unwrap();
+            match (writer, result) {
+                (false, Ok(_)) => log.reads_ok += 1,
+                (true, Ok(_)) => {
+                    log.writes_ok += 1;
+                    log.writes_ok_at.push(now);
+                }
+                (w, Err(e)) => {
+                    let code = e.code().map_or("none".to_string(), |c| c.code().to_string());
+                    if code == "25006" && log.first_25006.is_none() {
+                        log.first_25006 = Some(now);
+                    }
+                    let map = if w { &mut log.writes_failed } else { &mut log.reads_failed };
+                    *map.entry(code).or_default() += 1;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    client.is_closed()
+}
+
+async fn roles(proxy: &pgheal::listener::Running) -> Vec<Role> {
+    let target = proxy.app.target("app").expect("target");
+    target.cluster.snapshot().nodes.iter().map(|n| n.role).collect()
+}
+
+async fn wait_roles(proxy: &pgheal::listener::Running, want: &[Role]) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while roles(proxy).await != want {
+        assert!(Instant::now() < deadline, "roles never became {want:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    if std::env::args().any(|a| a == "--list" || a == "--test") {
+        return; // `cargo test --benches` and the bench listing
+    }
+    let mut primary = PgNode::start_new().await.expect("primary");
+    primary.sql("postgres", "CREATE ROLE app LOGIN SUPERUSER PASSWORD 'apppw'").await.unwrap();
+    primary.sql("postgres", "CREATE DATABASE app OWNER app").await.unwrap();
+    primary.sql("app", "CREATE TABLE w(x int)").await.unwrap();
+    let replica = PgNode::start_replica_of(&primary).await.expect("replica");
+    let config = Config::parse(&format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\n[[users]]\nname = \"app\"\npassword = \"apppw\"\n\
+         [databases.app]\nnodes = [\"{}\", \"{}\"]\nuser = \"app\"\npassword = \"apppw\"\nread_routing = true\n",
+        primary.addr(),
+        replica.addr()
+    ))
+    .expect("config");
+    let proxy = pgheal::listener::start(config).await.expect("pgheal");
+    wait_roles(&proxy, &[Role::Primary, Role::Replica]).await;
+    let url = format!("postgres://app:apppw@{}/app", proxy.addr);
+
+    let log = Arc::new(Mutex::new(Log::default()));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let tasks: Vec<_> = (0..CLIENTS)
+        .map(|i| tokio::spawn(client(url.clone(), i % 2 == 1, log.clone(), stop_rx.clone())))
+        .collect();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    let killed = Instant::now();
+    primary.kill9().await;
+    wait_roles(&proxy, &[Role::Down, Role::Replica]).await;
+    let detected = Instant::now();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    replica.promote().await.expect("promote");
+    let promoted = Instant::now();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop_tx.send(true).unwrap();
+    let mut lost = 0;
+    for t in tasks {
+        lost += usize::from(t.await.unwrap());
+    }
+
+    let log = log.lock().unwrap();
+    let first_write_after = log.writes_ok_at.iter().find(|t| **t > promoted).map(|t| *t - promoted);
+    println!("failover run: {CLIENTS} clients (half readers, half writers), read_routing on, defaults otherwise");
+    println!("reads ok {}, failed {:?}", log.reads_ok, log.reads_failed);
+    println!("writes ok {}, rejected {:?}", log.writes_ok, log.writes_failed);
+    println!("kill -> primary seen down: {:?}", detected - killed);
+    println!("kill -> first 25006: {:?}", log.first_25006.map(|t| t - killed));
+    println!("promotion done -> first successful write: {first_write_after:?}");
+    println!("client connections lost: {lost}");
+}
