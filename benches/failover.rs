@@ -26,11 +26,22 @@ struct Log {
     writes_ok_at: Vec<Instant>,
 }
 
-async fn client(url: String, writer: bool, log: Arc<Mutex<Log>>, stop: tokio::sync::watch::Receiver<bool>) -> bool {
-    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.expect("connect");
+async fn client(
+    url: String,
+    writer: bool,
+    log: Arc<Mutex<Log>>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> bool {
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
     tokio::spawn(conn);
     while !*stop.borrow() {
-        let sql = if writer { "INSERT INTO w VALUES (1)" } else { "SELECT count(*) FROM pg_class" };
+        let sql = if writer {
+            "INSERT INTO w VALUES (1)"
+        } else {
+            "SELECT count(*) FROM pg_class"
+        };
         let result = client.simple_query(sql).await;
         let now = Instant::now();
         {
@@ -42,11 +53,17 @@ async fn client(url: String, writer: bool, log: Arc<Mutex<Log>>, stop: tokio::sy
                     log.writes_ok_at.push(now);
                 }
                 (w, Err(e)) => {
-                    let code = e.code().map_or("none".to_string(), |c| c.code().to_string());
+                    let code = e
+                        .code()
+                        .map_or("none".to_string(), |c| c.code().to_string());
                     if code == "25006" && log.first_25006.is_none() {
                         log.first_25006 = Some(now);
                     }
-                    let map = if w { &mut log.writes_failed } else { &mut log.reads_failed };
+                    let map = if w {
+                        &mut log.writes_failed
+                    } else {
+                        &mut log.reads_failed
+                    };
                     *map.entry(code).or_default() += 1;
                 }
             }
@@ -58,7 +75,13 @@ async fn client(url: String, writer: bool, log: Arc<Mutex<Log>>, stop: tokio::sy
 
 async fn roles(proxy: &pgheal::listener::Running) -> Vec<Role> {
     let target = proxy.app.target("app").expect("target");
-    target.cluster.snapshot().nodes.iter().map(|n| n.role).collect()
+    target
+        .cluster
+        .snapshot()
+        .nodes
+        .iter()
+        .map(|n| n.role)
+        .collect()
 }
 
 async fn wait_roles(proxy: &pgheal::listener::Running, want: &[Role]) {
@@ -75,8 +98,17 @@ async fn main() {
         return; // `cargo test --benches` and the bench listing
     }
     let mut primary = PgNode::start_new().await.expect("primary");
-    primary.sql("postgres", "CREATE ROLE app LOGIN SUPERUSER PASSWORD 'apppw'").await.unwrap();
-    primary.sql("postgres", "CREATE DATABASE app OWNER app").await.unwrap();
+    primary
+        .sql(
+            "postgres",
+            "CREATE ROLE app LOGIN SUPERUSER PASSWORD 'apppw'",
+        )
+        .await
+        .unwrap();
+    primary
+        .sql("postgres", "CREATE DATABASE app OWNER app")
+        .await
+        .unwrap();
     primary.sql("app", "CREATE TABLE w(x int)").await.unwrap();
     let replica = PgNode::start_replica_of(&primary).await.expect("replica");
     let config = Config::parse(&format!(
@@ -93,7 +125,14 @@ async fn main() {
     let log = Arc::new(Mutex::new(Log::default()));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let tasks: Vec<_> = (0..CLIENTS)
-        .map(|i| tokio::spawn(client(url.clone(), i % 2 == 1, log.clone(), stop_rx.clone())))
+        .map(|i| {
+            tokio::spawn(client(
+                url.clone(),
+                i % 2 == 1,
+                log.clone(),
+                stop_rx.clone(),
+            ))
+        })
         .collect();
     tokio::time::sleep(Duration::from_secs(3)).await;
 
@@ -112,12 +151,22 @@ async fn main() {
     }
 
     let log = log.lock().unwrap();
-    let first_write_after = log.writes_ok_at.iter().find(|t| **t > promoted).map(|t| *t - promoted);
+    let first_write_after = log
+        .writes_ok_at
+        .iter()
+        .find(|t| **t > promoted)
+        .map(|t| *t - promoted);
     println!("failover run: {CLIENTS} clients (half readers, half writers), read_routing on, defaults otherwise");
     println!("reads ok {}, failed {:?}", log.reads_ok, log.reads_failed);
-    println!("writes ok {}, rejected {:?}", log.writes_ok, log.writes_failed);
+    println!(
+        "writes ok {}, rejected {:?}",
+        log.writes_ok, log.writes_failed
+    );
     println!("kill -> primary seen down: {:?}", detected - killed);
-    println!("kill -> first 25006: {:?}", log.first_25006.map(|t| t - killed));
+    println!(
+        "kill -> first 25006: {:?}",
+        log.first_25006.map(|t| t - killed)
+    );
     println!("promotion done -> first successful write: {first_write_after:?}");
     println!("client connections lost: {lost}");
 }

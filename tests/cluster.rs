@@ -450,3 +450,35 @@ async fn primary_killed_under_steady_load_loses_no_reads_and_no_connections() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blackholed_primary_is_found_by_timeouts_reads_go_on_and_writes_degrade() {
+    let (primary, replica) = primary_and_replica().await;
+    let relay = Relay::start(primary.addr()).await;
+    // Default [health] settings: the detection time is theirs.
+    let list = format!("\"{}\", \"{}\"", relay.addr(), replica.addr());
+    let proxy = start(&format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\n[failover]\nwrite_wait = \"500ms\"\n\
+         [[users]]\nname = \"app\"\npassword = \"{APP_PASSWORD}\"\n\
+         [databases.app]\nnodes = [{list}]\nuser = \"app\"\npassword = \"{APP_PASSWORD}\"\nread_routing = true\n"
+    ))
+    .await;
+    wait_for_roles(&proxy, &[Role::Primary, Role::Replica]).await;
+    let (client, _h) = connect(&app_url(&proxy)).await;
+    client.batch_execute("CREATE TABLE t(x int)").await.unwrap();
+
+    relay.blackhole();
+    let blackholed = std::time::Instant::now();
+    wait_for_roles(&proxy, &[Role::Down, Role::Replica]).await;
+    eprintln!(
+        "blackholed primary seen down after {:?}",
+        blackholed.elapsed()
+    );
+    assert_eq!(value(&client, "SELECT 5").await.expect("reads go on"), "5");
+    let err = client
+        .batch_execute("INSERT INTO t VALUES (1)")
+        .await
+        .expect_err("no primary");
+    assert_eq!(code(&err), "25006", "{err}");
+    assert!(!client.is_closed());
+}
