@@ -34,6 +34,9 @@ pub struct NodeStatus {
     pub failures: u32,
     /// When the last successful probe was taken.
     pub probed_at: Option<std::time::Instant>,
+    /// A replica's replay delay: zero when it has replayed all it received,
+    /// else the age of the last transaction it replayed.
+    pub replay_lag: Duration,
     pub last_error: Option<String>,
 }
 
@@ -79,7 +82,9 @@ pub struct Cluster {
 }
 
 const PROBE: &str = "SELECT pg_is_in_recovery(), \
-    CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END";
+    CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END, \
+    CASE WHEN NOT pg_is_in_recovery() OR pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0 \
+         ELSE COALESCE(EXTRACT(EPOCH FROM now() - pg_last_xact_replay_timestamp()), 0) END";
 
 impl Cluster {
     /// Starts one health loop per node. With no credentials there is
@@ -99,6 +104,7 @@ impl Cluster {
                     lsn: 0,
                     failures: 0,
                     probed_at: None,
+                    replay_lag: Duration::ZERO,
                     last_error: None,
                 })
                 .collect(),
@@ -212,11 +218,12 @@ async fn node_loop(
             return;
         };
         let wait = match result {
-            Ok((role, lsn)) => {
+            Ok((role, lsn, lag)) => {
                 failures = 0;
                 cluster.update(index, |n| {
                     n.role = role;
                     n.lsn = lsn;
+                    n.replay_lag = lag;
                     n.probed_at = Some(started);
                     n.failures = 0;
                     n.last_error = None;
@@ -246,7 +253,7 @@ async fn node_loop(
 async fn probe(
     conn: &mut Option<ServerConn>,
     spec: &ConnectSpec,
-) -> Result<(Role, u64), UpstreamError> {
+) -> Result<(Role, u64, Duration), UpstreamError> {
     if conn.is_none() {
         *conn = Some(ServerConn::connect(spec).await?);
     }
@@ -276,7 +283,13 @@ async fn probe(
         .and_then(|v| v.as_deref())
         .and_then(parse_lsn)
         .unwrap_or(0);
-    Ok((role, lsn))
+    let lag = row
+        .get(2)
+        .and_then(|v| v.as_deref())
+        .and_then(|v| v.parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s >= 0.0)
+        .map_or(Duration::ZERO, |s| Duration::from_secs_f64(s.min(1e9)));
+    Ok((role, lsn, lag))
 }
 
 /// `16/B374D848` as a number.
@@ -334,6 +347,7 @@ mod tests {
             lsn: 0,
             failures: 0,
             probed_at: None,
+            replay_lag: Duration::ZERO,
             last_error: None,
         };
         let one = Topology {

@@ -133,6 +133,8 @@ pub struct Database {
     pub min_idle: usize,
     /// Send autocommit reads and `BEGIN READ ONLY` to replicas.
     pub read_routing: bool,
+    /// A replica further behind than this gets no reads.
+    pub max_replica_lag: Duration,
 }
 
 impl fmt::Debug for Database {
@@ -424,6 +426,7 @@ fn read_database(r: &mut Reader, name: &str, t: &Table, p: &str) -> Database {
         "pool_size",
         "min_idle",
         "read_routing",
+        "max_replica_lag",
     ];
     r.known_keys(t, p, &keys);
     let nodes: Vec<String> = r.get(t, p, "nodes", Vec::new());
@@ -452,6 +455,7 @@ fn read_database(r: &mut Reader, name: &str, t: &Table, p: &str) -> Database {
         user: r.opt(t, p, "user"),
         password: r.opt(t, p, "password"),
         read_routing: r.get(t, p, "read_routing", false),
+        max_replica_lag: r.get(t, p, "max_replica_lag", Duration::from_secs(1)),
         nodes,
         pool_size,
         min_idle,

@@ -42,6 +42,7 @@ pub fn demo_config(listen: SocketAddr, nodes: &[String]) -> Config {
             pool_size: 20,
             min_idle: 0,
             read_routing: false,
+            max_replica_lag: Duration::from_secs(1),
         },
     );
     Config {

@@ -55,6 +55,22 @@ pub fn intent(buf: &[u8]) -> Intent {
     }
 }
 
+/// How fresh a replica must be to serve a read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplicaFit {
+    /// Replayed at least this far (read-your-writes).
+    pub min_lsn: u64,
+    /// `max_replica_lag`.
+    pub max_lag: std::time::Duration,
+}
+
+impl ReplicaFit {
+    pub const ANY: ReplicaFit = ReplicaFit {
+        min_lsn: 0,
+        max_lag: std::time::Duration::MAX,
+    };
+}
+
 /// Where to run, by node index, or that nothing fits now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
@@ -72,15 +88,22 @@ pub fn decide(
     topology: &Topology,
     intent: Intent,
     read_routing: bool,
-    min_lsn: u64,
+    fit: ReplicaFit,
     busy: impl Fn(usize) -> usize,
 ) -> Decision {
     let primary = topology.primary_index();
-    // Without a primary, availability wins over read-your-writes.
-    let floor = if primary.is_some() { min_lsn } else { 0 };
+    // Without a primary, availability wins over freshness.
+    let fit = if primary.is_some() {
+        fit
+    } else {
+        ReplicaFit::ANY
+    };
     let replica = || {
         (0..topology.nodes.len())
-            .filter(|&i| topology.nodes[i].role == Role::Replica && topology.nodes[i].lsn >= floor)
+            .filter(|&i| {
+                let n = &topology.nodes[i];
+                n.role == Role::Replica && n.lsn >= fit.min_lsn && n.replay_lag <= fit.max_lag
+            })
             .min_by_key(|&i| busy(i))
     };
     if intent.reads_only() && (read_routing || primary.is_none()) {
@@ -133,6 +156,7 @@ mod tests {
                     lsn: 0,
                     failures: 0,
                     probed_at: None,
+                    replay_lag: std::time::Duration::ZERO,
                     last_error: None,
                 })
                 .collect(),
@@ -163,38 +187,59 @@ mod tests {
         let t = topo(&[Role::Replica, Role::Primary, Role::Replica]);
         let busy = |i: usize| if i == 0 { 5 } else { 1 };
         assert_eq!(
-            decide(&t, Intent::Read, true, 0, busy),
+            decide(&t, Intent::Read, true, ReplicaFit::ANY, busy),
             Decision::Node(2),
             "least busy replica"
         );
-        assert_eq!(decide(&t, Intent::Read, false, 0, busy), Decision::Node(1));
-        assert_eq!(decide(&t, Intent::Write, true, 0, busy), Decision::Node(1));
         assert_eq!(
-            decide(&t, Intent::ReadOnlyTx, true, 0, busy),
+            decide(&t, Intent::Read, false, ReplicaFit::ANY, busy),
+            Decision::Node(1)
+        );
+        assert_eq!(
+            decide(&t, Intent::Write, true, ReplicaFit::ANY, busy),
+            Decision::Node(1)
+        );
+        assert_eq!(
+            decide(&t, Intent::ReadOnlyTx, true, ReplicaFit::ANY, busy),
             Decision::Node(2)
         );
         // A replica behind the client's last write gets none of its reads.
-        assert_eq!(decide(&t, Intent::Read, true, 1, busy), Decision::Node(1));
+        assert_eq!(
+            decide(
+                &t,
+                Intent::Read,
+                true,
+                ReplicaFit {
+                    min_lsn: 1,
+                    ..ReplicaFit::ANY
+                },
+                busy
+            ),
+            Decision::Node(1)
+        );
         let degraded = topo(&[Role::Replica, Role::Down]);
         assert_eq!(
-            decide(&degraded, Intent::Read, false, 0, busy),
+            decide(&degraded, Intent::Read, false, ReplicaFit::ANY, busy),
             Decision::Node(0)
         );
         assert_eq!(
-            decide(&degraded, Intent::Write, false, 0, busy),
+            decide(&degraded, Intent::Write, false, ReplicaFit::ANY, busy),
             Decision::NoPrimary
         );
         assert_eq!(degraded_begin(&degraded, busy), Some(0));
         let split = topo(&[Role::Primary, Role::Primary]);
         assert_eq!(
-            decide(&split, Intent::Write, false, 0, busy),
+            decide(&split, Intent::Write, false, ReplicaFit::ANY, busy),
             Decision::NoPrimary
         );
         assert_eq!(
-            decide(&split, Intent::Read, false, 0, busy),
+            decide(&split, Intent::Read, false, ReplicaFit::ANY, busy),
             Decision::Node(0)
         );
         let down = topo(&[Role::Down, Role::Down]);
-        assert_eq!(decide(&down, Intent::Read, true, 0, busy), Decision::NoNode);
+        assert_eq!(
+            decide(&down, Intent::Read, true, ReplicaFit::ANY, busy),
+            Decision::NoNode
+        );
     }
 }

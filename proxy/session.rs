@@ -459,9 +459,11 @@ impl Session {
             if floor.is_none() {
                 self.fence = None;
             }
-            let min_lsn = floor.unwrap_or(0);
-            let decision =
-                router::decide(&topology, intent, read_routing, min_lsn, |i| self.busy(i));
+            let fit = router::ReplicaFit {
+                min_lsn: floor.unwrap_or(0),
+                max_lag: self.target.database.max_replica_lag,
+            };
+            let decision = router::decide(&topology, intent, read_routing, fit, |i| self.busy(i));
             let expired = tokio::time::Instant::now() >= deadline;
             match decision {
                 Decision::Node(i) => return Ok(self.node_pool(i)),

@@ -482,3 +482,58 @@ async fn a_blackholed_primary_is_found_by_timeouts_reads_go_on_and_writes_degrad
     assert_eq!(code(&err), "25006", "{err}");
     assert!(!client.is_closed());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_past_max_replica_lag_gets_no_reads() {
+    let (primary, replica) = primary_and_replica().await;
+    let proxy = proxy_over(&[&primary, &replica], true, "2s").await;
+    wait_for_roles(&proxy, &[Role::Primary, Role::Replica]).await;
+    let (writer, _hw) = connect(&app_url(&proxy)).await;
+    let (reader, _hr) = connect(&app_url(&proxy)).await;
+    writer.batch_execute("CREATE TABLE t(x int)").await.unwrap();
+    assert_eq!(
+        in_recovery(&reader).await.unwrap(),
+        "t",
+        "a fresh replica serves reads"
+    );
+
+    let (direct, _hd) = connect(&format!(
+        "postgres://postgres:postgres@{}/app",
+        replica.addr()
+    ))
+    .await;
+    direct
+        .batch_execute("SELECT pg_wal_replay_pause()")
+        .await
+        .unwrap();
+    // The replica receives WAL it does not replay: it falls behind.
+    writer
+        .batch_execute("INSERT INTO t VALUES (1)")
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(20),
+        "the lagging replica to lose the reads",
+        || async {
+            writer
+                .batch_execute("INSERT INTO t VALUES (1)")
+                .await
+                .unwrap();
+            in_recovery(&reader).await.unwrap() == "f"
+        },
+    )
+    .await;
+    let lag = proxy.app.target("app").unwrap().cluster.snapshot().nodes[1].replay_lag;
+    assert!(lag > Duration::from_secs(1), "{lag:?}");
+
+    direct
+        .batch_execute("SELECT pg_wal_replay_resume()")
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(20),
+        "the caught-up replica to serve reads again",
+        || async { in_recovery(&reader).await.unwrap() == "t" },
+    )
+    .await;
+}
