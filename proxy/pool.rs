@@ -172,7 +172,9 @@ impl Pool {
             // Newest first, so the most recently used are the ones kept.
             for i in idle.drain(..).rev() {
                 let old = i.since.elapsed() >= self.limits.idle_timeout;
-                let dead = i.conn.created.elapsed() >= self.limits.server_lifetime;
+                // Past its lifetime, or closed by a server that went away.
+                let dead =
+                    i.conn.created.elapsed() >= self.limits.server_lifetime || i.conn.is_broken();
                 if dead || (old && keep.len() >= self.limits.min_idle) {
                     drop_list.push(i);
                 } else {

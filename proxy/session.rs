@@ -512,6 +512,10 @@ impl Session {
 
     async fn checkout(&mut self, pool: &Arc<Pool>) -> Result<Lease, PoolError> {
         let mut lease = pool.checkout().await?;
+        if !self.intent.reads_only() && lease.conn().reported.get("in_hot_standby") == Some("on") {
+            // Taken for the primary, but it says it is a standby (PG 14+).
+            self.target.cluster.nudge(pool.addr());
+        }
         if let Some(e) = lease.conn().apply_params(&self.params).await? {
             tracing::warn!(error = %e, "cannot apply the client's session parameters");
         }
@@ -786,6 +790,12 @@ impl Session {
                     }
                 } else {
                     let _ = conn.note_parameter(body);
+                    if conn.reported.get("in_hot_standby") == Some("on")
+                        && !self.intent.reads_only()
+                    {
+                        // PostgreSQL 14+ says the node went into recovery.
+                        self.target.cluster.nudge(&conn.addr);
+                    }
                 }
             } else if step == Step::NeedMore {
                 return Ok(());
