@@ -58,19 +58,11 @@ async fn in_recovery(client: &tokio_postgres::Client) -> Result<String, tokio_po
     value(client, "SELECT pg_is_in_recovery()").await
 }
 
-/// The first column of the first row of a simple query.
 async fn value(
     client: &tokio_postgres::Client,
     sql: &str,
 ) -> Result<String, tokio_postgres::Error> {
-    let rows = client.simple_query(sql).await?;
-    Ok(rows
-        .iter()
-        .find_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
-            _ => None,
-        })
-        .unwrap_or_default())
+    first_value(client, sql).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

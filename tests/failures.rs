@@ -4,16 +4,6 @@ mod common;
 use common::*;
 use std::time::Duration;
 
-async fn backend_pid(c: &tokio_postgres::Client) -> i32 {
-    let rows = c.simple_query("SELECT pg_backend_pid()").await.unwrap();
-    rows.iter()
-        .find_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).and_then(|v| v.parse().ok()),
-            _ => None,
-        })
-        .expect("a pid")
-}
-
 async fn terminate(node: &pgheal::localpg::PgNode, pid: i32) {
     let (admin, _h) = connect(&format!(
         "postgres://postgres:postgres@{}/postgres",

@@ -95,13 +95,3 @@ async fn servers_are_replaced_after_their_lifetime() {
     )
     .await;
 }
-
-async fn backend_pid(c: &tokio_postgres::Client) -> i32 {
-    let rows = c.simple_query("SELECT pg_backend_pid()").await.unwrap();
-    rows.iter()
-        .find_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).and_then(|v| v.parse().ok()),
-            _ => None,
-        })
-        .expect("a pid")
-}

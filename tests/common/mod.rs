@@ -313,3 +313,27 @@ impl Drop for Relay {
         self.accept.abort();
     }
 }
+
+/// The first column of the first row of a simple query, as text.
+pub async fn first_value(
+    client: &tokio_postgres::Client,
+    sql: &str,
+) -> Result<String, tokio_postgres::Error> {
+    let rows = client.simple_query(sql).await?;
+    Ok(rows
+        .iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+            _ => None,
+        })
+        .unwrap_or_default())
+}
+
+/// The server process a client's next statement runs on.
+pub async fn backend_pid(client: &tokio_postgres::Client) -> i32 {
+    first_value(client, "SELECT pg_backend_pid()")
+        .await
+        .expect("pg_backend_pid()")
+        .parse()
+        .expect("a pid")
+}
