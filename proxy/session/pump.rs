@@ -1,0 +1,258 @@
+//! The data path of one attachment: bytes both ways, headers scanned,
+//! ReadyForQuery/ParameterStatus/ErrorResponse read whole.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Buf;
+use pgheal_protocol::backend::{self, TxStatus};
+use pgheal_protocol::frame::{FrameError, Scanner, Step};
+use pgheal_protocol::frontend;
+use pgheal_protocol::sqlstate;
+use tokio_util::io::poll_read_buf;
+
+use super::{PumpEnd, Rerun, Session};
+use crate::config::PoolMode;
+use crate::flow::{write_some, MAX_PENDING};
+use crate::upstream::ServerConn;
+
+impl Session {
+    /// Puts the kept request of a read back as if the client had just sent
+    /// it, and forgets what the server said.
+    pub(super) fn restore_replay(&mut self) -> Result<(), FrameError> {
+        let Some(request) = self.replay.take() else {
+            return Ok(());
+        };
+        let max = self.app.config().proxy.max_message_size;
+        self.down.clear();
+        self.down.scanner = Scanner::new(usize::MAX);
+        self.up.buf = request;
+        self.up.scanned = 0;
+        self.up.scanner = Scanner::new(max);
+        self.holding = false;
+        self.pending = 0;
+        self.owed = false;
+        self.awaiting = false;
+        self.tx = TxStatus::Idle;
+        self.scan_up()
+    }
+
+    pub(super) fn scan_up(&mut self) -> Result<(), FrameError> {
+        loop {
+            let step = self
+                .up
+                .scanner
+                .next(&self.up.buf[self.up.scanned..], |_| false)?;
+            match step {
+                Step::NeedMore => return Ok(()),
+                Step::Body(n) if self.dropping => {
+                    self.up.buf.advance(n);
+                    self.dropping = !self.up.scanner.at_boundary();
+                    continue;
+                }
+                Step::Header { tag, .. } if tag == frontend::TERMINATE => {
+                    self.up.buf.truncate(self.up.scanned);
+                    self.terminated = true;
+                    return Ok(());
+                }
+                Step::Header { tag, .. } => {
+                    if self.holding {
+                        // More from the client: the kept request is no
+                        // longer all of it; answer as it comes.
+                        self.replay = None;
+                        self.holding = false;
+                    }
+                    if matches!(
+                        tag,
+                        frontend::QUERY | frontend::SYNC | frontend::FUNCTION_CALL
+                    ) {
+                        self.pending += 1;
+                    }
+                    self.owed = true;
+                    self.awaiting = true;
+                }
+                _ => {}
+            }
+            self.up.scanned += step.consumed();
+        }
+    }
+
+    pub(super) fn scan_down(&mut self, conn: &mut ServerConn) -> Result<(), FrameError> {
+        let whole = |t| {
+            matches!(
+                t,
+                backend::READY_FOR_QUERY | backend::PARAMETER_STATUS | backend::ERROR_RESPONSE
+            )
+        };
+        loop {
+            let start = self.down.scanned;
+            let step = self.down.scanner.next(&self.down.buf[start..], whole)?;
+            if let (true, Step::Header { tag, .. } | Step::Whole { tag, .. }) = (self.holding, step)
+            {
+                let message = &self.down.buf[start..start + step.consumed()];
+                let read_only = tag == backend::ERROR_RESPONSE
+                    && backend::ErrorFields::parse(message.get(5..).unwrap_or_default()).is_ok_and(
+                        |f| f.code == sqlstate::READ_ONLY_SQL_TRANSACTION.code().as_bytes(),
+                    );
+                self.watch_held_answer(tag, read_only);
+            }
+            if let Step::Whole { tag, len } = step {
+                let body = &self.down.buf[start + 5..start + len];
+                if tag == backend::READY_FOR_QUERY {
+                    self.tx = TxStatus::parse(body).unwrap_or(TxStatus::Failed);
+                    self.pending = self.pending.saturating_sub(1);
+                    if self.pending == 0 {
+                        self.awaiting = false;
+                        self.owed &= self.tx != TxStatus::Idle;
+                    }
+                } else if tag == backend::ERROR_RESPONSE {
+                    let fields = backend::ErrorFields::parse(body).unwrap_or_default();
+                    if fields.code == sqlstate::READ_ONLY_SQL_TRANSACTION.code().as_bytes() {
+                        // A node taken for the primary refuses writes: re-probe it.
+                        self.target.cluster.nudge(&conn.addr);
+                    }
+                    if matches!(fields.severity, b"FATAL" | b"PANIC") {
+                        // The server is going away. Its FATAL would end the
+                        // client's connection; the client hears 08006 from
+                        // pgheal instead, in protocol order, and stays.
+                        let message = fields.message_lossy();
+                        tracing::warn!(server = %conn.addr, %message, "server is closing the connection");
+                        self.server_dying = true;
+                        let tail = self.down.buf.split_off(start + len);
+                        self.down.buf.truncate(start);
+                        self.down.buf.unsplit(tail);
+                        continue;
+                    }
+                } else {
+                    let _ = conn.note_parameter(body);
+                    if conn.reported.get("in_hot_standby") == Some("on")
+                        && !self.intent.reads_only()
+                    {
+                        // PostgreSQL 14+ says the node went into recovery.
+                        self.target.cluster.nudge(&conn.addr);
+                    }
+                }
+            } else if step == Step::NeedMore {
+                return Ok(());
+            }
+            self.down.scanned += step.consumed();
+        }
+    }
+
+    /// While a read's answer is held back: a 25006 from a replica means run
+    /// it on the primary; anything that is an answer lets it through.
+    pub(super) fn watch_held_answer(&mut self, tag: u8, read_only_error: bool) {
+        match tag {
+            // Describing the result is not yet an answer.
+            b'T' | b'1' | b'2' | b't' | b'n' | b'S' => {}
+            // The request is answered in full without an error.
+            backend::READY_FOR_QUERY if self.rerun.is_none() => {
+                self.holding = false;
+                self.replay = None;
+            }
+            backend::READY_FOR_QUERY => {}
+            backend::ERROR_RESPONSE if read_only_error => self.rerun = Some(Rerun::OnPrimary),
+            _ => {
+                self.holding = false;
+                self.replay = None;
+            }
+        }
+    }
+
+    pub(super) fn releasable(&self) -> bool {
+        self.mode == PoolMode::Transaction
+            && !self.owed
+            && self.up.buf.is_empty()
+            && self.up.scanner.at_boundary()
+            && self.down.buf.is_empty()
+    }
+
+    /// Moves bytes both ways until the attachment ends. Each side is read
+    /// only while the other side's backlog is small.
+    pub(super) fn poll_pump(
+        &mut self,
+        cx: &mut Context<'_>,
+        conn: &mut ServerConn,
+    ) -> Poll<PumpEnd> {
+        loop {
+            let mut progress = match self.poll_client_read(cx) {
+                Ok(p) => p,
+                Err(end) => return Poll::Ready(end),
+            };
+            if self.client_eof || (self.terminated && self.up.buf.is_empty()) {
+                return Poll::Ready(PumpEnd::ClientGone);
+            }
+            if !self.server_dying {
+                match write_some(cx, &mut conn.stream, &mut self.up) {
+                    Poll::Ready(Ok(n)) => progress |= n > 0,
+                    Poll::Ready(Err(e)) => return Poll::Ready(PumpEnd::ServerLost(e)),
+                    Poll::Pending => {}
+                }
+            }
+            match self.poll_server_read(cx, conn) {
+                Ok(p) => progress |= p,
+                Err(end) => return Poll::Ready(end),
+            }
+            if self.rerun.is_some() && self.pending == 0 {
+                return Poll::Ready(PumpEnd::Rerun);
+            }
+            if !self.holding {
+                match write_some(cx, &mut self.client, &mut self.down) {
+                    Poll::Ready(Ok(n)) => progress |= n > 0,
+                    Poll::Ready(Err(_)) => return Poll::Ready(PumpEnd::ClientGone),
+                    Poll::Pending => {}
+                }
+            }
+            if self.releasable() {
+                return Poll::Ready(PumpEnd::Released);
+            }
+            if !progress {
+                return Poll::Pending;
+            }
+        }
+    }
+
+    pub(super) fn poll_client_read(&mut self, cx: &mut Context<'_>) -> Result<bool, PumpEnd> {
+        if self.terminated || self.client_eof || self.server_dying || self.up.scanned >= MAX_PENDING
+        {
+            return Ok(false);
+        }
+        self.up.reserve();
+        match poll_read_buf(Pin::new(&mut self.client), cx, &mut self.up.buf) {
+            Poll::Ready(Ok(0)) => {
+                self.client_eof = true;
+                Ok(true)
+            }
+            Poll::Ready(Ok(_)) => {
+                self.scan_up().map_err(PumpEnd::ClientBroke)?;
+                Ok(true)
+            }
+            Poll::Ready(Err(_)) => Err(PumpEnd::ClientGone),
+            Poll::Pending => Ok(false),
+        }
+    }
+
+    pub(super) fn poll_server_read(
+        &mut self,
+        cx: &mut Context<'_>,
+        conn: &mut ServerConn,
+    ) -> Result<bool, PumpEnd> {
+        if self.down.scanned >= MAX_PENDING {
+            return Ok(false);
+        }
+        self.down.reserve();
+        match poll_read_buf(Pin::new(&mut conn.stream), cx, &mut self.down.buf) {
+            Poll::Ready(Ok(0)) => Err(PumpEnd::ServerLost(io::ErrorKind::UnexpectedEof.into())),
+            Poll::Ready(Ok(_)) => {
+                // A server that breaks framing is as good as gone.
+                self.scan_down(conn).map_err(|e| {
+                    PumpEnd::ServerLost(io::Error::new(io::ErrorKind::InvalidData, e))
+                })?;
+                Ok(true)
+            }
+            Poll::Ready(Err(e)) => Err(PumpEnd::ServerLost(e)),
+            Poll::Pending => Ok(false),
+        }
+    }
+}
