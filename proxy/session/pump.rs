@@ -91,11 +91,20 @@ impl Session {
             if let (true, Step::Header { tag, .. } | Step::Whole { tag, .. }) = (self.holding, step)
             {
                 let message = &self.down.buf[start..start + step.consumed()];
-                let read_only = tag == backend::ERROR_RESPONSE
-                    && backend::ErrorFields::parse(message.get(5..).unwrap_or_default()).is_ok_and(
-                        |f| f.code == sqlstate::READ_ONLY_SQL_TRANSACTION.code().as_bytes(),
-                    );
-                self.watch_held_answer(tag, read_only);
+                let error = (tag == backend::ERROR_RESPONSE)
+                    .then(|| backend::ErrorFields::parse(message.get(5..).unwrap_or_default()).ok())
+                    .flatten();
+                let read_only = error.as_ref().is_some_and(|f| {
+                    f.code == sqlstate::READ_ONLY_SQL_TRANSACTION.code().as_bytes()
+                });
+                // A FATAL is the server going away, not an answer: the read
+                // stays ready to run elsewhere.
+                let fatal = error
+                    .as_ref()
+                    .is_some_and(|f| matches!(f.severity, b"FATAL" | b"PANIC"));
+                if !fatal {
+                    self.watch_held_answer(tag, read_only);
+                }
             }
             if let Step::Whole { tag, len } = step {
                 let body = &self.down.buf[start + 5..start + len];
