@@ -114,6 +114,7 @@ impl App {
                 .or_else(|| client.and_then(|u| u.password.clone())),
             database: database.dbname.clone(),
             connect_timeout: self.config.pool.connect_timeout,
+            application_name: None,
         };
         let limits = PoolLimits {
             size: database.pool_size,
@@ -126,21 +127,31 @@ impl App {
     }
 }
 
+/// How pgheal's health-check connections show in pg_stat_activity.
+pub const HEALTH_APPLICATION_NAME: &str = "pgheal health check";
+
 /// Credentials for a database's health checks: `[health]`'s, else the
-/// database's own upstream user and password.
+/// database's own upstream user and password, else the first `[[users]]`
+/// entry with a plain password (when clients' own credentials pass upstream).
 fn health_spec(config: &Config, db: &Database) -> Option<ConnectSpec> {
-    let user = config.health.user.clone().or_else(|| db.user.clone())?;
-    let password = config
-        .health
-        .password
-        .clone()
-        .or_else(|| db.password.clone());
+    let (user, password) = match (&config.health.user, &db.user) {
+        (Some(u), _) => (u.clone(), config.health.password.clone()),
+        (None, Some(u)) => (u.clone(), db.password.clone()),
+        (None, None) => {
+            let u = config.users.iter().find(|u| u.password.is_some())?;
+            (
+                u.name.clone(),
+                db.password.clone().or_else(|| u.password.clone()),
+            )
+        }
+    };
     Some(ConnectSpec {
         addr: String::new(),
         user,
         password,
         database: db.dbname.clone(),
         connect_timeout: config.health.timeout,
+        application_name: Some(HEALTH_APPLICATION_NAME),
     })
 }
 

@@ -278,6 +278,7 @@ impl PgNode {
             password: Some(SUPERUSER_PASSWORD.into()),
             database: database.into(),
             connect_timeout: Duration::from_secs(5),
+            application_name: Some("pgheal localpg"),
         })
         .await
     }

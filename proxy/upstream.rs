@@ -87,6 +87,8 @@ pub struct ConnectSpec {
     pub password: Option<String>,
     pub database: String,
     pub connect_timeout: Duration,
+    /// Sent at startup so pgheal's own connections show in pg_stat_activity.
+    pub application_name: Option<&'static str>,
 }
 
 /// An authenticated server connection, ready for queries.
@@ -133,10 +135,14 @@ impl ServerConn {
             created: Instant::now(),
         };
         let mut out = BytesMut::new();
-        build::startup_message(
-            &mut out,
-            &[("user", &spec.user), ("database", &spec.database)],
-        );
+        let mut params = vec![
+            ("user", spec.user.as_str()),
+            ("database", spec.database.as_str()),
+        ];
+        if let Some(name) = spec.application_name {
+            params.push(("application_name", name));
+        }
+        build::startup_message(&mut out, &params);
         conn.send(&out).await?;
         let mut buf = BytesMut::new();
         conn.authenticate(spec, &mut buf).await?;

@@ -146,3 +146,35 @@ async fn server_lost_during_an_autocommit_write_says_the_outcome_is_unknown() {
         "the connection stays usable"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_whose_backend_dies_runs_again_unseen() {
+    let node = app_node().await;
+    let proxy = proxy(&node).await;
+    let (client, _h) = connect(&app_url(&proxy)).await;
+    let reader = tokio::spawn(async move {
+        let r = first_value(&client, "SELECT pg_sleep(1)::text || '42'").await;
+        (client, r)
+    });
+    let (admin, _ha) = connect(&format!(
+        "postgres://postgres:postgres@{}/postgres",
+        node.addr()
+    ))
+    .await;
+    let running = "SELECT pid FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep(1)%' AND state = 'active'";
+    eventually(Duration::from_secs(10), "the read to start", || async {
+        !admin.query(running, &[]).await.unwrap().is_empty()
+    })
+    .await;
+    let pid: i32 = admin.query_one(running, &[]).await.unwrap().get(0);
+    admin
+        .execute("SELECT pg_terminate_backend($1)", &[&pid])
+        .await
+        .unwrap();
+    let (client, result) = reader.await.unwrap();
+    assert_eq!(
+        result.expect("the client sees only the second run's answer"),
+        "42"
+    );
+    assert_ne!(backend_pid(&client).await, pid);
+}

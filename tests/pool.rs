@@ -8,8 +8,8 @@ use std::time::Duration;
 async fn app_backends(admin: &tokio_postgres::Client) -> i64 {
     admin
         .query_one(
-            "SELECT count(*) FROM pg_stat_activity WHERE usename = 'app'",
-            &[],
+            "SELECT count(*) FROM pg_stat_activity WHERE usename = 'app' AND application_name <> $1",
+            &[&pgheal::HEALTH_APPLICATION_NAME],
         )
         .await
         .unwrap()

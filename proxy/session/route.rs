@@ -48,8 +48,11 @@ pub(super) enum Rerun {
     /// A replica refused it with 25006 (a "read" that writes, such as
     /// `SELECT nextval(...)`): run it on the primary.
     OnPrimary,
-    /// Its server was lost: run it on another node.
+    /// Its server was lost: run it on another node if there is one, else
+    /// on the same node if it is still up (only that backend died).
     Elsewhere(Arc<str>),
+    /// Its node could not be reached at all: not there again.
+    Unreachable(Arc<str>),
 }
 
 impl Session {
@@ -83,13 +86,13 @@ impl Session {
                 return Err(e.into());
             }
             tracing::warn!(server = %pool.addr(), error = %e, "node unreachable; routing again without it");
-            rerun = Some(Rerun::Elsewhere(pool.shared_addr().clone()));
+            rerun = Some(Rerun::Unreachable(pool.shared_addr().clone()));
         }
     }
 
     pub(super) async fn route(&mut self, rerun: Option<&Rerun>) -> Result<Arc<Pool>, ClientError> {
         if !self.target.cluster.is_probing() {
-            self.intent = Intent::Write;
+            self.intent = router::intent(&self.up.buf);
             return Ok(self.pool.clone());
         }
         if self.node_pools.iter().any(Option::is_none) {
@@ -107,15 +110,20 @@ impl Session {
         let waited = self.app.config().failover.write_wait;
         let deadline = tokio::time::Instant::now() + waited;
         loop {
-            let mut topology = self.topology.borrow_and_update().clone();
-            if let Some(Rerun::Elsewhere(lost)) = rerun {
-                let mut t = (*topology).clone();
-                t.nodes
-                    .iter_mut()
-                    .filter(|n| n.addr == *lost)
-                    .for_each(|n| n.role = Role::Down);
-                topology = Arc::new(t);
-            }
+            let topology = self.topology.borrow_and_update().clone();
+            // After a lost server, prefer another node; the same node is
+            // fine when it is still up (only that backend died).
+            let avoided = match rerun {
+                Some(Rerun::Elsewhere(lost) | Rerun::Unreachable(lost)) => {
+                    let mut t = (*topology).clone();
+                    t.nodes
+                        .iter_mut()
+                        .filter(|n| n.addr == *lost)
+                        .for_each(|n| n.role = Role::Down);
+                    Some(t)
+                }
+                _ => None,
+            };
             let floor = self.fence.as_mut().map_or(Some(0), |f| f.floor(&topology));
             if floor.is_none() {
                 self.fence = None;
@@ -124,7 +132,13 @@ impl Session {
                 min_lsn: floor.unwrap_or(0),
                 max_lag: self.target.database.max_replica_lag,
             };
-            let decision = router::decide(&topology, intent, read_routing, fit, |i| self.busy(i));
+            let decide =
+                |t: &Topology| router::decide(t, intent, read_routing, fit, |i| self.busy(i));
+            let decision = match (avoided.as_ref().map(decide), rerun) {
+                (Some(d), Some(Rerun::Unreachable(_))) => d,
+                (Some(Decision::Node(i)), _) => Decision::Node(i),
+                _ => decide(&topology),
+            };
             let expired = tokio::time::Instant::now() >= deadline;
             match decision {
                 Decision::Node(i) => return Ok(self.node_pool(i)),
