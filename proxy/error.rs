@@ -156,7 +156,7 @@ mod tests {
     fn code_of(e: ClientError, logged_in: bool) -> (Vec<u8>, Vec<u8>) {
         let mut buf = BytesMut::new();
         assert!(e.write_response(&mut buf, logged_in));
-        let f = ErrorFields::parse(&buf[5..]).unwrap();
+        let f = ErrorFields::parse(&buf[5..]).expect("test input is valid");
         (f.severity.to_vec(), f.code.to_vec())
     }
 

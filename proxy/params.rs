@@ -152,7 +152,7 @@ mod tests {
                 "-c search_path=a,b --statement-timeout=5s -cwork_mem=1MB",
             ),
         ])
-        .unwrap();
+        .expect("test input is valid");
         assert_eq!(p.get("APPLICATION_NAME"), Some("app"));
         assert_eq!(p.get("search_path"), Some("a,b"));
         assert_eq!(p.get("statement_timeout"), Some("5s"));
@@ -171,7 +171,7 @@ mod tests {
         let mut want = Params::default();
         want.set("timezone", "UTC");
         want.set("application_name", "it's");
-        let sql = have.diff_sql(&want).unwrap();
+        let sql = have.diff_sql(&want).expect("test input is valid");
         assert_eq!(sql, "SET application_name TO 'it''s';RESET search_path;");
         assert_eq!(want.diff_sql(&want), None);
     }

@@ -169,7 +169,7 @@ mod tests {
             "nope",
             Some("check it"),
         );
-        let f = ErrorFields::parse(&buf[5..]).unwrap();
+        let f = ErrorFields::parse(&buf[5..]).expect("test input is valid");
         assert_eq!(f.code, b"28P01");
         assert_eq!(f.severity, b"FATAL");
         assert_eq!(f.message, b"nope");

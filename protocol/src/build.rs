@@ -221,7 +221,9 @@ mod tests {
     use crate::sqlstate;
 
     fn only(buf: &BytesMut) -> (u8, &[u8]) {
-        let m = frame::message(buf, 1 << 20).unwrap().unwrap();
+        let m = frame::message(buf, 1 << 20)
+            .expect("test input is valid")
+            .expect("test input is valid");
         assert_eq!(m.len, buf.len(), "exactly one message");
         (m.tag, m.body)
     }
@@ -339,7 +341,7 @@ mod tests {
             "busy",
             None,
         );
-        let f = backend::ErrorFields::parse(only(&b).1).unwrap();
+        let f = backend::ErrorFields::parse(only(&b).1).expect("test input is valid");
         assert_eq!(
             (f.severity, f.code, f.message),
             (&b"ERROR"[..], &b"53300"[..], &b"busy"[..])

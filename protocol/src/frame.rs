@@ -193,7 +193,9 @@ mod tests {
     fn message_splits_whole_ones_only() {
         let m = msg(b'S', b"a\0b\0");
         assert_eq!(message(&m[..6], 100), Ok(None));
-        let whole = message(&m, 100).unwrap().unwrap();
+        let whole = message(&m, 100)
+            .expect("test input is valid")
+            .expect("test input is valid");
         assert_eq!(
             (whole.tag, whole.body, whole.len),
             (b'S', &b"a\0b\0"[..], 9)

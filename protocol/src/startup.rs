@@ -141,7 +141,9 @@ mod tests {
     fn parses_a_startup_message() {
         let mut buf = BytesMut::new();
         build::startup_message(&mut buf, &[("user", "app"), ("database", "db")]);
-        let (p, n) = parse(&buf).unwrap().unwrap();
+        let (p, n) = parse(&buf)
+            .expect("test input is valid")
+            .expect("test input is valid");
         assert_eq!(n, buf.len());
         let StartupPacket::Startup(m) = p else {
             panic!("{p:?}")
@@ -189,7 +191,7 @@ mod tests {
     fn newer_minor_and_protocol_options_are_reported() {
         let mut buf = BytesMut::new();
         build::startup_message_version(&mut buf, 2, &[("user", "u"), ("_pq_.x", "1")]);
-        let Some((StartupPacket::Startup(m), _)) = parse(&buf).unwrap() else {
+        let Some((StartupPacket::Startup(m), _)) = parse(&buf).expect("test input is valid") else {
             panic!()
         };
         assert_eq!(m.minor, 2);
