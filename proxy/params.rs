@@ -24,9 +24,14 @@ impl Params {
     }
 
     pub fn get(&self, name: &str) -> Option<&str> {
-        self.map
-            .get(&name.to_ascii_lowercase())
-            .map(|(_, v)| v.as_str())
+        // Keys are stored folded; a name that is already lower case (the
+        // usual case, and the one on the data path) needs no new String.
+        let entry = if name.bytes().any(|b| b.is_ascii_uppercase()) {
+            self.map.get(&name.to_ascii_lowercase())
+        } else {
+            self.map.get(name)
+        };
+        entry.map(|(_, v)| v.as_str())
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
