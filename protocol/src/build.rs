@@ -212,6 +212,54 @@ pub fn terminate(buf: &mut BytesMut) {
     message(buf, b'X', |_| {});
 }
 
+/// Parse; `types` is the parameter type section as a client sent it
+/// (an i16 count, then the OIDs).
+pub fn parse(buf: &mut BytesMut, name: &[u8], query: &[u8], types: &[u8]) {
+    message(buf, b'P', |b| {
+        cstr(b, name);
+        cstr(b, query);
+        b.put_slice(types);
+    });
+}
+
+/// Bind with the part after the two names (formats, values, result
+/// formats) copied as sent.
+pub fn bind(buf: &mut BytesMut, portal: &[u8], statement: &[u8], rest: &[u8]) {
+    message(buf, b'B', |b| {
+        cstr(b, portal);
+        cstr(b, statement);
+        b.put_slice(rest);
+    });
+}
+
+/// Describe (`kind` is `S` or `P`).
+pub fn describe(buf: &mut BytesMut, kind: u8, name: &[u8]) {
+    message(buf, b'D', |b| {
+        b.put_u8(kind);
+        cstr(b, name);
+    });
+}
+
+/// Close (`kind` is `S` or `P`).
+pub fn close(buf: &mut BytesMut, kind: u8, name: &[u8]) {
+    message(buf, b'C', |b| {
+        b.put_u8(kind);
+        cstr(b, name);
+    });
+}
+
+/// Execute of a portal, all rows when `max_rows` is 0.
+pub fn execute(buf: &mut BytesMut, portal: &[u8], max_rows: i32) {
+    message(buf, b'E', |b| {
+        cstr(b, portal);
+        b.put_i32(max_rows);
+    });
+}
+
+pub fn sync(buf: &mut BytesMut) {
+    message(buf, b'S', |_| {});
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -226,6 +274,33 @@ mod tests {
             .expect("test input is valid");
         assert_eq!(m.len, buf.len(), "exactly one message");
         (m.tag, m.body)
+    }
+
+    #[test]
+    fn extended_messages_read_back() {
+        let mut b = BytesMut::new();
+        parse(&mut b, b"s1", b"select $1", b"\0\x01\0\0\0\x17");
+        let (tag, body) = only(&b);
+        assert_eq!(tag, frontend::PARSE);
+        let p = frontend::parse(body).expect("built Parse reads back");
+        assert_eq!((p.name, p.query), (&b"s1"[..], &b"select $1"[..]));
+        let mut b = BytesMut::new();
+        bind(&mut b, b"", b"s2", b"\0\0\0\0\0\0");
+        let (tag, body) = only(&b);
+        assert_eq!(tag, frontend::BIND);
+        assert_eq!(frontend::bind(body).expect("valid").statement, b"s2");
+        for build in [describe, close] {
+            let mut b = BytesMut::new();
+            build(&mut b, frontend::STATEMENT, b"s3");
+            assert_eq!(
+                frontend::target(only(&b).1),
+                Ok((frontend::STATEMENT, &b"s3"[..]))
+            );
+        }
+        let mut b = BytesMut::new();
+        execute(&mut b, b"", 0);
+        sync(&mut b);
+        assert_eq!(&b[..], b"E\0\0\0\x09\0\0\0\0\0S\0\0\0\x04");
     }
 
     #[test]

@@ -219,7 +219,7 @@ fn decide(first: &[u8], second: Option<&[u8]>, scan: &Scan) -> Class {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Token<'a> {
+pub(crate) enum Token<'a> {
     Word(&'a [u8]),
     Semicolon,
     Open,
@@ -228,28 +228,41 @@ enum Token<'a> {
     Other,
 }
 
-struct Lexer<'a> {
+pub(crate) struct Lexer<'a> {
     sql: &'a [u8],
     pos: usize,
+    start: usize,
 }
 
 impl<'a> Lexer<'a> {
-    fn new(sql: &'a [u8]) -> Self {
-        Lexer { sql, pos: 0 }
+    pub(crate) fn new(sql: &'a [u8]) -> Self {
+        Lexer {
+            sql,
+            pos: 0,
+            start: 0,
+        }
+    }
+
+    /// Where the last token returned by `next` starts and ends.
+    pub(crate) fn span(&self) -> std::ops::Range<usize> {
+        self.start..self.pos
     }
 
     fn peek(&self, ahead: usize) -> u8 {
         self.sql.get(self.pos + ahead).copied().unwrap_or(0)
     }
 
-    fn next(&mut self) -> Option<Token<'a>> {
+    pub(crate) fn next(&mut self) -> Option<Token<'a>> {
         loop {
             let c = *self.sql.get(self.pos)?;
             match c {
                 b' ' | b'\t' | b'\n' | b'\r' | b'\x0c' => self.pos += 1,
                 b'-' if self.peek(1) == b'-' => self.line_comment(),
                 b'/' if self.peek(1) == b'*' => self.block_comment(),
-                _ => return Some(self.token(c)),
+                _ => {
+                    self.start = self.pos;
+                    return Some(self.token(c));
+                }
             }
         }
     }

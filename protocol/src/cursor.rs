@@ -27,6 +27,11 @@ impl<'a> Cursor<'a> {
         Ok(b)
     }
 
+    pub(crate) fn i16(&mut self) -> Result<i16, Truncated> {
+        let bytes = self.bytes(2)?;
+        Ok(i16::from_be_bytes([bytes[0], bytes[1]]))
+    }
+
     pub(crate) fn i32(&mut self) -> Result<i32, Truncated> {
         let bytes = self.bytes(4)?;
         Ok(i32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]))

@@ -9,6 +9,7 @@
 pub mod backend;
 pub mod build;
 pub mod classify;
+pub mod effects;
 pub mod frame;
 pub mod frontend;
 pub mod sqlstate;

@@ -3,7 +3,7 @@
 
 use pgheal_protocol::backend::{self, Authentication, ErrorFields, TxStatus};
 use pgheal_protocol::frame::{self, Scanner, Step};
-use pgheal_protocol::{frontend, startup};
+use pgheal_protocol::{effects, frontend, startup};
 use proptest::prelude::*;
 
 proptest! {
@@ -65,5 +65,33 @@ proptest! {
         let _ = frontend::password(&data);
         let _ = frontend::sasl_initial_response(&data);
         let _ = frontend::query(&data);
+        let _ = frontend::parse(&data);
+        let _ = frontend::bind(&data);
+        let _ = frontend::target(&data);
+    }
+
+    #[test]
+    fn effects_spans_stay_inside_the_text(data in proptest::collection::vec(any::<u8>(), 0..300)) {
+        let e = effects::effects(&data);
+        for p in &e.prepared {
+            prop_assert!(p.span.end <= data.len());
+            match &p.command {
+                effects::Prepared::Prepare { body, .. } => prop_assert!(body.end <= data.len()),
+                effects::Prepared::Execute { at, .. } => prop_assert!(at.end <= data.len()),
+                effects::Prepared::Deallocate { .. } => {}
+            }
+        }
+    }
+
+    #[test]
+    fn effects_of_sql_like_text(words in proptest::collection::vec(
+        prop::sample::select(vec!["set", "reset", "prepare", "execute", "deallocate", "all", "session",
+            "time", "zone", "\"x\"", "'v'", ";", "(", ")", "temp", "create", "listen", "with", "hold",
+            "declare", "a.b", "$1", "--c\n", "prepare", "transaction"]), 0..12)) {
+        let sql = words.join(" ");
+        let e = effects::effects(sql.as_bytes());
+        for p in &e.prepared {
+            prop_assert!(p.span.end <= sql.len());
+        }
     }
 }

@@ -1,0 +1,433 @@
+//! What a SQL string does to the session beyond its own transaction:
+//! settings it changes, features that tie the client to one server, and the
+//! SQL-level prepared statements it creates, runs or drops.
+//!
+//! Like the classifier, this walks tokens and never panics; it allocates
+//! only for what it finds.
+
+use std::ops::Range;
+
+use crate::classify::{Lexer, Token};
+
+/// Why a client cannot move to another server any more.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pin {
+    /// `LISTEN`: notifications arrive on the server that listens.
+    Listen,
+    /// A session-level advisory lock is held by one backend.
+    AdvisoryLock,
+    /// A temporary table, view or sequence lives in one backend.
+    TempObject,
+    /// A `WITH HOLD` cursor outlives its transaction on one backend.
+    HoldCursor,
+    /// `SET ROLE` / `SET SESSION AUTHORIZATION`.
+    Role,
+}
+
+impl Pin {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Pin::Listen => "LISTEN",
+            Pin::AdvisoryLock => "session advisory lock",
+            Pin::TempObject => "temporary object",
+            Pin::HoldCursor => "WITH HOLD cursor",
+            Pin::Role => "SET ROLE / SESSION AUTHORIZATION",
+        }
+    }
+}
+
+/// A SQL-level prepared statement command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Prepared {
+    /// `PREPARE name <body>`; `body` spans what follows the name.
+    Prepare { name: String, body: Range<usize> },
+    /// `EXECUTE name ...`; `at` spans the name.
+    Execute { name: String, at: Range<usize> },
+    /// `DEALLOCATE [PREPARE] name`, or `ALL` when `name` is `None`.
+    Deallocate { name: Option<String> },
+}
+
+/// One prepared-statement command and where it sits in the string.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PreparedAt {
+    /// Its position among the non-empty statements of the string.
+    pub index: usize,
+    /// The statement, without its semicolon.
+    pub span: Range<usize>,
+    pub command: Prepared,
+}
+
+/// Everything [`effects`] found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Effects {
+    pub pin: Option<Pin>,
+    /// Settings changed by a session-level `SET`/`RESET`, lower case.
+    pub settings: Vec<String>,
+    pub reset_all: bool,
+    pub discard_all: bool,
+    pub prepared: Vec<PreparedAt>,
+    /// Non-empty statements in the string.
+    pub statements: usize,
+}
+
+impl Effects {
+    /// True when nothing outlives the transaction.
+    pub fn is_empty(&self) -> bool {
+        self.pin.is_none()
+            && self.settings.is_empty()
+            && !self.reset_all
+            && !self.discard_all
+            && self.prepared.is_empty()
+    }
+}
+
+const ADVISORY: [&str; 4] = [
+    "pg_advisory_lock",
+    "pg_advisory_lock_shared",
+    "pg_try_advisory_lock",
+    "pg_try_advisory_lock_shared",
+];
+
+/// How many leading tokens a statement's decision looks at.
+const LEAD: usize = 5;
+
+/// One token of a statement's head: a word (or `None` for anything else)
+/// and where it is.
+type Lead<'a> = (Option<&'a [u8]>, Range<usize>);
+
+pub fn effects(sql: &[u8]) -> Effects {
+    let mut lx = Lexer::new(sql);
+    let mut out = Effects::default();
+    loop {
+        let (statement, more) = next_statement(&mut lx);
+        if let Some(st) = statement {
+            st.apply(sql, out.statements, &mut out);
+            out.statements += 1;
+        }
+        if !more {
+            return out;
+        }
+    }
+}
+
+/// The tokens of one statement that matter here.
+struct Statement<'a> {
+    lead: Vec<Lead<'a>>,
+    span: Range<usize>,
+    advisory: bool,
+    with_hold: bool,
+    into_temp: bool,
+}
+
+fn next_statement<'a>(lx: &mut Lexer<'a>) -> (Option<Statement<'a>>, bool) {
+    let mut st: Option<Statement<'a>> = None;
+    let mut depth = 0u32;
+    let mut prev: Option<&[u8]> = None;
+    let more = loop {
+        let Some(tok) = lx.next() else { break false };
+        let span = lx.span();
+        if tok == Token::Semicolon && depth == 0 {
+            break true;
+        }
+        let st = st.get_or_insert_with(|| Statement {
+            lead: Vec::new(),
+            span: span.start..span.start,
+            advisory: false,
+            with_hold: false,
+            into_temp: false,
+        });
+        st.span.end = span.end;
+        let word = match tok {
+            Token::Word(w) => Some(w),
+            Token::Open => {
+                depth += 1;
+                None
+            }
+            Token::Close => {
+                depth = depth.saturating_sub(1);
+                None
+            }
+            _ => None,
+        };
+        if st.lead.len() < LEAD {
+            st.lead.push((word, span));
+        }
+        if let Some(w) = word {
+            st.advisory |= ADVISORY.iter().any(|a| is(w, a));
+            let after = |k: &str| prev.is_some_and(|p| is(p, k));
+            st.with_hold |= is(w, "hold") && after("with");
+            st.into_temp |= (is(w, "temp") || is(w, "temporary")) && after("into");
+        }
+        prev = word;
+    };
+    (st, more)
+}
+
+fn is(w: &[u8], k: &str) -> bool {
+    w.eq_ignore_ascii_case(k.as_bytes())
+}
+
+impl Statement<'_> {
+    fn word(&self, i: usize) -> Option<&[u8]> {
+        self.lead.get(i).and_then(|(w, _)| *w)
+    }
+
+    fn word_is(&self, i: usize, k: &str) -> bool {
+        self.word(i).is_some_and(|w| is(w, k))
+    }
+
+    fn apply(&self, sql: &[u8], index: usize, out: &mut Effects) {
+        let first = self.word(0).unwrap_or_default();
+        if self.advisory {
+            out.pin = Some(Pin::AdvisoryLock);
+        }
+        if self.into_temp {
+            out.pin = Some(Pin::TempObject);
+        }
+        if is(first, "listen") {
+            out.pin = Some(Pin::Listen);
+        } else if is(first, "create") && self.creates_temp() {
+            out.pin = Some(Pin::TempObject);
+        } else if is(first, "declare") && self.with_hold {
+            out.pin = Some(Pin::HoldCursor);
+        } else if is(first, "set") {
+            self.set(sql, out);
+        } else if is(first, "reset") {
+            self.reset(sql, out);
+        } else if is(first, "discard") && self.word_is(1, "all") {
+            out.discard_all = true;
+        } else if let Some(command) = self.prepared(sql) {
+            out.prepared.push(PreparedAt {
+                index,
+                span: self.span.clone(),
+                command,
+            });
+        }
+    }
+
+    /// `CREATE [OR REPLACE] [GLOBAL | LOCAL] TEMP[ORARY] ...`.
+    fn creates_temp(&self) -> bool {
+        for i in 1..LEAD {
+            if self.word_is(i, "temp") || self.word_is(i, "temporary") {
+                return true;
+            }
+            if !["or", "replace", "global", "local"]
+                .iter()
+                .any(|k| self.word_is(i, k))
+            {
+                return false;
+            }
+        }
+        false
+    }
+
+    fn set(&self, sql: &[u8], out: &mut Effects) {
+        let mut i = 1;
+        if self.word_is(1, "session") {
+            if self.word_is(2, "authorization") {
+                out.pin = Some(Pin::Role);
+                return;
+            }
+            if self.word_is(2, "characteristics") {
+                for name in [
+                    "default_transaction_isolation",
+                    "default_transaction_read_only",
+                    "default_transaction_deferrable",
+                ] {
+                    out.settings.push(name.to_string());
+                }
+                return;
+            }
+            i = 2;
+        }
+        if ["local", "transaction", "constraints"]
+            .iter()
+            .any(|k| self.word_is(1, k))
+        {
+            return;
+        }
+        if self.word_is(i, "role") {
+            out.pin = Some(Pin::Role);
+            return;
+        }
+        out.settings.extend(self.setting_name(sql, i));
+    }
+
+    fn reset(&self, sql: &[u8], out: &mut Effects) {
+        if self.word_is(1, "all") {
+            out.reset_all = true;
+        } else if !self.word_is(1, "role") && !self.word_is(1, "session") {
+            out.settings.extend(self.setting_name(sql, 1));
+        }
+    }
+
+    /// The parameter a SET/RESET names at lead token `i`.
+    fn setting_name(&self, sql: &[u8], i: usize) -> Option<String> {
+        let special = [
+            ("time", "timezone"),
+            ("names", "client_encoding"),
+            ("schema", "search_path"),
+            ("xml", "xmloption"),
+        ];
+        if let Some((_, name)) = special.iter().find(|(k, _)| self.word_is(i, k)) {
+            // `SET TIME ZONE`, but a parameter may be called `time...`.
+            let next_ok = *name != "timezone" || self.word_is(i + 1, "zone");
+            if next_ok {
+                return Some((*name).to_string());
+            }
+        }
+        let (_, span) = self.lead.get(i)?;
+        let raw = sql.get(span.start..)?;
+        let name: Vec<u8> = if raw.first() == Some(&b'"') {
+            raw.get(1..span.len().saturating_sub(1))?.to_vec()
+        } else {
+            raw.iter()
+                .take_while(|&&c| {
+                    c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'$') || c >= 0x80
+                })
+                .copied()
+                .collect()
+        };
+        let name = String::from_utf8_lossy(&name).to_lowercase();
+        (!name.is_empty()).then_some(name)
+    }
+
+    fn prepared(&self, sql: &[u8]) -> Option<Prepared> {
+        let first = self.word(0)?;
+        let name_at = |i: usize| {
+            let w = self.word(i)?;
+            Some((
+                String::from_utf8_lossy(w).to_lowercase(),
+                self.lead.get(i)?.1.clone(),
+            ))
+        };
+        if is(first, "prepare") {
+            // `PREPARE TRANSACTION 'id'` is two-phase commit.
+            let two_phase = self.word_is(1, "transaction")
+                && self.lead.get(2).is_some_and(|(w, _)| w.is_none());
+            let (name, at) = name_at(1).filter(|_| !two_phase)?;
+            let body = at.end..self.span.end.max(at.end);
+            return (body.end <= sql.len()).then_some(Prepared::Prepare { name, body });
+        }
+        if is(first, "execute") {
+            let (name, at) = name_at(1)?;
+            return Some(Prepared::Execute { name, at });
+        }
+        if is(first, "deallocate") {
+            let i = if self.word_is(1, "prepare") { 2 } else { 1 };
+            if self.word_is(i, "all") {
+                return Some(Prepared::Deallocate { name: None });
+            }
+            let (name, _) = name_at(i)?;
+            return Some(Prepared::Deallocate { name: Some(name) });
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pin(sql: &str) -> Option<Pin> {
+        effects(sql.as_bytes()).pin
+    }
+
+    fn settings(sql: &str) -> Vec<String> {
+        effects(sql.as_bytes()).settings
+    }
+
+    #[test]
+    fn pins() {
+        assert_eq!(pin("LISTEN jobs"), Some(Pin::Listen));
+        assert_eq!(pin("select pg_advisory_lock(42)"), Some(Pin::AdvisoryLock));
+        assert_eq!(
+            pin("SELECT pg_try_advisory_lock_shared(1, 2)"),
+            Some(Pin::AdvisoryLock)
+        );
+        assert_eq!(pin("select pg_advisory_xact_lock(42)"), None);
+        assert_eq!(pin("CREATE TEMP TABLE t (a int)"), Some(Pin::TempObject));
+        assert_eq!(
+            pin("create global temporary table t (a int)"),
+            Some(Pin::TempObject)
+        );
+        assert_eq!(
+            pin("CREATE OR REPLACE TEMP VIEW v AS SELECT 1"),
+            Some(Pin::TempObject)
+        );
+        assert_eq!(pin("select * into temp t from x"), Some(Pin::TempObject));
+        assert_eq!(pin("CREATE TABLE temp (a int)"), None);
+        assert_eq!(
+            pin("DECLARE c CURSOR WITH HOLD FOR SELECT 1"),
+            Some(Pin::HoldCursor)
+        );
+        assert_eq!(pin("DECLARE c CURSOR FOR SELECT 1"), None);
+        assert_eq!(pin("SET ROLE admin"), Some(Pin::Role));
+        assert_eq!(pin("set session authorization bob"), Some(Pin::Role));
+        assert_eq!(pin("select 'listen', 'pg_advisory_lock(1)'"), None);
+        assert_eq!(pin("select 1; listen x"), Some(Pin::Listen));
+    }
+
+    #[test]
+    fn settings_changed() {
+        assert_eq!(settings("SET search_path TO a, b"), ["search_path"]);
+        assert_eq!(settings("set session TimeZone = 'UTC'"), ["timezone"]);
+        assert_eq!(settings("SET TIME ZONE 'Europe/Paris'"), ["timezone"]);
+        assert_eq!(settings("SET NAMES 'UTF8'"), ["client_encoding"]);
+        assert_eq!(settings("SET SCHEMA 'x'"), ["search_path"]);
+        assert_eq!(settings("set app.tenant_id = '7'"), ["app.tenant_id"]);
+        assert_eq!(settings("SET \"TimeZone\" = 'UTC'"), ["timezone"]);
+        assert_eq!(
+            settings("RESET work_mem; SET LOCAL statement_timeout = 1"),
+            ["work_mem"]
+        );
+        assert_eq!(
+            settings("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE"),
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            settings("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY").len(),
+            3
+        );
+        assert!(effects(b"RESET ALL").reset_all);
+        assert!(effects(b"discard all").discard_all);
+        assert!(!effects(b"discard plans").discard_all);
+        assert!(effects(b"select 1").is_empty());
+    }
+
+    #[test]
+    fn prepared_statements() {
+        let sql =
+            "PREPARE q1 (int) AS SELECT $1; EXECUTE Q1(2); DEALLOCATE q1; DEALLOCATE PREPARE ALL";
+        let e = effects(sql.as_bytes());
+        assert_eq!(e.statements, 4);
+        let body = match &e.prepared[0].command {
+            Prepared::Prepare { name, body } => {
+                assert_eq!(name, "q1");
+                body.clone()
+            }
+            other => panic!("not a PREPARE: {other:?}"),
+        };
+        assert_eq!(&sql[body], " (int) AS SELECT $1");
+        assert_eq!(
+            &sql[e.prepared[0].span.clone()],
+            "PREPARE q1 (int) AS SELECT $1"
+        );
+        match &e.prepared[1].command {
+            Prepared::Execute { name, at } => {
+                assert_eq!(name, "q1");
+                assert_eq!(&sql[at.clone()], "Q1");
+            }
+            other => panic!("not an EXECUTE: {other:?}"),
+        }
+        assert_eq!(e.prepared[1].index, 1);
+        assert_eq!(
+            e.prepared[2].command,
+            Prepared::Deallocate {
+                name: Some("q1".into())
+            }
+        );
+        assert_eq!(e.prepared[3].command, Prepared::Deallocate { name: None });
+        assert!(effects(b"PREPARE TRANSACTION 'gid'").prepared.is_empty());
+    }
+}
