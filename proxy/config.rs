@@ -45,6 +45,10 @@ pub struct PoolTimeouts {
     pub checkout_timeout: Duration,
     pub idle_timeout: Duration,
     pub server_lifetime: Duration,
+    /// Named prepared statements kept per server connection in transaction
+    /// mode; the least recently used beyond it are closed. 0 turns
+    /// statement tracking off (statements pass through unchanged).
+    pub max_prepared_statements: usize,
 }
 
 /// What happens while no primary is reachable.
@@ -275,6 +279,7 @@ fn read_pool(r: &mut Reader, t: &Table) -> PoolTimeouts {
         "checkout_timeout",
         "idle_timeout",
         "server_lifetime",
+        "max_prepared_statements",
     ];
     r.known_keys(t, p, &keys);
     PoolTimeouts {
@@ -282,6 +287,7 @@ fn read_pool(r: &mut Reader, t: &Table) -> PoolTimeouts {
         checkout_timeout: r.get(t, p, "checkout_timeout", Duration::from_secs(5)),
         idle_timeout: r.get(t, p, "idle_timeout", Duration::from_secs(600)),
         server_lifetime: r.get(t, p, "server_lifetime", Duration::from_secs(3600)),
+        max_prepared_statements: r.get(t, p, "max_prepared_statements", 512usize),
     }
 }
 

@@ -57,6 +57,7 @@ pub fn demo_config(listen: SocketAddr, nodes: &[String]) -> Config {
             checkout_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(600),
             server_lifetime: Duration::from_secs(3600),
+            max_prepared_statements: 512,
         },
         health: HealthConfig::default(),
         failover: FailoverConfig {

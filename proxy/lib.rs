@@ -16,6 +16,7 @@ pub mod login;
 pub mod net;
 pub mod params;
 pub mod pool;
+pub mod prepared;
 pub mod router;
 pub mod session;
 pub mod upstream;
@@ -37,6 +38,15 @@ pub struct App {
     pools: Pools,
     pub cancels: Arc<CancelRegistry>,
     targets: HashMap<String, Arc<Target>>,
+    pub counters: Counters,
+}
+
+/// Process-wide gauges and counters.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Transaction-mode clients held on one server (LISTEN, advisory
+    /// locks, temporary tables, WITH HOLD cursors, SET ROLE).
+    pub pinned_clients: std::sync::atomic::AtomicUsize,
 }
 
 /// A database clients can ask for, and the cluster serving it.
@@ -67,6 +77,7 @@ impl App {
             pools: Pools::default(),
             cancels: Arc::new(CancelRegistry::default()),
             targets,
+            counters: Counters::default(),
         })
     }
 

@@ -47,10 +47,15 @@ pub fn intent(buf: &[u8]) -> Intent {
         b'P' => body.split(|&b| b == 0).nth(1),
         _ => None,
     };
-    match sql.map(classify) {
-        Some(Class::Read | Class::Show) => Intent::Read,
-        Some(Class::Begin { read_only: true }) => Intent::ReadOnlyTx,
-        Some(Class::Begin { read_only: false }) => Intent::Begin,
+    sql.map_or(Intent::Write, sql_intent)
+}
+
+/// The intent of a statement's SQL text.
+pub fn sql_intent(sql: &[u8]) -> Intent {
+    match classify(sql) {
+        Class::Read | Class::Show => Intent::Read,
+        Class::Begin { read_only: true } => Intent::ReadOnlyTx,
+        Class::Begin { read_only: false } => Intent::Begin,
         _ => Intent::Write,
     }
 }

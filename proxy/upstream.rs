@@ -15,6 +15,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::params::Params;
+use crate::prepared::ServerStatements;
 
 /// Servers are trusted more than clients, but not without bound.
 const MAX_SERVER_MESSAGE: usize = 1 << 30;
@@ -102,6 +103,8 @@ pub struct ServerConn {
     /// Session parameters pgheal set on behalf of clients.
     pub applied: Params,
     pub created: Instant,
+    /// Named statements pgheal prepared here for clients.
+    pub statements: ServerStatements,
 }
 
 impl ServerConn {
@@ -133,6 +136,7 @@ impl ServerConn {
             reported: Params::default(),
             applied: Params::default(),
             created: Instant::now(),
+            statements: ServerStatements::default(),
         };
         let mut out = BytesMut::new();
         let mut params = vec![
@@ -392,6 +396,7 @@ impl ServerConn {
             return Err(e);
         }
         self.applied = Params::default();
+        self.statements.clear();
         Ok(())
     }
 

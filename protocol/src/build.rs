@@ -205,7 +205,12 @@ pub fn sasl_response(buf: &mut BytesMut, data: &[u8]) {
 }
 
 pub fn query(buf: &mut BytesMut, sql: &str) {
-    message(buf, b'Q', |b| cstr(b, sql.as_bytes()));
+    query_bytes(buf, sql.as_bytes());
+}
+
+/// A Query whose text is bytes as a client sent them.
+pub fn query_bytes(buf: &mut BytesMut, sql: &[u8]) {
+    message(buf, b'Q', |b| cstr(b, sql));
 }
 
 pub fn terminate(buf: &mut BytesMut) {

@@ -127,6 +127,14 @@ impl Scan {
         if is("insert") || is("delete") || is("merge") {
             self.modifies = true;
         }
+        // Session-level advisory locks tie the client to the primary.
+        if is("pg_advisory_lock")
+            || is("pg_advisory_lock_shared")
+            || is("pg_try_advisory_lock")
+            || is("pg_try_advisory_lock_shared")
+        {
+            self.modifies = true;
+        }
         if is("update") {
             // `FOR UPDATE`, `FOR NO KEY UPDATE` lock rows; any other UPDATE writes.
             if matches!(self.prev, Some(PrevWord::For) | Some(PrevWord::Key)) {

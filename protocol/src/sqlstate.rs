@@ -40,12 +40,16 @@ sqlstates! {
     READ_ONLY_SQL_TRANSACTION = "25006";
     /// 25P02
     IN_FAILED_SQL_TRANSACTION = "25P02";
+    /// 26000: no prepared statement by that name.
+    INVALID_SQL_STATEMENT_NAME = "26000";
     /// 28000
     INVALID_AUTHORIZATION_SPECIFICATION = "28000";
     /// 28P01
     INVALID_PASSWORD = "28P01";
     /// 3D000
     INVALID_CATALOG_NAME = "3D000";
+    /// 42P05: a prepared statement by that name exists.
+    DUPLICATE_PREPARED_STATEMENT = "42P05";
     /// 53300
     TOO_MANY_CONNECTIONS = "53300";
     /// 57014

@@ -15,6 +15,7 @@ fn plain_reads() {
         "TABLE pgbench_branches",
         "WITH t AS (SELECT 1) SELECT * FROM t",
         "SELECT nextval('s')", // side effects need the replica's 25006 to show
+        "SELECT pg_advisory_xact_lock(42)",
         "(SELECT 1) UNION (SELECT 2)",
         "",
         ";",
@@ -32,6 +33,9 @@ fn locking_and_into_are_writes() {
         "select * from t for key share nowait",
         "SELECT * INTO new_table FROM t",
         "WITH x AS (SELECT 1) SELECT * INTO y FROM x",
+        // A session-level advisory lock pins the client: on the primary.
+        "SELECT pg_advisory_lock(42)",
+        "select pg_try_advisory_lock_shared(1, 2)",
     ] {
         assert_eq!(c(sql), Class::Write, "{sql}");
     }

@@ -7,12 +7,19 @@
 //! never looked at. `route` picks the node, `pump` moves the bytes, `lost`
 //! answers for a transaction whose server died.
 
+mod carry;
 mod lost;
 mod pump;
+mod replies;
 mod route;
+mod translate;
 
+use carry::{Dirty, Pinned};
 use lost::LostTx;
+use replies::Expect;
 use route::{Fence, Rerun};
+
+use std::collections::VecDeque;
 
 use std::future::poll_fn;
 use std::io;
@@ -23,7 +30,7 @@ use std::task::Poll;
 use bytes::{Buf, BytesMut};
 use pgheal_protocol::backend::TxStatus;
 use pgheal_protocol::build;
-use pgheal_protocol::frame::FrameError;
+use pgheal_protocol::frame::Scanner;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_util::io::poll_read_buf;
@@ -36,6 +43,7 @@ use crate::flow::Flow;
 use crate::login::LoggedIn;
 use crate::params::Params;
 use crate::pool::{Lease, Pool};
+use crate::prepared::ClientStatements;
 use crate::router::Intent;
 use crate::{App, Target};
 use tokio::sync::watch;
@@ -56,7 +64,7 @@ enum PumpEnd {
     /// the client.
     Rerun,
     ClientGone,
-    ClientBroke(FrameError),
+    ClientBroke(ClientError),
     ServerLost(io::Error),
 }
 
@@ -109,6 +117,23 @@ pub struct Session {
     /// The server sent a FATAL error and is about to close: nothing more
     /// goes to it, and its FATAL already answered the oldest request.
     server_dying: bool,
+    /// Transaction mode: client messages are rewritten for the server
+    /// (statement names), so bytes go to the server from `wire`.
+    translating: bool,
+    wire: Flow,
+    /// How far translation got through `up`.
+    xl: Scanner,
+    /// Replies the server owes for what was sent, where pgheal may act.
+    expect: VecDeque<Expect>,
+    /// The server's replies stopped matching `expect`: it is not reused.
+    out_of_step: bool,
+    /// The client's named prepared statements.
+    statements: ClientStatements,
+    /// Settings the running transaction may have changed.
+    dirty: Option<Box<Dirty>>,
+    /// The settings the client logged in with, once it changed some.
+    startup: Option<Box<Params>>,
+    pinned: Option<Pinned>,
 }
 
 impl Session {
@@ -120,7 +145,18 @@ impl Session {
         let pool = app.pool_for(&target, &client.user);
         let mut up = Flow::new(max);
         up.buf = client.buf;
+        let translating =
+            mode == PoolMode::Transaction && app.config().pool.max_prepared_statements > 0;
         Session {
+            translating,
+            wire: Flow::new(usize::MAX),
+            xl: Scanner::new(usize::MAX),
+            expect: VecDeque::new(),
+            out_of_step: false,
+            statements: ClientStatements::default(),
+            dirty: None,
+            startup: None,
+            pinned: None,
             cancel: app.cancels.register(),
             topology,
             node_pools: vec![None; target.database.nodes.len()],
@@ -211,7 +247,12 @@ impl Session {
                         lsn: None,
                     });
                 }
-                self.detach(held.take(), true);
+                let mut reuse = !std::mem::take(&mut self.out_of_step);
+                if let Err(e) = self.read_back(lease.conn()).await {
+                    tracing::warn!(error = %e, "cannot read back the client's settings; closing that server connection");
+                    reuse = false;
+                }
+                self.detach(held.take(), reuse);
                 Ok(Attachment::Detached)
             }
             PumpEnd::Rerun => {
@@ -236,7 +277,7 @@ impl Session {
             }
             PumpEnd::ClientBroke(e) => {
                 self.detach(held.take(), false);
-                Err(e.into())
+                Err(e)
             }
             PumpEnd::ServerLost(e) => {
                 tracing::warn!(server = %lease.pool().addr(), error = %e, "server connection lost");
@@ -244,6 +285,7 @@ impl Session {
                 self.cancel.slot.detach();
                 // Dropping the lease closes the dead connection.
                 *held = None;
+                self.unpin();
                 self.report_server_lost(e).await?;
                 Ok(Attachment::Detached)
             }
@@ -324,6 +366,10 @@ impl Session {
             self.down.shrink();
             // poll_read_ready keeps the waker in the socket's own slot: an
             // idle client's wait costs no more than a pointer.
+            self.wire.shrink();
+            if self.expect.is_empty() {
+                self.expect = VecDeque::new();
+            }
             poll_fn(|cx| self.client.poll_read_ready(cx))
                 .await
                 .map_err(ClientError::ClientIo)?;
@@ -376,6 +422,7 @@ impl Session {
             build::ready_for_query(out, status);
         }
         self.server_dying = false;
+        self.forget_sent();
         self.up.buf.advance(self.up.scanned);
         self.up.scanned = 0;
         self.dropping = !self.up.scanner.at_boundary();
@@ -385,8 +432,17 @@ impl Session {
         self.tx = TxStatus::Idle;
     }
 
+    /// Forgets what went to a server that is no longer ours.
+    fn forget_sent(&mut self) {
+        self.wire.clear();
+        self.xl = Scanner::new(usize::MAX);
+        self.expect.clear();
+        self.dirty = None;
+    }
+
     fn detach(&mut self, lease: Option<Box<Lease>>, reuse: bool) {
         self.cancel.slot.detach();
+        self.forget_sent();
         if let Some(mut lease) = lease {
             if reuse {
                 lease.release();
@@ -403,10 +459,11 @@ impl Session {
     async fn leave(&mut self, lease: Option<Box<Lease>>) {
         self.cancel.slot.detach();
         let Some(mut lease) = lease else { return };
+        let pinned = self.pinned.take().is_some();
         if self.owed || self.tx != TxStatus::Idle {
             return;
         }
-        if self.mode == PoolMode::Session {
+        if self.mode == PoolMode::Session || pinned {
             if let Err(e) = lease.conn().reset().await {
                 tracing::warn!(error = %e, "cannot reset a session-mode server; closing it");
                 return;

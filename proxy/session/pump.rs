@@ -12,7 +12,8 @@ use pgheal_protocol::frontend;
 use pgheal_protocol::sqlstate;
 use tokio_util::io::poll_read_buf;
 
-use super::{PumpEnd, Rerun, Session};
+use super::replies::{self, Reply};
+use super::{translate, PumpEnd, Rerun, Session};
 use crate::config::PoolMode;
 use crate::flow::{write_some, MAX_PENDING};
 use crate::upstream::ServerConn;
@@ -27,6 +28,7 @@ impl Session {
         let max = self.app.config().proxy.max_message_size;
         self.down.clear();
         self.down.scanner = Scanner::new(usize::MAX);
+        self.forget_sent();
         self.up.buf = request;
         self.up.scanned = 0;
         self.up.scanner = Scanner::new(max);
@@ -39,11 +41,14 @@ impl Session {
     }
 
     pub(super) fn scan_up(&mut self) -> Result<(), FrameError> {
+        let translating = self.translating;
         loop {
             let step = self
                 .up
                 .scanner
-                .next(&self.up.buf[self.up.scanned..], |_| false)?;
+                .next(&self.up.buf[self.up.scanned..], |t| {
+                    translating && translate::whole(t)
+                })?;
             match step {
                 Step::NeedMore => return Ok(()),
                 Step::Body(n) if self.dropping => {
@@ -56,7 +61,7 @@ impl Session {
                     self.terminated = true;
                     return Ok(());
                 }
-                Step::Header { tag, .. } => {
+                Step::Header { tag, .. } | Step::Whole { tag, .. } => {
                     if self.holding {
                         // More from the client: the kept request is no
                         // longer all of it; answer as it comes.
@@ -79,11 +84,12 @@ impl Session {
     }
 
     pub(super) fn scan_down(&mut self, conn: &mut ServerConn) -> Result<(), FrameError> {
+        let translating = self.translating;
         let whole = |t| {
             matches!(
                 t,
                 backend::READY_FOR_QUERY | backend::PARAMETER_STATUS | backend::ERROR_RESPONSE
-            )
+            ) || (translating && replies::tracked(t))
         };
         loop {
             let start = self.down.scanned;
@@ -102,8 +108,31 @@ impl Session {
                 let fatal = error
                     .as_ref()
                     .is_some_and(|f| matches!(f.severity, b"FATAL" | b"PANIC"));
+                let stale = error.as_ref().is_some_and(|f| {
+                    f.code == sqlstate::FEATURE_NOT_SUPPORTED.code().as_bytes()
+                        && f.message.starts_with(b"cached plan must not change result type")
+                });
                 if !fatal {
-                    self.watch_held_answer(tag, read_only);
+                    self.watch_held_answer(tag, read_only, stale);
+                }
+            }
+            if let (true, Step::Whole { tag, len }) = (translating, step) {
+                // Taken out for a moment so that the body can be read while
+                // the session changes.
+                let buf = std::mem::take(&mut self.down.buf);
+                let reply = self.on_reply(conn, tag, &buf[start + 5..start + len]);
+                self.down.buf = buf;
+                match reply {
+                    Reply::Keep => {}
+                    Reply::Drop => {
+                        self.splice_down(start, len, &[]);
+                        continue;
+                    }
+                    Reply::Replace(with) => {
+                        self.splice_down(start, len, &with);
+                        self.down.scanned += with.len();
+                        continue;
+                    }
                 }
             }
             if let Step::Whole { tag, len } = step {
@@ -128,9 +157,7 @@ impl Session {
                         let message = fields.message_lossy();
                         tracing::warn!(server = %conn.addr, %message, "server is closing the connection");
                         self.server_dying = true;
-                        let tail = self.down.buf.split_off(start + len);
-                        self.down.buf.truncate(start);
-                        self.down.buf.unsplit(tail);
+                        self.splice_down(start, len, &[]);
                         continue;
                     }
                 } else {
@@ -149,12 +176,21 @@ impl Session {
         }
     }
 
+    /// Replaces the server message at `start` (`len` bytes) with `with`.
+    fn splice_down(&mut self, start: usize, len: usize, with: &[u8]) {
+        let tail = self.down.buf.split_off(start + len);
+        self.down.buf.truncate(start);
+        self.down.buf.extend_from_slice(with);
+        self.down.buf.unsplit(tail);
+    }
+
     /// While a read's answer is held back: a 25006 from a replica means run
-    /// it on the primary; anything that is an answer lets it through.
-    pub(super) fn watch_held_answer(&mut self, tag: u8, read_only_error: bool) {
+    /// it on the primary, a statement gone stale means prepare it afresh
+    /// and run it again; anything that is an answer lets it through.
+    pub(super) fn watch_held_answer(&mut self, tag: u8, read_only_error: bool, stale: bool) {
         match tag {
             // Describing the result is not yet an answer.
-            b'T' | b'1' | b'2' | b't' | b'n' | b'S' => {}
+            b'T' | b'1' | b'2' | b'3' | b't' | b'n' | b'S' => {}
             // The request is answered in full without an error.
             backend::READY_FOR_QUERY if self.rerun.is_none() => {
                 self.holding = false;
@@ -162,6 +198,7 @@ impl Session {
             }
             backend::READY_FOR_QUERY => {}
             backend::ERROR_RESPONSE if read_only_error => self.rerun = Some(Rerun::OnPrimary),
+            backend::ERROR_RESPONSE if stale => self.rerun = Some(Rerun::Replan),
             _ => {
                 self.holding = false;
                 self.replay = None;
@@ -172,8 +209,10 @@ impl Session {
     pub(super) fn releasable(&self) -> bool {
         self.mode == PoolMode::Transaction
             && !self.owed
+            && self.pinned.is_none()
             && self.up.buf.is_empty()
             && self.up.scanner.at_boundary()
+            && self.wire.buf.is_empty()
             && self.down.buf.is_empty()
     }
 
@@ -193,7 +232,13 @@ impl Session {
                 return Poll::Ready(PumpEnd::ClientGone);
             }
             if !self.server_dying {
-                match write_some(cx, &mut conn.stream, &mut self.up) {
+                if self.translating {
+                    if let Err(e) = self.translate(conn) {
+                        return Poll::Ready(PumpEnd::ClientBroke(e));
+                    }
+                }
+                let out = if self.translating { &mut self.wire } else { &mut self.up };
+                match write_some(cx, &mut conn.stream, out) {
                     Poll::Ready(Ok(n)) => progress |= n > 0,
                     Poll::Ready(Err(e)) => return Poll::Ready(PumpEnd::ServerLost(e)),
                     Poll::Pending => {}
@@ -223,8 +268,8 @@ impl Session {
     }
 
     pub(super) fn poll_client_read(&mut self, cx: &mut Context<'_>) -> Result<bool, PumpEnd> {
-        if self.terminated || self.client_eof || self.server_dying || self.up.scanned >= MAX_PENDING
-        {
+        let backlog = self.up.scanned + self.wire.buf.len();
+        if self.terminated || self.client_eof || self.server_dying || backlog >= MAX_PENDING {
             return Ok(false);
         }
         self.up.reserve();
@@ -234,7 +279,8 @@ impl Session {
                 Ok(true)
             }
             Poll::Ready(Ok(_)) => {
-                self.scan_up().map_err(PumpEnd::ClientBroke)?;
+                self.scan_up()
+                    .map_err(|e| PumpEnd::ClientBroke(e.into()))?;
                 Ok(true)
             }
             Poll::Ready(Err(_)) => Err(PumpEnd::ClientGone),

@@ -53,6 +53,9 @@ pub(super) enum Rerun {
     Elsewhere(Arc<str>),
     /// Its node could not be reached at all: not there again.
     Unreachable(Arc<str>),
+    /// A prepared statement's plan went stale after a schema change: run
+    /// it again once the server's statements are prepared afresh.
+    Replan,
 }
 
 impl Session {
@@ -92,7 +95,7 @@ impl Session {
 
     pub(super) async fn route(&mut self, rerun: Option<&Rerun>) -> Result<Arc<Pool>, ClientError> {
         if !self.target.cluster.is_probing() {
-            self.intent = router::intent(&self.up.buf);
+            self.intent = self.request_intent();
             return Ok(self.pool.clone());
         }
         if self.node_pools.iter().any(Option::is_none) {
@@ -103,7 +106,7 @@ impl Session {
         }
         let intent = match rerun {
             Some(Rerun::OnPrimary) => Intent::Write,
-            _ => router::intent(&self.up.buf),
+            _ => self.request_intent(),
         };
         self.intent = intent;
         let read_routing = self.target.database.read_routing;
@@ -160,6 +163,21 @@ impl Session {
         }
     }
 
+    /// What the buffered request intends: from its SQL, or for a Bind of
+    /// a named statement, from the statement's SQL.
+    fn request_intent(&self) -> Intent {
+        let buf = &self.up.buf[..];
+        if buf.first() == Some(&pgheal_protocol::frontend::BIND) {
+            let body = buf.get(5..).unwrap_or_default();
+            if let Ok(bind) = pgheal_protocol::frontend::bind(body) {
+                if let Some(stmt) = self.statements.get(bind.statement) {
+                    return stmt.intent;
+                }
+            }
+        }
+        router::intent(buf)
+    }
+
     pub(super) fn busy(&self, node: usize) -> usize {
         self.node_pools
             .get(node)
@@ -190,6 +208,13 @@ impl Session {
         if !self.intent.reads_only() && lease.conn().reported.get("in_hot_standby") == Some("on") {
             // Taken for the primary, but it says it is a standby (PG 14+).
             self.target.cluster.nudge(pool.addr());
+        }
+        if lease.conn().statements.stale {
+            // Plans went stale after a schema change: start afresh.
+            if let Some(e) = lease.conn().run_quietly("DEALLOCATE ALL").await? {
+                return Err(e.into());
+            }
+            lease.conn().statements.clear();
         }
         if let Some(e) = lease.conn().apply_params(&self.params).await? {
             tracing::warn!(error = %e, "cannot apply the client's session parameters");
