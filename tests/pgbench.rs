@@ -44,7 +44,7 @@ async fn sixteen_clients_on_four_servers_in_transaction_mode() {
     let init = run("pgbench", args(&url, &["-i", "-s", "2", "-q"]), None).await;
     assert!(init.status.success(), "pgbench -i: {}", text(&init.stderr));
 
-    for mode in ["simple", "extended"] {
+    for mode in ["simple", "extended", "prepared"] {
         let (done, failed) = pgbench(
             &url,
             &["-S", "-M", mode, "-c", "16", "-j", "2", "-t", "300"],
@@ -52,8 +52,11 @@ async fn sixteen_clients_on_four_servers_in_transaction_mode() {
         .await;
         assert_eq!((done, failed), (16 * 300, 0), "-S -M {mode}");
     }
-    let (done, failed) = pgbench(&url, &["-c", "16", "-j", "2", "-t", "100"]).await;
-    assert_eq!((done, failed), (16 * 100, 0), "tpcb-like");
+    for mode in ["simple", "prepared"] {
+        let (done, failed) =
+            pgbench(&url, &["-M", mode, "-c", "16", "-j", "2", "-t", "100"]).await;
+        assert_eq!((done, failed), (16 * 100, 0), "tpcb-like -M {mode}");
+    }
 
     // Never more than pool_size server connections for the app pool.
     let pools = proxy.app.pools();

@@ -218,6 +218,15 @@ impl Session {
             if held.is_none() && !self.wait_for_request().await? {
                 return Ok(());
             }
+            if held.is_none() {
+                if let Some(answer) = self.prepare_locally() {
+                    self.client
+                        .write_all(&answer)
+                        .await
+                        .map_err(ClientError::ClientIo)?;
+                    continue;
+                }
+            }
             if Box::pin(self.attached(&mut held)).await? == Attachment::ClientGone {
                 return Ok(());
             }

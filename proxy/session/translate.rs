@@ -6,9 +6,10 @@
 use std::sync::Arc;
 
 use bytes::BytesMut;
+use pgheal_protocol::backend::TxStatus;
 use pgheal_protocol::build;
 use pgheal_protocol::effects::{self, Effects, Prepared};
-use pgheal_protocol::frame::{Step, HEADER_LEN};
+use pgheal_protocol::frame::{self, Step, HEADER_LEN};
 use pgheal_protocol::frontend::{self, STATEMENT};
 
 use super::replies::Expect;
@@ -113,17 +114,13 @@ impl Session {
         Ok(())
     }
 
-    fn translate_parse(&mut self, conn: &mut ServerConn, msg: &[u8], p: frontend::Parse<'_>) {
-        let effects = effects::effects(p.query);
-        self.take_effects(&effects);
-        if p.name.is_empty() {
-            self.wire.buf.extend_from_slice(msg);
-            self.expect.push_back(Expect::parse(false));
-            return;
-        }
+    /// Records a client's named Parse. `Err` carries the error for a
+    /// name already taken by another statement; `Ok(true)` means the
+    /// statement is new to the client.
+    fn register(&mut self, p: &frontend::Parse<'_>) -> Result<bool, BytesMut> {
         let server = ServerName::protocol(p.query, p.types);
-        let known = match self.statements.get(p.name) {
-            Some(s) if s.server == server => true,
+        match self.statements.get(p.name) {
+            Some(s) if s.server == server => return Ok(false),
             Some(_) => {
                 // PostgreSQL refuses a second statement under one name.
                 let name = String::from_utf8_lossy(p.name);
@@ -135,6 +132,83 @@ impl Session {
                     &format!("prepared statement \"{name}\" already exists"),
                     None,
                 );
+                return Err(error);
+            }
+            None => {}
+        }
+        self.take_effects(&effects::effects(p.query));
+        let stmt = Statement {
+            server,
+            source: Source::Protocol {
+                query: p.query.into(),
+                types: p.types.into(),
+            },
+            intent: router::sql_intent(p.query),
+        };
+        self.statements.insert(p.name.into(), Arc::new(stmt));
+        Ok(true)
+    }
+
+    /// Answers a request made only of named Parses and a Sync, outside a
+    /// transaction, without a server: the statements are prepared where
+    /// they first run. A client that prepares while it holds a server in
+    /// another connection's transaction (pgbench does) so never waits for
+    /// a server it is itself keeping busy.
+    pub(super) fn prepare_locally(&mut self) -> Option<BytesMut> {
+        if !self.translating || self.tx != TxStatus::Idle || self.pending != 1 {
+            return None;
+        }
+        let buf = &self.up.buf[..];
+        if self.up.scanned != buf.len() || !self.up.scanner.at_boundary() {
+            return None;
+        }
+        let mut parses = Vec::new();
+        let mut at = 0;
+        while let Ok(Some(m)) = frame::message(&buf[at..], usize::MAX) {
+            at += m.len;
+            match m.tag {
+                frontend::PARSE => parses.push(frontend::parse(m.body).ok()?),
+                frontend::SYNC if at == buf.len() => break,
+                _ => return None,
+            }
+        }
+        if at != buf.len() || parses.iter().any(|p| p.name.is_empty()) {
+            return None;
+        }
+        let parses: Vec<(Box<[u8]>, Box<[u8]>, Box<[u8]>)> = parses
+            .iter()
+            .map(|p| (p.name.into(), p.query.into(), p.types.into()))
+            .collect();
+        let mut out = BytesMut::new();
+        for (name, query, types) in &parses {
+            let p = frontend::Parse { name, query, types };
+            match self.register(&p) {
+                Ok(_) => build::parse_complete(&mut out),
+                Err(error) => {
+                    out.extend_from_slice(&error);
+                    break;
+                }
+            }
+        }
+        build::ready_for_query(&mut out, TxStatus::Idle);
+        self.up.clear();
+        self.pending = 0;
+        self.owed = false;
+        self.awaiting = false;
+        Some(out)
+    }
+
+    fn translate_parse(&mut self, conn: &mut ServerConn, msg: &[u8], p: frontend::Parse<'_>) {
+        if p.name.is_empty() {
+            self.take_effects(&effects::effects(p.query));
+            self.wire.buf.extend_from_slice(msg);
+            self.expect.push_back(Expect::parse(false));
+            return;
+        }
+        let server = ServerName::protocol(p.query, p.types);
+        let known = match self.register(&p) {
+            Ok(new) => !new,
+            Err(error) => {
                 build::parse(&mut self.wire.buf, FAIL, b"pgheal: duplicate name", b"\0\0");
                 self.expect.push_back(Expect::Parse {
                     swallow: false,
@@ -144,20 +218,7 @@ impl Session {
                 });
                 return;
             }
-            None => false,
         };
-        if !known {
-            let intent = router::sql_intent(p.query);
-            let stmt = Statement {
-                server,
-                source: Source::Protocol {
-                    query: p.query.into(),
-                    types: p.types.into(),
-                },
-                intent,
-            };
-            self.statements.insert(p.name.into(), Arc::new(stmt));
-        }
         let client = (!known).then(|| p.name.into());
         if conn.statements.contains(&server) {
             conn.statements.touch(&server);
