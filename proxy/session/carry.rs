@@ -73,13 +73,19 @@ impl Session {
         if self.mode != PoolMode::Transaction || self.pinned.is_some() {
             return;
         }
-        tracing::info!(reason = reason.as_str(), "client pinned to its server for the rest of its session");
+        tracing::info!(
+            reason = reason.as_str(),
+            "client pinned to its server for the rest of its session"
+        );
         self.pinned = Some(Pinned::new(reason, self.app.clone()));
     }
 
     pub(super) fn unpin(&mut self) {
         if let Some(p) = self.pinned.take() {
-            tracing::info!(reason = p.reason.as_str(), "client unpinned: its server is gone");
+            tracing::info!(
+                reason = p.reason.as_str(),
+                "client unpinned: its server is gone"
+            );
         }
     }
 

@@ -43,12 +43,9 @@ impl Session {
     pub(super) fn scan_up(&mut self) -> Result<(), FrameError> {
         let translating = self.translating;
         loop {
-            let step = self
-                .up
-                .scanner
-                .next(&self.up.buf[self.up.scanned..], |t| {
-                    translating && translate::whole(t)
-                })?;
+            let step = self.up.scanner.next(&self.up.buf[self.up.scanned..], |t| {
+                translating && translate::whole(t)
+            })?;
             match step {
                 Step::NeedMore => return Ok(()),
                 Step::Body(n) if self.dropping => {
@@ -110,7 +107,8 @@ impl Session {
                     .is_some_and(|f| matches!(f.severity, b"FATAL" | b"PANIC"));
                 let stale = error.as_ref().is_some_and(|f| {
                     f.code == sqlstate::FEATURE_NOT_SUPPORTED.code().as_bytes()
-                        && f.message.starts_with(b"cached plan must not change result type")
+                        && f.message
+                            .starts_with(b"cached plan must not change result type")
                 });
                 if !fatal {
                     self.watch_held_answer(tag, read_only, stale);
@@ -237,7 +235,11 @@ impl Session {
                         return Poll::Ready(PumpEnd::ClientBroke(e));
                     }
                 }
-                let out = if self.translating { &mut self.wire } else { &mut self.up };
+                let out = if self.translating {
+                    &mut self.wire
+                } else {
+                    &mut self.up
+                };
                 match write_some(cx, &mut conn.stream, out) {
                     Poll::Ready(Ok(n)) => progress |= n > 0,
                     Poll::Ready(Err(e)) => return Poll::Ready(PumpEnd::ServerLost(e)),
@@ -262,6 +264,7 @@ impl Session {
                 return Poll::Ready(PumpEnd::Released);
             }
             if !progress {
+                tracing::trace!(pending = self.pending, owed = self.owed, tx = ?self.tx, up = self.up.buf.len(), wire = self.wire.buf.len(), down = self.down.buf.len(), expect = ?self.expect, "pump waits");
                 return Poll::Pending;
             }
         }
@@ -279,8 +282,7 @@ impl Session {
                 Ok(true)
             }
             Poll::Ready(Ok(_)) => {
-                self.scan_up()
-                    .map_err(|e| PumpEnd::ClientBroke(e.into()))?;
+                self.scan_up().map_err(|e| PumpEnd::ClientBroke(e.into()))?;
                 Ok(true)
             }
             Poll::Ready(Err(_)) => Err(PumpEnd::ClientGone),

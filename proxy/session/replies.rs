@@ -32,7 +32,9 @@ pub(super) enum Expect {
         /// This Parse fails on purpose; the client hears this instead.
         error: Option<Bytes>,
     },
-    Close { swallow: bool },
+    Close {
+        swallow: bool,
+    },
     /// ReadyForQuery. For a Query, `swallow` marks (by position) the
     /// CommandCompletes of statements pgheal added.
     Ready {
@@ -141,7 +143,9 @@ impl Session {
     fn on_error(&mut self, conn: &mut ServerConn, body: &[u8]) -> Reply {
         let fields = ErrorFields::parse(body).unwrap_or_default();
         if fields.code == sqlstate::FEATURE_NOT_SUPPORTED.code().as_bytes()
-            && fields.message.starts_with(b"cached plan must not change result type")
+            && fields
+                .message
+                .starts_with(b"cached plan must not change result type")
         {
             // Prepared before a schema change: prepare them all afresh.
             conn.statements.stale = true;

@@ -70,7 +70,9 @@ impl Session {
                     // One invisible second try for an autocommit read.
                     let autocommit_read =
                         self.intent == Intent::Read && self.mode == PoolMode::Transaction;
-                    if rerun.is_none() && autocommit_read {
+                    // Held only when the request ends in a Sync or Query:
+                    // a client that sent Flush waits for the answer so far.
+                    if rerun.is_none() && autocommit_read && self.pending > 0 {
                         self.replay = Some(BytesMut::from(&self.up.buf[..]));
                         self.holding = true;
                     }

@@ -87,7 +87,12 @@ impl Session {
             }
             frontend::DESCRIBE => {
                 let (kind, name) = frontend::target(body).map_err(|_| malformed("Describe"))?;
-                match self.statements.get(name).cloned().filter(|_| kind == STATEMENT) {
+                match self
+                    .statements
+                    .get(name)
+                    .cloned()
+                    .filter(|_| kind == STATEMENT)
+                {
                     Some(stmt) => {
                         self.prepare_on(conn, &stmt);
                         build::describe(&mut self.wire.buf, kind, stmt.server.as_bytes());
@@ -328,7 +333,12 @@ impl Rewrite {
 }
 
 impl Session {
-    fn rewrite_prepared(&mut self, conn: &mut ServerConn, sql: &[u8], effects: &Effects) -> Rewrite {
+    fn rewrite_prepared(
+        &mut self,
+        conn: &mut ServerConn,
+        sql: &[u8],
+        effects: &Effects,
+    ) -> Rewrite {
         let mut out = Rewrite::default();
         let mut copied = 0;
         for p in &effects.prepared {
@@ -347,7 +357,11 @@ impl Session {
                     };
                     if let Source::Sql { body } = &stmt.source {
                         if !conn.statements.contains(&stmt.server) {
-                            let prepare = format!("PREPARE {}{}", stmt.server.as_str(), String::from_utf8_lossy(body));
+                            let prepare = format!(
+                                "PREPARE {}{}",
+                                stmt.server.as_str(),
+                                String::from_utf8_lossy(body)
+                            );
                             if !out.add(p.index, &prepare) {
                                 continue;
                             }
@@ -406,7 +420,8 @@ impl Session {
                     source: Source::Sql { body: body.into() },
                     intent: Intent::Write,
                 };
-                self.statements.insert(name.as_bytes().into(), Arc::new(stmt));
+                self.statements
+                    .insert(name.as_bytes().into(), Arc::new(stmt));
             }
         }
         let body = String::from_utf8_lossy(body);

@@ -1,0 +1,109 @@
+//! Drivers from other ecosystems through pgheal in transaction mode with
+//! fewer server connections than clients, each using named prepared
+//! statements across many transactions (scripts in tests/drivers/). The
+//! drivers are installed by scripts/test; JDBC runs when Java is present.
+
+mod common;
+use common::*;
+
+use std::path::Path;
+use std::process::Command;
+
+use pgheal::listener::Running;
+use pgheal::localpg::PgNode;
+
+/// A node and pgheal (transaction mode, pool_size 2) with table `items`:
+/// ids 1..=100 named `item-<id>`, counter `n` at 0.
+async fn setup() -> (PgNode, Running) {
+    let node = app_node().await;
+    let proxy = proxy_with(&node, "pool_mode = \"transaction\"", "pool_size = 2").await;
+    let out = psql(
+        &app_url(&proxy),
+        &[
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-c",
+            "CREATE TABLE items (id int PRIMARY KEY, name text NOT NULL, n int NOT NULL DEFAULT 0)",
+            "-c",
+            "INSERT INTO items (id, name) SELECT i, 'item-' || i FROM generate_series(1, 100) i",
+        ],
+        None,
+    )
+    .await;
+    assert!(out.status.success(), "setup: {}", text(&out.stderr));
+    (node, proxy)
+}
+
+/// Runs a driver script with DATABASE_URL set and asserts it succeeded.
+async fn script(proxy: &Running, program: &str, args: &[&str], dir: &str) {
+    let url = app_url(proxy);
+    let (program, dir) = (program.to_string(), dir.to_string());
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    let shown = format!("{program} {}", args.join(" "));
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(&program)
+            .args(&args)
+            .current_dir(&dir)
+            .env("DATABASE_URL", url)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {program} (scripts/test installs it): {e}"))
+    })
+    .await
+    .expect("driver thread");
+    assert!(
+        out.status.success(),
+        "{shown} failed:\n{}\n{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    println!("{}", text(&out.stdout));
+}
+
+fn drivers_dir() -> String {
+    format!("{}/tests/drivers", env!("CARGO_MANIFEST_DIR"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psycopg3_with_every_statement_prepared() {
+    let (_node, proxy) = setup().await;
+    script(&proxy, "python3", &["psycopg_prepared.py"], &drivers_dir()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn asyncpg_statement_cache_and_pool() {
+    let (_node, proxy) = setup().await;
+    script(&proxy, "python3", &["asyncpg_prepared.py"], &drivers_dir()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_postgres_named_queries() {
+    let dir = format!("{}/node", drivers_dir());
+    assert!(
+        Path::new(&dir).join("node_modules/pg").exists(),
+        "node-postgres is not installed: run `npm install --prefix tests/drivers/node` (scripts/test does)"
+    );
+    let (_node, proxy) = setup().await;
+    script(&proxy, "node", &["named_queries.js"], &dir).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jdbc_with_prepare_threshold_one() {
+    let jar = "/usr/share/java/postgresql.jar";
+    let java = Command::new("java").arg("-version").output();
+    if java.is_err() || !Path::new(jar).exists() {
+        eprintln!("skipped: Java or {jar} (libpostgresql-jdbc-java) is not installed");
+        return;
+    }
+    let (_node, proxy) = setup().await;
+    let url = format!(
+        "jdbc:postgresql://127.0.0.1:{}/app?sslmode=disable",
+        proxy.addr.port()
+    );
+    script(
+        &proxy,
+        "java",
+        &["-cp", jar, "JdbcPrepared.java", &url, "app", APP_PASSWORD],
+        &drivers_dir(),
+    )
+    .await;
+}
