@@ -50,6 +50,8 @@ pub enum ClientError {
     ServerLostInTransaction(#[source] io::Error),
     #[error("server connection lost while a write ran: its outcome is unknown ({0})")]
     ServerLostDuringWrite(#[source] io::Error),
+    #[error("server connection lost: the session state held on it ({0}) is gone")]
+    PinnedServerLost(&'static str),
     #[error("current transaction is aborted, commands ignored until end of transaction block")]
     TransactionLost,
     #[error("invalid message from server: {0}")]
@@ -108,6 +110,7 @@ impl ClientError {
             ServerLost(_)
             | ServerLostInTransaction(_)
             | ServerLostDuringWrite(_)
+            | PinnedServerLost(_)
             | ServerProtocol(_) => Some((
                 Severity::Error,
                 sqlstate::CONNECTION_FAILURE.code().to_string(),
@@ -125,6 +128,9 @@ impl ClientError {
                 "pgheal is read-only while no node accepts writes; reads still work, and writes resume on this connection when a primary is back.",
             ),
             ClientError::NoNode(_) => Some("Every node is down or unreachable; pgheal keeps retrying them."),
+            ClientError::PinnedServerLost(_) => Some(
+                "The connection still works on another server; LISTEN again, re-take advisory locks and re-create temporary objects.",
+            ),
             _ => None,
         }
     }

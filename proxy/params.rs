@@ -71,20 +71,40 @@ impl Params {
     }
 
     /// The statements that take a server from `self` to `wanted`, or `None`
-    /// when nothing differs.
+    /// when nothing differs. Values go through `set_config`, which reads
+    /// them as a startup packet or postgresql.conf would: a list such as
+    /// `search_path = a, b` stays a list.
     pub fn diff_sql(&self, wanted: &Params) -> Option<String> {
-        let mut sql = String::new();
+        let mut sets = Vec::new();
         for (key, (name, value)) in &wanted.map {
             if self.map.get(key).map(|(_, v)| v) != Some(value) {
-                sql.push_str(&format!("SET {name} TO {};", quote_literal(value)));
+                sets.push(format!(
+                    "set_config({}, {}, false)",
+                    quote_literal(name),
+                    quote_literal(value)
+                ));
             }
+        }
+        let mut sql = String::new();
+        if !sets.is_empty() {
+            sql = format!("SELECT {};", sets.join(", "));
         }
         for (key, (name, _)) in &self.map {
             if !wanted.map.contains_key(key) {
-                sql.push_str(&format!("RESET {name};"));
+                sql.push_str(&format!("RESET {};", reset_name(name)));
             }
         }
         (!sql.is_empty()).then_some(sql)
+    }
+}
+
+/// A parameter name as RESET takes it: plain when it is a plain (dotted)
+/// identifier, quoted otherwise.
+fn reset_name(name: &str) -> String {
+    if is_parameter_name(name) {
+        name.to_string()
+    } else {
+        format!("\"{}\"", name.replace('"', "\"\""))
     }
 }
 
@@ -177,7 +197,10 @@ mod tests {
         want.set("timezone", "UTC");
         want.set("application_name", "it's");
         let sql = have.diff_sql(&want).expect("test input is valid");
-        assert_eq!(sql, "SET application_name TO 'it''s';RESET search_path;");
+        assert_eq!(
+            sql,
+            "SELECT set_config('application_name', 'it''s', false);RESET search_path;"
+        );
         assert_eq!(want.diff_sql(&want), None);
     }
 }

@@ -53,8 +53,7 @@ async fn sixteen_clients_on_four_servers_in_transaction_mode() {
         assert_eq!((done, failed), (16 * 300, 0), "-S -M {mode}");
     }
     for mode in ["simple", "prepared"] {
-        let (done, failed) =
-            pgbench(&url, &["-M", mode, "-c", "16", "-j", "2", "-t", "100"]).await;
+        let (done, failed) = pgbench(&url, &["-M", mode, "-c", "16", "-j", "2", "-t", "100"]).await;
         assert_eq!((done, failed), (16 * 100, 0), "tpcb-like -M {mode}");
     }
 

@@ -63,6 +63,8 @@ pub struct Effects {
     pub pin: Option<Pin>,
     /// Settings changed by a session-level `SET`/`RESET`, lower case.
     pub settings: Vec<String>,
+    /// Those of them that a `RESET` (not a `SET`) changed last.
+    pub reset: Vec<String>,
     pub reset_all: bool,
     pub discard_all: bool,
     pub prepared: Vec<PreparedAt>,
@@ -250,14 +252,20 @@ impl Statement<'_> {
             out.pin = Some(Pin::Role);
             return;
         }
-        out.settings.extend(self.setting_name(sql, i));
+        if let Some(name) = self.setting_name(sql, i) {
+            out.reset.retain(|n| *n != name);
+            out.settings.push(name);
+        }
     }
 
     fn reset(&self, sql: &[u8], out: &mut Effects) {
         if self.word_is(1, "all") {
             out.reset_all = true;
         } else if !self.word_is(1, "role") && !self.word_is(1, "session") {
-            out.settings.extend(self.setting_name(sql, 1));
+            if let Some(name) = self.setting_name(sql, 1) {
+                out.reset.push(name.clone());
+                out.settings.push(name);
+            }
         }
     }
 
@@ -379,6 +387,10 @@ mod tests {
         assert_eq!(settings("SET \"TimeZone\" = 'UTC'"), ["timezone"]);
         assert_eq!(
             settings("RESET work_mem; SET LOCAL statement_timeout = 1"),
+            ["work_mem"]
+        );
+        assert_eq!(
+            effects(b"RESET work_mem; RESET a; SET a = 1").reset,
             ["work_mem"]
         );
         assert_eq!(

@@ -21,6 +21,8 @@ use crate::App;
 #[derive(Debug, Default)]
 pub(super) struct Dirty {
     names: Vec<String>,
+    /// Names whose last change was a RESET: back to the login value.
+    reset: Vec<String>,
     reset_all: bool,
 }
 
@@ -57,6 +59,8 @@ impl Session {
         }
         if !effects.settings.is_empty() || effects.reset_all {
             let dirty = self.dirty.get_or_insert_with(Box::default);
+            dirty.reset.retain(|n| !effects.settings.contains(n));
+            dirty.reset.extend(effects.reset.iter().cloned());
             dirty.names.extend(effects.settings.iter().cloned());
             dirty.reset_all |= effects.reset_all;
         }
@@ -80,13 +84,14 @@ impl Session {
         self.pinned = Some(Pinned::new(reason, self.app.clone()));
     }
 
-    pub(super) fn unpin(&mut self) {
-        if let Some(p) = self.pinned.take() {
-            tracing::info!(
-                reason = p.reason.as_str(),
-                "client unpinned: its server is gone"
-            );
-        }
+    /// Ends the pin after the server died; returns what was pinned.
+    pub(super) fn unpin(&mut self) -> Option<&'static str> {
+        let p = self.pinned.take()?;
+        tracing::warn!(
+            reason = p.reason.as_str(),
+            "pinned client's server is gone; client unpinned"
+        );
+        Some(p.reason.as_str())
     }
 
     /// `DISCARD ALL`: the client's settings are those it logged in with.
@@ -124,10 +129,17 @@ impl Session {
                 conn.applied.set(name, &value);
             }
         }
+        // RESET returns to the value the client logged in with, as it
+        // does on a server the client would have to itself.
+        let startup = self.startup.as_deref().cloned().unwrap_or_default();
         if dirty.reset_all {
-            // RESET ALL returns to the values the client logged in with.
-            let startup = self.startup.as_deref().cloned().unwrap_or_default();
             self.params = startup;
+        } else {
+            for name in &dirty.reset {
+                if let Some(value) = startup.get(name) {
+                    self.params.set(name, value);
+                }
+            }
         }
         tracing::debug!(?names, "session settings carried over");
         Ok(())

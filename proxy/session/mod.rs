@@ -134,6 +134,9 @@ pub struct Session {
     /// The settings the client logged in with, once it changed some.
     startup: Option<Box<Params>>,
     pinned: Option<Pinned>,
+    /// A pinned client's server died while it was idle: its next request
+    /// hears about it.
+    pin_lost: Option<&'static str>,
 }
 
 impl Session {
@@ -157,6 +160,7 @@ impl Session {
             dirty: None,
             startup: None,
             pinned: None,
+            pin_lost: None,
             cancel: app.cancels.register(),
             topology,
             node_pools: vec![None; target.database.nodes.len()],
@@ -217,6 +221,11 @@ impl Session {
             }
             if held.is_none() && !self.wait_for_request().await? {
                 return Ok(());
+            }
+            if let Some(reason) = self.pin_lost.take() {
+                self.refuse_request(ClientError::PinnedServerLost(reason))
+                    .await?;
+                continue;
             }
             if held.is_none() {
                 if let Some(answer) = self.prepare_locally() {
@@ -294,7 +303,10 @@ impl Session {
                 self.cancel.slot.detach();
                 // Dropping the lease closes the dead connection.
                 *held = None;
-                self.unpin();
+                let idle = self.pending == 0 && !self.awaiting;
+                if let Some(reason) = self.unpin() {
+                    self.pin_lost = idle.then_some(reason);
+                }
                 self.report_server_lost(e).await?;
                 Ok(Attachment::Detached)
             }

@@ -163,10 +163,24 @@ impl Session {
         if !self.translating || self.tx != TxStatus::Idle || self.pending != 1 {
             return None;
         }
-        let buf = &self.up.buf[..];
-        if self.up.scanned != buf.len() || !self.up.scanner.at_boundary() {
+        if self.up.scanned != self.up.buf.len() || !self.up.scanner.at_boundary() {
             return None;
         }
+        let buf = std::mem::take(&mut self.up.buf);
+        let answer = self.answer_parses(&buf);
+        self.up.buf = buf;
+        let mut out = answer?;
+        build::ready_for_query(&mut out, TxStatus::Idle);
+        self.up.clear();
+        self.pending = 0;
+        self.owed = false;
+        self.awaiting = false;
+        Some(out)
+    }
+
+    /// ParseComplete for each named Parse in `buf` (ending in a Sync), or
+    /// `None` when `buf` holds anything else.
+    fn answer_parses(&mut self, buf: &[u8]) -> Option<BytesMut> {
         let mut parses = Vec::new();
         let mut at = 0;
         while let Ok(Some(m)) = frame::message(&buf[at..], usize::MAX) {
@@ -180,14 +194,9 @@ impl Session {
         if at != buf.len() || parses.iter().any(|p| p.name.is_empty()) {
             return None;
         }
-        let parses: Vec<(Box<[u8]>, Box<[u8]>, Box<[u8]>)> = parses
-            .iter()
-            .map(|p| (p.name.into(), p.query.into(), p.types.into()))
-            .collect();
         let mut out = BytesMut::new();
-        for (name, query, types) in &parses {
-            let p = frontend::Parse { name, query, types };
-            match self.register(&p) {
+        for p in &parses {
+            match self.register(p) {
                 Ok(_) => build::parse_complete(&mut out),
                 Err(error) => {
                     out.extend_from_slice(&error);
@@ -195,11 +204,6 @@ impl Session {
                 }
             }
         }
-        build::ready_for_query(&mut out, TxStatus::Idle);
-        self.up.clear();
-        self.pending = 0;
-        self.owed = false;
-        self.awaiting = false;
         Some(out)
     }
 
