@@ -109,19 +109,29 @@ done
 export PGPASSWORD=apppw PGSSLMODE=disable
 pgbench -i -q -s "$SCALE" -h 127.0.0.1 -p "$pg_port" -U app app >/dev/null 2>&1
 
-declare -A tps lat
+declare -A tps lat cpu
+# CPU seconds (user + system) a process has used so far.
+cpu_of() { python3 -c "import os,sys; f=open('/proc/%s/stat'%sys.argv[1]).read().rsplit(')',1)[1].split(); print((int(f[11])+int(f[12]))/os.sysconf('SC_CLK_TCK'))" "$1"; }
 run() { # name target-port args...
     local name=$1 port=$2; shift 2
-    local out
+    local out proxy_pid="" before=0
+    case $port in "$heal_port") proxy_pid=$heal_pid;; "$bouncer_port") proxy_pid=$bouncer_pid;; esac
+    [ -n "$proxy_pid" ] && before=$(cpu_of "$proxy_pid")
     out=$(pgbench -h 127.0.0.1 -p "$port" -U app -T "$DURATION" -j 2 -n "$@" app 2>&1) || {
-        echo "pgbench failed on port $port: $out" >&2; return 1; }
+        # PgBouncer before 1.21 cannot run -M prepared in transaction mode.
+        echo "pgbench failed ($name, port $port): $(grep -m1 -o 'ERROR: .*' <<<"$out")" >&2
+        tps[$name]=nan; lat[$name]=nan; return 0; }
     local t l f
     t=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' <<<"$out")
     l=$(sed -n 's/^latency average = \([0-9.]*\) ms/\1/p' <<<"$out")
     f=$(sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p' <<<"$out")
     [ "${f:-0}" = 0 ] || echo "WARNING: $f failed transactions ($name, port $port)" >&2
-    tps[$name]=$(python3 -c "print(${tps[$name]:-0} + $t)")
-    lat[$name]=$(python3 -c "print(${lat[$name]:-0} + $l)")
+    if [ -n "$proxy_pid" ]; then
+        # The proxy's own CPU per transaction, in microseconds.
+        cpu[$name]=$(python3 -c "print(float('${cpu[$name]:-0}') + ($(cpu_of "$proxy_pid") - $before) * 1e6 / ($t * $DURATION))")
+    fi
+    tps[$name]=$(python3 -c "print(float('${tps[$name]:-0}') + $t)")
+    lat[$name]=$(python3 -c "print(float('${lat[$name]:-0}') + $l)")
 }
 
 cases=(
@@ -131,6 +141,10 @@ cases=(
     "S-extended-1|-S -M extended -c 1"
     "S-extended-16|-S -M extended -c 16"
     "S-extended-64|-S -M extended -c 64"
+    "S-prepared-1|-S -M prepared -c 1"
+    "S-prepared-16|-S -M prepared -c 16"
+    "S-prepared-64|-S -M prepared -c 64"
+    "tpcb-prep-16|-M prepared -c 16"
     "tpcb-16|-c 16"
     "C-S-16|-C -S -c 16"
 )
@@ -152,15 +166,18 @@ for round in $(seq "$ROUNDS"); do
     done
 done
 
-printf '\n%-16s %12s %12s %12s %9s %9s   %s\n' case "direct tps" "pgheal tps" "bouncer tps" "heal/bnc" "heal/dir" "avg latency ms (direct/pgheal/bouncer)"
+printf '\n%-16s %12s %12s %12s %9s %9s   %-28s %s\n' case "direct tps" "pgheal tps" "bouncer tps" "heal/bnc" "heal/dir" "latency ms (dir/heal/bnc)" "proxy CPU us/tx (heal/bnc)"
 for c in "${cases[@]}"; do
     name=${c%%|*}
     python3 - "$name" "$ROUNDS" "${tps[$name/direct]}" "${tps[$name/pgheal]}" "${tps[$name/pgbouncer]}" \
-        "${lat[$name/direct]}" "${lat[$name/pgheal]}" "${lat[$name/pgbouncer]}" <<'PY'
+        "${lat[$name/direct]}" "${lat[$name/pgheal]}" "${lat[$name/pgbouncer]}" \
+        "${cpu[$name/pgheal]:-nan}" "${cpu[$name/pgbouncer]:-nan}" <<'PY'
 import sys
 name, rounds = sys.argv[1], int(sys.argv[2])
-d, h, b, ld, lh, lb = (float(x) / rounds for x in sys.argv[3:9])
-print(f"{name:<16} {d:12.0f} {h:12.0f} {b:12.0f} {h/b:9.2f} {h/d:9.2f}   {ld:.3f}/{lh:.3f}/{lb:.3f}")
+d, h, b, ld, lh, lb, ch, cb = (float(x) / rounds for x in sys.argv[3:11])
+ratio = lambda a, b: "fails" if b != b else f"{a / b:.2f}"  # nan: pgbench failed
+lat = f"{ld:.3f}/{lh:.3f}/{lb:.3f}"
+print(f"{name:<16} {d:12.0f} {h:12.0f} {b:12.0f} {ratio(h, b):>9} {ratio(h, d):>9}   {lat:<28} {ch:.1f}/{cb:.1f}")
 PY
 done
 
