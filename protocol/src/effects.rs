@@ -114,7 +114,8 @@ pub fn effects(sql: &[u8]) -> Effects {
 
 /// The tokens of one statement that matter here.
 struct Statement<'a> {
-    lead: Vec<Lead<'a>>,
+    lead: [Lead<'a>; LEAD],
+    leads: usize,
     span: Range<usize>,
     advisory: bool,
     with_hold: bool,
@@ -132,7 +133,8 @@ fn next_statement<'a>(lx: &mut Lexer<'a>) -> (Option<Statement<'a>>, bool) {
             break true;
         }
         let st = st.get_or_insert_with(|| Statement {
-            lead: Vec::new(),
+            lead: Default::default(),
+            leads: 0,
             span: span.start..span.start,
             advisory: false,
             with_hold: false,
@@ -151,8 +153,9 @@ fn next_statement<'a>(lx: &mut Lexer<'a>) -> (Option<Statement<'a>>, bool) {
             }
             _ => None,
         };
-        if st.lead.len() < LEAD {
-            st.lead.push((word, span));
+        if let Some(slot) = st.lead.get_mut(st.leads) {
+            *slot = (word, span);
+            st.leads += 1;
         }
         if let Some(w) = word {
             st.advisory |= ADVISORY.iter().any(|a| is(w, a));
@@ -170,8 +173,12 @@ fn is(w: &[u8], k: &str) -> bool {
 }
 
 impl Statement<'_> {
+    fn lead(&self, i: usize) -> Option<&Lead<'_>> {
+        self.lead.get(i).filter(|_| i < self.leads)
+    }
+
     fn word(&self, i: usize) -> Option<&[u8]> {
-        self.lead.get(i).and_then(|(w, _)| *w)
+        self.lead(i).and_then(|(w, _)| *w)
     }
 
     fn word_is(&self, i: usize, k: &str) -> bool {
@@ -284,7 +291,7 @@ impl Statement<'_> {
                 return Some((*name).to_string());
             }
         }
-        let (_, span) = self.lead.get(i)?;
+        let (_, span) = self.lead(i)?;
         let raw = sql.get(span.start..)?;
         let name: Vec<u8> = if raw.first() == Some(&b'"') {
             raw.get(1..span.len().saturating_sub(1))?.to_vec()
@@ -306,13 +313,13 @@ impl Statement<'_> {
             let w = self.word(i)?;
             Some((
                 String::from_utf8_lossy(w).to_lowercase(),
-                self.lead.get(i)?.1.clone(),
+                self.lead(i)?.1.clone(),
             ))
         };
         if is(first, "prepare") {
             // `PREPARE TRANSACTION 'id'` is two-phase commit.
-            let two_phase = self.word_is(1, "transaction")
-                && self.lead.get(2).is_some_and(|(w, _)| w.is_none());
+            let two_phase =
+                self.word_is(1, "transaction") && self.lead(2).is_some_and(|(w, _)| w.is_none());
             let (name, at) = name_at(1).filter(|_| !two_phase)?;
             let body = at.end..self.span.end.max(at.end);
             return (body.end <= sql.len()).then_some(Prepared::Prepare { name, body });

@@ -32,8 +32,11 @@ pub(super) enum Expect {
         /// This Parse fails on purpose; the client hears this instead.
         error: Option<Bytes>,
     },
+    /// CloseComplete; `evicted` was taken off the server's list before
+    /// the server answered.
     Close {
         swallow: bool,
+        evicted: Option<ServerName>,
     },
     /// ReadyForQuery. For a Query, `swallow` marks (by position) the
     /// CommandCompletes of statements pgheal added.
@@ -63,7 +66,10 @@ impl Expect {
     }
 
     pub(super) fn close(swallow: bool) -> Expect {
-        Expect::Close { swallow }
+        Expect::Close {
+            swallow,
+            evicted: None,
+        }
     }
 }
 
@@ -90,7 +96,7 @@ impl Session {
                 other => self.out_of_step(tag, other),
             },
             CLOSE_COMPLETE => match self.expect.pop_front() {
-                Some(Expect::Close { swallow: true }) => Reply::Drop,
+                Some(Expect::Close { swallow: true, .. }) => Reply::Drop,
                 Some(Expect::Close { .. }) => Reply::Keep,
                 other => self.out_of_step(tag, other),
             },
@@ -178,15 +184,23 @@ impl Session {
         reply
     }
 
-    /// What was recorded for a Parse the server did not do is taken back.
+    /// What was recorded for a Parse or Close the server skipped is taken
+    /// back.
     fn undo(&mut self, conn: &mut ServerConn, e: Expect) {
-        if let Expect::Parse { server, client, .. } = e {
-            if let Some(server) = server {
-                conn.statements.remove(&server);
+        match e {
+            Expect::Parse { server, client, .. } => {
+                if let Some(server) = server {
+                    conn.statements.remove(&server);
+                }
+                if let Some(client) = client {
+                    self.statements.remove(&client);
+                }
             }
-            if let Some(client) = client {
-                self.statements.remove(&client);
-            }
+            Expect::Close {
+                evicted: Some(name),
+                ..
+            } => conn.statements.add(name),
+            _ => {}
         }
     }
 }

@@ -284,7 +284,10 @@ impl Session {
         if let Some(victim) = conn.statements.victim(max) {
             build::close(&mut self.wire.buf, STATEMENT, victim.as_bytes());
             conn.statements.remove(&victim);
-            self.expect.push_back(Expect::close(true));
+            self.expect.push_back(Expect::Close {
+                swallow: true,
+                evicted: Some(victim),
+            });
         }
     }
 
