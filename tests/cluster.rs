@@ -529,3 +529,47 @@ async fn a_replica_past_max_replica_lag_gets_no_reads() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepared_statements_run_on_replicas_and_the_primary() {
+    let (primary, replica) = primary_and_replica().await;
+    let proxy = proxy_over(&[&primary, &replica], true, "2s").await;
+    wait_for_roles(&proxy, &[Role::Primary, Role::Replica]).await;
+    let (client, _h) = connect(&app_url(&proxy)).await;
+    client
+        .batch_execute("CREATE TABLE w (x int)")
+        .await
+        .expect("create");
+    let read = client
+        .prepare("SELECT pg_is_in_recovery(), inet_server_port()")
+        .await
+        .expect("prepare read");
+    let write = client
+        .prepare("INSERT INTO w VALUES ($1) RETURNING pg_is_in_recovery()")
+        .await
+        .expect("prepare write");
+    let on_replica = |row: &tokio_postgres::Row| {
+        (
+            row.get::<_, bool>(0),
+            row.get::<_, i32>(1) == i32::from(replica.port),
+        )
+    };
+    for i in 0..5 {
+        // A Bind of a named read routes by the statement's SQL: replica.
+        eventually(
+            Duration::from_secs(10),
+            "the read on the replica",
+            || async {
+                let row = client.query_one(&read, &[]).await.expect("read");
+                on_replica(&row) == (true, true)
+            },
+        )
+        .await;
+        let row = client.query_one(&write, &[&i]).await.expect("write");
+        assert!(!row.get::<_, bool>(0), "the write ran on the primary");
+    }
+    let count = value(&client, "SELECT count(*) FROM w")
+        .await
+        .expect("count");
+    assert_eq!(count, "5");
+}
