@@ -12,7 +12,10 @@ use std::time::Duration;
 
 use toml::{Table, Value};
 
+use std::sync::Arc;
+
 use crate::auth::ScramVerifier;
+use crate::tls::{ClientMode, ClientTls, ClientTlsConfig, UpstreamMode, UpstreamTls};
 
 /// The whole configuration, validated.
 #[derive(Debug, Clone)]
@@ -23,6 +26,8 @@ pub struct Config {
     pub failover: FailoverConfig,
     pub users: Vec<User>,
     pub databases: BTreeMap<String, Database>,
+    /// `[tls]`: TLS with clients, when configured.
+    pub tls: Option<Arc<ClientTls>>,
 }
 
 #[derive(Debug, Clone)]
@@ -31,6 +36,8 @@ pub struct ProxyConfig {
     pub pool_mode: PoolMode,
     pub login_timeout: Duration,
     pub max_message_size: usize,
+    /// Clients beyond this many get FATAL 53300 at once.
+    pub max_client_connections: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,6 +146,8 @@ pub struct Database {
     pub read_routing: bool,
     /// A replica further behind than this gets no reads.
     pub max_replica_lag: Duration,
+    /// TLS to this database's servers (health checks included).
+    pub tls: UpstreamTls,
 }
 
 impl fmt::Debug for Database {
@@ -151,6 +160,7 @@ impl fmt::Debug for Database {
             .field("pool_size", &self.pool_size)
             .field("min_idle", &self.min_idle)
             .field("read_routing", &self.read_routing)
+            .field("tls", &self.tls)
             .finish_non_exhaustive()
     }
 }
@@ -231,7 +241,15 @@ fn read_config(r: &mut Reader, root: &Table) -> Config {
     r.known_keys(
         root,
         "",
-        &["proxy", "pool", "health", "failover", "users", "databases"],
+        &[
+            "proxy",
+            "pool",
+            "health",
+            "failover",
+            "users",
+            "databases",
+            "tls",
+        ],
     );
     let empty = Table::new();
     let proxy = r.table(root, "proxy", "").unwrap_or(&empty);
@@ -245,6 +263,7 @@ fn read_config(r: &mut Reader, root: &Table) -> Config {
         failover: read_failover(r, failover),
         users: read_users(r, root),
         databases: read_databases(r, root),
+        tls: r.table(root, "tls", "").and_then(|t| read_tls(r, t)),
     };
     if config.databases.is_empty() {
         r.error("databases", "at least one database must be configured");
@@ -252,12 +271,51 @@ fn read_config(r: &mut Reader, root: &Table) -> Config {
     config
 }
 
+fn read_tls(r: &mut Reader, t: &Table) -> Option<Arc<ClientTls>> {
+    let p = "tls";
+    r.known_keys(t, p, &["cert", "key", "ca", "mode"]);
+    let cert: Option<String> = r.opt(t, p, "cert");
+    let key: Option<String> = r.opt(t, p, "key");
+    let mode = match r.get(t, p, "mode", "prefer".to_string()).as_str() {
+        "prefer" => ClientMode::Prefer,
+        "require" => ClientMode::Require,
+        other => {
+            r.error(
+                "tls.mode",
+                format!("expected \"prefer\" or \"require\", found \"{other}\""),
+            );
+            ClientMode::Prefer
+        }
+    };
+    let ca: Option<String> = r.opt(t, p, "ca");
+    let (Some(cert), Some(key)) = (cert, key) else {
+        r.error(p, "needs both cert and key (PEM files)");
+        return None;
+    };
+    let config = ClientTlsConfig {
+        cert: cert.into(),
+        key: key.into(),
+        ca: ca.map(Into::into),
+        mode,
+    };
+    ClientTls::load(&config)
+        .map_err(|e| r.error(p, e))
+        .ok()
+        .map(Arc::new)
+}
+
 fn read_proxy(r: &mut Reader, t: &Table) -> ProxyConfig {
     let p = "proxy";
     r.known_keys(
         t,
         p,
-        &["listen", "pool_mode", "login_timeout", "max_message_size"],
+        &[
+            "listen",
+            "pool_mode",
+            "login_timeout",
+            "max_message_size",
+            "max_client_connections",
+        ],
     );
     let default_listen = SocketAddr::from(([127, 0, 0, 1], 6432));
     let max_message_size = r.get(t, p, "max_message_size", 256 * 1024 * 1024usize);
@@ -269,6 +327,7 @@ fn read_proxy(r: &mut Reader, t: &Table) -> ProxyConfig {
         pool_mode: r.get(t, p, "pool_mode", PoolMode::Transaction),
         login_timeout: r.get(t, p, "login_timeout", Duration::from_secs(10)),
         max_message_size,
+        max_client_connections: r.get(t, p, "max_client_connections", 10_000usize),
     }
 }
 
@@ -433,6 +492,8 @@ fn read_database(r: &mut Reader, name: &str, t: &Table, p: &str) -> Database {
         "min_idle",
         "read_routing",
         "max_replica_lag",
+        "tls",
+        "tls_ca",
     ];
     r.known_keys(t, p, &keys);
     let nodes: Vec<String> = r.get(t, p, "nodes", Vec::new());
@@ -462,10 +523,28 @@ fn read_database(r: &mut Reader, name: &str, t: &Table, p: &str) -> Database {
         password: r.opt(t, p, "password"),
         read_routing: r.get(t, p, "read_routing", false),
         max_replica_lag: r.get(t, p, "max_replica_lag", Duration::from_secs(1)),
+        tls: read_upstream_tls(r, t, p),
         nodes,
         pool_size,
         min_idle,
     }
+}
+
+fn read_upstream_tls(r: &mut Reader, t: &Table, p: &str) -> UpstreamTls {
+    let text = r.get(t, p, "tls", "disable".to_string());
+    let Some(mode) = UpstreamMode::parse(&text) else {
+        r.error(
+            &format!("{p}.tls"),
+            format!(
+                "expected disable, prefer, require, verify-ca or verify-full, found \"{text}\""
+            ),
+        );
+        return UpstreamTls::default();
+    };
+    let ca: Option<String> = r.opt(t, p, "tls_ca");
+    UpstreamTls::new(mode, ca.as_deref().map(Path::new))
+        .map_err(|e| r.error(&format!("{p}.tls"), e))
+        .unwrap_or_default()
 }
 
 fn check_node_address(n: &str) -> Result<(), String> {
@@ -544,10 +623,38 @@ fn expected(what: &str, v: &Value) -> String {
 
 impl FromToml for String {
     fn from_toml(v: &Value) -> Result<Self, String> {
-        v.as_str()
-            .map(str::to_string)
-            .ok_or_else(|| expected("a string", v))
+        let s = v.as_str().ok_or_else(|| expected("a string", v))?;
+        expand_env(s, |name| std::env::var(name).ok())
     }
+}
+
+/// Replaces each `${NAME}` with the environment variable's value, so that
+/// secrets need not sit in the file. `$$` stands for `$`.
+fn expand_env(s: &str, var: impl Fn(&str) -> Option<String>) -> Result<String, String> {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(at) = rest.find('$') {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + 1..];
+        if let Some(tail) = after.strip_prefix('$') {
+            out.push('$');
+            rest = tail;
+        } else if let Some(inner) = after.strip_prefix('{') {
+            let end = inner
+                .find('}')
+                .ok_or_else(|| "unterminated ${...}".to_string())?;
+            let name = &inner[..end];
+            let value =
+                var(name).ok_or_else(|| format!("environment variable {name} is not set"))?;
+            out.push_str(&value);
+            rest = &inner[end + 1..];
+        } else {
+            out.push('$');
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    Ok(out)
 }
 
 impl FromToml for bool {

@@ -43,6 +43,7 @@ pub fn demo_config(listen: SocketAddr, nodes: &[String]) -> Config {
             min_idle: 0,
             read_routing: false,
             max_replica_lag: Duration::from_secs(1),
+            tls: Default::default(),
         },
     );
     Config {
@@ -51,6 +52,7 @@ pub fn demo_config(listen: SocketAddr, nodes: &[String]) -> Config {
             pool_mode: PoolMode::Transaction,
             login_timeout: Duration::from_secs(10),
             max_message_size: pgheal_protocol::frame::DEFAULT_MAX_MESSAGE,
+            max_client_connections: 10_000,
         },
         pool: PoolTimeouts {
             connect_timeout: Duration::from_secs(3),
@@ -63,6 +65,7 @@ pub fn demo_config(listen: SocketAddr, nodes: &[String]) -> Config {
         failover: FailoverConfig {
             write_wait: Duration::from_secs(2),
         },
+        tls: None,
         users: vec![User {
             name: APP_USER.into(),
             auth: AuthMethod::ScramSha256,

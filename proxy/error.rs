@@ -31,6 +31,12 @@ pub enum ClientError {
     UnknownDatabase(String),
     #[error("{0} is not supported by pgheal")]
     Unsupported(&'static str),
+    #[error("pgheal accepts only TLS connections: connect with sslmode=require (or stronger)")]
+    TlsRequired,
+    #[error("TLS handshake with the client failed: {0}")]
+    TlsHandshake(#[source] io::Error),
+    #[error("too many client connections (max_client_connections = {0})")]
+    TooManyClients(usize),
     #[error("client did not finish logging in within {0:?}")]
     LoginTimeout(Duration),
     #[error("cannot execute a write: no primary is available for database \"{database}\" (waited {waited:?})")]
@@ -86,7 +92,8 @@ impl ClientError {
             }
             Startup(_) => fatal(sqlstate::PROTOCOL_VIOLATION),
             AuthFailed(_) => fatal(sqlstate::INVALID_PASSWORD),
-            NoUser => fatal(sqlstate::INVALID_AUTHORIZATION_SPECIFICATION),
+            NoUser | TlsRequired => fatal(sqlstate::INVALID_AUTHORIZATION_SPECIFICATION),
+            TooManyClients(_) => fatal(sqlstate::TOO_MANY_CONNECTIONS),
             UnknownDatabase(_) => fatal(sqlstate::INVALID_CATALOG_NAME),
             BadParameter(_) => fatal(sqlstate::INVALID_PARAMETER_VALUE),
             Unsupported(_) => fatal(sqlstate::FEATURE_NOT_SUPPORTED),
@@ -115,7 +122,7 @@ impl ClientError {
                 Severity::Error,
                 sqlstate::CONNECTION_FAILURE.code().to_string(),
             )),
-            LoginTimeout(_) | ClientIo(_) => None,
+            LoginTimeout(_) | ClientIo(_) | TlsHandshake(_) => None,
         }
     }
 

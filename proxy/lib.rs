@@ -19,6 +19,8 @@ pub mod pool;
 pub mod prepared;
 pub mod router;
 pub mod session;
+pub mod stream;
+pub mod tls;
 pub mod upstream;
 
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -47,6 +49,8 @@ pub struct Counters {
     /// Transaction-mode clients held on one server (LISTEN, advisory
     /// locks, temporary tables, WITH HOLD cursors, SET ROLE).
     pub pinned_clients: std::sync::atomic::AtomicUsize,
+    /// Client connections open now, logging in or logged in.
+    pub client_connections: std::sync::atomic::AtomicUsize,
 }
 
 /// A database clients can ask for, and the cluster serving it.
@@ -126,6 +130,7 @@ impl App {
             database: database.dbname.clone(),
             connect_timeout: self.config.pool.connect_timeout,
             application_name: None,
+            tls: database.tls.clone(),
         };
         let limits = PoolLimits {
             size: database.pool_size,
@@ -163,6 +168,7 @@ fn health_spec(config: &Config, db: &Database) -> Option<ConnectSpec> {
         database: db.dbname.clone(),
         connect_timeout: config.health.timeout,
         application_name: Some(HEALTH_APPLICATION_NAME),
+        tls: db.tls.clone(),
     })
 }
 

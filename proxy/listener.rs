@@ -6,13 +6,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
+use std::sync::atomic::Ordering;
+
 use crate::config::Config;
+use crate::error::ClientError;
 use crate::login::{self, Handshake};
 use crate::session::Session;
+use crate::stream::Stream;
 use crate::App;
 
 /// A running proxy.
@@ -55,7 +58,14 @@ async fn accept_loop(listener: TcpListener, app: Arc<App>) {
         match listener.accept().await {
             Ok((stream, peer)) => {
                 crate::net::tune(&stream);
-                tokio::spawn(serve(app.clone(), stream, peer));
+                match ClientSlot::take(&app) {
+                    Some(slot) => {
+                        tokio::spawn(serve(app.clone(), stream, peer, slot));
+                    }
+                    None => {
+                        tokio::spawn(refuse(app.clone(), stream, peer));
+                    }
+                }
             }
             Err(e) => {
                 // Out of file descriptors and the like: back off briefly.
@@ -66,16 +76,52 @@ async fn accept_loop(listener: TcpListener, app: Arc<App>) {
     }
 }
 
-async fn serve(app: Arc<App>, stream: TcpStream, peer: SocketAddr) {
+/// One of `max_client_connections`, given back when dropped.
+struct ClientSlot(Arc<App>);
+
+impl ClientSlot {
+    fn take(app: &Arc<App>) -> Option<ClientSlot> {
+        let max = app.config().proxy.max_client_connections;
+        let open = &app.counters.client_connections;
+        open.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < max).then_some(n + 1)
+        })
+        .ok()
+        .map(|_| ClientSlot(app.clone()))
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        self.0
+            .counters
+            .client_connections
+            .fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Beyond `max_client_connections`: FATAL 53300 and close, without
+/// reading anything; clients already in are not affected.
+async fn refuse(app: Arc<App>, stream: TcpStream, peer: SocketAddr) {
+    let max = app.config().proxy.max_client_connections;
+    let e = ClientError::TooManyClients(max);
+    tracing::warn!(%peer, error = %e, "client refused");
+    let mut out = BytesMut::new();
+    e.write_response(&mut out, false);
+    let mut stream = Stream::Plain(stream);
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.send(&out)).await;
+}
+
+async fn serve(app: Arc<App>, stream: TcpStream, peer: SocketAddr, slot: ClientSlot) {
     let Some(client) = login(&app, stream, peer).await else {
         return;
     };
     // The session gets a task of its own, so the client's long idle life
     // does not carry the login's state.
-    tokio::spawn(session(app, client, peer));
+    tokio::spawn(session(app, client, peer, slot));
 }
 
-async fn session(app: Arc<App>, client: Box<login::LoggedIn>, peer: SocketAddr) {
+async fn session(app: Arc<App>, client: Box<login::LoggedIn>, peer: SocketAddr, _slot: ClientSlot) {
     let (user, database) = (client.user.clone(), client.database.name.clone());
     tracing::info!(%peer, %user, %database, "client logged in");
     let Some(target) = app.target(&database) else {
@@ -100,7 +146,7 @@ async fn login(
             tracing::info!(%peer, error = %e, "login failed");
             let mut out = BytesMut::new();
             if e.write_response(&mut out, false) {
-                let _ = stream.write_all(&out).await;
+                let _ = stream.send(&out).await;
             }
             None
         }

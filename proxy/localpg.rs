@@ -279,6 +279,7 @@ impl PgNode {
             database: database.into(),
             connect_timeout: Duration::from_secs(5),
             application_name: Some("pgheal localpg"),
+            tls: Default::default(),
         })
         .await
     }
@@ -341,5 +342,23 @@ impl Drop for PgNode {
                 std::thread::sleep(Duration::from_millis(10));
             }
         }
+    }
+}
+
+impl PgNode {
+    /// Turns on TLS with the given PEM certificate (chain) and key, then
+    /// reloads. Files go into the data directory, owned by the server.
+    pub async fn enable_ssl(&self, cert_pem: &str, key_pem: &str) -> Result<(), LocalPgError> {
+        use std::os::unix::fs::PermissionsExt;
+        for (name, text) in [("server.crt", cert_pem), ("server.key", key_pem)] {
+            let path = self.data_dir().join(name);
+            std::fs::write(&path, text)?;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+            if let Some(r) = self.run_as {
+                std::os::unix::fs::chown(&path, Some(r.uid), Some(r.gid))?;
+            }
+        }
+        self.sql("postgres", "ALTER SYSTEM SET ssl = on").await?;
+        self.sql("postgres", "SELECT pg_reload_conf()").await
     }
 }

@@ -9,13 +9,14 @@ use pgheal_protocol::frame;
 use pgheal_protocol::frontend;
 use pgheal_protocol::startup::{self, StartupMessage, StartupPacket, SUPPORTED_MINOR};
 use rand::RngCore;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
 use crate::auth::{self, ScramExchange, ScramVerifier, SCRAM_SHA_256};
 use crate::config::{AuthMethod, Database};
 use crate::error::ClientError;
 use crate::params::Params;
+use crate::stream::Stream;
 use crate::App;
 
 /// What the handshake ended with.
@@ -27,7 +28,7 @@ pub enum Handshake {
 }
 
 pub struct LoggedIn {
-    pub stream: TcpStream,
+    pub stream: Stream,
     /// Bytes the client sent beyond the handshake.
     pub buf: BytesMut,
     pub user: String,
@@ -37,12 +38,10 @@ pub struct LoggedIn {
 
 /// Reads the startup packet and authenticates, all within the login
 /// timeout. Errors are answered by the caller.
-pub async fn handshake(
-    app: &Arc<App>,
-    mut stream: TcpStream,
-) -> Result<Handshake, (TcpStream, ClientError)> {
+pub async fn handshake(app: &Arc<App>, tcp: TcpStream) -> Result<Handshake, (Stream, ClientError)> {
     let timeout = app.config().proxy.login_timeout;
     let mut buf = BytesMut::with_capacity(512);
+    let mut stream = Stream::Plain(tcp);
     let result = tokio::time::timeout(timeout, login(app, &mut stream, &mut buf)).await;
     match result {
         Ok(Ok(None)) => Ok(Handshake::Cancelled),
@@ -60,12 +59,13 @@ pub async fn handshake(
 
 async fn login(
     app: &Arc<App>,
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     buf: &mut BytesMut,
 ) -> Result<Option<(String, Database, Params)>, ClientError> {
     let msg = loop {
         match read_startup(stream, buf).await? {
-            StartupPacket::SslRequest | StartupPacket::GssEncRequest => write(stream, b"N").await?,
+            StartupPacket::SslRequest => encrypt(app, stream, buf).await?,
+            StartupPacket::GssEncRequest => write(stream, b"N").await?,
             StartupPacket::Cancel(key) => {
                 app.cancels.cancel(key).await;
                 return Ok(None);
@@ -73,6 +73,10 @@ async fn login(
             StartupPacket::Startup(msg) => break msg,
         }
     };
+    let tls = app.config().tls.as_ref();
+    if tls.is_some_and(|t| t.required()) && !stream.is_tls() {
+        return Err(ClientError::TlsRequired);
+    }
     negotiate_version(stream, &msg).await?;
     let user = msg.param("user").ok_or(ClientError::NoUser)?.to_string();
     if matches!(msg.param("replication"), Some(r) if !matches!(r, "false" | "0" | "off" | "no")) {
@@ -90,8 +94,26 @@ async fn login(
     Ok(Some((user, database, params)))
 }
 
+/// SSLRequest: `S` and the TLS handshake when `[tls]` is set (once), else
+/// `N` and the client goes on in plain text.
+async fn encrypt(app: &Arc<App>, stream: &mut Stream, buf: &BytesMut) -> Result<(), ClientError> {
+    let Some(tls) = app.config().tls.clone().filter(|_| !stream.is_tls()) else {
+        return write(stream, b"N").await;
+    };
+    if !buf.is_empty() {
+        // Bytes sent before the handshake would be taken as encrypted.
+        return Err(ClientError::Malformed("data after SSLRequest"));
+    }
+    write(stream, b"S").await?;
+    let tcp = stream
+        .take_plain()
+        .ok_or(ClientError::Malformed("SSLRequest"))?;
+    *stream = tls.accept(tcp).await.map_err(ClientError::TlsHandshake)?;
+    Ok(())
+}
+
 async fn read_startup(
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     buf: &mut BytesMut,
 ) -> Result<StartupPacket, ClientError> {
     loop {
@@ -103,7 +125,7 @@ async fn read_startup(
     }
 }
 
-async fn read_more(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<(), ClientError> {
+async fn read_more(stream: &mut Stream, buf: &mut BytesMut) -> Result<(), ClientError> {
     match stream.read_buf(buf).await {
         Ok(0) => Err(ClientError::ClientIo(
             std::io::ErrorKind::UnexpectedEof.into(),
@@ -113,16 +135,13 @@ async fn read_more(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<(), Cli
     }
 }
 
-async fn write(stream: &mut TcpStream, bytes: &[u8]) -> Result<(), ClientError> {
-    stream.write_all(bytes).await.map_err(ClientError::ClientIo)
+async fn write(stream: &mut Stream, bytes: &[u8]) -> Result<(), ClientError> {
+    stream.send(bytes).await.map_err(ClientError::ClientIo)
 }
 
 /// A client asking for a newer 3.x minor version, or for `_pq_.` options,
 /// is told what pgheal speaks, as PostgreSQL does.
-async fn negotiate_version(
-    stream: &mut TcpStream,
-    msg: &StartupMessage,
-) -> Result<(), ClientError> {
+async fn negotiate_version(stream: &mut Stream, msg: &StartupMessage) -> Result<(), ClientError> {
     let options: Vec<&str> = msg.protocol_options().collect();
     if msg.minor == SUPPORTED_MINOR && options.is_empty() {
         return Ok(());
@@ -133,7 +152,7 @@ async fn negotiate_version(
 }
 
 /// Reads one PasswordMessage-type ('p') message.
-async fn read_password(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<Bytes, ClientError> {
+async fn read_password(stream: &mut Stream, buf: &mut BytesMut) -> Result<Bytes, ClientError> {
     loop {
         if let Some(frame::Message { tag, len, .. }) = frame::message(buf, 64 * 1024)? {
             if tag != frontend::PASSWORD {
@@ -148,7 +167,7 @@ async fn read_password(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<Byt
 
 async fn authenticate(
     app: &Arc<App>,
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     buf: &mut BytesMut,
     user: &str,
 ) -> Result<(), ClientError> {
@@ -180,7 +199,7 @@ async fn authenticate(
 }
 
 async fn md5(
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     buf: &mut BytesMut,
     user: &str,
     password: &str,
@@ -196,7 +215,7 @@ async fn md5(
 }
 
 async fn scram(
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     buf: &mut BytesMut,
     verifier: ScramVerifier,
 ) -> Result<bool, ClientError> {

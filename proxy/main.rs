@@ -29,6 +29,9 @@ enum LogFormat {
 enum Command {
     /// Validate the configuration file and print every error.
     Check,
+    /// Print a SCRAM-SHA-256 secret (for `scram_secret`) for the password
+    /// read from standard input, so the password need not be in the file.
+    HashPassword,
     /// Start a throwaway local PostgreSQL with pgheal in front of it.
     Demo {
         /// Where pgheal listens.
@@ -90,6 +93,7 @@ fn main() -> ExitCode {
             }
             Err(code) => code,
         },
+        Some(Command::HashPassword) => hash_password(),
         Some(Command::Demo { listen }) => match runtime.block_on(pgheal::demo::run(listen)) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -107,6 +111,44 @@ fn main() -> ExitCode {
     }
 }
 
+fn hash_password() -> ExitCode {
+    let mut line = String::new();
+    if std::io::stdin().read_line(&mut line).is_err() {
+        eprintln!("cannot read a password from standard input");
+        return ExitCode::FAILURE;
+    }
+    let password = line.trim_end_matches(['\r', '\n']);
+    if password.is_empty() {
+        eprintln!(
+            "empty password: type it on standard input, e.g. `pgheal hash-password <<< 'secret'`"
+        );
+        return ExitCode::FAILURE;
+    }
+    println!(
+        "{}",
+        postgres_protocol::password::scram_sha_256(password.as_bytes())
+    );
+    ExitCode::SUCCESS
+}
+
+/// SIGHUP re-reads the TLS certificate, key and CA files.
+async fn reload_on_hangup(app: std::sync::Arc<pgheal::App>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hangup) = signal(SignalKind::hangup()) else {
+        return;
+    };
+    while hangup.recv().await.is_some() {
+        if let Some(tls) = &app.config().tls {
+            match tls.reload() {
+                Ok(()) => tracing::info!("TLS certificates re-read"),
+                Err(e) => {
+                    tracing::error!(error = %e, "TLS certificates not re-read; the old ones stay")
+                }
+            }
+        }
+    }
+}
+
 async fn serve(config: Config) -> ExitCode {
     let listen = config.proxy.listen;
     let running = match pgheal::listener::start(config).await {
@@ -116,6 +158,7 @@ async fn serve(config: Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    tokio::spawn(reload_on_hangup(running.app.clone()));
     tokio::select! {
         _ = running.wait() => {}
         _ = pgheal::shutdown_signal() => tracing::info!("signalled; exiting"),

@@ -137,7 +137,7 @@ impl Pool {
 
     fn take_idle(self: &Arc<Self>) -> Option<Lease> {
         loop {
-            let idle = lock(&self.idle).pop()?;
+            let mut idle = lock(&self.idle).pop()?;
             if idle.conn.created.elapsed() < self.limits.server_lifetime && !idle.conn.is_broken() {
                 return Some(Lease {
                     conn: Some(idle.conn),
@@ -170,7 +170,7 @@ impl Pool {
             let mut keep = Vec::with_capacity(idle.len());
             let mut drop_list = Vec::new();
             // Newest first, so the most recently used are the ones kept.
-            for i in idle.drain(..).rev() {
+            for mut i in idle.drain(..).rev() {
                 let old = i.since.elapsed() >= self.limits.idle_timeout;
                 // Past its lifetime, or closed by a server that went away.
                 let dead =

@@ -16,6 +16,8 @@ use tokio::net::TcpStream;
 
 use crate::params::Params;
 use crate::prepared::ServerStatements;
+use crate::stream::Stream;
+use crate::tls::{UpstreamMode, UpstreamTls};
 
 /// Servers are trusted more than clients, but not without bound.
 const MAX_SERVER_MESSAGE: usize = 1 << 30;
@@ -40,6 +42,8 @@ pub enum UpstreamError {
     Auth { addr: String, what: &'static str },
     #[error("server {addr} broke the protocol: {what}")]
     Protocol { addr: String, what: String },
+    #[error("TLS with server {addr}: {what}")]
+    Tls { addr: String, what: String },
     #[error("server {addr} connection lost: {source}")]
     Io {
         addr: String,
@@ -58,18 +62,20 @@ impl UpstreamError {
             | UpstreamError::Timeout { .. }
             | UpstreamError::Io { .. } => true,
             UpstreamError::Server { code, .. } => code.starts_with("57P") || code.starts_with("08"),
-            UpstreamError::Auth { .. } | UpstreamError::Protocol { .. } => false,
+            UpstreamError::Auth { .. }
+            | UpstreamError::Protocol { .. }
+            | UpstreamError::Tls { .. } => false,
         }
     }
 
     pub fn sqlstate(&self) -> String {
         match self {
             UpstreamError::Server { code, .. } => code.clone(),
-            UpstreamError::Connect { .. } | UpstreamError::Timeout { .. } => {
-                sqlstate::SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION
-                    .code()
-                    .to_string()
-            }
+            UpstreamError::Connect { .. }
+            | UpstreamError::Timeout { .. }
+            | UpstreamError::Tls { .. } => sqlstate::SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION
+                .code()
+                .to_string(),
             UpstreamError::Auth { .. } => sqlstate::INVALID_AUTHORIZATION_SPECIFICATION
                 .code()
                 .to_string(),
@@ -90,11 +96,12 @@ pub struct ConnectSpec {
     pub connect_timeout: Duration,
     /// Sent at startup so pgheal's own connections show in pg_stat_activity.
     pub application_name: Option<&'static str>,
+    pub tls: UpstreamTls,
 }
 
 /// An authenticated server connection, ready for queries.
 pub struct ServerConn {
-    pub stream: TcpStream,
+    pub stream: Stream,
     pub addr: String,
     /// The server's own cancel key.
     pub key: CancelKey,
@@ -129,6 +136,7 @@ impl ServerConn {
                     source,
                 })?;
         crate::net::tune(&stream);
+        let stream = Self::encrypt(spec, stream).await?;
         let mut conn = ServerConn {
             stream,
             addr,
@@ -156,8 +164,50 @@ impl ServerConn {
         Ok(conn)
     }
 
+    /// SSLRequest and the TLS handshake, as the database's `tls` says.
+    async fn encrypt(spec: &ConnectSpec, mut tcp: TcpStream) -> Result<Stream, UpstreamError> {
+        let mode = spec.tls.mode;
+        if mode == UpstreamMode::Disable {
+            return Ok(Stream::Plain(tcp));
+        }
+        let io = |source| UpstreamError::Io {
+            addr: spec.addr.clone(),
+            source,
+        };
+        let mut out = BytesMut::new();
+        build::ssl_request(&mut out);
+        tcp.write_all(&out).await.map_err(io)?;
+        let mut answer = [0u8; 1];
+        tcp.read_exact(&mut answer).await.map_err(io)?;
+        match answer[0] {
+            b'S' => {
+                let host = spec.addr.rsplit_once(':').map_or("", |(h, _)| h);
+                let host = host.trim_start_matches('[').trim_end_matches(']');
+                spec.tls
+                    .connect(tcp, host)
+                    .await
+                    .map_err(|source| UpstreamError::Tls {
+                        addr: spec.addr.clone(),
+                        what: source.to_string(),
+                    })
+            }
+            b'N' if mode == UpstreamMode::Prefer => Ok(Stream::Plain(tcp)),
+            b'N' => Err(UpstreamError::Tls {
+                addr: spec.addr.clone(),
+                what: format!(
+                    "the server does not support TLS (tls = \"{}\")",
+                    mode.as_str()
+                ),
+            }),
+            _ => Err(UpstreamError::Protocol {
+                addr: spec.addr.clone(),
+                what: "unexpected answer to SSLRequest".into(),
+            }),
+        }
+    }
+
     async fn send(&mut self, bytes: &[u8]) -> Result<(), UpstreamError> {
-        self.stream.write_all(bytes).await.map_err(|e| self.io(e))
+        self.stream.send(bytes).await.map_err(|e| self.io(e))
     }
 
     fn io(&self, source: io::Error) -> UpstreamError {
@@ -402,14 +452,13 @@ impl ServerConn {
 
     /// True when the server closed the connection or sent something
     /// unasked while it sat idle.
-    pub fn is_broken(&self) -> bool {
-        let mut probe = [0u8; 1];
-        !matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    pub fn is_broken(&mut self) -> bool {
+        self.stream.is_closed_or_chatty()
     }
 
     pub async fn terminate(mut self) {
         let mut out = BytesMut::new();
         build::terminate(&mut out);
-        let _ = tokio::time::timeout(Duration::from_millis(100), self.stream.write_all(&out)).await;
+        let _ = tokio::time::timeout(Duration::from_millis(100), self.stream.send(&out)).await;
     }
 }

@@ -180,6 +180,12 @@ pub fn startup_message_version(buf: &mut BytesMut, minor: u16, params: &[(&str, 
     });
 }
 
+/// SSLRequest: asks a server to start TLS.
+pub fn ssl_request(buf: &mut BytesMut) {
+    buf.put_i32(8);
+    buf.put_i32(80877103);
+}
+
 pub fn cancel_request(buf: &mut BytesMut, key: CancelKey) {
     untagged(buf, |b| {
         b.put_i32(80_877_102);

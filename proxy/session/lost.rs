@@ -10,7 +10,6 @@ use pgheal_protocol::build;
 use pgheal_protocol::classify::{classify, Class};
 use pgheal_protocol::frame::{self, Scanner, Step};
 use pgheal_protocol::frontend;
-use tokio::io::AsyncWriteExt;
 
 use super::Session;
 use crate::error::ClientError;
@@ -63,7 +62,7 @@ impl Session {
                 self.pending = 0;
                 self.owed = false;
                 self.client
-                    .write_all(&out)
+                    .send(&out)
                     .await
                     .map_err(ClientError::ClientIo)?;
                 return Ok(true);

@@ -27,12 +27,11 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::Poll;
 
+use crate::stream::Stream;
 use bytes::{Buf, BytesMut};
 use pgheal_protocol::backend::TxStatus;
 use pgheal_protocol::build;
 use pgheal_protocol::frame::Scanner;
-use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 use tokio_util::io::poll_read_buf;
 
 use crate::cancel::Registration;
@@ -69,7 +68,7 @@ enum PumpEnd {
 }
 
 pub struct Session {
-    client: TcpStream,
+    client: Stream,
     up: Flow,
     down: Flow,
     params: Params,
@@ -200,7 +199,7 @@ impl Session {
             // A server lost in the middle of a message leaves nothing to say.
             let mid_message = matches!(e, ClientError::ServerLost(_));
             if !mid_message && e.write_response(&mut out, self.welcomed) {
-                let _ = self.client.write_all(&out).await;
+                let _ = self.client.send(&out).await;
             }
         }
         result
@@ -230,7 +229,7 @@ impl Session {
             if held.is_none() {
                 if let Some(answer) = self.prepare_locally() {
                     self.client
-                        .write_all(&answer)
+                        .send(&answer)
                         .await
                         .map_err(ClientError::ClientIo)?;
                     continue;
@@ -345,7 +344,7 @@ impl Session {
         build::backend_key_data(&mut out, self.cancel.key);
         build::ready_for_query(&mut out, TxStatus::Idle);
         self.client
-            .write_all(&out)
+            .send(&out)
             .await
             .map_err(ClientError::ClientIo)?;
         if self.mode == PoolMode::Transaction {
@@ -417,10 +416,7 @@ impl Session {
         tracing::warn!(error = %e, "request refused");
         let mut out = BytesMut::new();
         self.fail_requests(&e, &mut out);
-        self.client
-            .write_all(&out)
-            .await
-            .map_err(ClientError::ClientIo)
+        self.client.send(&out).await.map_err(ClientError::ClientIo)
     }
 
     /// Answers each request in flight (a Query, Sync or FunctionCall not yet
@@ -521,9 +517,6 @@ impl Session {
         } else {
             self.fail_requests(&ClientError::ServerLostDuringWrite(e), &mut out);
         }
-        self.client
-            .write_all(&out)
-            .await
-            .map_err(ClientError::ClientIo)
+        self.client.send(&out).await.map_err(ClientError::ClientIo)
     }
 }

@@ -16,7 +16,17 @@ use super::replies::{self, Reply};
 use super::{translate, PumpEnd, Rerun, Session};
 use crate::config::PoolMode;
 use crate::flow::{write_some, MAX_PENDING};
+use crate::stream::Stream;
 use crate::upstream::ServerConn;
+use tokio::io::AsyncWrite;
+
+/// Flushes a TLS stream; plain TCP has nothing to flush.
+fn flush_tls(cx: &mut Context<'_>, stream: &mut Stream) -> Poll<io::Result<()>> {
+    if !stream.is_tls() {
+        return Poll::Ready(Ok(()));
+    }
+    Pin::new(stream).poll_flush(cx)
+}
 
 impl Session {
     /// Puts the kept request of a read back as if the client had just sent
@@ -260,7 +270,16 @@ impl Session {
                     Poll::Pending => {}
                 }
             }
-            if self.releasable() {
+            // TLS keeps what was written in its own buffer until flushed.
+            let flushed = match flush_tls(cx, &mut self.client) {
+                Poll::Ready(Ok(())) => true,
+                Poll::Ready(Err(_)) => return Poll::Ready(PumpEnd::ClientGone),
+                Poll::Pending => false,
+            };
+            if let Poll::Ready(Err(e)) = flush_tls(cx, &mut conn.stream) {
+                return Poll::Ready(PumpEnd::ServerLost(e));
+            }
+            if flushed && self.releasable() {
                 return Poll::Ready(PumpEnd::Released);
             }
             if !progress {

@@ -337,3 +337,63 @@ pub async fn backend_pid(client: &tokio_postgres::Client) -> i32 {
         .parse()
         .expect("a pid")
 }
+
+/// A test certificate authority and a server certificate it signed for
+/// `localhost` and `127.0.0.1`, as PEM, written to a temporary directory.
+pub struct TestCa {
+    pub dir: tempfile::TempDir,
+    pub ca_pem: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl TestCa {
+    pub fn new() -> TestCa {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+        let ca_key = KeyPair::generate().expect("CA key");
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "pgheal test CA");
+        let ca = ca_params.self_signed(&ca_key).expect("CA certificate");
+        let key = KeyPair::generate().expect("server key");
+        let mut params =
+            CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+                .expect("server params");
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "localhost");
+        let cert = params
+            .signed_by(&key, &ca, &ca_key)
+            .expect("server certificate");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let t = TestCa {
+            dir,
+            ca_pem: ca.pem(),
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        };
+        for (name, text) in [
+            ("ca.pem", &t.ca_pem),
+            ("cert.pem", &t.cert_pem),
+            ("key.pem", &t.key_pem),
+        ] {
+            std::fs::write(t.path(name), text).expect("write PEM");
+        }
+        t
+    }
+
+    pub fn path(&self, name: &str) -> String {
+        self.dir.path().join(name).display().to_string()
+    }
+
+    /// A `[tls]` section for pgheal with this certificate.
+    pub fn section(&self, mode: &str) -> String {
+        format!(
+            "[tls]\ncert = \"{}\"\nkey = \"{}\"\nmode = \"{mode}\"\n",
+            self.path("cert.pem"),
+            self.path("key.pem")
+        )
+    }
+}

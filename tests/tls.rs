@@ -1,0 +1,221 @@
+//! TLS with clients (psql, tokio-postgres) and with servers, with a test
+//! CA made here.
+
+mod common;
+use common::*;
+
+use std::sync::Arc;
+
+use pgheal::listener::Running;
+use pgheal::localpg::PgNode;
+
+async fn psql_conninfo(conninfo: &str, sql: &str) -> std::process::Output {
+    run(
+        "psql",
+        vec![
+            conninfo.to_string(),
+            "-X".into(),
+            "-qAt".into(),
+            "-c".into(),
+            sql.into(),
+        ],
+        None,
+    )
+    .await
+}
+
+fn conninfo(proxy: &Running, extra: &str) -> String {
+    format!(
+        "host=localhost port={} user=app password={APP_PASSWORD} dbname=app {extra}",
+        proxy.addr.port()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psql_over_tls_require_and_verify_full() {
+    let ca = TestCa::new();
+    let node = app_node().await;
+    let proxy = proxy_with(&node, &format!("\n{}", ca.section("prefer")), "").await;
+
+    let out = psql_conninfo(&conninfo(&proxy, "sslmode=require"), "SELECT 1").await;
+    assert_eq!(text(&out.stdout).trim(), "1", "{}", text(&out.stderr));
+
+    let verify = format!("sslmode=verify-full sslrootcert={}", ca.path("ca.pem"));
+    let out = psql_conninfo(&conninfo(&proxy, &verify), "SELECT 2").await;
+    assert_eq!(text(&out.stdout).trim(), "2", "{}", text(&out.stderr));
+
+    // prefer: a plain client is still welcome.
+    let out = psql_conninfo(&conninfo(&proxy, "sslmode=disable"), "SELECT 3").await;
+    assert_eq!(text(&out.stdout).trim(), "3", "{}", text(&out.stderr));
+
+    // A CA that did not sign pgheal's certificate is refused by psql.
+    let other = TestCa::new();
+    let wrong = format!("sslmode=verify-full sslrootcert={}", other.path("ca.pem"));
+    let out = psql_conninfo(&conninfo(&proxy, &wrong), "SELECT 4").await;
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("SSL"), "{}", text(&out.stderr));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn require_mode_refuses_plain_clients() {
+    let ca = TestCa::new();
+    let node = app_node().await;
+    let proxy = proxy_with(&node, &format!("\n{}", ca.section("require")), "").await;
+    let out = psql_conninfo(&conninfo(&proxy, "sslmode=disable"), "SELECT 1").await;
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(err.contains("accepts only TLS connections"), "{err}");
+    let (_client, e) = tokio_postgres::connect(&app_url(&proxy), tokio_postgres::NoTls)
+        .await
+        .map(|(c, _)| (c, ()))
+        .err()
+        .map(|e| ((), e))
+        .expect("a plain tokio-postgres client is refused");
+    assert_eq!(code(&e), "28000");
+    let out = psql_conninfo(&conninfo(&proxy, "sslmode=require"), "SELECT 1").await;
+    assert_eq!(text(&out.stdout).trim(), "1", "{}", text(&out.stderr));
+}
+
+fn rustls_client(ca_pem: &str) -> tokio_postgres_rustls::MakeRustlsConnect {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(cert.expect("CA PEM")).expect("CA certificate");
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tokio_postgres_rustls::MakeRustlsConnect::new(config)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokio_postgres_over_tls_many_queries() {
+    let ca = TestCa::new();
+    let node = app_node().await;
+    let proxy = proxy_with(
+        &node,
+        &format!("pool_mode = \"transaction\"\n{}", ca.section("require")),
+        "pool_size = 2",
+    )
+    .await;
+    let url = format!(
+        "postgres://app:{APP_PASSWORD}@localhost:{}/app?sslmode=require",
+        proxy.addr.port()
+    );
+    let mut tasks = Vec::new();
+    for k in 0..4i32 {
+        let (url, tls) = (url.clone(), rustls_client(&ca.ca_pem));
+        tasks.push(tokio::spawn(async move {
+            let (client, conn) = tokio_postgres::connect(&url, tls)
+                .await
+                .expect("TLS connect");
+            tokio::spawn(conn);
+            let stmt = client.prepare("SELECT $1::int * 3").await.expect("prepare");
+            for i in 0..50 {
+                let row = client.query_one(&stmt, &[&(i + k)]).await.expect("query");
+                assert_eq!(row.get::<_, i32>(0), (i + k) * 3);
+            }
+            // 1 MB back through TLS.
+            let big = first_value(&client, "SELECT repeat('x', 1000000)")
+                .await
+                .expect("big");
+            assert_eq!(big.len(), 1_000_000);
+        }));
+    }
+    for t in tasks {
+        t.await.expect("client task");
+    }
+}
+
+/// A node that takes `app` only over TLS.
+async fn ssl_only_node(ca: &TestCa) -> PgNode {
+    let node = app_node().await;
+    node.enable_ssl(&ca.cert_pem, &ca.key_pem)
+        .await
+        .expect("enable ssl");
+    node.prepend_hba(
+        "hostssl all app 127.0.0.1/32 scram-sha-256\nhostnossl all app 127.0.0.1/32 reject",
+    )
+    .await
+    .expect("hba");
+    node
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_tls_verify_full_and_refusals() {
+    let ca = TestCa::new();
+    let node = ssl_only_node(&ca).await;
+    let db = |tls: &str, ca_path: &str| {
+        format!(
+            "[databases.{tls_name}]\nnodes = [\"{addr}\"]\ndbname = \"app\"\nuser = \"app\"\npassword = \"{APP_PASSWORD}\"\ntls = \"{tls}\"\ntls_ca = \"{ca_path}\"\n",
+            tls_name = tls.replace('-', "_"),
+            addr = node.addr()
+        )
+    };
+    let other = TestCa::new();
+    let proxy = start(&format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\n[[users]]\nname = \"app\"\npassword = \"{APP_PASSWORD}\"\n{}{}{}",
+        db("verify-full", &ca.path("ca.pem")),
+        db("require", &other.path("ca.pem")),
+        db("disable", &ca.path("ca.pem")),
+    ))
+    .await;
+    let ssl_sql = "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()";
+    for database in ["verify_full", "require"] {
+        let (client, _c) = connect(&url(&proxy, "app", APP_PASSWORD, database)).await;
+        assert_eq!(first_value(&client, ssl_sql).await.expect(database), "t");
+    }
+    // Health checks use TLS too: the node's role is found.
+    let target = proxy.app.target("verify_full").expect("target");
+    eventually(
+        std::time::Duration::from_secs(10),
+        "the primary found over TLS",
+        || {
+            let t = target.clone();
+            async move { t.cluster.snapshot().primary().is_some() }
+        },
+    )
+    .await;
+    // Without TLS the node refuses app: the client hears why.
+    let e = tokio_postgres::connect(
+        &url(&proxy, "app", APP_PASSWORD, "disable"),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .err()
+    .expect("refused without TLS");
+    let message = e
+        .as_db_error()
+        .map(|d| d.message().to_string())
+        .unwrap_or_default();
+    assert!(message.contains("no encryption"), "{message}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_verify_full_with_the_wrong_ca_fails_clearly() {
+    let ca = TestCa::new();
+    let node = ssl_only_node(&ca).await;
+    let other = TestCa::new();
+    let proxy = proxy_with(
+        &node,
+        "",
+        &format!(
+            "user = \"app\"\npassword = \"{APP_PASSWORD}\"\ntls = \"verify-full\"\ntls_ca = \"{}\"",
+            other.path("ca.pem")
+        ),
+    )
+    .await;
+    let e = tokio_postgres::connect(&app_url(&proxy), tokio_postgres::NoTls)
+        .await
+        .err()
+        .expect("no server can be reached");
+    let message = e
+        .as_db_error()
+        .map(|d| d.message().to_string())
+        .unwrap_or_default();
+    assert_eq!(code(&e), "08001", "{message}");
+    assert!(message.contains("TLS"), "{message}");
+}
