@@ -99,3 +99,46 @@ fn secrets_never_appear_in_errors() {
         "{out}"
     );
 }
+
+#[test]
+fn env_references_are_expanded_or_reported() {
+    std::env::set_var("PGHEAL_TEST_CONFIG_PW", "from-env");
+    let base = "[[users]]\nname = \"u\"\npassword = \"${PGHEAL_TEST_CONFIG_PW}\"\n\
+                [databases.d]\nnodes = [\"127.0.0.1:5432\"]\npassword = \"p$$x-${PGHEAL_TEST_CONFIG_PW}\"\n";
+    let config = pgheal::config::Config::parse(base).expect("valid with the variable set");
+    assert_eq!(config.users[0].password.as_deref(), Some("from-env"));
+    assert_eq!(
+        config.databases["d"].password.as_deref(),
+        Some("p$x-from-env")
+    );
+    let (ok, out) = check(
+        "[[users]]\nname = \"u\"\npassword = \"${PGHEAL_TEST_NOT_SET_ANYWHERE}\"\n\
+         [databases.d]\nnodes = [\"127.0.0.1:5432\"]\n",
+    );
+    assert!(!ok);
+    assert!(
+        out.contains(
+            "users[0].password: environment variable PGHEAL_TEST_NOT_SET_ANYWHERE is not set"
+        ),
+        "{out}"
+    );
+}
+
+#[test]
+fn tls_settings_are_checked() {
+    let (ok, out) = check(
+        "[tls]\ncert = \"/nonexistent/cert.pem\"\nkey = \"/nonexistent/key.pem\"\nmode = \"always\"\n\
+         [[users]]\nname = \"u\"\npassword = \"p\"\n\
+         [databases.d]\nnodes = [\"127.0.0.1:5432\"]\ntls = \"verify-full\"\n\
+         [databases.e]\nnodes = [\"127.0.0.1:5432\"]\ntls = \"sometimes\"\n",
+    );
+    assert!(!ok);
+    for expected in [
+        "tls.mode: expected \"prefer\" or \"require\"",
+        "tls: cannot read certificates from /nonexistent/cert.pem",
+        "databases.d.tls: verify-full needs tls_ca",
+        "databases.e.tls: expected disable, prefer, require, verify-ca or verify-full",
+    ] {
+        assert!(out.contains(expected), "missing `{expected}` in:\n{out}");
+    }
+}
