@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # End-to-end benchmark: pgbench against PostgreSQL directly, through pgheal
 # (transaction mode) and through PgBouncer (transaction mode, same pool
-# size), in one run, alternating targets. Prints TPS, average latency and
+# size), in one run, alternating targets; the tls-* rows use sslmode=require
+# (PostgreSQL, pgheal and PgBouncer serve one self-signed certificate). Prints TPS, average latency and
 # the ratios, then RSS with N idle logged-in clients for both proxies.
 #
 #   benches/e2e.sh                      # defaults below
@@ -37,11 +38,17 @@ cleanup() {
 trap cleanup EXIT
 
 pg_port=$(free_port); heal_port=$(free_port); bouncer_port=$(free_port)
+# One self-signed certificate for the TLS rows, served by all three.
+openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=localhost \
+    -keyout "$work/tls.key" -out "$work/tls.crt" >/dev/null 2>&1
+chmod 600 "$work/tls.key"
+[ "$(id -u)" -eq 0 ] && chown postgres "$work/tls.key" "$work/tls.crt"
 echo "apppw" > "$work/pw"; chmod 644 "$work/pw"
 "${as_pg[@]}" "$bin/initdb" -D "$work/data" -U postgres --auth-local=trust --auth-host=scram-sha-256 \
     --pwfile="$work/pw" -N -E UTF8 --no-locale >/dev/null
 "${as_pg[@]}" "$bin/postgres" -D "$work/data" -p "$pg_port" -k "$work" -c listen_addresses=127.0.0.1 \
-    -c fsync=off -c max_connections=300 -c shared_buffers=256MB >"$work/pg.log" 2>&1 &
+    -c fsync=off -c max_connections=300 -c shared_buffers=256MB \
+    -c ssl=on -c ssl_cert_file="$work/tls.crt" -c ssl_key_file="$work/tls.key" >"$work/pg.log" 2>&1 &
 for _ in $(seq 300); do [ -f "$work/data/postmaster.pid" ] && \
     [ "$(sed -n 8p "$work/data/postmaster.pid" 2>/dev/null | tr -d ' ')" = "ready" ] && break; sleep 0.1; done
 pids+=("$(head -1 "$work/data/postmaster.pid")")
@@ -53,6 +60,10 @@ cat > "$work/pgheal.toml" <<TOML
 [proxy]
 listen = "127.0.0.1:$heal_port"
 pool_mode = "transaction"
+max_client_connections = $((IDLE + 1000))
+[tls]
+cert = "$work/tls.crt"
+key = "$work/tls.key"
 [[users]]
 name = "app"
 password = "apppw"
@@ -91,6 +102,9 @@ default_pool_size = $POOL
 max_client_conn = $((IDLE + 200))
 max_db_connections = $POOL
 logfile = $work/pgbouncer.log
+client_tls_sslmode = allow
+client_tls_cert_file = $work/tls.crt
+client_tls_key_file = $work/tls.key
 pidfile = $work/pgbouncer.pid
 INI
 chmod 644 "$work"/*.ini "$work"/*.txt
@@ -117,7 +131,9 @@ run() { # name target-port args...
     local out proxy_pid="" before=0
     case $port in "$heal_port") proxy_pid=$heal_pid;; "$bouncer_port") proxy_pid=$bouncer_pid;; esac
     [ -n "$proxy_pid" ] && before=$(cpu_of "$proxy_pid")
-    out=$(pgbench -h 127.0.0.1 -p "$port" -U app -T "$DURATION" -j 2 -n "$@" app 2>&1) || {
+    local sslmode=disable
+    [[ $name == tls-* ]] && sslmode=require
+    out=$(PGSSLMODE=$sslmode pgbench -h 127.0.0.1 -p "$port" -U app -T "$DURATION" -j 2 -n "$@" app 2>&1) || {
         # PgBouncer before 1.21 cannot run -M prepared in transaction mode.
         echo "pgbench failed ($name, port $port): $(grep -m1 -o 'ERROR: .*' <<<"$out")" >&2
         tps[$name]=nan; lat[$name]=nan; return 0; }
@@ -146,6 +162,8 @@ cases=(
     "S-prepared-64|-S -M prepared -c 64"
     "tpcb-prep-16|-M prepared -c 16"
     "tpcb-16|-c 16"
+    "tls-S-16|-S -M extended -c 16"
+    "tls-C-S-16|-C -S -c 16"
     "C-S-16|-C -S -c 16"
 )
 if [ -n "${CASES:-}" ]; then
