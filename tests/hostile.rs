@@ -66,7 +66,18 @@ async fn hostile_clients_do_not_hurt_pgbench() {
     ))
     .await;
     let url = app_url(&proxy);
-    let init = run("pgbench", vec!["-i".into(), "-s".into(), "1".into(), "-q".into(), url.clone()], None).await;
+    let init = run(
+        "pgbench",
+        vec![
+            "-i".into(),
+            "-s".into(),
+            "1".into(),
+            "-q".into(),
+            url.clone(),
+        ],
+        None,
+    )
+    .await;
     assert!(init.status.success(), "{}", text(&init.stderr));
     let addr = proxy.addr;
     let rss_before = rss_kib();
@@ -111,7 +122,10 @@ async fn hostile_clients_do_not_hurt_pgbench() {
                     return true;
                 };
                 let mut out = BytesMut::new();
-                pgheal_protocol::build::startup_message(&mut out, &[("user", "raw"), ("database", "app")]);
+                pgheal_protocol::build::startup_message(
+                    &mut out,
+                    &[("user", "raw"), ("database", "app")],
+                );
                 out.extend_from_slice(&[b'Q', 0x40, 0, 0, 0]);
                 out.extend_from_slice(&[b'x'; 1024]);
                 let _ = s.write_all(&out).await;
@@ -129,7 +143,11 @@ async fn hostile_clients_do_not_hurt_pgbench() {
 
     let out = bench.await.expect("pgbench task");
     let stdout = text(&out.stdout);
-    assert!(out.status.success(), "pgbench: {stdout}\n{}", text(&out.stderr));
+    assert!(
+        out.status.success(),
+        "pgbench: {stdout}\n{}",
+        text(&out.stderr)
+    );
     assert!(
         stdout.contains("number of failed transactions: 0 "),
         "{stdout}"

@@ -219,3 +219,30 @@ async fn upstream_verify_full_with_the_wrong_ca_fails_clearly() {
     assert_eq!(code(&e), "08001", "{message}");
     assert!(message.contains("TLS"), "{message}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_are_read_again_on_reload() {
+    let ca = TestCa::new();
+    let node = app_node().await;
+    let proxy = proxy_with(&node, &format!("\n{}", ca.section("require")), "").await;
+    let verify = |ca: &TestCa| format!("sslmode=verify-full sslrootcert={}", ca.path("ca.pem"));
+    let out = psql_conninfo(&conninfo(&proxy, &verify(&ca)), "SELECT 1").await;
+    assert_eq!(text(&out.stdout).trim(), "1", "{}", text(&out.stderr));
+
+    // New files from another CA in the same places, then what SIGHUP does.
+    let next = TestCa::new();
+    std::fs::write(ca.path("cert.pem"), &next.cert_pem).expect("replace cert");
+    std::fs::write(ca.path("key.pem"), &next.key_pem).expect("replace key");
+    let tls = proxy.app.config().tls.clone().expect("tls configured");
+    tls.reload().expect("reload");
+    let out = psql_conninfo(&conninfo(&proxy, &verify(&next)), "SELECT 2").await;
+    assert_eq!(text(&out.stdout).trim(), "2", "{}", text(&out.stderr));
+    let out = psql_conninfo(&conninfo(&proxy, &verify(&ca)), "SELECT 3").await;
+    assert!(!out.status.success(), "the old CA no longer matches");
+
+    // A broken file is refused and the running certificate stays.
+    std::fs::write(ca.path("key.pem"), "not a key").expect("break key");
+    assert!(tls.reload().is_err());
+    let out = psql_conninfo(&conninfo(&proxy, &verify(&next)), "SELECT 4").await;
+    assert_eq!(text(&out.stdout).trim(), "4", "{}", text(&out.stderr));
+}
