@@ -38,6 +38,8 @@ pub struct ProxyConfig {
     pub max_message_size: usize,
     /// Clients beyond this many get FATAL 53300 at once.
     pub max_client_connections: usize,
+    /// On SIGTERM, how long running transactions may take to finish.
+    pub shutdown_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -315,6 +317,7 @@ fn read_proxy(r: &mut Reader, t: &Table) -> ProxyConfig {
             "login_timeout",
             "max_message_size",
             "max_client_connections",
+            "shutdown_timeout",
         ],
     );
     let default_listen = SocketAddr::from(([127, 0, 0, 1], 6432));
@@ -328,6 +331,7 @@ fn read_proxy(r: &mut Reader, t: &Table) -> ProxyConfig {
         login_timeout: r.get(t, p, "login_timeout", Duration::from_secs(10)),
         max_message_size,
         max_client_connections: r.get(t, p, "max_client_connections", 10_000usize),
+        shutdown_timeout: r.get(t, p, "shutdown_timeout", Duration::from_secs(30)),
     }
 }
 

@@ -53,6 +53,7 @@ pub fn demo_config(listen: SocketAddr, nodes: &[String]) -> Config {
             login_timeout: Duration::from_secs(10),
             max_message_size: pgheal_protocol::frame::DEFAULT_MAX_MESSAGE,
             max_client_connections: 10_000,
+            shutdown_timeout: Duration::from_secs(30),
         },
         pool: PoolTimeouts {
             connect_timeout: Duration::from_secs(3),

@@ -35,6 +35,8 @@ pub enum ClientError {
     TlsRequired,
     #[error("TLS handshake with the client failed: {0}")]
     TlsHandshake(#[source] io::Error),
+    #[error("terminating connection due to administrator command")]
+    Shutdown,
     #[error("too many client connections (max_client_connections = {0})")]
     TooManyClients(usize),
     #[error("client did not finish logging in within {0:?}")]
@@ -94,6 +96,7 @@ impl ClientError {
             AuthFailed(_) => fatal(sqlstate::INVALID_PASSWORD),
             NoUser | TlsRequired => fatal(sqlstate::INVALID_AUTHORIZATION_SPECIFICATION),
             TooManyClients(_) => fatal(sqlstate::TOO_MANY_CONNECTIONS),
+            Shutdown => fatal(sqlstate::ADMIN_SHUTDOWN),
             UnknownDatabase(_) => fatal(sqlstate::INVALID_CATALOG_NAME),
             BadParameter(_) => fatal(sqlstate::INVALID_PARAMETER_VALUE),
             Unsupported(_) => fatal(sqlstate::FEATURE_NOT_SUPPORTED),

@@ -41,6 +41,9 @@ pub struct App {
     pub cancels: Arc<CancelRegistry>,
     targets: HashMap<String, Arc<Target>>,
     pub counters: Counters,
+    /// Cancelled on SIGTERM/SIGINT: no new clients or transactions; idle
+    /// clients are told 57P01, running transactions finish.
+    pub shutdown: tokio_util::sync::CancellationToken,
 }
 
 /// Process-wide gauges and counters.
@@ -82,6 +85,7 @@ impl App {
             cancels: Arc::new(CancelRegistry::default()),
             targets,
             counters: Counters::default(),
+            shutdown: tokio_util::sync::CancellationToken::new(),
         })
     }
 

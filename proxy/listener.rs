@@ -55,7 +55,14 @@ pub async fn start(config: Config) -> io::Result<Running> {
 
 async fn accept_loop(listener: TcpListener, app: Arc<App>) {
     loop {
-        match listener.accept().await {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = app.shutdown.cancelled() => {
+                tracing::info!("shutting down: no longer accepting clients");
+                return;
+            }
+        };
+        match accepted {
             Ok((stream, peer)) => {
                 crate::net::tune(&stream);
                 match ClientSlot::take(&app) {

@@ -158,10 +158,37 @@ async fn serve(config: Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    tokio::spawn(reload_on_hangup(running.app.clone()));
+    let app = running.app.clone();
+    tokio::spawn(reload_on_hangup(app.clone()));
     tokio::select! {
-        _ = running.wait() => {}
-        _ = pgheal::shutdown_signal() => tracing::info!("signalled; exiting"),
+        _ = running.wait() => return ExitCode::SUCCESS,
+        _ = pgheal::shutdown_signal() => {}
     }
+    let timeout = app.config().proxy.shutdown_timeout;
+    tracing::info!(
+        ?timeout,
+        "shutting down: idle clients are told 57P01, running transactions may finish"
+    );
+    app.shutdown.cancel();
+    tokio::select! {
+        drained = tokio::time::timeout(timeout, drain(&app)) => {
+            if drained.is_err() {
+                tracing::warn!("shutdown_timeout passed with transactions still running; closing them");
+            }
+        }
+        _ = pgheal::shutdown_signal() => tracing::warn!("second signal: exiting at once"),
+    }
+    for pool in app.pools() {
+        pool.close_idle().await;
+    }
+    tracing::info!("pgheal stopped");
     ExitCode::SUCCESS
+}
+
+/// Until every client connection is gone.
+async fn drain(app: &pgheal::App) {
+    use std::sync::atomic::Ordering;
+    while app.counters.client_connections.load(Ordering::Acquire) > 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }

@@ -193,6 +193,14 @@ impl Pool {
         self.fill_min_idle().await;
     }
 
+    /// Shutdown: sends Terminate on every idle connection and closes it.
+    pub async fn close_idle(&self) {
+        let idle: Vec<Idle> = lock(&self.idle).drain(..).collect();
+        for i in idle {
+            i.conn.terminate().await;
+        }
+    }
+
     async fn fill_min_idle(self: &Arc<Self>) {
         while lock(&self.idle).len() < self.limits.min_idle {
             let Ok(permit) = self.permits.clone().try_acquire_owned() else {

@@ -65,6 +65,8 @@ enum PumpEnd {
     ClientGone,
     ClientBroke(ClientError),
     ServerLost(io::Error),
+    /// pgheal is shutting down and the client's work is done.
+    Closing,
 }
 
 pub struct Session {
@@ -136,6 +138,8 @@ pub struct Session {
     /// A pinned client's server died while it was idle: its next request
     /// hears about it.
     pin_lost: Option<&'static str>,
+    /// pgheal is shutting down: end the client once its work is done.
+    closing: bool,
 }
 
 impl Session {
@@ -160,6 +164,7 @@ impl Session {
             startup: None,
             pinned: None,
             pin_lost: None,
+            closing: false,
             cancel: app.cancels.register(),
             topology,
             node_pools: vec![None; target.database.nodes.len()],
@@ -212,6 +217,9 @@ impl Session {
         let mut held = Box::pin(self.welcome()).await?.map(Box::new);
         self.welcomed = true;
         loop {
+            if held.is_none() && self.app.shutdown.is_cancelled() {
+                return Err(ClientError::Shutdown);
+            }
             if self.lost_tx.is_some() {
                 if !Box::pin(self.answer_lost_transaction()).await? {
                     return Ok(());
@@ -254,7 +262,15 @@ impl Session {
                 }
             },
         };
-        let end = poll_fn(|cx| self.poll_pump(cx, lease.conn())).await;
+        let shutdown = self.app.shutdown.clone();
+        let end = loop {
+            tokio::select! {
+                biased;
+                end = poll_fn(|cx| self.poll_pump(cx, lease.conn())) => break end,
+                // Finish what runs, then end the client (see poll_pump).
+                _ = shutdown.cancelled(), if !self.closing => self.closing = true,
+            }
+        };
         tracing::debug!(?end, "detached from the server");
         match end {
             PumpEnd::Released => {
@@ -291,6 +307,10 @@ impl Session {
             PumpEnd::ClientGone => {
                 self.leave(held.take()).await;
                 Ok(Attachment::ClientGone)
+            }
+            PumpEnd::Closing => {
+                self.leave(held.take()).await;
+                Err(ClientError::Shutdown)
             }
             PumpEnd::ClientBroke(e) => {
                 self.detach(held.take(), false);
@@ -390,9 +410,13 @@ impl Session {
             if self.expect.is_empty() {
                 self.expect = VecDeque::new();
             }
-            poll_fn(|cx| self.client.poll_read_ready(cx))
-                .await
-                .map_err(ClientError::ClientIo)?;
+            let (client, shutdown) = (&mut self.client, &self.app.shutdown);
+            tokio::select! {
+                ready = poll_fn(|cx| client.poll_read_ready(cx)) => {
+                    ready.map_err(ClientError::ClientIo)?
+                }
+                _ = shutdown.cancelled() => return Err(ClientError::Shutdown),
+            }
             self.up.reserve();
             // poll_read (unlike try_read) clears readiness after a short
             // read, which spares the pump a read that would find nothing.

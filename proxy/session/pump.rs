@@ -215,9 +215,13 @@ impl Session {
     }
 
     pub(super) fn releasable(&self) -> bool {
-        self.mode == PoolMode::Transaction
-            && !self.owed
-            && self.pinned.is_none()
+        self.mode == PoolMode::Transaction && self.pinned.is_none() && self.idle()
+    }
+
+    /// Nothing is owed either way: the server is idle and every byte was
+    /// passed on.
+    pub(super) fn idle(&self) -> bool {
+        !self.owed
             && self.up.buf.is_empty()
             && self.up.scanner.at_boundary()
             && self.wire.buf.is_empty()
@@ -278,6 +282,9 @@ impl Session {
             };
             if let Poll::Ready(Err(e)) = flush_tls(cx, &mut conn.stream) {
                 return Poll::Ready(PumpEnd::ServerLost(e));
+            }
+            if flushed && self.closing && self.idle() {
+                return Poll::Ready(PumpEnd::Closing);
             }
             if flushed && self.releasable() {
                 return Poll::Ready(PumpEnd::Released);

@@ -1,0 +1,100 @@
+//! SIGTERM: pgheal stops accepting, idle clients hear 57P01, a running
+//! transaction commits, and the process exits 0.
+
+mod common;
+use common::*;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_a_running_transaction_commit_then_exits_0() {
+    let node = app_node().await;
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
+        l.local_addr().expect("addr").port()
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("pgheal.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[proxy]\nlisten = \"127.0.0.1:{port}\"\nshutdown_timeout = \"20s\"\n\
+             [[users]]\nname = \"app\"\npassword = \"{APP_PASSWORD}\"\n\
+             [databases.app]\nnodes = [\"{}\"]\nuser = \"app\"\npassword = \"{APP_PASSWORD}\"\n",
+            node.addr()
+        ),
+    )
+    .expect("write config");
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgheal"))
+        .arg("--config")
+        .arg(&config)
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start pgheal");
+    let url = format!("postgres://app:{APP_PASSWORD}@127.0.0.1:{port}/app");
+    eventually(Duration::from_secs(20), "pgheal to accept clients", || {
+        let url = url.clone();
+        async move {
+            tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                .await
+                .is_ok()
+        }
+    })
+    .await;
+
+    let (writer, _w) = connect(&url).await;
+    writer
+        .batch_execute("CREATE TABLE t (v int); BEGIN; INSERT INTO t VALUES (1)")
+        .await
+        .expect("open transaction");
+    let (idle, idle_conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .expect("idle client");
+    let idle_conn = tokio::spawn(idle_conn);
+
+    let pid = Pid::from_raw(child.id().expect("pid") as i32);
+    kill(pid, Signal::SIGTERM).expect("SIGTERM");
+
+    // The idle client is told and let go.
+    let ended = tokio::time::timeout(Duration::from_secs(10), idle_conn)
+        .await
+        .expect("idle client closed within 10 s")
+        .expect("connection task");
+    let e = ended.expect_err("the idle client's connection ends with an error");
+    assert_eq!(code(&e), "57P01");
+    assert!(idle.is_closed());
+    // No new clients.
+    eventually(Duration::from_secs(10), "new connections refused", || {
+        let url = url.clone();
+        async move {
+            tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                .await
+                .is_err()
+        }
+    })
+    .await;
+    // The running transaction finishes.
+    writer
+        .batch_execute("INSERT INTO t VALUES (2); COMMIT")
+        .await
+        .expect("the transaction commits during shutdown");
+
+    let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
+        .await
+        .expect("pgheal exits once the transaction is done")
+        .expect("wait");
+    assert!(status.success(), "exit status {status}");
+    let count = node
+        .superuser_conn("app")
+        .await
+        .expect("direct connection")
+        .query_rows("SELECT count(*) FROM t")
+        .await
+        .expect("count");
+    assert_eq!(count[0][0].as_deref(), Some("2"));
+}
