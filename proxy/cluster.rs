@@ -47,6 +47,18 @@ pub struct Topology {
 }
 
 impl Topology {
+    /// "read-write" with a primary, "read-only" with only replicas up,
+    /// "down" with no node up.
+    pub fn mode(&self) -> &'static str {
+        if self.primary().is_some() {
+            "read-write"
+        } else if self.nodes.iter().any(|n| n.role == Role::Replica) {
+            "read-only"
+        } else {
+            "down"
+        }
+    }
+
     /// The node to write to: the one node claiming to be primary. Two or
     /// more claimants (split brain) give none.
     pub fn primary(&self) -> Option<&NodeStatus> {
@@ -79,6 +91,8 @@ pub struct Cluster {
     /// One per node: wakes its health loop for an immediate probe.
     wake: Vec<Arc<Notify>>,
     probing: bool,
+    /// Times a node became primary after having another role.
+    failovers: std::sync::atomic::AtomicU64,
 }
 
 const PROBE: &str = "SELECT pg_is_in_recovery(), \
@@ -116,6 +130,7 @@ impl Cluster {
             publish,
             wake: nodes.iter().map(|_| Arc::new(Notify::new())).collect(),
             probing: spec.is_some(),
+            failovers: Default::default(),
         });
         match spec {
             Some(spec) => {
@@ -156,6 +171,10 @@ impl Cluster {
         }
     }
 
+    pub fn failovers(&self) -> u64 {
+        self.failovers.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     pub fn snapshot(&self) -> Arc<Topology> {
         self.publish.borrow().clone()
     }
@@ -166,20 +185,29 @@ impl Cluster {
 
     fn update(&self, index: usize, change: impl FnOnce(&mut NodeStatus)) {
         let mut state = lock(&self.state);
+        let mode_before = state.mode();
         let Some(node) = state.nodes.get_mut(index) else {
             return;
         };
         let before = node.role;
         change(node);
         let after = node.role;
+
         if before != after {
             tracing::warn!(database = %self.database, node = %node.addr, from = ?before, to = ?after, "node role changed");
+            if after == Role::Primary && before != Role::Unknown {
+                self.failovers
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
             if state.count(Role::Primary) > 1 {
                 tracing::error!(
                     database = %self.database,
                     "more than one node claims to be primary: no writes until exactly one remains"
                 );
             }
+        }
+        if mode_before != state.mode() {
+            tracing::warn!(database = %self.database, from = mode_before, to = state.mode(), "database mode changed");
         }
         let snapshot = Arc::new(state.clone());
         drop(state);

@@ -40,6 +40,8 @@ pub struct ProxyConfig {
     pub max_client_connections: usize,
     /// On SIGTERM, how long running transactions may take to finish.
     pub shutdown_timeout: Duration,
+    /// Where /metrics, /healthz, /readyz and /status are served, if set.
+    pub http_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -318,6 +320,7 @@ fn read_proxy(r: &mut Reader, t: &Table) -> ProxyConfig {
             "max_message_size",
             "max_client_connections",
             "shutdown_timeout",
+            "http_listen",
         ],
     );
     let default_listen = SocketAddr::from(([127, 0, 0, 1], 6432));
@@ -332,6 +335,7 @@ fn read_proxy(r: &mut Reader, t: &Table) -> ProxyConfig {
         max_message_size,
         max_client_connections: r.get(t, p, "max_client_connections", 10_000usize),
         shutdown_timeout: r.get(t, p, "shutdown_timeout", Duration::from_secs(30)),
+        http_listen: r.opt(t, p, "http_listen"),
     }
 }
 

@@ -54,6 +54,7 @@ pub fn demo_config(listen: SocketAddr, nodes: &[String]) -> Config {
             max_message_size: pgheal_protocol::frame::DEFAULT_MAX_MESSAGE,
             max_client_connections: 10_000,
             shutdown_timeout: Duration::from_secs(30),
+            http_listen: None,
         },
         pool: PoolTimeouts {
             connect_timeout: Duration::from_secs(3),

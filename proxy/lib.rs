@@ -10,9 +10,11 @@ pub mod config;
 pub mod demo;
 pub mod error;
 mod flow;
+pub mod http;
 pub mod listener;
 pub mod localpg;
 pub mod login;
+pub mod metrics;
 pub mod net;
 pub mod params;
 pub mod pool;
@@ -44,6 +46,7 @@ pub struct App {
     /// Cancelled on SIGTERM/SIGINT: no new clients or transactions; idle
     /// clients are told 57P01, running transactions finish.
     pub shutdown: tokio_util::sync::CancellationToken,
+    pub metrics: metrics::Metrics,
 }
 
 /// Process-wide gauges and counters.
@@ -54,6 +57,9 @@ pub struct Counters {
     pub pinned_clients: std::sync::atomic::AtomicUsize,
     /// Client connections open now, logging in or logged in.
     pub client_connections: std::sync::atomic::AtomicUsize,
+    /// Clients attached to a server right now (running a transaction, or
+    /// held in session mode or by a pin).
+    pub active_clients: std::sync::atomic::AtomicUsize,
 }
 
 /// A database clients can ask for, and the cluster serving it.
@@ -86,11 +92,17 @@ impl App {
             targets,
             counters: Counters::default(),
             shutdown: tokio_util::sync::CancellationToken::new(),
+            metrics: metrics::Metrics::default(),
         })
     }
 
     pub fn target(&self, database: &str) -> Option<Arc<Target>> {
         self.targets.get(database).cloned()
+    }
+
+    /// Every database clients can ask for, by name.
+    pub fn targets(&self) -> impl Iterator<Item = (&String, &Arc<Target>)> {
+        self.targets.iter()
     }
 
     pub fn config(&self) -> &Config {

@@ -21,6 +21,8 @@ use crate::App;
 /// A running proxy.
 pub struct Running {
     pub addr: SocketAddr,
+    /// Where the HTTP endpoints listen, when configured.
+    pub http_addr: Option<SocketAddr>,
     pub app: Arc<App>,
     accept: JoinHandle<()>,
 }
@@ -47,10 +49,20 @@ impl Drop for Running {
 pub async fn start(config: Config) -> io::Result<Running> {
     let listener = TcpListener::bind(config.proxy.listen).await?;
     let addr = listener.local_addr()?;
+    let http = config.proxy.http_listen;
     let app = App::new(config);
+    let http_addr = match http {
+        Some(at) => Some(crate::http::start(app.clone(), at).await?),
+        None => None,
+    };
     let accept = tokio::spawn(accept_loop(listener, app.clone()));
     tracing::info!(%addr, "pgheal is listening");
-    Ok(Running { addr, app, accept })
+    Ok(Running {
+        addr,
+        http_addr,
+        app,
+        accept,
+    })
 }
 
 async fn accept_loop(listener: TcpListener, app: Arc<App>) {

@@ -108,7 +108,10 @@ async fn encrypt(app: &Arc<App>, stream: &mut Stream, buf: &BytesMut) -> Result<
     let tcp = stream
         .take_plain()
         .ok_or(ClientError::Malformed("SSLRequest"))?;
-    *stream = tls.accept(tcp).await.map_err(ClientError::TlsHandshake)?;
+    *stream = tls.accept(tcp).await.map_err(|e| {
+        app.metrics.tls_failures.inc();
+        ClientError::TlsHandshake(e)
+    })?;
     Ok(())
 }
 
@@ -191,6 +194,7 @@ async fn authenticate(
     };
     if !ok || entry.is_none() {
         tracing::info!(user, "client authentication failed");
+        app.metrics.auth_failures.inc();
         return Err(ClientError::AuthFailed(user.to_string()));
     }
     let mut out = BytesMut::new();

@@ -74,6 +74,11 @@ impl Pool {
     }
 
     /// The node address, cheap to clone.
+    /// The user this pool's connections log in as.
+    pub fn user(&self) -> &str {
+        &self.spec.user
+    }
+
     pub fn shared_addr(&self) -> &Arc<str> {
         &self.addr
     }

@@ -47,6 +47,27 @@ use crate::router::Intent;
 use crate::{App, Target};
 use tokio::sync::watch;
 
+/// Counts a client as active while it holds a server.
+struct Active(Arc<App>);
+
+impl Active {
+    fn new(app: &Arc<App>) -> Active {
+        app.counters
+            .active_clients
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Active(app.clone())
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0
+            .counters
+            .active_clients
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// Whether the client is still there after an attachment.
 #[derive(Debug, PartialEq, Eq)]
 enum Attachment {
@@ -140,6 +161,8 @@ pub struct Session {
     pin_lost: Option<&'static str>,
     /// pgheal is shutting down: end the client once its work is done.
     closing: bool,
+    /// When the running transaction's first message arrived.
+    tx_started: Option<std::time::Instant>,
 }
 
 impl Session {
@@ -165,6 +188,7 @@ impl Session {
             pinned: None,
             pin_lost: None,
             closing: false,
+            tx_started: None,
             cancel: app.cancels.register(),
             topology,
             node_pools: vec![None; target.database.nodes.len()],
@@ -263,6 +287,7 @@ impl Session {
             },
         };
         let shutdown = self.app.shutdown.clone();
+        let _active = Active::new(&self.app);
         let end = loop {
             tokio::select! {
                 biased;
@@ -289,6 +314,11 @@ impl Session {
                 Ok(Attachment::Detached)
             }
             PumpEnd::Rerun => {
+                self.app.metrics.retry(match self.rerun {
+                    Some(Rerun::OnPrimary) => "replica_refused_write",
+                    Some(Rerun::Replan) => "stale_plan",
+                    _ => "server_lost",
+                });
                 tracing::info!(server = %lease.pool().addr(), reason = ?self.rerun, "running a read again");
                 self.detach(held.take(), true);
                 self.restore_replay()?;
@@ -297,6 +327,7 @@ impl Session {
             PumpEnd::ServerLost(e) if self.replay.is_some() => {
                 let addr = lease.pool().shared_addr().clone();
                 tracing::warn!(server = %addr, error = %e, "server lost before answering a read; running it elsewhere");
+                self.app.metrics.retry("server_lost");
                 self.target.cluster.nudge(&addr);
                 self.rerun = Some(Rerun::Elsewhere(addr));
                 *held = None;
@@ -438,6 +469,11 @@ impl Session {
     /// No server could be had: answer the buffered requests with the error.
     async fn refuse_request(&mut self, e: ClientError) -> Result<(), ClientError> {
         tracing::warn!(error = %e, "request refused");
+        match &e {
+            ClientError::NoPrimary { .. } => self.app.metrics.reject("no_primary"),
+            ClientError::NoNode(_) => self.app.metrics.reject("no_node"),
+            _ => {}
+        }
         let mut out = BytesMut::new();
         self.fail_requests(&e, &mut out);
         self.client.send(&out).await.map_err(ClientError::ClientIo)

@@ -69,6 +69,9 @@ impl Session {
                     return Ok(());
                 }
                 Step::Header { tag, .. } | Step::Whole { tag, .. } => {
+                    if self.tx_started.is_none() {
+                        self.tx_started = Some(std::time::Instant::now());
+                    }
                     if self.holding {
                         // More from the client: the kept request is no
                         // longer all of it; answer as it comes.
@@ -148,6 +151,7 @@ impl Session {
                 if tag == backend::READY_FOR_QUERY {
                     self.tx = TxStatus::parse(body).unwrap_or(TxStatus::Failed);
                     self.pending = self.pending.saturating_sub(1);
+                    self.count_ready();
                     if self.pending == 0 {
                         self.awaiting = false;
                         self.owed &= self.tx != TxStatus::Idle;
@@ -181,6 +185,20 @@ impl Session {
                 return Ok(());
             }
             self.down.scanned += step.consumed();
+        }
+    }
+
+    /// A ReadyForQuery: one request answered; at idle, a transaction ended.
+    fn count_ready(&mut self) {
+        let metrics = &self.app.metrics;
+        metrics.queries.inc();
+        if self.pending == 0 && self.tx == TxStatus::Idle {
+            metrics.transactions.inc();
+            if let Some(start) = self.tx_started.take() {
+                metrics
+                    .transaction_seconds
+                    .observe(start.elapsed().as_secs_f64());
+            }
         }
     }
 

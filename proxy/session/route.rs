@@ -91,6 +91,7 @@ impl Session {
                 return Err(e.into());
             }
             tracing::warn!(server = %pool.addr(), error = %e, "node unreachable; routing again without it");
+            self.app.metrics.retry("node_unreachable");
             rerun = Some(Rerun::Unreachable(pool.shared_addr().clone()));
         }
     }

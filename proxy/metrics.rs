@@ -1,0 +1,236 @@
+//! Prometheus metrics: counters bumped on the data path (atomics, no
+//! locks), gauges read from pools and topologies when scraped.
+
+use std::sync::atomic::Ordering;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::cluster::Role;
+use crate::App;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Reason {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PoolLabels {
+    database: String,
+    node: String,
+    user: String,
+    state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NodeLabels {
+    database: String,
+    node: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RoleLabels {
+    database: String,
+    node: String,
+    role: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DbLabels {
+    database: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    state: &'static str,
+}
+
+/// Everything pgheal counts.
+pub struct Metrics {
+    registry: Registry,
+    pub transactions: Counter,
+    pub queries: Counter,
+    pub transaction_seconds: Histogram,
+    pub rejected_writes: Family<Reason, Counter>,
+    pub retried_reads: Family<Reason, Counter>,
+    pub auth_failures: Counter,
+    pub tls_failures: Counter,
+    clients: Family<StateLabels, Gauge>,
+    pool_servers: Family<PoolLabels, Gauge>,
+    node_up: Family<NodeLabels, Gauge>,
+    node_role: Family<RoleLabels, Gauge>,
+    node_lag_seconds: Family<NodeLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    failovers: Family<DbLabels, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut r = Registry::with_prefix("pgheal");
+        let m = Metrics {
+            transactions: Counter::default(),
+            queries: Counter::default(),
+            transaction_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 18)),
+            rejected_writes: Family::default(),
+            retried_reads: Family::default(),
+            auth_failures: Counter::default(),
+            tls_failures: Counter::default(),
+            clients: Family::default(),
+            pool_servers: Family::default(),
+            node_up: Family::default(),
+            node_role: Family::default(),
+            node_lag_seconds: Family::default(),
+            failovers: Family::default(),
+            registry: Registry::default(),
+        };
+        r.register(
+            "transactions",
+            "Transactions (and autocommit statements) that ended",
+            m.transactions.clone(),
+        );
+        r.register(
+            "queries",
+            "Requests answered (Query, Sync, FunctionCall)",
+            m.queries.clone(),
+        );
+        r.register(
+            "transaction_duration_seconds",
+            "Time from a transaction's first message to its end",
+            m.transaction_seconds.clone(),
+        );
+        r.register(
+            "rejected_writes",
+            "Requests refused, by reason",
+            m.rejected_writes.clone(),
+        );
+        r.register(
+            "retried_reads",
+            "Autocommit reads run again unseen, by reason",
+            m.retried_reads.clone(),
+        );
+        r.register(
+            "auth_failures",
+            "Client logins refused",
+            m.auth_failures.clone(),
+        );
+        r.register(
+            "tls_failures",
+            "Client TLS handshakes that failed",
+            m.tls_failures.clone(),
+        );
+        r.register(
+            "client_connections",
+            "Client connections by state",
+            m.clients.clone(),
+        );
+        r.register(
+            "pool_servers",
+            "Server connections by pool and state",
+            m.pool_servers.clone(),
+        );
+        r.register(
+            "node_up",
+            "1 when the node's last health probe succeeded",
+            m.node_up.clone(),
+        );
+        r.register(
+            "node_role",
+            "1 for the node's current role",
+            m.node_role.clone(),
+        );
+        r.register(
+            "node_replay_lag_seconds",
+            "A replica's replay delay",
+            m.node_lag_seconds.clone(),
+        );
+        r.register(
+            "failovers",
+            "Times a node became primary after another role",
+            m.failovers.clone(),
+        );
+        Metrics { registry: r, ..m }
+    }
+}
+
+impl Metrics {
+    pub fn reject(&self, reason: &'static str) {
+        self.rejected_writes.get_or_create(&Reason { reason }).inc();
+    }
+
+    pub fn retry(&self, reason: &'static str) {
+        self.retried_reads.get_or_create(&Reason { reason }).inc();
+    }
+
+    /// The text exposition, with gauges read now.
+    pub fn render(&self, app: &App) -> String {
+        self.read_gauges(app);
+        let mut out = String::new();
+        if encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+
+    fn read_gauges(&self, app: &App) {
+        let total = app.counters.client_connections.load(Ordering::Relaxed) as i64;
+        let active = app.counters.active_clients.load(Ordering::Relaxed) as i64;
+        let pinned = app.counters.pinned_clients.load(Ordering::Relaxed) as i64;
+        for (state, v) in [
+            ("active", active),
+            ("idle", total - active),
+            ("pinned", pinned),
+        ] {
+            self.clients.get_or_create(&StateLabels { state }).set(v);
+        }
+        for pool in app.pools() {
+            let (idle, busy) = pool.counts();
+            for (state, v) in [("idle", idle), ("busy", busy)] {
+                let labels = PoolLabels {
+                    database: pool.database.clone(),
+                    node: pool.addr().to_string(),
+                    user: pool.user().to_string(),
+                    state,
+                };
+                self.pool_servers.get_or_create(&labels).set(v as i64);
+            }
+        }
+        for (database, target) in app.targets() {
+            let topology = target.cluster.snapshot();
+            for n in &topology.nodes {
+                let node = NodeLabels {
+                    database: database.clone(),
+                    node: n.addr.to_string(),
+                };
+                let up = matches!(n.role, Role::Primary | Role::Replica);
+                self.node_up.get_or_create(&node).set(i64::from(up));
+                self.node_lag_seconds
+                    .get_or_create(&node)
+                    .set(n.replay_lag.as_secs_f64());
+                for (role, name) in [
+                    (Role::Primary, "primary"),
+                    (Role::Replica, "replica"),
+                    (Role::Down, "down"),
+                    (Role::Unknown, "unknown"),
+                ] {
+                    let labels = RoleLabels {
+                        database: database.clone(),
+                        node: n.addr.to_string(),
+                        role: name,
+                    };
+                    self.node_role
+                        .get_or_create(&labels)
+                        .set(i64::from(n.role == role));
+                }
+            }
+            self.failovers
+                .get_or_create(&DbLabels {
+                    database: database.clone(),
+                })
+                .set(target.cluster.failovers() as i64);
+        }
+    }
+}
