@@ -154,6 +154,24 @@ pub struct Database {
     pub tls: UpstreamTls,
 }
 
+impl Database {
+    /// The stand-in for the admin console's `pgheal` database.
+    pub fn admin_console() -> Database {
+        Database {
+            name: crate::admin::DATABASE.to_string(),
+            nodes: Vec::new(),
+            dbname: crate::admin::DATABASE.to_string(),
+            user: None,
+            password: None,
+            pool_size: 1,
+            min_idle: 0,
+            read_routing: false,
+            max_replica_lag: Duration::ZERO,
+            tls: UpstreamTls::default(),
+        }
+    }
+}
+
 impl fmt::Debug for Database {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Database")
@@ -491,6 +509,9 @@ fn read_databases(r: &mut Reader, root: &Table) -> BTreeMap<String, Database> {
 }
 
 fn read_database(r: &mut Reader, name: &str, t: &Table, p: &str) -> Database {
+    if name == crate::admin::DATABASE {
+        r.error(p, "the name is reserved for the admin console");
+    }
     let keys = [
         "nodes",
         "dbname",

@@ -35,6 +35,8 @@ pub enum ClientError {
     TlsRequired,
     #[error("TLS handshake with the client failed: {0}")]
     TlsHandshake(#[source] io::Error),
+    #[error("user \"{0}\" may not open the admin console (admin = true in [[users]])")]
+    NotAdmin(String),
     #[error("terminating connection due to administrator command")]
     Shutdown,
     #[error("too many client connections (max_client_connections = {0})")]
@@ -94,7 +96,9 @@ impl ClientError {
             }
             Startup(_) => fatal(sqlstate::PROTOCOL_VIOLATION),
             AuthFailed(_) => fatal(sqlstate::INVALID_PASSWORD),
-            NoUser | TlsRequired => fatal(sqlstate::INVALID_AUTHORIZATION_SPECIFICATION),
+            NoUser | TlsRequired | NotAdmin(_) => {
+                fatal(sqlstate::INVALID_AUTHORIZATION_SPECIFICATION)
+            }
             TooManyClients(_) => fatal(sqlstate::TOO_MANY_CONNECTIONS),
             Shutdown => fatal(sqlstate::ADMIN_SHUTDOWN),
             UnknownDatabase(_) => fatal(sqlstate::INVALID_CATALOG_NAME),

@@ -142,6 +142,12 @@ async fn serve(app: Arc<App>, stream: TcpStream, peer: SocketAddr, slot: ClientS
 
 async fn session(app: Arc<App>, client: Box<login::LoggedIn>, peer: SocketAddr, _slot: ClientSlot) {
     let (user, database) = (client.user.clone(), client.database.name.clone());
+    if database == crate::admin::DATABASE {
+        if let Err(e) = crate::admin::serve(app, client).await {
+            tracing::info!(%peer, %user, error = %e, "admin console closed");
+        }
+        return;
+    }
     tracing::info!(%peer, %user, %database, "client logged in");
     let Some(target) = app.target(&database) else {
         return;

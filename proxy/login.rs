@@ -84,6 +84,13 @@ async fn login(
     }
     authenticate(app, stream, buf, &user).await?;
     let db_name = msg.param("database").unwrap_or(&user).to_string();
+    if db_name == crate::admin::DATABASE {
+        if !app.config().user(&user).is_some_and(|u| u.admin) {
+            return Err(ClientError::NotAdmin(user));
+        }
+        let params = Params::default();
+        return Ok(Some((user, Database::admin_console(), params)));
+    }
     let database = app
         .config()
         .databases

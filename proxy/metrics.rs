@@ -56,6 +56,8 @@ pub struct Metrics {
     pub transactions: Counter,
     pub queries: Counter,
     pub transaction_seconds: Histogram,
+    /// Sum of transaction durations in microseconds, for averages.
+    transaction_us: std::sync::atomic::AtomicU64,
     pub rejected_writes: Family<Reason, Counter>,
     pub retried_reads: Family<Reason, Counter>,
     pub auth_failures: Counter,
@@ -68,6 +70,22 @@ pub struct Metrics {
     failovers: Family<DbLabels, Gauge>,
 }
 
+/// Sums a counter family over the reasons pgheal uses.
+fn sum(family: &Family<Reason, Counter>) -> u64 {
+    const REASONS: [&str; 6] = [
+        "no_primary",
+        "no_node",
+        "replica_refused_write",
+        "server_lost",
+        "node_unreachable",
+        "stale_plan",
+    ];
+    REASONS
+        .iter()
+        .map(|&reason| family.get_or_create(&Reason { reason }).get())
+        .sum()
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         let mut r = Registry::with_prefix("pgheal");
@@ -75,6 +93,7 @@ impl Default for Metrics {
             transactions: Counter::default(),
             queries: Counter::default(),
             transaction_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 18)),
+            transaction_us: Default::default(),
             rejected_writes: Family::default(),
             retried_reads: Family::default(),
             auth_failures: Counter::default(),
@@ -157,6 +176,29 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Records one finished transaction's duration.
+    pub fn transaction_took(&self, took: std::time::Duration) {
+        self.transaction_seconds.observe(took.as_secs_f64());
+        self.transaction_us
+            .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    pub fn average_transaction_ms(&self) -> f64 {
+        let n = self.transactions.get();
+        if n == 0 {
+            return 0.0;
+        }
+        self.transaction_us.load(Ordering::Relaxed) as f64 / 1000.0 / n as f64
+    }
+
+    pub fn rejected_total(&self) -> u64 {
+        sum(&self.rejected_writes)
+    }
+
+    pub fn retried_total(&self) -> u64 {
+        sum(&self.retried_reads)
+    }
+
     pub fn reject(&self, reason: &'static str) {
         self.rejected_writes.get_or_create(&Reason { reason }).inc();
     }

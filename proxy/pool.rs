@@ -74,6 +74,11 @@ impl Pool {
     }
 
     /// The node address, cheap to clone.
+    /// The most connections this pool opens.
+    pub fn size(&self) -> usize {
+        self.limits.size
+    }
+
     /// The user this pool's connections log in as.
     pub fn user(&self) -> &str {
         &self.spec.user

@@ -142,3 +142,24 @@ fn tls_settings_are_checked() {
         assert!(out.contains(expected), "missing `{expected}` in:\n{out}");
     }
 }
+
+#[test]
+fn the_kubernetes_configmap_holds_a_valid_config() {
+    let yaml = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/configmap.yaml"
+    ))
+    .expect("deploy/configmap.yaml");
+    let toml: String = yaml
+        .lines()
+        .skip_while(|l| !l.trim_start().starts_with("pgheal.toml: |"))
+        .skip(1)
+        .take_while(|l| l.starts_with("    ") || l.trim().is_empty())
+        .map(|l| format!("{}\n", l.strip_prefix("    ").unwrap_or(l)))
+        .collect();
+    assert!(toml.contains("[databases.app]"), "{toml}");
+    std::env::set_var("APP_PASSWORD", "from-the-secret");
+    let config = pgheal::config::Config::parse(&toml).expect("the ConfigMap's config is valid");
+    assert_eq!(config.users[0].password.as_deref(), Some("from-the-secret"));
+    assert!(config.proxy.http_listen.is_some());
+}

@@ -108,6 +108,10 @@ pub fn bind_complete(buf: &mut BytesMut) {
     message(buf, b'2', |_| {});
 }
 
+pub fn empty_query_response(buf: &mut BytesMut) {
+    message(buf, b'I', |_| {});
+}
+
 pub fn no_data(buf: &mut BytesMut) {
     message(buf, b'n', |_| {});
 }
@@ -177,6 +181,38 @@ pub fn startup_message_version(buf: &mut BytesMut, minor: u16, params: &[(&str, 
             cstr(b, v.as_bytes());
         }
         b.put_u8(0);
+    });
+}
+
+/// RowDescription with every column as `text`.
+pub fn row_description_text(buf: &mut BytesMut, columns: &[&str]) {
+    message(buf, b'T', |b| {
+        b.put_i16(columns.len() as i16);
+        for name in columns {
+            cstr(b, name.as_bytes());
+            b.put_i32(0); // table OID
+            b.put_i16(0); // column number
+            b.put_i32(25); // text
+            b.put_i16(-1); // variable size
+            b.put_i32(-1); // no modifier
+            b.put_i16(0); // text format
+        }
+    });
+}
+
+/// DataRow of text values; `None` is NULL.
+pub fn data_row(buf: &mut BytesMut, values: &[Option<&str>]) {
+    message(buf, b'D', |b| {
+        b.put_i16(values.len() as i16);
+        for v in values {
+            match v {
+                Some(v) => {
+                    b.put_i32(v.len() as i32);
+                    b.put_slice(v.as_bytes());
+                }
+                None => b.put_i32(-1),
+            }
+        }
     });
 }
 
@@ -285,6 +321,24 @@ mod tests {
             .expect("test input is valid");
         assert_eq!(m.len, buf.len(), "exactly one message");
         (m.tag, m.body)
+    }
+
+    #[test]
+    fn result_sets_read_back() {
+        let mut b = BytesMut::new();
+        data_row(&mut b, &[Some("a"), None, Some("")]);
+        let (tag, body) = only(&b);
+        assert_eq!(tag, backend::DATA_ROW);
+        assert_eq!(
+            backend::data_row(body).expect("valid"),
+            vec![Some(&b"a"[..]), None, Some(&b""[..])]
+        );
+        let mut b = BytesMut::new();
+        row_description_text(&mut b, &["x", "yz"]);
+        let (tag, body) = only(&b);
+        assert_eq!(tag, b'T');
+        assert_eq!(&body[..2], &[0, 2]);
+        assert_eq!(body.len(), 2 + (2 + 18) + (3 + 18));
     }
 
     #[test]

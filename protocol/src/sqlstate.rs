@@ -48,6 +48,8 @@ sqlstates! {
     INVALID_PASSWORD = "28P01";
     /// 3D000
     INVALID_CATALOG_NAME = "3D000";
+    /// 42601
+    SYNTAX_ERROR = "42601";
     /// 42P05: a prepared statement by that name exists.
     DUPLICATE_PREPARED_STATEMENT = "42P05";
     /// 53300

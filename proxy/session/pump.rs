@@ -195,9 +195,7 @@ impl Session {
         if self.pending == 0 && self.tx == TxStatus::Idle {
             metrics.transactions.inc();
             if let Some(start) = self.tx_started.take() {
-                metrics
-                    .transaction_seconds
-                    .observe(start.elapsed().as_secs_f64());
+                metrics.transaction_took(start.elapsed());
             }
         }
     }

@@ -1,0 +1,305 @@
+//! The admin console: `psql -U <admin user> pgheal`. Users with
+//! `admin = true` only; simple queries only; every command answers as an
+//! ordinary result set, and an unknown one gets an error, not a disconnect.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::{Buf, BytesMut};
+use pgheal_protocol::backend::TxStatus;
+use pgheal_protocol::build::{self, Severity};
+use pgheal_protocol::sqlstate::{self, SqlState};
+use pgheal_protocol::{frame, frontend};
+use tokio::io::AsyncReadExt;
+
+use crate::cluster::Role;
+use crate::error::ClientError;
+use crate::login::LoggedIn;
+use crate::App;
+
+/// The database name that opens the console.
+pub const DATABASE: &str = "pgheal";
+
+const COMMANDS: &str = "SHOW POOLS, SHOW NODES, SHOW STATS, SHOW CONFIG, SHOW VERSION, SHOW HELP";
+
+pub async fn serve(app: Arc<App>, client: Box<LoggedIn>) -> Result<(), ClientError> {
+    let LoggedIn {
+        mut stream,
+        mut buf,
+        user,
+        ..
+    } = *client;
+    let mut out = BytesMut::new();
+    for (name, value) in [
+        ("server_version", "15.0 (pgheal admin console)"),
+        ("server_encoding", "UTF8"),
+        ("client_encoding", "UTF8"),
+        ("DateStyle", "ISO, MDY"),
+        ("integer_datetimes", "on"),
+        ("standard_conforming_strings", "on"),
+    ] {
+        build::parameter_status(&mut out, name.as_bytes(), value.as_bytes());
+    }
+    build::backend_key_data(&mut out, app.cancels.register().key);
+    build::ready_for_query(&mut out, TxStatus::Idle);
+    stream.send(&out).await.map_err(ClientError::ClientIo)?;
+    tracing::info!(%user, "admin console opened");
+    loop {
+        while let Some(m) = frame::message(&buf, 1 << 20)? {
+            let (tag, len) = (m.tag, m.len);
+            out.clear();
+            match tag {
+                frontend::QUERY => {
+                    let sql =
+                        frontend::query(m.body).map_err(|_| ClientError::Malformed("Query"))?;
+                    let sql = String::from_utf8_lossy(sql).into_owned();
+                    tracing::info!(%user, command = %sql.trim(), "admin command");
+                    answer(&app, &sql, &mut out);
+                    build::ready_for_query(&mut out, TxStatus::Idle);
+                }
+                frontend::TERMINATE => return Ok(()),
+                frontend::SYNC => build::ready_for_query(&mut out, TxStatus::Idle),
+                _ => error(
+                    &mut out,
+                    sqlstate::FEATURE_NOT_SUPPORTED,
+                    "the admin console takes simple queries only",
+                ),
+            }
+            buf.advance(len);
+            stream.send(&out).await.map_err(ClientError::ClientIo)?;
+        }
+        if stream
+            .read_buf(&mut buf)
+            .await
+            .map_err(ClientError::ClientIo)?
+            == 0
+        {
+            return Ok(());
+        }
+    }
+}
+
+fn error(out: &mut BytesMut, code: SqlState, message: &str) {
+    build::error_response(out, Severity::Error, code, message, None);
+}
+
+/// One command's answer (without the ReadyForQuery).
+fn answer(app: &App, sql: &str, out: &mut BytesMut) {
+    let words: Vec<String> = sql
+        .trim()
+        .trim_end_matches(';')
+        .split_whitespace()
+        .map(str::to_ascii_lowercase)
+        .collect();
+    let words: Vec<&str> = words.iter().map(String::as_str).collect();
+    let table = match words.as_slice() {
+        [] => {
+            build::empty_query_response(out);
+            return;
+        }
+        ["show", "pools"] => pools(app),
+        ["show", "nodes"] => nodes(app),
+        ["show", "stats"] => stats(app),
+        ["show", "config"] => config(app),
+        ["show", "version"] => Table::new(&["version"]).row(vec![version()]),
+        ["show", "help"] => Table::new(&["commands"]).row(vec![COMMANDS.to_string()]),
+        ["show", "clients" | "servers"] | ["reload" | "pause" | "resume", ..] => {
+            error(
+                out,
+                sqlstate::FEATURE_NOT_SUPPORTED,
+                &format!("{} is not available in this version of pgheal", sql.trim()),
+            );
+            return;
+        }
+        _ => {
+            let message = format!("unknown admin command \"{}\"; try SHOW HELP", sql.trim());
+            error(out, sqlstate::SYNTAX_ERROR, &message);
+            return;
+        }
+    };
+    table.write(out);
+}
+
+fn version() -> String {
+    format!("pgheal {}", env!("CARGO_PKG_VERSION"))
+}
+
+/// A result set of text columns.
+struct Table {
+    columns: &'static [&'static str],
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    fn new(columns: &'static [&'static str]) -> Table {
+        Table {
+            columns,
+            rows: Vec::new(),
+        }
+    }
+
+    fn row(mut self, values: Vec<String>) -> Table {
+        self.rows.push(values);
+        self
+    }
+
+    fn write(&self, out: &mut BytesMut) {
+        build::row_description_text(out, self.columns);
+        for row in &self.rows {
+            let values: Vec<Option<&str>> = row.iter().map(|v| Some(v.as_str())).collect();
+            build::data_row(out, &values);
+        }
+        build::command_complete(out, &format!("SHOW {}", self.rows.len()));
+    }
+}
+
+fn pools(app: &App) -> Table {
+    let mut t = Table::new(&[
+        "database",
+        "user",
+        "node",
+        "server_active",
+        "server_idle",
+        "pool_size",
+    ]);
+    let mut pools = app.pools();
+    pools.sort_by(|a, b| (&a.database, a.addr()).cmp(&(&b.database, b.addr())));
+    for p in pools {
+        let (idle, busy) = p.counts();
+        t = t.row(vec![
+            p.database.clone(),
+            p.user().to_string(),
+            p.addr().to_string(),
+            busy.to_string(),
+            idle.to_string(),
+            p.size().to_string(),
+        ]);
+    }
+    t
+}
+
+fn nodes(app: &App) -> Table {
+    let mut t = Table::new(&[
+        "database",
+        "node",
+        "role",
+        "up",
+        "lsn",
+        "replay_lag_seconds",
+        "consecutive_failures",
+        "last_error",
+    ]);
+    for (name, target) in app.targets() {
+        for n in &target.cluster.snapshot().nodes {
+            let up = matches!(n.role, Role::Primary | Role::Replica);
+            t = t.row(vec![
+                name.clone(),
+                n.addr.to_string(),
+                format!("{:?}", n.role).to_lowercase(),
+                up.to_string(),
+                format!("{:X}/{:X}", n.lsn >> 32, n.lsn & 0xffff_ffff),
+                format!("{:.3}", n.replay_lag.as_secs_f64()),
+                n.failures.to_string(),
+                n.last_error.clone().unwrap_or_default(),
+            ]);
+        }
+    }
+    t
+}
+
+fn stats(app: &App) -> Table {
+    let m = &app.metrics;
+    let c = &app.counters;
+    let failovers: u64 = app.targets().map(|(_, t)| t.cluster.failovers()).sum();
+    let mut t = Table::new(&["name", "value"]);
+    for (name, value) in [
+        ("transactions", m.transactions.get().to_string()),
+        ("queries", m.queries.get().to_string()),
+        (
+            "avg_transaction_ms",
+            format!("{:.3}", m.average_transaction_ms()),
+        ),
+        ("rejected_writes", m.rejected_total().to_string()),
+        ("retried_reads", m.retried_total().to_string()),
+        ("failovers", failovers.to_string()),
+        ("auth_failures", m.auth_failures.get().to_string()),
+        ("tls_failures", m.tls_failures.get().to_string()),
+        (
+            "client_connections",
+            c.client_connections.load(Ordering::Relaxed).to_string(),
+        ),
+        (
+            "active_clients",
+            c.active_clients.load(Ordering::Relaxed).to_string(),
+        ),
+        (
+            "pinned_clients",
+            c.pinned_clients.load(Ordering::Relaxed).to_string(),
+        ),
+    ] {
+        t = t.row(vec![name.to_string(), value]);
+    }
+    t
+}
+
+/// The running configuration; passwords and secrets are masked.
+fn config(app: &App) -> Table {
+    let c = app.config();
+    let mask = |set: bool| if set { "********" } else { "" }.to_string();
+    let mut t = Table::new(&["key", "value"]);
+    let mut add = |k: String, v: String| t.rows.push(vec![k, v]);
+    add("proxy.listen".into(), c.proxy.listen.to_string());
+    add(
+        "proxy.pool_mode".into(),
+        format!("{:?}", c.proxy.pool_mode).to_lowercase(),
+    );
+    add(
+        "proxy.max_client_connections".into(),
+        c.proxy.max_client_connections.to_string(),
+    );
+    add(
+        "proxy.login_timeout".into(),
+        format!("{:?}", c.proxy.login_timeout),
+    );
+    add(
+        "proxy.shutdown_timeout".into(),
+        format!("{:?}", c.proxy.shutdown_timeout),
+    );
+    add(
+        "pool.max_prepared_statements".into(),
+        c.pool.max_prepared_statements.to_string(),
+    );
+    add(
+        "failover.write_wait".into(),
+        format!("{:?}", c.failover.write_wait),
+    );
+    add("health.interval".into(), format!("{:?}", c.health.interval));
+    for u in &c.users {
+        add(
+            format!("users.{}.auth", u.name),
+            format!("{:?}", u.auth).to_lowercase(),
+        );
+        add(
+            format!("users.{}.password", u.name),
+            mask(u.password.is_some() || u.scram.is_some()),
+        );
+        add(format!("users.{}.admin", u.name), u.admin.to_string());
+    }
+    for (name, db) in &c.databases {
+        add(format!("databases.{name}.nodes"), db.nodes.join(", "));
+        add(
+            format!("databases.{name}.pool_size"),
+            db.pool_size.to_string(),
+        );
+        add(
+            format!("databases.{name}.read_routing"),
+            db.read_routing.to_string(),
+        );
+        add(
+            format!("databases.{name}.password"),
+            mask(db.password.is_some()),
+        );
+        add(format!("databases.{name}.tls"), format!("{:?}", db.tls));
+    }
+    t
+}

@@ -1,0 +1,172 @@
+//! The admin console through psql: admins only, every SHOW parses as a
+//! result set with its columns and sane values during a pgbench run, and
+//! unknown commands get an error without a disconnect.
+
+mod common;
+use common::*;
+
+use pgheal::listener::Running;
+
+async fn proxy_with_admin(node: &pgheal::localpg::PgNode) -> Running {
+    start(&format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\n\
+         [[users]]\nname = \"app\"\npassword = \"{APP_PASSWORD}\"\n\
+         [[users]]\nname = \"ops\"\npassword = \"opspw\"\nadmin = true\n\
+         [databases.app]\nnodes = [\"{}\"]\nuser = \"app\"\npassword = \"{APP_PASSWORD}\"\npool_size = 4\n",
+        node.addr()
+    ))
+    .await
+}
+
+/// Runs admin commands with psql (`-A -F '|'`, with headers); one output
+/// per command: the header line, then the rows.
+async fn admin(proxy: &Running, sql: &str) -> (bool, Vec<String>, String) {
+    let url = url(proxy, "ops", "opspw", "pgheal");
+    let out = run(
+        "psql",
+        vec![
+            url,
+            "-X".into(),
+            "-q".into(),
+            "-A".into(),
+            "-F".into(),
+            "|".into(),
+            "--pset=footer=off".into(),
+            "-c".into(),
+            sql.into(),
+        ],
+        None,
+    )
+    .await;
+    let lines = text(&out.stdout).lines().map(str::to_string).collect();
+    (out.status.success(), lines, text(&out.stderr))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_console_answers_show_commands_during_load() {
+    let node = app_node().await;
+    let proxy = proxy_with_admin(&node).await;
+    let url = app_url(&proxy);
+    let init = run(
+        "pgbench",
+        vec![
+            "-i".into(),
+            "-s".into(),
+            "1".into(),
+            "-q".into(),
+            url.clone(),
+        ],
+        None,
+    )
+    .await;
+    assert!(init.status.success());
+    let bench = tokio::spawn(run(
+        "pgbench",
+        ["-S", "-c", "4", "-T", "3", "-n"]
+            .iter()
+            .map(|s| s.to_string())
+            .chain([url.clone()])
+            .collect(),
+        None,
+    ));
+    eventually(
+        std::time::Duration::from_secs(20),
+        "pgbench running through pgheal",
+        || async { proxy.app.metrics.transactions.get() > 100 },
+    )
+    .await;
+
+    let (ok, lines, err) = admin(&proxy, "SHOW POOLS").await;
+    assert!(ok, "{err}");
+    assert_eq!(
+        lines[0],
+        "database|user|node|server_active|server_idle|pool_size"
+    );
+    let row: Vec<&str> = lines[1].split('|').collect();
+    assert_eq!(row[0], "app");
+    assert_eq!(row[2], node.addr());
+    let servers: usize =
+        row[3].parse::<usize>().expect("active") + row[4].parse::<usize>().expect("idle");
+    assert!((1..=4).contains(&servers), "{lines:?}");
+    assert_eq!(row[5], "4");
+
+    let (ok, lines, _) = admin(&proxy, "show nodes;").await;
+    assert!(ok);
+    assert_eq!(
+        lines[0],
+        "database|node|role|up|lsn|replay_lag_seconds|consecutive_failures|last_error"
+    );
+    assert!(
+        lines[1].starts_with(&format!("app|{}|primary|true|", node.addr())),
+        "{lines:?}"
+    );
+
+    let (ok, lines, _) = admin(&proxy, "SHOW STATS").await;
+    assert!(ok);
+    let stat = |name: &str| -> f64 {
+        lines
+            .iter()
+            .find_map(|l| l.strip_prefix(&format!("{name}|")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {lines:?}"))
+    };
+    assert!(stat("transactions") > 0.0);
+    assert!(stat("queries") >= stat("transactions"));
+    assert!(stat("avg_transaction_ms") > 0.0);
+    assert!(stat("client_connections") >= 4.0);
+
+    let (ok, lines, _) = admin(&proxy, "SHOW CONFIG").await;
+    assert!(ok);
+    assert!(
+        lines.iter().any(|l| l == "users.app.password|********"),
+        "{lines:?}"
+    );
+    assert!(!lines
+        .iter()
+        .any(|l| l.contains(APP_PASSWORD) || l.contains("opspw")));
+
+    let (ok, lines, _) = admin(&proxy, "SHOW VERSION").await;
+    assert!(ok);
+    assert!(lines[1].starts_with("pgheal "), "{lines:?}");
+
+    // Unknown commands: an error, and the console keeps answering.
+    let (ok, _, err) = admin(&proxy, "SHOW NONSENSE; SHOW VERSION").await;
+    assert!(!ok);
+    assert!(err.contains("unknown admin command"), "{err}");
+    let (client, _c) = connect(&url_for(&proxy)).await;
+    let e = client.simple_query("FLY AWAY").await.expect_err("unknown");
+    assert_eq!(code(&e), "42601");
+    let v = first_value(&client, "SHOW VERSION")
+        .await
+        .expect("still answering");
+    assert!(v.starts_with("pgheal "));
+
+    let out = bench.await.expect("pgbench");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
+fn url_for(proxy: &Running) -> String {
+    url(proxy, "ops", "opspw", "pgheal")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_admins_open_the_console() {
+    let node = app_node().await;
+    let proxy = proxy_with_admin(&node).await;
+    let e = tokio_postgres::connect(
+        &url(&proxy, "app", APP_PASSWORD, "pgheal"),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .err()
+    .expect("not an admin");
+    assert_eq!(code(&e), "28000");
+    let e = tokio_postgres::connect(
+        &url(&proxy, "ops", "wrong", "pgheal"),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .err()
+    .expect("wrong password");
+    assert_eq!(code(&e), "28P01");
+}
