@@ -20,7 +20,8 @@ use crate::App;
 /// The database name that opens the console.
 pub const DATABASE: &str = "pgheal";
 
-const COMMANDS: &str = "SHOW POOLS, SHOW NODES, SHOW STATS, SHOW CONFIG, SHOW VERSION, SHOW HELP";
+const COMMANDS: &str =
+    "SHOW POOLS, SHOW NODES, SHOW STATS, SHOW CONFIG, SHOW VERSION, SHOW HELP, PAUSE [db], RESUME [db]";
 
 pub async fn serve(app: Arc<App>, client: Box<LoggedIn>) -> Result<(), ClientError> {
     let LoggedIn {
@@ -103,7 +104,11 @@ fn answer(app: &App, sql: &str, out: &mut BytesMut) {
         ["show", "config"] => config(app),
         ["show", "version"] => Table::new(&["version"]).row(vec![version()]),
         ["show", "help"] => Table::new(&["commands"]).row(vec![COMMANDS.to_string()]),
-        ["show", "clients" | "servers"] | ["reload" | "pause" | "resume", ..] => {
+        ["pause" | "resume", rest @ ..] if rest.len() <= 1 => {
+            pause(app, words[0] == "pause", rest.first().copied(), out);
+            return;
+        }
+        ["show", "clients" | "servers"] | ["reload", ..] => {
             error(
                 out,
                 sqlstate::FEATURE_NOT_SUPPORTED,
@@ -118,6 +123,25 @@ fn answer(app: &App, sql: &str, out: &mut BytesMut) {
         }
     };
     table.write(out);
+}
+
+/// PAUSE / RESUME one database, or all of them.
+fn pause(app: &App, on: bool, database: Option<&str>, out: &mut BytesMut) {
+    let mut found = false;
+    for (name, target) in app.targets() {
+        if database.map_or(true, |d| d == name) {
+            target.paused.send_replace(on);
+            found = true;
+        }
+    }
+    let command = if on { "PAUSE" } else { "RESUME" };
+    match (found, database) {
+        (false, Some(d)) => error(out, sqlstate::INVALID_CATALOG_NAME, &format!("database \"{d}\" does not exist")),
+        _ => {
+            tracing::warn!(database = database.unwrap_or("(all)"), "{command}");
+            build::command_complete(out, command);
+        }
+    }
 }
 
 fn version() -> String {

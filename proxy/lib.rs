@@ -67,6 +67,19 @@ pub struct Counters {
 pub struct Target {
     pub database: Database,
     pub cluster: Arc<Cluster>,
+    /// PAUSE: new transactions wait until RESUME; running ones finish.
+    pub paused: tokio::sync::watch::Sender<bool>,
+}
+
+impl Target {
+    /// Waits while the database is paused.
+    pub async fn unpaused(&self) {
+        if !*self.paused.borrow() {
+            return;
+        }
+        let mut rx = self.paused.subscribe();
+        let _ = rx.wait_for(|paused| !paused).await;
+    }
 }
 
 impl App {
@@ -82,6 +95,7 @@ impl App {
                 let target = Target {
                     database: db.clone(),
                     cluster,
+                    paused: tokio::sync::watch::Sender::new(false),
                 };
                 (name.clone(), Arc::new(target))
             })

@@ -170,3 +170,35 @@ async fn only_admins_open_the_console() {
     .expect("wrong password");
     assert_eq!(code(&e), "28P01");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_holds_new_transactions_and_resume_releases_them() {
+    let node = app_node().await;
+    let proxy = proxy_with_admin(&node).await;
+    let (console, _c) = connect(&url_for(&proxy)).await;
+    let (client, _h) = connect(&app_url(&proxy)).await;
+    // A transaction already running finishes during the pause.
+    client.batch_execute("BEGIN").await.expect("begin");
+    console.simple_query("PAUSE app").await.expect("PAUSE");
+    client
+        .batch_execute("SELECT 1; COMMIT")
+        .await
+        .expect("the running transaction finishes");
+    // A new one waits.
+    let waiting = tokio::spawn(async move {
+        first_value(&client, "SELECT 42").await.expect("after RESUME")
+    });
+    let metrics = &proxy.app.metrics;
+    let before = metrics.queries.get();
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert!(!waiting.is_finished(), "a new transaction ran while paused");
+    assert_eq!(metrics.queries.get(), before);
+    console.simple_query("RESUME").await.expect("RESUME");
+    let v = tokio::time::timeout(std::time::Duration::from_secs(10), waiting)
+        .await
+        .expect("released by RESUME")
+        .expect("task");
+    assert_eq!(v, "42");
+    let e = console.simple_query("PAUSE nosuchdb").await.expect_err("unknown db");
+    assert_eq!(code(&e), "3D000");
+}

@@ -278,7 +278,7 @@ impl Session {
     async fn attached(&mut self, held: &mut Option<Box<Lease>>) -> Result<Attachment, ClientError> {
         let lease = match held {
             Some(lease) => lease,
-            None => match self.route_and_checkout().await {
+            None => match self.start_transaction().await {
                 Ok(lease) => held.insert(Box::new(lease)),
                 Err(e) => {
                     self.refuse_request(e).await?;
@@ -361,6 +361,17 @@ impl Session {
                 Ok(Attachment::Detached)
             }
         }
+    }
+
+    /// A new transaction: waits while the database is paused (PAUSE), then
+    /// routes and checks out a server.
+    async fn start_transaction(&mut self) -> Result<Lease, ClientError> {
+        let target = self.target.clone();
+        tokio::select! {
+            _ = target.unpaused() => {}
+            _ = self.app.shutdown.cancelled() => return Err(ClientError::Shutdown),
+        }
+        self.route_and_checkout().await
     }
 
     /// Authentication is done: tell the client the server's parameters, its
