@@ -20,8 +20,8 @@ use crate::App;
 /// The database name that opens the console.
 pub const DATABASE: &str = "pgheal";
 
-const COMMANDS: &str =
-    "SHOW POOLS, SHOW NODES, SHOW STATS, SHOW CONFIG, SHOW VERSION, SHOW HELP, PAUSE [db], RESUME [db]";
+const COMMANDS: &str = "SHOW POOLS, SHOW NODES, SHOW STATS, SHOW CONFIG, SHOW VERSION, SHOW HELP, \
+                        RELOAD, PAUSE [db], RESUME [db]";
 
 pub async fn serve(app: Arc<App>, client: Box<LoggedIn>) -> Result<(), ClientError> {
     let LoggedIn {
@@ -108,7 +108,17 @@ fn answer(app: &App, sql: &str, out: &mut BytesMut) {
             pause(app, words[0] == "pause", rest.first().copied(), out);
             return;
         }
-        ["show", "clients" | "servers"] | ["reload", ..] => {
+        ["reload"] => match app.reload() {
+            Ok(changes) => changes
+                .into_iter()
+                .fold(Table::new(&["applied"]), |t, c| t.row(vec![c])),
+            Err(errors) => {
+                let message = format!("configuration not reloaded: {}", errors.join("; "));
+                error(out, sqlstate::CONFIG_FILE_ERROR, &message);
+                return;
+            }
+        },
+        ["show", "clients" | "servers"] => {
             error(
                 out,
                 sqlstate::FEATURE_NOT_SUPPORTED,
@@ -136,7 +146,11 @@ fn pause(app: &App, on: bool, database: Option<&str>, out: &mut BytesMut) {
     }
     let command = if on { "PAUSE" } else { "RESUME" };
     match (found, database) {
-        (false, Some(d)) => error(out, sqlstate::INVALID_CATALOG_NAME, &format!("database \"{d}\" does not exist")),
+        (false, Some(d)) => error(
+            out,
+            sqlstate::INVALID_CATALOG_NAME,
+            &format!("database \"{d}\" does not exist"),
+        ),
         _ => {
             tracing::warn!(database = database.unwrap_or("(all)"), "{command}");
             build::command_complete(out, command);
@@ -234,7 +248,11 @@ fn nodes(app: &App) -> Table {
 fn stats(app: &App) -> Table {
     let m = &app.metrics;
     let c = &app.counters;
-    let failovers: u64 = app.targets().map(|(_, t)| t.cluster.failovers()).sum();
+    let failovers: u64 = app
+        .targets()
+        .iter()
+        .map(|(_, t)| t.cluster.failovers())
+        .sum();
     let mut t = Table::new(&["name", "value"]);
     for (name, value) in [
         ("transactions", m.transactions.get().to_string()),

@@ -72,6 +72,7 @@ async fn readyz(State(app): State<Arc<App>>) -> Response {
     }
     let down: Vec<String> = app
         .targets()
+        .into_iter()
         .filter(|(_, t)| t.cluster.snapshot().mode() == "down")
         .map(|(name, _)| name.clone())
         .collect();

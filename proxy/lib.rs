@@ -20,6 +20,7 @@ pub mod net;
 pub mod params;
 pub mod pool;
 pub mod prepared;
+pub mod reload;
 pub mod router;
 pub mod session;
 pub mod stream;
@@ -39,10 +40,12 @@ use upstream::ConnectSpec;
 /// What every client task shares: the configuration, the pools, the
 /// cancel keys and each database's cluster.
 pub struct App {
-    config: Arc<Config>,
+    config: std::sync::RwLock<Arc<Config>>,
+    /// The file the configuration came from, for RELOAD and SIGHUP.
+    config_path: Mutex<Option<std::path::PathBuf>>,
     pools: Pools,
     pub cancels: Arc<CancelRegistry>,
-    targets: HashMap<String, Arc<Target>>,
+    targets: std::sync::RwLock<HashMap<String, Arc<Target>>>,
     pub counters: Counters,
     /// Cancelled on SIGTERM/SIGINT: no new clients or transactions; idle
     /// clients are told 57P01, running transactions finish.
@@ -72,6 +75,16 @@ pub struct Target {
 }
 
 impl Target {
+    /// A database's target with its health loops started.
+    pub fn start(config: &Config, db: &Database, paused: bool) -> Arc<Target> {
+        let cluster = Cluster::start(&db.name, &db.nodes, &config.health, health_spec(config, db));
+        Arc::new(Target {
+            database: db.clone(),
+            cluster,
+            paused: tokio::sync::watch::Sender::new(paused),
+        })
+    }
+
     /// Waits while the database is paused.
     pub async fn unpaused(&self) {
         if !*self.paused.borrow() {
@@ -89,22 +102,14 @@ impl App {
         let targets = config
             .databases
             .iter()
-            .map(|(name, db)| {
-                let cluster =
-                    Cluster::start(name, &db.nodes, &config.health, health_spec(&config, db));
-                let target = Target {
-                    database: db.clone(),
-                    cluster,
-                    paused: tokio::sync::watch::Sender::new(false),
-                };
-                (name.clone(), Arc::new(target))
-            })
+            .map(|(name, db)| (name.clone(), Target::start(&config, db, false)))
             .collect();
         Arc::new(App {
-            config: Arc::new(config),
+            config: std::sync::RwLock::new(Arc::new(config)),
+            config_path: Mutex::new(None),
             pools: Pools::default(),
             cancels: Arc::new(CancelRegistry::default()),
-            targets,
+            targets: std::sync::RwLock::new(targets),
             counters: Counters::default(),
             shutdown: tokio_util::sync::CancellationToken::new(),
             metrics: metrics::Metrics::default(),
@@ -112,16 +117,27 @@ impl App {
     }
 
     pub fn target(&self, database: &str) -> Option<Arc<Target>> {
-        self.targets.get(database).cloned()
+        read(&self.targets).get(database).cloned()
     }
 
     /// Every database clients can ask for, by name.
-    pub fn targets(&self) -> impl Iterator<Item = (&String, &Arc<Target>)> {
-        self.targets.iter()
+    pub fn targets(&self) -> Vec<(String, Arc<Target>)> {
+        let mut all: Vec<_> = read(&self.targets)
+            .iter()
+            .map(|(n, t)| (n.clone(), t.clone()))
+            .collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
     }
 
-    pub fn config(&self) -> &Config {
-        &self.config
+    /// The configuration now in force (RELOAD may replace it).
+    pub fn config(&self) -> Arc<Config> {
+        read(&self.config).clone()
+    }
+
+    /// Where RELOAD and SIGHUP read the configuration from.
+    pub fn set_config_path(&self, path: std::path::PathBuf) {
+        *lock(&self.config_path) = Some(path);
     }
 
     pub fn pools(&self) -> Vec<Arc<Pool>> {
@@ -150,7 +166,8 @@ impl App {
     /// The pool of `target`'s node at `addr` for a client logged in as `user`.
     pub fn pool_at(&self, target: &Target, user: &str, addr: &str) -> Arc<Pool> {
         let database = &target.database;
-        let client = self.config.user(user);
+        let config = self.config();
+        let client = config.user(user);
         let spec = ConnectSpec {
             addr: addr.to_string(),
             user: database.user.clone().unwrap_or_else(|| user.to_string()),
@@ -159,16 +176,16 @@ impl App {
                 .clone()
                 .or_else(|| client.and_then(|u| u.password.clone())),
             database: database.dbname.clone(),
-            connect_timeout: self.config.pool.connect_timeout,
+            connect_timeout: config.pool.connect_timeout,
             application_name: None,
             tls: database.tls.clone(),
         };
         let limits = PoolLimits {
             size: database.pool_size,
             min_idle: database.min_idle,
-            checkout_timeout: self.config.pool.checkout_timeout,
-            idle_timeout: self.config.pool.idle_timeout,
-            server_lifetime: self.config.pool.server_lifetime,
+            checkout_timeout: config.pool.checkout_timeout,
+            idle_timeout: config.pool.idle_timeout,
+            server_lifetime: config.pool.server_lifetime,
         };
         self.pools.get(&database.name, &spec, &limits)
     }
@@ -201,6 +218,11 @@ fn health_spec(config: &Config, db: &Database) -> Option<ConnectSpec> {
         application_name: Some(HEALTH_APPLICATION_NAME),
         tls: db.tls.clone(),
     })
+}
+
+/// Read-locks, carrying on if another thread panicked while holding it.
+pub(crate) fn read<T>(l: &std::sync::RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Locks a mutex, carrying on if another thread panicked while holding it.

@@ -73,8 +73,8 @@ async fn login(
             StartupPacket::Startup(msg) => break msg,
         }
     };
-    let tls = app.config().tls.as_ref();
-    if tls.is_some_and(|t| t.required()) && !stream.is_tls() {
+    let tls_required = app.config().tls.as_ref().is_some_and(|t| t.required());
+    if tls_required && !stream.is_tls() {
         return Err(ClientError::TlsRequired);
     }
     negotiate_version(stream, &msg).await?;

@@ -102,11 +102,12 @@ fn main() -> ExitCode {
             }
         },
         None => {
+            let path = cli.config.clone();
             let config = match load(cli.config) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            runtime.block_on(serve(config))
+            runtime.block_on(serve(config, path))
         }
     }
 }
@@ -149,7 +150,7 @@ async fn reload_on_hangup(app: std::sync::Arc<pgheal::App>) {
     }
 }
 
-async fn serve(config: Config) -> ExitCode {
+async fn serve(config: Config, path: Option<PathBuf>) -> ExitCode {
     let listen = config.proxy.listen;
     let running = match pgheal::listener::start(config).await {
         Ok(r) => r,
@@ -159,6 +160,9 @@ async fn serve(config: Config) -> ExitCode {
         }
     };
     let app = running.app.clone();
+    if let Some(path) = path {
+        app.set_config_path(path);
+    }
     tokio::spawn(reload_on_hangup(app.clone()));
     tokio::select! {
         _ = running.wait() => return ExitCode::SUCCESS,

@@ -290,6 +290,12 @@ impl Pools {
             .clone()
     }
 
+    /// Drops the pools of a database whose settings changed; leases out
+    /// keep theirs until given back, then their connections close.
+    pub fn forget(&self, database: &str) {
+        lock(&self.map).retain(|(_, db, _), _| db != database);
+    }
+
     pub fn all(&self) -> Vec<Arc<Pool>> {
         lock(&self.map).values().cloned().collect()
     }

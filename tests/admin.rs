@@ -186,7 +186,9 @@ async fn pause_holds_new_transactions_and_resume_releases_them() {
         .expect("the running transaction finishes");
     // A new one waits.
     let waiting = tokio::spawn(async move {
-        first_value(&client, "SELECT 42").await.expect("after RESUME")
+        first_value(&client, "SELECT 42")
+            .await
+            .expect("after RESUME")
     });
     let metrics = &proxy.app.metrics;
     let before = metrics.queries.get();
@@ -199,6 +201,85 @@ async fn pause_holds_new_transactions_and_resume_releases_them() {
         .expect("released by RESUME")
         .expect("task");
     assert_eq!(v, "42");
-    let e = console.simple_query("PAUSE nosuchdb").await.expect_err("unknown db");
+    let e = console
+        .simple_query("PAUSE nosuchdb")
+        .await
+        .expect_err("unknown db");
     assert_eq!(code(&e), "3D000");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_adds_a_node_and_refuses_a_broken_file() {
+    let primary = app_node().await;
+    let replica = pgheal::localpg::PgNode::start_replica_of(&primary)
+        .await
+        .expect("replica");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("pgheal.toml");
+    let file = |nodes: &str, extra: &str| {
+        format!(
+            "[proxy]\nlisten = \"127.0.0.1:0\"\n[health]\ninterval = \"200ms\"\n\
+             [[users]]\nname = \"app\"\npassword = \"{APP_PASSWORD}\"\n\
+             [[users]]\nname = \"ops\"\npassword = \"opspw\"\nadmin = true\n\
+             [databases.app]\nnodes = [{nodes}]\nuser = \"app\"\npassword = \"{APP_PASSWORD}\"\n\
+             read_routing = true\n{extra}"
+        )
+    };
+    let one = format!("\"{}\"", primary.addr());
+    std::fs::write(&path, file(&one, "")).expect("write config");
+    let config = pgheal::config::Config::load(&path).expect("valid config");
+    let proxy = pgheal::listener::start(config).await.expect("start");
+    proxy.app.set_config_path(path.clone());
+    let (console, _c) = connect(&url_for(&proxy)).await;
+    let in_recovery = "SELECT pg_is_in_recovery()";
+    let (before, _b) = connect(&app_url(&proxy)).await;
+    assert_eq!(first_value(&before, in_recovery).await.expect("read"), "f");
+
+    // The replica joins the node list.
+    let both = format!("{one}, \"{}\"", replica.addr());
+    std::fs::write(&path, file(&both, "")).expect("write config");
+    let rows = console.simple_query("RELOAD").await.expect("RELOAD");
+    let applied: Vec<String> = rows
+        .iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        applied.iter().any(|a| a == "databases.app: applied"),
+        "{applied:?}"
+    );
+    eventually(
+        std::time::Duration::from_secs(20),
+        "reads on the added replica",
+        || {
+            let url = app_url(&proxy);
+            async move {
+                let (c, _h) = connect(&url).await;
+                first_value(&c, in_recovery).await.ok().as_deref() == Some("t")
+            }
+        },
+    )
+    .await;
+    // A client connected before the reload keeps working.
+    assert_eq!(
+        first_value(&before, "SELECT 1").await.expect("old client"),
+        "1"
+    );
+
+    // A broken file is refused whole and changes nothing.
+    std::fs::write(&path, file(&one, "bogus_key = 1\npool_size = 0\n")).expect("write config");
+    let e = console.simple_query("RELOAD").await.expect_err("refused");
+    assert_eq!(code(&e), "F0000");
+    let message = e
+        .as_db_error()
+        .map(|d| d.message().to_string())
+        .unwrap_or_default();
+    assert!(message.contains("databases.app.bogus_key"), "{message}");
+    assert!(message.contains("databases.app.pool_size"), "{message}");
+    let rows = console.simple_query("SHOW CONFIG").await.expect("config");
+    let listed = rows.iter().any(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(r)
+        if r.get(0) == Some("databases.app.nodes") && r.get(1).is_some_and(|v| v.contains(&replica.addr()))));
+    assert!(listed, "the running config still has both nodes");
 }

@@ -60,6 +60,8 @@ sqlstates! {
     ADMIN_SHUTDOWN = "57P01";
     /// 57P03
     CANNOT_CONNECT_NOW = "57P03";
+    /// F0000: the configuration file is wrong.
+    CONFIG_FILE_ERROR = "F0000";
     /// 58000
     SYSTEM_ERROR = "58000";
     /// XX000
