@@ -139,7 +139,7 @@ fn answer(app: &App, sql: &str, out: &mut BytesMut) {
 fn pause(app: &App, on: bool, database: Option<&str>, out: &mut BytesMut) {
     let mut found = false;
     for (name, target) in app.targets() {
-        if database.map_or(true, |d| d == name) {
+        if database.is_none() || database == Some(name.as_str()) {
             target.paused.send_replace(on);
             found = true;
         }
