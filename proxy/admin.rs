@@ -20,8 +20,8 @@ use crate::App;
 /// The database name that opens the console.
 pub const DATABASE: &str = "pgheal";
 
-const COMMANDS: &str = "SHOW POOLS, SHOW NODES, SHOW STATS, SHOW CONFIG, SHOW VERSION, SHOW HELP, \
-                        RELOAD, PAUSE [db], RESUME [db]";
+const COMMANDS: &str = "SHOW POOLS, SHOW NODES, SHOW CLIENTS, SHOW SERVERS, SHOW STATS, \
+                        SHOW CONFIG, SHOW VERSION, SHOW HELP, RELOAD, PAUSE [db], RESUME [db]";
 
 pub async fn serve(app: Arc<App>, client: Box<LoggedIn>) -> Result<(), ClientError> {
     let LoggedIn {
@@ -118,14 +118,8 @@ fn answer(app: &App, sql: &str, out: &mut BytesMut) {
                 return;
             }
         },
-        ["show", "clients" | "servers"] => {
-            error(
-                out,
-                sqlstate::FEATURE_NOT_SUPPORTED,
-                &format!("{} is not available in this version of pgheal", sql.trim()),
-            );
-            return;
-        }
+        ["show", "clients"] => clients(app),
+        ["show", "servers"] => servers(app),
         _ => {
             let message = format!("unknown admin command \"{}\"; try SHOW HELP", sql.trim());
             error(out, sqlstate::SYNTAX_ERROR, &message);
@@ -196,6 +190,7 @@ fn pools(app: &App) -> Table {
         "database",
         "user",
         "node",
+        "clients_waiting",
         "server_active",
         "server_idle",
         "pool_size",
@@ -208,10 +203,61 @@ fn pools(app: &App) -> Table {
             p.database.clone(),
             p.user().to_string(),
             p.addr().to_string(),
+            p.waiting().to_string(),
             busy.to_string(),
             idle.to_string(),
             p.size().to_string(),
         ]);
+    }
+    t
+}
+
+fn clients(app: &App) -> Table {
+    let mut t = Table::new(&[
+        "id",
+        "user",
+        "database",
+        "address",
+        "state",
+        "tls",
+        "connected_seconds",
+    ]);
+    for c in app.clients.list() {
+        t = t.row(vec![
+            c.id.to_string(),
+            c.user.clone(),
+            c.database.clone(),
+            c.peer.to_string(),
+            c.state().as_str().to_string(),
+            c.tls.to_string(),
+            c.since.elapsed().as_secs().to_string(),
+        ]);
+    }
+    t
+}
+
+fn servers(app: &App) -> Table {
+    let mut t = Table::new(&[
+        "database",
+        "user",
+        "node",
+        "state",
+        "backend_pid",
+        "age_seconds",
+    ]);
+    for p in app.pools() {
+        let mut servers = p.servers();
+        servers.sort_by_key(|s| s.1);
+        for (active, pid, age) in servers {
+            t = t.row(vec![
+                p.database.clone(),
+                p.user().to_string(),
+                p.addr().to_string(),
+                if active { "active" } else { "idle" }.to_string(),
+                pid.to_string(),
+                age.as_secs().to_string(),
+            ]);
+        }
     }
     t
 }
@@ -260,6 +306,10 @@ fn stats(app: &App) -> Table {
         (
             "avg_transaction_ms",
             format!("{:.3}", m.average_transaction_ms()),
+        ),
+        (
+            "p99_transaction_ms",
+            format!("{:.1}", m.p99_transaction_ms()),
         ),
         ("rejected_writes", m.rejected_total().to_string()),
         ("retried_reads", m.retried_total().to_string()),

@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod auth;
 pub mod cancel;
+pub mod clients;
 pub mod cluster;
 pub mod config;
 pub mod demo;
@@ -51,6 +52,7 @@ pub struct App {
     /// clients are told 57P01, running transactions finish.
     pub shutdown: tokio_util::sync::CancellationToken,
     pub metrics: metrics::Metrics,
+    pub clients: Arc<clients::Clients>,
 }
 
 /// Process-wide gauges and counters.
@@ -113,6 +115,7 @@ impl App {
             counters: Counters::default(),
             shutdown: tokio_util::sync::CancellationToken::new(),
             metrics: metrics::Metrics::default(),
+            clients: Arc::default(),
         })
     }
 

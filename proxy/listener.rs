@@ -152,7 +152,10 @@ async fn session(app: Arc<App>, client: Box<login::LoggedIn>, peer: SocketAddr, 
     let Some(target) = app.target(&database) else {
         return;
     };
-    match Session::new(app, target, client).run().await {
+    let registered = app
+        .clients
+        .add(peer, &user, &database, client.stream.is_tls());
+    match Session::new(app, target, client, registered).run().await {
         Ok(()) => tracing::info!(%peer, %user, %database, "client left"),
         Err(e) => tracing::info!(%peer, %user, %database, error = %e, "client closed"),
     }

@@ -14,6 +14,28 @@ use prometheus_client::registry::Registry;
 use crate::cluster::Role;
 use crate::App;
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn p99_falls_in_the_right_bucket() {
+        let m = Metrics::default();
+        assert_eq!(m.p99_transaction_ms(), 0.0);
+        for _ in 0..990 {
+            m.transaction_took(std::time::Duration::from_micros(150));
+        }
+        for _ in 0..10 {
+            m.transaction_took(std::time::Duration::from_millis(50));
+        }
+        assert_eq!(m.p99_transaction_ms(), 0.2);
+        m.transaction_took(std::time::Duration::from_millis(50));
+        assert!(m.p99_transaction_ms() >= 50.0);
+        assert_eq!(bucket(0), 0);
+        assert_eq!(bucket(u64::MAX), BUCKETS - 1);
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Reason {
     pub reason: &'static str,
@@ -58,6 +80,9 @@ pub struct Metrics {
     pub transaction_seconds: Histogram,
     /// Sum of transaction durations in microseconds, for averages.
     transaction_us: std::sync::atomic::AtomicU64,
+    /// Transactions per power-of-two duration bucket from 100 us, for
+    /// the p99 SHOW STATS prints.
+    by_duration: [std::sync::atomic::AtomicU64; BUCKETS],
     pub rejected_writes: Family<Reason, Counter>,
     pub retried_reads: Family<Reason, Counter>,
     pub auth_failures: Counter,
@@ -68,6 +93,19 @@ pub struct Metrics {
     node_role: Family<RoleLabels, Gauge>,
     node_lag_seconds: Family<NodeLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     failovers: Family<DbLabels, Gauge>,
+}
+
+const BUCKETS: usize = 24;
+
+/// The upper bound of bucket `i`: 100 us doubled `i` times.
+fn bound_us(i: usize) -> u64 {
+    100u64 << i
+}
+
+fn bucket(us: u64) -> usize {
+    (0..BUCKETS - 1)
+        .find(|&i| us <= bound_us(i))
+        .unwrap_or(BUCKETS - 1)
 }
 
 /// Sums a counter family over the reasons pgheal uses.
@@ -94,6 +132,7 @@ impl Default for Metrics {
             queries: Counter::default(),
             transaction_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 18)),
             transaction_us: Default::default(),
+            by_duration: Default::default(),
             rejected_writes: Family::default(),
             retried_reads: Family::default(),
             auth_failures: Counter::default(),
@@ -179,6 +218,8 @@ impl Metrics {
     /// Records one finished transaction's duration.
     pub fn transaction_took(&self, took: std::time::Duration) {
         self.transaction_seconds.observe(took.as_secs_f64());
+        let slot = bucket(took.as_micros() as u64);
+        self.by_duration[slot].fetch_add(1, Ordering::Relaxed);
         self.transaction_us
             .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
     }
@@ -189,6 +230,28 @@ impl Metrics {
             return 0.0;
         }
         self.transaction_us.load(Ordering::Relaxed) as f64 / 1000.0 / n as f64
+    }
+
+    /// The duration below which 99% of transactions ended, in ms (to the
+    /// bucket: within a factor of two).
+    pub fn p99_transaction_ms(&self) -> f64 {
+        let counts: Vec<u64> = self
+            .by_duration
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect();
+        let total: u64 = counts.iter().sum();
+        if total == 0 {
+            return 0.0;
+        }
+        let mut seen = 0;
+        for (i, c) in counts.iter().enumerate() {
+            seen += c;
+            if seen * 100 >= total * 99 {
+                return bound_us(i) as f64 / 1000.0;
+            }
+        }
+        bound_us(BUCKETS - 1) as f64 / 1000.0
     }
 
     pub fn rejected_total(&self) -> u64 {

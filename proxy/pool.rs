@@ -39,6 +39,10 @@ pub struct Pool {
     /// One permit per open connection, idle or in use.
     permits: Arc<Semaphore>,
     idle: Mutex<Vec<Idle>>,
+    /// Connections out on lease: backend pid -> when the connection opened.
+    active: Mutex<HashMap<i32, Instant>>,
+    /// Requests waiting for a connection now.
+    waiting: std::sync::atomic::AtomicUsize,
     returned: Notify,
     /// ParameterStatus values of the last server connected, for logins that
     /// find no server.
@@ -62,6 +66,8 @@ impl Pool {
             spec,
             limits,
             idle: Mutex::new(Vec::new()),
+            active: Mutex::new(HashMap::new()),
+            waiting: Default::default(),
             returned: Notify::new(),
             welcome: Mutex::new(None),
         });
@@ -105,6 +111,7 @@ impl Pool {
             return Ok(lease);
         }
         let deadline = tokio::time::Instant::now() + self.limits.checkout_timeout;
+        let _waiting = Waiting::new(&self.waiting);
         loop {
             let returned = self.returned.notified();
             tokio::pin!(returned);
@@ -131,11 +138,7 @@ impl Pool {
         match Box::pin(ServerConn::connect(&self.spec)).await {
             Ok(conn) => {
                 *lock(&self.welcome) = Some(conn.reported.clone());
-                Ok(Lease {
-                    conn: Some(conn),
-                    permit: Some(permit),
-                    pool: self.clone(),
-                })
+                Ok(self.lease(conn, permit))
             }
             Err(e) => {
                 drop(permit);
@@ -145,15 +148,39 @@ impl Pool {
         }
     }
 
+    fn lease(self: &Arc<Self>, conn: ServerConn, permit: OwnedSemaphorePermit) -> Lease {
+        lock(&self.active).insert(conn.key.pid, conn.created);
+        Lease {
+            conn: Some(conn),
+            permit: Some(permit),
+            pool: self.clone(),
+        }
+    }
+
+    /// Requests waiting for a connection.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Every connection: (active?, backend pid, age).
+    pub fn servers(&self) -> Vec<(bool, i32, Duration)> {
+        let mut all: Vec<_> = lock(&self.idle)
+            .iter()
+            .map(|i| (false, i.conn.key.pid, i.conn.created.elapsed()))
+            .collect();
+        all.extend(
+            lock(&self.active)
+                .iter()
+                .map(|(pid, created)| (true, *pid, created.elapsed())),
+        );
+        all
+    }
+
     fn take_idle(self: &Arc<Self>) -> Option<Lease> {
         loop {
             let mut idle = lock(&self.idle).pop()?;
             if idle.conn.created.elapsed() < self.limits.server_lifetime && !idle.conn.is_broken() {
-                return Some(Lease {
-                    conn: Some(idle.conn),
-                    permit: Some(idle.permit),
-                    pool: self.clone(),
-                });
+                return Some(self.lease(idle.conn, idle.permit));
             }
             tracing::debug!(server = %self.spec.addr, "dropping a stale idle server connection");
         }
@@ -261,6 +288,7 @@ impl Lease {
     /// Returns the connection to the pool.
     pub fn release(&mut self) {
         if let (Some(conn), Some(permit)) = (self.conn.take(), self.permit.take()) {
+            lock(&self.pool.active).remove(&conn.key.pid);
             self.pool.put_back(conn, permit);
         }
     }
@@ -268,10 +296,27 @@ impl Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        if self.conn.take().is_some() {
+        if let Some(conn) = self.conn.take() {
+            lock(&self.pool.active).remove(&conn.key.pid);
             self.permit.take();
             self.pool.returned.notify_one();
         }
+    }
+}
+
+/// Counts a request waiting for a connection while it lives.
+struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn new(n: &'a std::sync::atomic::AtomicUsize) -> Self {
+        n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Waiting(n)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 

@@ -80,15 +80,43 @@ async fn admin_console_answers_show_commands_during_load() {
     assert!(ok, "{err}");
     assert_eq!(
         lines[0],
-        "database|user|node|server_active|server_idle|pool_size"
+        "database|user|node|clients_waiting|server_active|server_idle|pool_size"
     );
     let row: Vec<&str> = lines[1].split('|').collect();
     assert_eq!(row[0], "app");
     assert_eq!(row[2], node.addr());
+    assert!(row[3].parse::<usize>().expect("waiting") <= 4);
     let servers: usize =
-        row[3].parse::<usize>().expect("active") + row[4].parse::<usize>().expect("idle");
+        row[4].parse::<usize>().expect("active") + row[5].parse::<usize>().expect("idle");
     assert!((1..=4).contains(&servers), "{lines:?}");
-    assert_eq!(row[5], "4");
+    assert_eq!(row[6], "4");
+
+    let (ok, lines, _) = admin(&proxy, "SHOW CLIENTS").await;
+    assert!(ok);
+    assert_eq!(
+        lines[0],
+        "id|user|database|address|state|tls|connected_seconds"
+    );
+    let app_clients = lines
+        .iter()
+        .filter(|l| l.contains("|app|app|127.0.0.1:"))
+        .count();
+    assert_eq!(app_clients, 4, "the four pgbench clients: {lines:?}");
+    assert!(lines[1..]
+        .iter()
+        .all(|l| ["|idle|", "|active|"].iter().any(|s| l.contains(s))));
+
+    let (ok, lines, _) = admin(&proxy, "SHOW SERVERS").await;
+    assert!(ok);
+    assert_eq!(lines[0], "database|user|node|state|backend_pid|age_seconds");
+    assert!(
+        (2..=5).contains(&lines.len()),
+        "one to four servers: {lines:?}"
+    );
+    for l in &lines[1..] {
+        let f: Vec<&str> = l.split('|').collect();
+        assert!(f[4].parse::<i32>().expect("pid") > 0, "{l}");
+    }
 
     let (ok, lines, _) = admin(&proxy, "show nodes;").await;
     assert!(ok);
@@ -113,6 +141,7 @@ async fn admin_console_answers_show_commands_during_load() {
     assert!(stat("transactions") > 0.0);
     assert!(stat("queries") >= stat("transactions"));
     assert!(stat("avg_transaction_ms") > 0.0);
+    assert!(stat("p99_transaction_ms") >= stat("avg_transaction_ms") / 2.0);
     assert!(stat("client_connections") >= 4.0);
 
     let (ok, lines, _) = admin(&proxy, "SHOW CONFIG").await;

@@ -35,6 +35,7 @@ use pgheal_protocol::frame::Scanner;
 use tokio_util::io::poll_read_buf;
 
 use crate::cancel::Registration;
+use crate::clients::{ClientState, Registered};
 use crate::cluster::Topology;
 use crate::config::PoolMode;
 use crate::error::{ClientError, PoolError};
@@ -163,10 +164,17 @@ pub struct Session {
     closing: bool,
     /// When the running transaction's first message arrived.
     tx_started: Option<std::time::Instant>,
+    /// This client's entry in SHOW CLIENTS.
+    registered: Registered,
 }
 
 impl Session {
-    pub fn new(app: Arc<App>, target: Arc<Target>, client: Box<LoggedIn>) -> Session {
+    pub fn new(
+        app: Arc<App>,
+        target: Arc<Target>,
+        client: Box<LoggedIn>,
+        registered: Registered,
+    ) -> Session {
         let client = *client;
         let max = app.config().proxy.max_message_size;
         let mode = app.config().proxy.pool_mode;
@@ -189,6 +197,7 @@ impl Session {
             pin_lost: None,
             closing: false,
             tx_started: None,
+            registered,
             cancel: app.cancels.register(),
             topology,
             node_pools: vec![None; target.database.nodes.len()],
@@ -288,6 +297,11 @@ impl Session {
         };
         let shutdown = self.app.shutdown.clone();
         let _active = Active::new(&self.app);
+        self.registered.info.set_state(if self.pinned.is_some() {
+            ClientState::Pinned
+        } else {
+            ClientState::Active
+        });
         let end = loop {
             tokio::select! {
                 biased;
@@ -297,6 +311,7 @@ impl Session {
             }
         };
         tracing::debug!(?end, "detached from the server");
+        self.registered.info.set_state(ClientState::Idle);
         match end {
             PumpEnd::Released => {
                 if !self.intent.reads_only() {
