@@ -4,6 +4,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::{Buf, BytesMut};
 use pgheal_protocol::backend::TxStatus;
@@ -12,6 +13,7 @@ use pgheal_protocol::sqlstate::{self, SqlState};
 use pgheal_protocol::{frame, frontend};
 use tokio::io::AsyncReadExt;
 
+use crate::clients::ClientState;
 use crate::cluster::Role;
 use crate::error::ClientError;
 use crate::login::LoggedIn;
@@ -190,11 +192,22 @@ fn pools(app: &App) -> Table {
         "database",
         "user",
         "node",
+        "clients_active",
+        "clients_idle",
+        "clients_pinned",
         "clients_waiting",
         "server_active",
         "server_idle",
         "pool_size",
     ]);
+    let clients = app.clients.list();
+    let count = |db: &str, state: ClientState| {
+        clients
+            .iter()
+            .filter(|c| c.database == db && c.state() == state)
+            .count()
+            .to_string()
+    };
     let mut pools = app.pools();
     pools.sort_by(|a, b| (&a.database, a.addr()).cmp(&(&b.database, b.addr())));
     for p in pools {
@@ -203,6 +216,9 @@ fn pools(app: &App) -> Table {
             p.database.clone(),
             p.user().to_string(),
             p.addr().to_string(),
+            count(&p.database, ClientState::Active),
+            count(&p.database, ClientState::Idle),
+            count(&p.database, ClientState::Pinned),
             p.waiting().to_string(),
             busy.to_string(),
             idle.to_string(),
@@ -269,21 +285,41 @@ fn nodes(app: &App) -> Table {
         "role",
         "up",
         "lsn",
+        "lag_bytes",
         "replay_lag_seconds",
         "consecutive_failures",
+        "next_retry_seconds",
         "last_error",
     ]);
     for (name, target) in app.targets() {
-        for n in &target.cluster.snapshot().nodes {
+        let topology = target.cluster.snapshot();
+        let primary_lsn = topology.primary().map(|p| p.lsn);
+        for n in &topology.nodes {
             let up = matches!(n.role, Role::Primary | Role::Replica);
+            let lag_bytes = match (n.role, primary_lsn) {
+                (Role::Replica, Some(p)) => p.saturating_sub(n.lsn).to_string(),
+                (Role::Primary, _) => "0".to_string(),
+                _ => String::new(),
+            };
+            let retry = n
+                .retry_at
+                .map(|at| {
+                    format!(
+                        "{:.1}",
+                        at.saturating_duration_since(Instant::now()).as_secs_f64()
+                    )
+                })
+                .unwrap_or_default();
             t = t.row(vec![
                 name.clone(),
                 n.addr.to_string(),
                 format!("{:?}", n.role).to_lowercase(),
                 up.to_string(),
                 format!("{:X}/{:X}", n.lsn >> 32, n.lsn & 0xffff_ffff),
+                lag_bytes,
                 format!("{:.3}", n.replay_lag.as_secs_f64()),
                 n.failures.to_string(),
+                retry,
                 n.last_error.clone().unwrap_or_default(),
             ]);
         }
@@ -303,6 +339,8 @@ fn stats(app: &App) -> Table {
     for (name, value) in [
         ("transactions", m.transactions.get().to_string()),
         ("queries", m.queries.get().to_string()),
+        ("bytes_from_clients", m.bytes_in.get().to_string()),
+        ("bytes_to_clients", m.bytes_out.get().to_string()),
         (
             "avg_transaction_ms",
             format!("{:.3}", m.average_transaction_ms()),

@@ -38,6 +38,8 @@ pub struct NodeStatus {
     /// else the age of the last transaction it replayed.
     pub replay_lag: Duration,
     pub last_error: Option<String>,
+    /// When a failing node is probed next (after backoff).
+    pub retry_at: Option<std::time::Instant>,
 }
 
 /// What is known about one database's nodes at one moment.
@@ -120,6 +122,7 @@ impl Cluster {
                     probed_at: None,
                     replay_lag: Duration::ZERO,
                     last_error: None,
+                    retry_at: None,
                 })
                 .collect(),
         };
@@ -255,6 +258,7 @@ async fn node_loop(
                     n.probed_at = Some(started);
                     n.failures = 0;
                     n.last_error = None;
+                    n.retry_at = None;
                 });
                 health.interval
             }
@@ -262,12 +266,14 @@ async fn node_loop(
                 conn = None;
                 failures = failures.saturating_add(1);
                 let message = e.to_string();
+                let wait = backoff(&health, failures);
                 cluster.update(index, |n| {
                     n.role = Role::Down;
                     n.failures = failures;
                     n.last_error = Some(message);
+                    n.retry_at = Some(std::time::Instant::now() + wait);
                 });
-                backoff(&health, failures)
+                wait
             }
         };
         drop(cluster);
@@ -377,6 +383,7 @@ mod tests {
             probed_at: None,
             replay_lag: Duration::ZERO,
             last_error: None,
+            retry_at: None,
         };
         let one = Topology {
             nodes: vec![node(Role::Primary), node(Role::Replica)],

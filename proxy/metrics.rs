@@ -77,6 +77,8 @@ pub struct Metrics {
     registry: Registry,
     pub transactions: Counter,
     pub queries: Counter,
+    pub bytes_in: Counter,
+    pub bytes_out: Counter,
     pub transaction_seconds: Histogram,
     /// Sum of transaction durations in microseconds, for averages.
     transaction_us: std::sync::atomic::AtomicU64,
@@ -130,6 +132,8 @@ impl Default for Metrics {
         let m = Metrics {
             transactions: Counter::default(),
             queries: Counter::default(),
+            bytes_in: Counter::default(),
+            bytes_out: Counter::default(),
             transaction_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 18)),
             transaction_us: Default::default(),
             by_duration: Default::default(),
@@ -154,6 +158,16 @@ impl Default for Metrics {
             "queries",
             "Requests answered (Query, Sync, FunctionCall)",
             m.queries.clone(),
+        );
+        r.register(
+            "client_bytes_received",
+            "Bytes read from clients",
+            m.bytes_in.clone(),
+        );
+        r.register(
+            "client_bytes_sent",
+            "Bytes written to clients",
+            m.bytes_out.clone(),
         );
         r.register(
             "transaction_duration_seconds",

@@ -163,6 +163,7 @@ mod tests {
                     probed_at: None,
                     replay_lag: std::time::Duration::ZERO,
                     last_error: None,
+                    retry_at: None,
                 })
                 .collect(),
         }

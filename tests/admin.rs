@@ -80,16 +80,16 @@ async fn admin_console_answers_show_commands_during_load() {
     assert!(ok, "{err}");
     assert_eq!(
         lines[0],
-        "database|user|node|clients_waiting|server_active|server_idle|pool_size"
+        "database|user|node|clients_active|clients_idle|clients_pinned|clients_waiting|server_active|server_idle|pool_size"
     );
     let row: Vec<&str> = lines[1].split('|').collect();
+    let n = |i: usize| row[i].parse::<usize>().expect("a count");
     assert_eq!(row[0], "app");
     assert_eq!(row[2], node.addr());
-    assert!(row[3].parse::<usize>().expect("waiting") <= 4);
-    let servers: usize =
-        row[4].parse::<usize>().expect("active") + row[5].parse::<usize>().expect("idle");
-    assert!((1..=4).contains(&servers), "{lines:?}");
-    assert_eq!(row[6], "4");
+    assert_eq!(n(3) + n(4) + n(5), 4, "the four pgbench clients: {lines:?}");
+    assert!(n(6) <= 4);
+    assert!((1..=4).contains(&(n(7) + n(8))), "{lines:?}");
+    assert_eq!(row[9], "4");
 
     let (ok, lines, _) = admin(&proxy, "SHOW CLIENTS").await;
     assert!(ok);
@@ -122,7 +122,7 @@ async fn admin_console_answers_show_commands_during_load() {
     assert!(ok);
     assert_eq!(
         lines[0],
-        "database|node|role|up|lsn|replay_lag_seconds|consecutive_failures|last_error"
+        "database|node|role|up|lsn|lag_bytes|replay_lag_seconds|consecutive_failures|next_retry_seconds|last_error"
     );
     assert!(
         lines[1].starts_with(&format!("app|{}|primary|true|", node.addr())),
@@ -140,6 +140,7 @@ async fn admin_console_answers_show_commands_during_load() {
     };
     assert!(stat("transactions") > 0.0);
     assert!(stat("queries") >= stat("transactions"));
+    assert!(stat("bytes_from_clients") > 0.0 && stat("bytes_to_clients") > 0.0);
     assert!(stat("avg_transaction_ms") > 0.0);
     assert!(stat("p99_transaction_ms") >= stat("avg_transaction_ms") / 2.0);
     assert!(stat("client_connections") >= 4.0);

@@ -485,7 +485,9 @@ impl Session {
             });
             match read.await {
                 Ok(0) => return Ok(false),
-                Ok(_) => {}
+                Ok(n) => {
+                    self.app.metrics.bytes_in.inc_by(n as u64);
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err(ClientError::ClientIo(e)),
             }

@@ -285,7 +285,10 @@ impl Session {
             }
             if !self.holding {
                 match write_some(cx, &mut self.client, &mut self.down) {
-                    Poll::Ready(Ok(n)) => progress |= n > 0,
+                    Poll::Ready(Ok(n)) => {
+                        self.app.metrics.bytes_out.inc_by(n as u64);
+                        progress |= n > 0;
+                    }
                     Poll::Ready(Err(_)) => return Poll::Ready(PumpEnd::ClientGone),
                     Poll::Pending => {}
                 }
@@ -323,7 +326,8 @@ impl Session {
                 self.client_eof = true;
                 Ok(true)
             }
-            Poll::Ready(Ok(_)) => {
+            Poll::Ready(Ok(n)) => {
+                self.app.metrics.bytes_in.inc_by(n as u64);
                 self.scan_up().map_err(|e| PumpEnd::ClientBroke(e.into()))?;
                 Ok(true)
             }

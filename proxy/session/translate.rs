@@ -292,6 +292,7 @@ impl Session {
     }
 
     fn translate_query(&mut self, conn: &mut ServerConn, msg: &[u8], sql: &[u8]) {
+        tracing::debug!(server = %conn.addr, sql = %String::from_utf8_lossy(sql), "query");
         let effects = effects::effects(sql);
         self.take_effects(&effects);
         if effects.prepared.is_empty() {
