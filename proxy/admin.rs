@@ -366,6 +366,10 @@ fn stats(app: &App) -> Table {
             "pinned_clients",
             c.pinned_clients.load(Ordering::Relaxed).to_string(),
         ),
+        (
+            "migration_error",
+            app.migration_failure().unwrap_or_default(),
+        ),
     ] {
         t = t.row(vec![name.to_string(), value]);
     }

@@ -28,6 +28,20 @@ pub struct Config {
     pub databases: BTreeMap<String, Database>,
     /// `[tls]`: TLS with clients, when configured.
     pub tls: Option<Arc<ClientTls>>,
+    /// `[migrations]`, when configured.
+    pub migrations: Option<MigrationsConfig>,
+}
+
+/// Schema migrations applied before pgheal serves.
+#[derive(Debug, Clone)]
+pub struct MigrationsConfig {
+    pub dir: std::path::PathBuf,
+    /// The configured database they run on (default: the first).
+    pub database: Option<String>,
+    /// How long to wait for a primary at startup.
+    pub wait: Duration,
+    /// On failure: refuse to start, or serve and report it.
+    pub serve_on_error: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -271,6 +285,7 @@ fn read_config(r: &mut Reader, root: &Table) -> Config {
             "users",
             "databases",
             "tls",
+            "migrations",
         ],
     );
     let empty = Table::new();
@@ -286,11 +301,55 @@ fn read_config(r: &mut Reader, root: &Table) -> Config {
         users: read_users(r, root),
         databases: read_databases(r, root),
         tls: r.table(root, "tls", "").and_then(|t| read_tls(r, t)),
+        migrations: r
+            .table(root, "migrations", "")
+            .and_then(|t| read_migrations(r, t)),
     };
+    if let Some(m) = &config.migrations {
+        if let Some(db) = m
+            .database
+            .as_ref()
+            .filter(|d| !config.databases.contains_key(*d))
+        {
+            r.error(
+                "migrations.database",
+                format!("no database \"{db}\" is configured"),
+            );
+        }
+    }
     if config.databases.is_empty() {
         r.error("databases", "at least one database must be configured");
     }
     config
+}
+
+fn read_migrations(r: &mut Reader, t: &Table) -> Option<MigrationsConfig> {
+    let p = "migrations";
+    r.known_keys(t, p, &["dir", "database", "wait", "on_error"]);
+    let serve_on_error = match r.get(t, p, "on_error", "exit".to_string()).as_str() {
+        "exit" => false,
+        "serve" => true,
+        other => {
+            r.error(
+                "migrations.on_error",
+                format!("expected \"exit\" or \"serve\", found \"{other}\""),
+            );
+            false
+        }
+    };
+    let Some(dir) = r.opt::<String>(t, p, "dir") else {
+        r.error(
+            "migrations.dir",
+            "missing: the directory of NNNN_name.sql files",
+        );
+        return None;
+    };
+    Some(MigrationsConfig {
+        dir: dir.into(),
+        database: r.opt(t, p, "database"),
+        wait: r.get(t, p, "wait", Duration::from_secs(30)),
+        serve_on_error,
+    })
 }
 
 fn read_tls(r: &mut Reader, t: &Table) -> Option<Arc<ClientTls>> {

@@ -68,6 +68,7 @@ pub fn demo_config(listen: SocketAddr, nodes: &[String]) -> Config {
             write_wait: Duration::from_secs(2),
         },
         tls: None,
+        migrations: None,
         users: vec![User {
             name: APP_USER.into(),
             auth: AuthMethod::ScramSha256,

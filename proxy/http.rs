@@ -70,6 +70,12 @@ async fn readyz(State(app): State<Arc<App>>) -> Response {
             json!({"ready": false, "reason": "pgheal is shutting down"}),
         );
     }
+    if let Some(why) = app.migration_failure() {
+        return json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"ready": false, "reason": format!("migrations failed: {why}")}),
+        );
+    }
     let down: Vec<String> = app
         .targets()
         .into_iter()

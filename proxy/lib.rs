@@ -17,6 +17,7 @@ pub mod listener;
 pub mod localpg;
 pub mod login;
 pub mod metrics;
+pub mod migrate;
 pub mod net;
 pub mod params;
 pub mod pool;
@@ -53,6 +54,8 @@ pub struct App {
     pub shutdown: tokio_util::sync::CancellationToken,
     pub metrics: metrics::Metrics,
     pub clients: Arc<clients::Clients>,
+    /// Startup migrations failed and on_error = "serve": why.
+    migration_failure: Mutex<Option<String>>,
 }
 
 /// Process-wide gauges and counters.
@@ -116,6 +119,7 @@ impl App {
             shutdown: tokio_util::sync::CancellationToken::new(),
             metrics: metrics::Metrics::default(),
             clients: Arc::default(),
+            migration_failure: Mutex::new(None),
         })
     }
 
@@ -136,6 +140,14 @@ impl App {
     /// The configuration now in force (RELOAD may replace it).
     pub fn config(&self) -> Arc<Config> {
         read(&self.config).clone()
+    }
+
+    pub fn set_migration_failure(&self, why: String) {
+        *lock(&self.migration_failure) = Some(why);
+    }
+
+    pub fn migration_failure(&self) -> Option<String> {
+        lock(&self.migration_failure).clone()
     }
 
     /// Where RELOAD and SIGHUP read the configuration from.

@@ -32,6 +32,12 @@ enum Command {
     /// Print a SCRAM-SHA-256 secret (for `scram_secret`) for the password
     /// read from standard input, so the password need not be in the file.
     HashPassword,
+    /// Apply pending schema migrations ([migrations]) and exit; `status`
+    /// only lists what is applied and pending.
+    Migrate {
+        #[arg(value_parser = ["status"])]
+        action: Option<String>,
+    },
     /// Start a throwaway local PostgreSQL with pgheal in front of it.
     Demo {
         /// Where pgheal listens.
@@ -94,6 +100,13 @@ fn main() -> ExitCode {
             Err(code) => code,
         },
         Some(Command::HashPassword) => hash_password(),
+        Some(Command::Migrate { action }) => {
+            let path = cli.config.clone();
+            match load(cli.config) {
+                Ok(config) => runtime.block_on(migrate_command(config, path, action.is_none())),
+                Err(code) => code,
+            }
+        }
         Some(Command::Demo { listen }) => match runtime.block_on(pgheal::demo::run(listen)) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -108,6 +121,65 @@ fn main() -> ExitCode {
                 Err(code) => return code,
             };
             runtime.block_on(serve(config, path))
+        }
+    }
+}
+
+/// The config with `[migrations] dir` made relative to the config file.
+fn resolved(mut config: Config, path: Option<&std::path::Path>) -> Config {
+    if let Some(m) = config.migrations.as_mut() {
+        m.dir = pgheal::migrate::resolve(&m.dir, path);
+    }
+    config
+}
+
+async fn migrate_command(config: Config, path: Option<PathBuf>, apply: bool) -> ExitCode {
+    let config = resolved(config, path.as_deref());
+    let Some(m) = config.migrations.clone() else {
+        eprintln!("no [migrations] section in the configuration");
+        return ExitCode::from(2);
+    };
+    match pgheal::migrate::run(&config, &m, apply).await {
+        Ok(report) => {
+            for f in &report.applied {
+                println!("applied  {f}");
+            }
+            for f in &report.pending {
+                println!("pending  {f}");
+            }
+            println!("{} already applied", report.already);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("migrations: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Startup migrations: `Err` stops pgheal (on_error = "exit"); with
+/// on_error = "serve" the failure is returned for /readyz and the console.
+async fn startup_migrations(config: &Config) -> Result<Option<String>, ExitCode> {
+    let Some(m) = config.migrations.clone() else {
+        return Ok(None);
+    };
+    match pgheal::migrate::run(config, &m, true).await {
+        Ok(report) => {
+            tracing::info!(
+                applied = report.applied.len(),
+                already = report.already,
+                "migrations done"
+            );
+            Ok(None)
+        }
+        Err(e) if m.serve_on_error => {
+            tracing::error!(error = %e, "migrations failed; serving anyway (on_error = \"serve\")");
+            Ok(Some(e.to_string()))
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "migrations failed; not serving");
+            eprintln!("migrations: {e}");
+            Err(ExitCode::FAILURE)
         }
     }
 }
@@ -151,6 +223,11 @@ async fn reload_on_hangup(app: std::sync::Arc<pgheal::App>) {
 }
 
 async fn serve(config: Config, path: Option<PathBuf>) -> ExitCode {
+    let config = resolved(config, path.as_deref());
+    let migration_failure = match startup_migrations(&config).await {
+        Ok(failure) => failure,
+        Err(code) => return code,
+    };
     let listen = config.proxy.listen;
     let running = match pgheal::listener::start(config).await {
         Ok(r) => r,
@@ -160,6 +237,9 @@ async fn serve(config: Config, path: Option<PathBuf>) -> ExitCode {
         }
     };
     let app = running.app.clone();
+    if let Some(failure) = migration_failure {
+        app.set_migration_failure(failure);
+    }
     if let Some(path) = path {
         app.set_config_path(path);
     }

@@ -37,6 +37,8 @@ pub enum UpstreamError {
         addr: String,
         code: String,
         message: String,
+        /// Character position in the query the error points at.
+        position: Option<usize>,
     },
     #[error("server {addr} asks for {what}, which pgheal cannot provide")]
     Auth { addr: String, what: &'static str },
@@ -65,6 +67,24 @@ impl UpstreamError {
             UpstreamError::Auth { .. }
             | UpstreamError::Protocol { .. }
             | UpstreamError::Tls { .. } => false,
+        }
+    }
+
+    /// Where in the query a server error points, 1-based.
+    pub fn position(&self) -> Option<usize> {
+        match self {
+            UpstreamError::Server { position, .. } => *position,
+            _ => None,
+        }
+    }
+
+    /// Moves the position by `chars` (the query was part of a longer text).
+    pub fn shift_position(&mut self, chars: usize) {
+        if let UpstreamError::Server {
+            position: Some(p), ..
+        } = self
+        {
+            *p += chars;
         }
     }
 
@@ -249,6 +269,9 @@ impl ServerConn {
                 addr: self.addr.clone(),
                 code: String::from_utf8_lossy(f.code).into_owned(),
                 message: f.message_lossy(),
+                position: std::str::from_utf8(f.position)
+                    .ok()
+                    .and_then(|p| p.parse().ok()),
             },
             Err(_) => self.protocol("malformed ErrorResponse"),
         }

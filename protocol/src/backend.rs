@@ -78,6 +78,8 @@ pub struct ErrorFields<'a> {
     pub severity: &'a [u8],
     pub code: &'a [u8],
     pub message: &'a [u8],
+    /// The 1-based character position in the query, when given.
+    pub position: &'a [u8],
 }
 
 impl<'a> ErrorFields<'a> {
@@ -95,6 +97,7 @@ impl<'a> ErrorFields<'a> {
                 b'S' if f.severity.is_empty() => f.severity = value,
                 b'C' => f.code = value,
                 b'M' => f.message = value,
+                b'P' => f.position = value,
                 _ => {}
             }
         }

@@ -112,6 +112,21 @@ pub fn effects(sql: &[u8]) -> Effects {
     }
 }
 
+/// Where each non-empty statement of `sql` is (without its semicolon).
+pub fn statements(sql: &[u8]) -> Vec<Range<usize>> {
+    let mut lx = Lexer::new(sql);
+    let mut out = Vec::new();
+    loop {
+        let (statement, more) = next_statement(&mut lx);
+        if let Some(st) = statement {
+            out.push(st.span);
+        }
+        if !more {
+            return out;
+        }
+    }
+}
+
 /// The tokens of one statement that matter here.
 struct Statement<'a> {
     lead: [Lead<'a>; LEAD],
@@ -412,6 +427,19 @@ mod tests {
         assert!(effects(b"discard all").discard_all);
         assert!(!effects(b"discard plans").discard_all);
         assert!(effects(b"select 1").is_empty());
+    }
+
+    #[test]
+    fn statement_spans() {
+        let sql = "CREATE INDEX CONCURRENTLY i ON t (a);\n-- c\n; SELECT ';' ; ";
+        let spans: Vec<&str> = statements(sql.as_bytes())
+            .into_iter()
+            .map(|r| &sql[r])
+            .collect();
+        assert_eq!(
+            spans,
+            ["CREATE INDEX CONCURRENTLY i ON t (a)", "SELECT ';'"]
+        );
     }
 
     #[test]
