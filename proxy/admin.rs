@@ -23,7 +23,7 @@ use crate::App;
 pub const DATABASE: &str = "pgheal";
 
 const COMMANDS: &str = "SHOW POOLS, SHOW NODES, SHOW CLIENTS, SHOW SERVERS, SHOW STATS, \
-                        SHOW CONFIG, SHOW VERSION, SHOW HELP, RELOAD, PAUSE [db], RESUME [db]";
+                        SHOW BACKUPS, SHOW CONFIG, SHOW VERSION, SHOW HELP, RELOAD, PAUSE [db], RESUME [db]";
 
 pub async fn serve(app: Arc<App>, client: Box<LoggedIn>) -> Result<(), ClientError> {
     let LoggedIn {
@@ -121,6 +121,7 @@ fn answer(app: &App, sql: &str, out: &mut BytesMut) {
             }
         },
         ["show", "clients"] => clients(app),
+        ["show", "backups"] => backups(app),
         ["show", "servers"] => servers(app),
         _ => {
             let message = format!("unknown admin command \"{}\"; try SHOW HELP", sql.trim());
@@ -224,6 +225,25 @@ fn pools(app: &App) -> Table {
             idle.to_string(),
             p.size().to_string(),
         ]);
+    }
+    t
+}
+
+fn backups(app: &App) -> Table {
+    let mut t = Table::new(&["database", "taken_at", "size_bytes", "file"]);
+    let config = app.config();
+    let Some(b) = &config.backup else {
+        return t;
+    };
+    for name in config.databases.keys() {
+        for backup in crate::backup::list(&b.dir, name) {
+            t = t.row(vec![
+                backup.database,
+                backup.taken_at,
+                backup.size.to_string(),
+                backup.path.display().to_string(),
+            ]);
+        }
     }
     t
 }

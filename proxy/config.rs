@@ -30,6 +30,32 @@ pub struct Config {
     pub tls: Option<Arc<ClientTls>>,
     /// `[migrations]`, when configured.
     pub migrations: Option<MigrationsConfig>,
+    /// `[backup]`, when configured.
+    pub backup: Option<BackupConfig>,
+}
+
+/// When backups run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Schedule {
+    Every(Duration),
+    /// Daily at this UTC time.
+    DailyAt {
+        hour: u8,
+        minute: u8,
+    },
+}
+
+/// Scheduled backups with retention.
+#[derive(Debug, Clone)]
+pub struct BackupConfig {
+    pub dir: std::path::PathBuf,
+    pub schedule: Schedule,
+    /// Dump from a replica when one is up (else the primary).
+    pub from_replica: bool,
+    pub keep_last: usize,
+    /// 0: no age limit.
+    pub keep_days: u32,
+    pub pg_dump: std::path::PathBuf,
 }
 
 /// Schema migrations applied before pgheal serves.
@@ -286,6 +312,7 @@ fn read_config(r: &mut Reader, root: &Table) -> Config {
             "databases",
             "tls",
             "migrations",
+            "backup",
         ],
     );
     let empty = Table::new();
@@ -304,6 +331,7 @@ fn read_config(r: &mut Reader, root: &Table) -> Config {
         migrations: r
             .table(root, "migrations", "")
             .and_then(|t| read_migrations(r, t)),
+        backup: r.table(root, "backup", "").and_then(|t| read_backup(r, t)),
     };
     if let Some(m) = &config.migrations {
         if let Some(db) = m
@@ -321,6 +349,100 @@ fn read_config(r: &mut Reader, root: &Table) -> Config {
         r.error("databases", "at least one database must be configured");
     }
     config
+}
+
+fn read_backup(r: &mut Reader, t: &Table) -> Option<BackupConfig> {
+    let p = "backup";
+    let keys = [
+        "dir",
+        "schedule",
+        "every",
+        "source",
+        "keep_last",
+        "keep_days",
+        "pg_dump",
+    ];
+    r.known_keys(t, p, &keys);
+    let schedule = match (
+        r.opt::<String>(t, p, "schedule"),
+        r.opt::<Duration>(t, p, "every"),
+    ) {
+        (Some(s), None) => parse_daily(&s)
+            .map_err(|e| r.error("backup.schedule", e))
+            .ok()?,
+        (None, Some(d)) if !d.is_zero() => Schedule::Every(d),
+        (None, Some(_)) => {
+            r.error("backup.every", "must be more than 0");
+            return None;
+        }
+        _ => {
+            r.error(
+                p,
+                "needs exactly one of schedule = \"daily@HH:MM\" or every = \"6h\"",
+            );
+            return None;
+        }
+    };
+    let from_replica = match r.get(t, p, "source", "replica".to_string()).as_str() {
+        "replica" => true,
+        "primary" => false,
+        other => {
+            r.error(
+                "backup.source",
+                format!("expected \"replica\" or \"primary\", found \"{other}\""),
+            );
+            true
+        }
+    };
+    let keep_last = r.get(t, p, "keep_last", 7usize);
+    if keep_last == 0 {
+        r.error("backup.keep_last", "must be at least 1");
+    }
+    let keep_days = r.get(t, p, "keep_days", 0usize);
+    let pg_dump = match r.opt::<String>(t, p, "pg_dump") {
+        Some(path) => path.into(),
+        None => find_pg_dump().unwrap_or_else(|| "pg_dump".into()),
+    };
+    let Some(dir) = r.opt::<String>(t, p, "dir") else {
+        r.error("backup.dir", "missing: where the dumps go");
+        return None;
+    };
+    Some(BackupConfig {
+        dir: dir.into(),
+        schedule,
+        from_replica,
+        keep_last,
+        keep_days: u32::try_from(keep_days).unwrap_or(u32::MAX),
+        pg_dump,
+    })
+}
+
+/// `daily@HH:MM` (UTC).
+fn parse_daily(s: &str) -> Result<Schedule, String> {
+    let bad = || format!("expected \"daily@HH:MM\" (UTC), found \"{s}\"");
+    let (h, m) = s
+        .strip_prefix("daily@")
+        .and_then(|t| t.split_once(':'))
+        .ok_or_else(bad)?;
+    let hour: u8 = h.parse().map_err(|_| bad())?;
+    let minute: u8 = m.parse().map_err(|_| bad())?;
+    if hour > 23 || minute > 59 {
+        return Err(bad());
+    }
+    Ok(Schedule::DailyAt { hour, minute })
+}
+
+/// pg_dump on PATH, else the newest under /usr/lib/postgresql/*/bin.
+fn find_pg_dump() -> Option<std::path::PathBuf> {
+    if let Some(path) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&path) {
+            let candidate = dir.join("pg_dump");
+            if candidate.is_file() {
+                return Some(candidate);
+            }
+        }
+    }
+    crate::localpg::find_bin_dir().map(|d| d.join("pg_dump"))
 }
 
 fn read_migrations(r: &mut Reader, t: &Table) -> Option<MigrationsConfig> {

@@ -69,6 +69,7 @@ pub fn demo_config(listen: SocketAddr, nodes: &[String]) -> Config {
         },
         tls: None,
         migrations: None,
+        backup: None,
         users: vec![User {
             name: APP_USER.into(),
             auth: AuthMethod::ScramSha256,

@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod backup;
 pub mod cancel;
 pub mod clients;
 pub mod cluster;

@@ -38,6 +38,11 @@ enum Command {
         #[arg(value_parser = ["status"])]
         action: Option<String>,
     },
+    /// Take a backup of every database now ([backup]), or list them.
+    Backup {
+        #[arg(value_parser = ["now", "list"])]
+        action: String,
+    },
     /// Start a throwaway local PostgreSQL with pgheal in front of it.
     Demo {
         /// Where pgheal listens.
@@ -100,6 +105,15 @@ fn main() -> ExitCode {
             Err(code) => code,
         },
         Some(Command::HashPassword) => hash_password(),
+        Some(Command::Backup { action }) => {
+            let path = cli.config.clone();
+            match load(cli.config) {
+                Ok(config) => {
+                    runtime.block_on(backup_command(resolved(config, path.as_deref()), &action))
+                }
+                Err(code) => code,
+            }
+        }
         Some(Command::Migrate { action }) => {
             let path = cli.config.clone();
             match load(cli.config) {
@@ -125,12 +139,58 @@ fn main() -> ExitCode {
     }
 }
 
-/// The config with `[migrations] dir` made relative to the config file.
+/// The config with `[migrations] dir` and `[backup] dir` made relative to
+/// the config file.
 fn resolved(mut config: Config, path: Option<&std::path::Path>) -> Config {
     if let Some(m) = config.migrations.as_mut() {
         m.dir = pgheal::migrate::resolve(&m.dir, path);
     }
+    if let Some(b) = config.backup.as_mut() {
+        b.dir = pgheal::migrate::resolve(&b.dir, path);
+    }
     config
+}
+
+async fn backup_command(config: Config, action: &str) -> ExitCode {
+    let Some(b) = config.backup.clone() else {
+        eprintln!("no [backup] section in the configuration");
+        return ExitCode::from(2);
+    };
+    if action == "list" {
+        for name in config.databases.keys() {
+            for backup in pgheal::backup::list(&b.dir, name) {
+                println!(
+                    "{}\t{}\t{}",
+                    backup.database,
+                    backup.size,
+                    backup.path.display()
+                );
+            }
+        }
+        return ExitCode::SUCCESS;
+    }
+    let mut failed = false;
+    for o in pgheal::backup::run_all(&config, &b).await {
+        match &o.result {
+            Ok(done) => println!(
+                "backup {} from {}: {} ({} bytes); removed {}",
+                o.database,
+                o.source.as_deref().unwrap_or("?"),
+                done.path.display(),
+                done.size,
+                o.removed.len()
+            ),
+            Err(e) => {
+                failed = true;
+                eprintln!("backup {} failed: {e}", o.database);
+            }
+        }
+    }
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
 }
 
 async fn migrate_command(config: Config, path: Option<PathBuf>, apply: bool) -> ExitCode {
@@ -244,6 +304,7 @@ async fn serve(config: Config, path: Option<PathBuf>) -> ExitCode {
         app.set_config_path(path);
     }
     tokio::spawn(reload_on_hangup(app.clone()));
+    tokio::spawn(pgheal::backup::schedule(app.clone()));
     tokio::select! {
         _ = running.wait() => return ExitCode::SUCCESS,
         _ = pgheal::shutdown_signal() => {}

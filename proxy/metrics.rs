@@ -95,6 +95,9 @@ pub struct Metrics {
     node_role: Family<RoleLabels, Gauge>,
     node_lag_seconds: Family<NodeLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     failovers: Family<DbLabels, Gauge>,
+    backup_last_success: Family<DbLabels, Gauge>,
+    backup_last_failure: Family<DbLabels, Gauge>,
+    backup_last_size: Family<DbLabels, Gauge>,
 }
 
 const BUCKETS: usize = 24;
@@ -147,6 +150,9 @@ impl Default for Metrics {
             node_role: Family::default(),
             node_lag_seconds: Family::default(),
             failovers: Family::default(),
+            backup_last_success: Family::default(),
+            backup_last_failure: Family::default(),
+            backup_last_size: Family::default(),
             registry: Registry::default(),
         };
         r.register(
@@ -224,6 +230,21 @@ impl Default for Metrics {
             "Times a node became primary after another role",
             m.failovers.clone(),
         );
+        r.register(
+            "backup_last_success_timestamp_seconds",
+            "When the last good backup was taken",
+            m.backup_last_success.clone(),
+        );
+        r.register(
+            "backup_last_failure_timestamp_seconds",
+            "When the last backup failed",
+            m.backup_last_failure.clone(),
+        );
+        r.register(
+            "backup_last_size_bytes",
+            "Size of the last good backup",
+            m.backup_last_size.clone(),
+        );
         Metrics { registry: r, ..m }
     }
 }
@@ -274,6 +295,25 @@ impl Metrics {
 
     pub fn retried_total(&self) -> u64 {
         sum(&self.retried_reads)
+    }
+
+    /// Records a scheduled backup's outcome.
+    pub fn backup_done(&self, o: &crate::backup::Outcome) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        let db = DbLabels {
+            database: o.database.clone(),
+        };
+        match &o.result {
+            Ok(b) => {
+                self.backup_last_success.get_or_create(&db).set(now);
+                self.backup_last_size.get_or_create(&db).set(b.size as i64);
+            }
+            Err(_) => {
+                self.backup_last_failure.get_or_create(&db).set(now);
+            }
+        }
     }
 
     pub fn reject(&self, reason: &'static str) {
