@@ -228,7 +228,7 @@ async fn locked(
         return Err(e.into());
     }
     let applied = conn
-        .query_rows("SELECT version, checksum FROM pgheal_schema_migrations ORDER BY version")
+        .query_rows("SELECT version, checksum, name FROM pgheal_schema_migrations ORDER BY version")
         .await?;
     let mut report = Report::default();
     for row in &applied {
@@ -241,9 +241,10 @@ async fn locked(
         let checksum = row.get(1).cloned().flatten().unwrap_or_default();
         match files.iter().find(|f| f.version == version) {
             None => {
+                let name = row.get(2).cloned().flatten().unwrap_or_default();
                 return Err(MigrateError::Missing {
-                    file: format!("migration {version}"),
-                })
+                    file: format!("migration {version} ({name})"),
+                });
             }
             Some(f) if f.checksum != checksum => {
                 return Err(MigrateError::Edited {

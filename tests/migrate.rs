@@ -162,7 +162,7 @@ async fn an_edited_or_missing_file_stops_startup() {
     let out = s.pgheal(&["migrate"]).await;
     assert!(!out.status.success());
     assert!(
-        text(&out.stderr).contains("migration 3 was applied but is missing"),
+        text(&out.stderr).contains("migration 3 (more) was applied but is missing"),
         "{}",
         text(&out.stderr)
     );
@@ -269,5 +269,55 @@ async fn without_a_primary_migrate_waits_then_fails() {
         text(&out.stderr).contains("no primary became reachable within 2s"),
         "{}",
         text(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_serving_instances_started_together_migrate_once() {
+    let node = app_node().await;
+    let s = Setup::new(
+        &node.addr(),
+        "",
+        &[("0001_create.sql", CREATE), ("0003_more.sql", MORE)],
+    );
+    let other_port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
+        l.local_addr().expect("addr").port()
+    };
+    let second = s.dir.path().join("second.toml");
+    let text_one = std::fs::read_to_string(s.config()).expect("config");
+    std::fs::write(
+        &second,
+        text_one.replace(&format!(":{}\"", s.port), &format!(":{other_port}\"")),
+    )
+    .expect("second config");
+    let spawn = |config: PathBuf| {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_pgheal"))
+            .arg("--config")
+            .arg(config)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start pgheal")
+    };
+    let (_a, _b) = (spawn(s.config()), spawn(second));
+    for port in [s.port, other_port] {
+        let url = format!("postgres://app:{APP_PASSWORD}@127.0.0.1:{port}/app");
+        eventually(Duration::from_secs(30), "both instances serving", || {
+            let url = url.clone();
+            async move {
+                tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                    .await
+                    .is_ok()
+            }
+        })
+        .await;
+    }
+    assert_eq!(
+        rows(&node, "SELECT count(*) FROM items").await[0][0].as_deref(),
+        Some("2")
+    );
+    assert_eq!(
+        rows(&node, "SELECT count(*) FROM pgheal_schema_migrations").await[0][0].as_deref(),
+        Some("2")
     );
 }
