@@ -105,38 +105,7 @@ async fn classify(config: &Config, db: &Database) -> Vec<(String, bool)> {
 }
 
 fn spec(config: &Config, db: &Database, addr: &str) -> ConnectSpec {
-    let (user, password) = credentials(config, db);
-    ConnectSpec {
-        addr: addr.to_string(),
-        user,
-        password,
-        database: db.dbname.clone(),
-        connect_timeout: config.pool.connect_timeout,
-        application_name: Some("pgheal backup"),
-        tls: db.tls.clone(),
-    }
-}
-
-fn credentials(config: &Config, db: &Database) -> (String, Option<String>) {
-    let user = db
-        .user
-        .clone()
-        .or_else(|| {
-            config
-                .users
-                .iter()
-                .find(|u| u.password.is_some())
-                .map(|u| u.name.clone())
-        })
-        .unwrap_or_default();
-    let password = db.password.clone().or_else(|| {
-        config
-            .users
-            .iter()
-            .find(|u| u.name == user)
-            .and_then(|u| u.password.clone())
-    });
-    (user, password)
+    crate::direct_spec(config, db, addr, "pgheal backup")
 }
 
 /// Held while a backup runs: an advisory lock on the primary, else a lock
@@ -252,7 +221,7 @@ async fn dump_to(
     done: &Path,
 ) -> Result<u64, String> {
     let (host, port) = source.rsplit_once(':').ok_or("bad node address")?;
-    let (user, password) = credentials(config, db);
+    let (user, password) = crate::direct_credentials(config, db);
     let out = tokio::process::Command::new(&b.pg_dump)
         .args([
             "--format=custom",

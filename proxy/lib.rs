@@ -207,6 +207,50 @@ impl App {
     }
 }
 
+/// A connection of pgheal's own to one node of `db` (migrations, backups):
+/// the database's upstream user, else the first `[[users]]` entry with a
+/// password.
+pub fn direct_spec(
+    config: &Config,
+    db: &Database,
+    addr: &str,
+    application_name: &'static str,
+) -> ConnectSpec {
+    let (user, password) = direct_credentials(config, db);
+    ConnectSpec {
+        addr: addr.to_string(),
+        user,
+        password,
+        database: db.dbname.clone(),
+        connect_timeout: config.pool.connect_timeout,
+        application_name: Some(application_name),
+        tls: db.tls.clone(),
+    }
+}
+
+/// The user and password of [`direct_spec`].
+pub fn direct_credentials(config: &Config, db: &Database) -> (String, Option<String>) {
+    let user = db
+        .user
+        .clone()
+        .or_else(|| {
+            config
+                .users
+                .iter()
+                .find(|u| u.password.is_some())
+                .map(|u| u.name.clone())
+        })
+        .unwrap_or_default();
+    let password = db.password.clone().or_else(|| {
+        config
+            .users
+            .iter()
+            .find(|u| u.name == user)
+            .and_then(|u| u.password.clone())
+    });
+    (user, password)
+}
+
 /// How pgheal's health-check connections show in pg_stat_activity.
 pub const HEALTH_APPLICATION_NAME: &str = "pgheal health check";
 

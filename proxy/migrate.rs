@@ -141,33 +141,7 @@ pub fn database<'c>(config: &'c Config, m: &MigrationsConfig) -> Option<&'c Data
 }
 
 fn spec(config: &Config, db: &Database, addr: &str) -> ConnectSpec {
-    let user = db
-        .user
-        .clone()
-        .or_else(|| {
-            config
-                .users
-                .iter()
-                .find(|u| u.password.is_some())
-                .map(|u| u.name.clone())
-        })
-        .unwrap_or_default();
-    let password = db.password.clone().or_else(|| {
-        config
-            .users
-            .iter()
-            .find(|u| u.name == user)
-            .and_then(|u| u.password.clone())
-    });
-    ConnectSpec {
-        addr: addr.to_string(),
-        user,
-        password,
-        database: db.dbname.clone(),
-        connect_timeout: config.pool.connect_timeout,
-        application_name: Some("pgheal migrate"),
-        tls: db.tls.clone(),
-    }
+    crate::direct_spec(config, db, addr, "pgheal migrate")
 }
 
 /// A connection to the node that is not in recovery, waiting up to `wait`.

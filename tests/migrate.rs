@@ -19,10 +19,7 @@ struct Setup {
 impl Setup {
     fn new(node_addr: &str, extra: &str, files: &[(&str, &str)]) -> Setup {
         let dir = tempfile::tempdir().expect("temp dir");
-        let port = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
-            l.local_addr().expect("addr").port()
-        };
+        let port = free_port();
         std::fs::create_dir(dir.path().join("migrations")).expect("mkdir");
         for (name, sql) in files {
             std::fs::write(dir.path().join("migrations").join(name), sql).expect("write migration");
@@ -198,10 +195,7 @@ async fn a_failing_migration_leaves_the_schema_unchanged() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_error_serve_serves_and_reports_in_readyz() {
     let node = app_node().await;
-    let http = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
-        l.local_addr().expect("addr").port()
-    };
+    let http = free_port();
     let bad = "SELECT 1/0;\n";
     let s = Setup::new(
         &node.addr(),
@@ -280,10 +274,7 @@ async fn two_serving_instances_started_together_migrate_once() {
         "",
         &[("0001_create.sql", CREATE), ("0003_more.sql", MORE)],
     );
-    let other_port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
-        l.local_addr().expect("addr").port()
-    };
+    let other_port = free_port();
     let second = s.dir.path().join("second.toml");
     let text_one = std::fs::read_to_string(s.config()).expect("config");
     std::fs::write(

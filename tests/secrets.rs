@@ -57,10 +57,7 @@ async fn scram_secret_and_env_passwords_authenticate() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_secret_in_logs_or_check_output() {
     let node = app_node().await;
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
-        l.local_addr().expect("addr").port()
-    };
+    let port = free_port();
     let secret = hash_password("other-user-pw");
     let dir = tempfile::tempdir().expect("temp dir");
     let config = dir.path().join("pgheal.toml");

@@ -13,10 +13,7 @@ use nix::unistd::Pid;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_a_running_transaction_commit_then_exits_0() {
     let node = app_node().await;
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
-        l.local_addr().expect("addr").port()
-    };
+    let port = free_port();
     let dir = tempfile::tempdir().expect("temp dir");
     let config = dir.path().join("pgheal.toml");
     std::fs::write(
