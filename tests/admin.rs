@@ -47,19 +47,7 @@ async fn admin_console_answers_show_commands_during_load() {
     let node = app_node().await;
     let proxy = proxy_with_admin(&node).await;
     let url = app_url(&proxy);
-    let init = run(
-        "pgbench",
-        vec![
-            "-i".into(),
-            "-s".into(),
-            "1".into(),
-            "-q".into(),
-            url.clone(),
-        ],
-        None,
-    )
-    .await;
-    assert!(init.status.success());
+    pgbench_init(&url).await;
     let bench = tokio::spawn(run(
         "pgbench",
         ["-S", "-c", "4", "-T", "3", "-n"]

@@ -66,19 +66,7 @@ async fn hostile_clients_do_not_hurt_pgbench() {
     ))
     .await;
     let url = app_url(&proxy);
-    let init = run(
-        "pgbench",
-        vec![
-            "-i".into(),
-            "-s".into(),
-            "1".into(),
-            "-q".into(),
-            url.clone(),
-        ],
-        None,
-    )
-    .await;
-    assert!(init.status.success(), "{}", text(&init.stderr));
+    pgbench_init(&url).await;
     let addr = proxy.addr;
     let rss_before = rss_kib();
 

@@ -73,19 +73,7 @@ async fn metrics_move_under_load_and_readyz_follows_the_node() {
 
     let before = get(http, "/metrics").await.1;
     let url = app_url(&proxy);
-    let init = run(
-        "pgbench",
-        vec![
-            "-i".into(),
-            "-s".into(),
-            "1".into(),
-            "-q".into(),
-            url.clone(),
-        ],
-        None,
-    )
-    .await;
-    assert!(init.status.success());
+    pgbench_init(&url).await;
     let bench = run(
         "pgbench",
         ["-S", "-c", "4", "-t", "200", "-n"]

@@ -215,19 +215,8 @@ async fn on_error_serve_serves_and_reports_in_readyz() {
         .spawn()
         .expect("start pgheal");
     let url = format!("postgres://app:{APP_PASSWORD}@127.0.0.1:{}/app", s.port);
-    eventually(
-        Duration::from_secs(20),
-        "pgheal serving despite the failure",
-        || {
-            let url = url.clone();
-            async move {
-                tokio_postgres::connect(&url, tokio_postgres::NoTls)
-                    .await
-                    .is_ok()
-            }
-        },
-    )
-    .await;
+    // Serving despite the failure.
+    wait_accepting(&url).await;
     let body = http_get(http, "/readyz").await;
     assert!(body.starts_with("HTTP/1.0 503"), "{body}");
     assert!(
@@ -293,15 +282,7 @@ async fn two_serving_instances_started_together_migrate_once() {
     let (_a, _b) = (spawn(s.config()), spawn(second));
     for port in [s.port, other_port] {
         let url = format!("postgres://app:{APP_PASSWORD}@127.0.0.1:{port}/app");
-        eventually(Duration::from_secs(30), "both instances serving", || {
-            let url = url.clone();
-            async move {
-                tokio_postgres::connect(&url, tokio_postgres::NoTls)
-                    .await
-                    .is_ok()
-            }
-        })
-        .await;
+        wait_accepting(&url).await;
     }
     assert_eq!(
         rows(&node, "SELECT count(*) FROM items").await[0][0].as_deref(),

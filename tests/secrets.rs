@@ -78,15 +78,7 @@ async fn no_secret_in_logs_or_check_output() {
         .spawn()
         .expect("start pgheal");
     let good = format!("postgres://app:{APP_PASSWORD}@127.0.0.1:{port}/app");
-    eventually(Duration::from_secs(20), "pgheal to accept clients", || {
-        let good = good.clone();
-        async move {
-            tokio_postgres::connect(&good, tokio_postgres::NoTls)
-                .await
-                .is_ok()
-        }
-    })
-    .await;
+    wait_accepting(&good).await;
     let guesses = ["guess-one-XYZ", "other-user-pw-wrong"];
     for (user, pw) in [
         ("app", guesses[0]),

@@ -34,15 +34,7 @@ async fn sigterm_lets_a_running_transaction_commit_then_exits_0() {
         .spawn()
         .expect("start pgheal");
     let url = format!("postgres://app:{APP_PASSWORD}@127.0.0.1:{port}/app");
-    eventually(Duration::from_secs(20), "pgheal to accept clients", || {
-        let url = url.clone();
-        async move {
-            tokio_postgres::connect(&url, tokio_postgres::NoTls)
-                .await
-                .is_ok()
-        }
-    })
-    .await;
+    wait_accepting(&url).await;
 
     let (writer, _w) = connect(&url).await;
     writer

@@ -403,3 +403,26 @@ pub fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
     l.local_addr().expect("addr").port()
 }
+
+/// `pgbench -i -s 1 -q` against `url`; panics if it fails.
+pub async fn pgbench_init(url: &str) {
+    let args = ["-i", "-s", "1", "-q", url]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let init = run("pgbench", args, None).await;
+    assert!(init.status.success(), "pgbench -i: {}", text(&init.stderr));
+}
+
+/// Waits up to 30 s until a client can log in at `url`.
+pub async fn wait_accepting(url: &str) {
+    eventually(Duration::from_secs(30), "pgheal to accept clients", || {
+        let url = url.to_string();
+        async move {
+            tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                .await
+                .is_ok()
+        }
+    })
+    .await;
+}
