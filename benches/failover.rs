@@ -74,14 +74,7 @@ async fn client(
 }
 
 async fn roles(proxy: &pgheal::listener::Running) -> Vec<Role> {
-    let target = proxy.app.target("app").expect("target");
-    target
-        .cluster
-        .snapshot()
-        .nodes
-        .iter()
-        .map(|n| n.role)
-        .collect()
+    proxy.app.target("app").expect("target").cluster.roles()
 }
 
 async fn wait_roles(proxy: &pgheal::listener::Running, want: &[Role]) {

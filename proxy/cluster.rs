@@ -42,6 +42,22 @@ pub struct NodeStatus {
     pub retry_at: Option<std::time::Instant>,
 }
 
+impl NodeStatus {
+    /// A node nothing is known about yet but its role.
+    pub fn new(addr: &str, role: Role) -> NodeStatus {
+        NodeStatus {
+            addr: Arc::from(addr),
+            role,
+            lsn: 0,
+            failures: 0,
+            probed_at: None,
+            replay_lag: Duration::ZERO,
+            last_error: None,
+            retry_at: None,
+        }
+    }
+}
+
 /// What is known about one database's nodes at one moment.
 #[derive(Debug, Clone, Default)]
 pub struct Topology {
@@ -114,16 +130,7 @@ impl Cluster {
         let topology = Topology {
             nodes: nodes
                 .iter()
-                .map(|addr| NodeStatus {
-                    addr: Arc::from(addr.as_str()),
-                    role: Role::Unknown,
-                    lsn: 0,
-                    failures: 0,
-                    probed_at: None,
-                    replay_lag: Duration::ZERO,
-                    last_error: None,
-                    retry_at: None,
-                })
+                .map(|addr| NodeStatus::new(addr, Role::Unknown))
                 .collect(),
         };
         let (publish, _) = watch::channel(Arc::new(topology.clone()));
@@ -176,6 +183,11 @@ impl Cluster {
 
     pub fn failovers(&self) -> u64 {
         self.failovers.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Each node's role now, in configuration order.
+    pub fn roles(&self) -> Vec<Role> {
+        self.snapshot().nodes.iter().map(|n| n.role).collect()
     }
 
     pub fn snapshot(&self) -> Arc<Topology> {
@@ -375,16 +387,7 @@ mod tests {
 
     #[test]
     fn split_brain_has_no_primary() {
-        let node = |role| NodeStatus {
-            addr: Arc::from("x:1"),
-            role,
-            lsn: 0,
-            failures: 0,
-            probed_at: None,
-            replay_lag: Duration::ZERO,
-            last_error: None,
-            retry_at: None,
-        };
+        let node = |role| NodeStatus::new("x:1", role);
         let one = Topology {
             nodes: vec![node(Role::Primary), node(Role::Replica)],
         };

@@ -143,7 +143,6 @@ mod tests {
     use crate::cluster::NodeStatus;
     use bytes::BytesMut;
     use pgheal_protocol::build;
-    use std::sync::Arc;
 
     fn q(sql: &str) -> BytesMut {
         let mut b = BytesMut::new();
@@ -155,16 +154,7 @@ mod tests {
         Topology {
             nodes: roles
                 .iter()
-                .map(|&role| NodeStatus {
-                    addr: Arc::from("h:1"),
-                    role,
-                    lsn: 0,
-                    failures: 0,
-                    probed_at: None,
-                    replay_lag: std::time::Duration::ZERO,
-                    last_error: None,
-                    retry_at: None,
-                })
+                .map(|&role| NodeStatus::new("h:1", role))
                 .collect(),
         }
     }

@@ -35,14 +35,7 @@ async fn proxy_over(
 }
 
 async fn roles(proxy: &pgheal::listener::Running) -> Vec<Role> {
-    let target = proxy.app.target("app").expect("target");
-    target
-        .cluster
-        .snapshot()
-        .nodes
-        .iter()
-        .map(|n| n.role)
-        .collect()
+    proxy.app.target("app").expect("target").cluster.roles()
 }
 
 async fn wait_for_roles(proxy: &pgheal::listener::Running, expected: &[Role]) {
