@@ -10,9 +10,9 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use pgheal::cluster::Role;
+use pgheal::backend::cluster::Role;
 use pgheal::config::Config;
-use pgheal::localpg::PgNode;
+use pgheal::testkit::localpg::PgNode;
 
 const CLIENTS: usize = 8;
 
@@ -73,11 +73,11 @@ async fn client(
     client.is_closed()
 }
 
-async fn roles(proxy: &pgheal::listener::Running) -> Vec<Role> {
+async fn roles(proxy: &pgheal::server::Running) -> Vec<Role> {
     proxy.app.target("app").expect("target").cluster.roles()
 }
 
-async fn wait_roles(proxy: &pgheal::listener::Running, want: &[Role]) {
+async fn wait_roles(proxy: &pgheal::server::Running, want: &[Role]) {
     let deadline = Instant::now() + Duration::from_secs(60);
     while roles(proxy).await != want {
         assert!(Instant::now() < deadline, "roles never became {want:?}");
@@ -111,7 +111,7 @@ async fn main() {
         replica.addr()
     ))
     .expect("config");
-    let proxy = pgheal::listener::start(config).await.expect("pgheal");
+    let proxy = pgheal::server::start(config).await.expect("pgheal");
     wait_roles(&proxy, &[Role::Primary, Role::Replica]).await;
     let url = format!("postgres://app:apppw@{}/app", proxy.addr);
 

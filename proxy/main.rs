@@ -44,6 +44,7 @@ enum Command {
         action: String,
     },
     /// Start a throwaway local PostgreSQL with pgheal in front of it.
+    #[cfg(feature = "testkit")]
     Demo {
         /// Where pgheal listens.
         #[arg(long, default_value = "127.0.0.1:6432")]
@@ -54,8 +55,11 @@ enum Command {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colour only on a terminal: files, journald and Kubernetes logs get
+    // plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Human => builder.init(),
@@ -108,9 +112,10 @@ fn main() -> ExitCode {
         Some(Command::Backup { action }) => {
             let path = cli.config.clone();
             match load(cli.config) {
-                Ok(config) => {
-                    runtime.block_on(backup_command(resolved(config, path.as_deref()), &action))
-                }
+                Ok(config) => runtime.block_on(backup_command(
+                    pgheal::server::run::resolved(config, path.as_deref()),
+                    &action,
+                )),
                 Err(code) => code,
             }
         }
@@ -121,34 +126,25 @@ fn main() -> ExitCode {
                 Err(code) => code,
             }
         }
-        Some(Command::Demo { listen }) => match runtime.block_on(pgheal::demo::run(listen)) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("demo failed: {e}");
-                ExitCode::FAILURE
+        #[cfg(feature = "testkit")]
+        Some(Command::Demo { listen }) => {
+            match runtime.block_on(pgheal::testkit::demo::run(listen)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("demo failed: {e}");
+                    ExitCode::FAILURE
+                }
             }
-        },
+        }
         None => {
             let path = cli.config.clone();
             let config = match load(cli.config) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            runtime.block_on(serve(config, path))
+            runtime.block_on(pgheal::server::run::serve(config, path))
         }
     }
-}
-
-/// The config with `[migrations] dir` and `[backup] dir` made relative to
-/// the config file.
-fn resolved(mut config: Config, path: Option<&std::path::Path>) -> Config {
-    if let Some(m) = config.migrations.as_mut() {
-        m.dir = pgheal::migrate::resolve(&m.dir, path);
-    }
-    if let Some(b) = config.backup.as_mut() {
-        b.dir = pgheal::migrate::resolve(&b.dir, path);
-    }
-    config
 }
 
 async fn backup_command(config: Config, action: &str) -> ExitCode {
@@ -158,7 +154,7 @@ async fn backup_command(config: Config, action: &str) -> ExitCode {
     };
     if action == "list" {
         for name in config.databases.keys() {
-            for backup in pgheal::backup::list(&b.dir, name) {
+            for backup in pgheal::ops::backup::list(&b.dir, name) {
                 println!(
                     "{}\t{}\t{}",
                     backup.database,
@@ -170,7 +166,7 @@ async fn backup_command(config: Config, action: &str) -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let mut failed = false;
-    for o in pgheal::backup::run_all(&config, &b).await {
+    for o in pgheal::ops::backup::run_all(&config, &b).await {
         match &o.result {
             Ok(done) => println!(
                 "backup {} from {}: {} ({} bytes); removed {}",
@@ -194,12 +190,12 @@ async fn backup_command(config: Config, action: &str) -> ExitCode {
 }
 
 async fn migrate_command(config: Config, path: Option<PathBuf>, apply: bool) -> ExitCode {
-    let config = resolved(config, path.as_deref());
+    let config = pgheal::server::run::resolved(config, path.as_deref());
     let Some(m) = config.migrations.clone() else {
         eprintln!("no [migrations] section in the configuration");
         return ExitCode::from(2);
     };
-    match pgheal::migrate::run(&config, &m, apply).await {
+    match pgheal::ops::migrate::run(&config, &m, apply).await {
         Ok(report) => {
             for f in &report.applied {
                 println!("applied  {f}");
@@ -213,33 +209,6 @@ async fn migrate_command(config: Config, path: Option<PathBuf>, apply: bool) -> 
         Err(e) => {
             eprintln!("migrations: {e}");
             ExitCode::FAILURE
-        }
-    }
-}
-
-/// Startup migrations: `Err` stops pgheal (on_error = "exit"); with
-/// on_error = "serve" the failure is returned for /readyz and the console.
-async fn startup_migrations(config: &Config) -> Result<Option<String>, ExitCode> {
-    let Some(m) = config.migrations.clone() else {
-        return Ok(None);
-    };
-    match pgheal::migrate::run(config, &m, true).await {
-        Ok(report) => {
-            tracing::info!(
-                applied = report.applied.len(),
-                already = report.already,
-                "migrations done"
-            );
-            Ok(None)
-        }
-        Err(e) if m.serve_on_error => {
-            tracing::error!(error = %e, "migrations failed; serving anyway (on_error = \"serve\")");
-            Ok(Some(e.to_string()))
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "migrations failed; not serving");
-            eprintln!("migrations: {e}");
-            Err(ExitCode::FAILURE)
         }
     }
 }
@@ -262,78 +231,4 @@ fn hash_password() -> ExitCode {
         postgres_protocol::password::scram_sha_256(password.as_bytes())
     );
     ExitCode::SUCCESS
-}
-
-/// SIGHUP re-reads the TLS certificate, key and CA files.
-async fn reload_on_hangup(app: std::sync::Arc<pgheal::App>) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut hangup) = signal(SignalKind::hangup()) else {
-        return;
-    };
-    while hangup.recv().await.is_some() {
-        if let Some(tls) = &app.config().tls {
-            match tls.reload() {
-                Ok(()) => tracing::info!("TLS certificates re-read"),
-                Err(e) => {
-                    tracing::error!(error = %e, "TLS certificates not re-read; the old ones stay")
-                }
-            }
-        }
-    }
-}
-
-async fn serve(config: Config, path: Option<PathBuf>) -> ExitCode {
-    let config = resolved(config, path.as_deref());
-    let migration_failure = match startup_migrations(&config).await {
-        Ok(failure) => failure,
-        Err(code) => return code,
-    };
-    let listen = config.proxy.listen;
-    let running = match pgheal::listener::start(config).await {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("cannot listen on {listen}: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let app = running.app.clone();
-    if let Some(failure) = migration_failure {
-        app.set_migration_failure(failure);
-    }
-    if let Some(path) = path {
-        app.set_config_path(path);
-    }
-    tokio::spawn(reload_on_hangup(app.clone()));
-    tokio::spawn(pgheal::backup::schedule(app.clone()));
-    tokio::select! {
-        _ = running.wait() => return ExitCode::SUCCESS,
-        _ = pgheal::shutdown_signal() => {}
-    }
-    let timeout = app.config().proxy.shutdown_timeout;
-    tracing::info!(
-        ?timeout,
-        "shutting down: idle clients are told 57P01, running transactions may finish"
-    );
-    app.shutdown.cancel();
-    tokio::select! {
-        drained = tokio::time::timeout(timeout, drain(&app)) => {
-            if drained.is_err() {
-                tracing::warn!("shutdown_timeout passed with transactions still running; closing them");
-            }
-        }
-        _ = pgheal::shutdown_signal() => tracing::warn!("second signal: exiting at once"),
-    }
-    for pool in app.pools() {
-        pool.close_idle().await;
-    }
-    tracing::info!("pgheal stopped");
-    ExitCode::SUCCESS
-}
-
-/// Until every client connection is gone.
-async fn drain(app: &pgheal::App) {
-    use std::sync::atomic::Ordering;
-    while app.counters.client_connections.load(Ordering::Acquire) > 0 {
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
 }

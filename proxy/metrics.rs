@@ -1,5 +1,6 @@
 //! Prometheus metrics: counters bumped on the data path (atomics, no
-//! locks), gauges read from pools and topologies when scraped.
+//! locks). Gauges (pools, nodes, clients) are filled from the live state
+//! when scraped, by `admin::http`.
 
 use std::sync::atomic::Ordering;
 
@@ -11,8 +12,10 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-use crate::cluster::Role;
-use crate::App;
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+use crate::sync::lock;
 
 #[cfg(test)]
 mod tests {
@@ -42,34 +45,34 @@ pub struct Reason {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct PoolLabels {
-    database: String,
-    node: String,
-    user: String,
-    state: &'static str,
+pub(crate) struct PoolLabels {
+    pub(crate) database: String,
+    pub(crate) node: String,
+    pub(crate) user: String,
+    pub(crate) state: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct NodeLabels {
-    database: String,
-    node: String,
+pub(crate) struct NodeLabels {
+    pub(crate) database: String,
+    pub(crate) node: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct RoleLabels {
-    database: String,
-    node: String,
-    role: &'static str,
+pub(crate) struct RoleLabels {
+    pub(crate) database: String,
+    pub(crate) node: String,
+    pub(crate) role: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct DbLabels {
-    database: String,
+pub(crate) struct DbLabels {
+    pub(crate) database: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct StateLabels {
-    state: &'static str,
+pub(crate) struct StateLabels {
+    pub(crate) state: &'static str,
 }
 
 /// Everything pgheal counts.
@@ -89,15 +92,26 @@ pub struct Metrics {
     pub retried_reads: Family<Reason, Counter>,
     pub auth_failures: Counter,
     pub tls_failures: Counter,
-    clients: Family<StateLabels, Gauge>,
-    pool_servers: Family<PoolLabels, Gauge>,
-    node_up: Family<NodeLabels, Gauge>,
-    node_role: Family<RoleLabels, Gauge>,
-    node_lag_seconds: Family<NodeLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
-    failovers: Family<DbLabels, Gauge>,
-    backup_last_success: Family<DbLabels, Gauge>,
-    backup_last_failure: Family<DbLabels, Gauge>,
-    backup_last_size: Family<DbLabels, Gauge>,
+    pub(crate) clients: Family<StateLabels, Gauge>,
+    pub(crate) pool_servers: Family<PoolLabels, Gauge>,
+    pub(crate) node_up: Family<NodeLabels, Gauge>,
+    pub(crate) node_role: Family<RoleLabels, Gauge>,
+    pub(crate) node_lag_seconds: Family<NodeLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    pub(crate) failovers: Family<DbLabels, Gauge>,
+    pub(crate) backup_last_success: Family<DbLabels, Gauge>,
+    pub(crate) backup_last_failure: Family<DbLabels, Gauge>,
+    pub(crate) backup_last_size: Family<DbLabels, Gauge>,
+    /// Each database's last backup outcomes, written into the backup
+    /// families at scrape time for the databases still configured.
+    backups: Mutex<BTreeMap<String, BackupStats>>,
+}
+
+/// When a database's backups last succeeded and failed (Unix seconds).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BackupStats {
+    pub last_success: Option<i64>,
+    pub last_failure: Option<i64>,
+    pub last_size: u64,
 }
 
 const BUCKETS: usize = 24;
@@ -153,6 +167,7 @@ impl Default for Metrics {
             backup_last_success: Family::default(),
             backup_last_failure: Family::default(),
             backup_last_size: Family::default(),
+            backups: Mutex::default(),
             registry: Registry::default(),
         };
         r.register(
@@ -297,23 +312,25 @@ impl Metrics {
         sum(&self.retried_reads)
     }
 
-    /// Records a scheduled backup's outcome.
-    pub fn backup_done(&self, o: &crate::backup::Outcome) {
+    /// Records a backup's outcome: its size when it succeeded.
+    pub fn backup_done(&self, database: &str, size: Option<u64>) {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs() as i64);
-        let db = DbLabels {
-            database: o.database.clone(),
-        };
-        match &o.result {
-            Ok(b) => {
-                self.backup_last_success.get_or_create(&db).set(now);
-                self.backup_last_size.get_or_create(&db).set(b.size as i64);
+        let mut all = lock(&self.backups);
+        let stats = all.entry(database.to_string()).or_default();
+        match size {
+            Some(size) => {
+                stats.last_success = Some(now);
+                stats.last_size = size;
             }
-            Err(_) => {
-                self.backup_last_failure.get_or_create(&db).set(now);
-            }
+            None => stats.last_failure = Some(now),
         }
+    }
+
+    /// The backup outcomes recorded so far, by database.
+    pub fn backups(&self) -> BTreeMap<String, BackupStats> {
+        lock(&self.backups).clone()
     }
 
     pub fn reject(&self, reason: &'static str) {
@@ -324,72 +341,12 @@ impl Metrics {
         self.retried_reads.get_or_create(&Reason { reason }).inc();
     }
 
-    /// The text exposition, with gauges read now.
-    pub fn render(&self, app: &App) -> String {
-        self.read_gauges(app);
+    /// The text exposition of everything registered.
+    pub fn encode(&self) -> String {
         let mut out = String::new();
         if encode(&mut out, &self.registry).is_err() {
             out.clear();
         }
         out
-    }
-
-    fn read_gauges(&self, app: &App) {
-        let total = app.counters.client_connections.load(Ordering::Relaxed) as i64;
-        let active = app.counters.active_clients.load(Ordering::Relaxed) as i64;
-        let pinned = app.counters.pinned_clients.load(Ordering::Relaxed) as i64;
-        for (state, v) in [
-            ("active", active),
-            ("idle", total - active),
-            ("pinned", pinned),
-        ] {
-            self.clients.get_or_create(&StateLabels { state }).set(v);
-        }
-        for pool in app.pools() {
-            let (idle, busy) = pool.counts();
-            for (state, v) in [("idle", idle), ("busy", busy)] {
-                let labels = PoolLabels {
-                    database: pool.database.clone(),
-                    node: pool.addr().to_string(),
-                    user: pool.user().to_string(),
-                    state,
-                };
-                self.pool_servers.get_or_create(&labels).set(v as i64);
-            }
-        }
-        for (database, target) in app.targets() {
-            let topology = target.cluster.snapshot();
-            for n in &topology.nodes {
-                let node = NodeLabels {
-                    database: database.clone(),
-                    node: n.addr.to_string(),
-                };
-                let up = matches!(n.role, Role::Primary | Role::Replica);
-                self.node_up.get_or_create(&node).set(i64::from(up));
-                self.node_lag_seconds
-                    .get_or_create(&node)
-                    .set(n.replay_lag.as_secs_f64());
-                for (role, name) in [
-                    (Role::Primary, "primary"),
-                    (Role::Replica, "replica"),
-                    (Role::Down, "down"),
-                    (Role::Unknown, "unknown"),
-                ] {
-                    let labels = RoleLabels {
-                        database: database.clone(),
-                        node: n.addr.to_string(),
-                        role: name,
-                    };
-                    self.node_role
-                        .get_or_create(&labels)
-                        .set(i64::from(n.role == role));
-                }
-            }
-            self.failovers
-                .get_or_create(&DbLabels {
-                    database: database.clone(),
-                })
-                .set(target.cluster.failovers() as i64);
-        }
     }
 }

@@ -5,9 +5,9 @@
 mod common;
 use common::*;
 
-use pgheal::listener::Running;
+use pgheal::server::Running;
 
-async fn proxy_with_admin(node: &pgheal::localpg::PgNode) -> Running {
+async fn proxy_with_admin(node: &pgheal::testkit::localpg::PgNode) -> Running {
     start(&format!(
         "[proxy]\nlisten = \"127.0.0.1:0\"\n\
          [[users]]\nname = \"app\"\npassword = \"{APP_PASSWORD}\"\n\
@@ -229,7 +229,7 @@ async fn pause_holds_new_transactions_and_resume_releases_them() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_adds_a_node_and_refuses_a_broken_file() {
     let primary = app_node().await;
-    let replica = pgheal::localpg::PgNode::start_replica_of(&primary)
+    let replica = pgheal::testkit::localpg::PgNode::start_replica_of(&primary)
         .await
         .expect("replica");
     let dir = tempfile::tempdir().expect("temp dir");
@@ -246,7 +246,7 @@ async fn reload_adds_a_node_and_refuses_a_broken_file() {
     let one = format!("\"{}\"", primary.addr());
     std::fs::write(&path, file(&one, "")).expect("write config");
     let config = pgheal::config::Config::load(&path).expect("valid config");
-    let proxy = pgheal::listener::start(config).await.expect("start");
+    let proxy = pgheal::server::start(config).await.expect("start");
     proxy.app.set_config_path(path.clone());
     let (console, _c) = connect(&url_for(&proxy)).await;
     let in_recovery = "SELECT pg_is_in_recovery()";
@@ -265,7 +265,9 @@ async fn reload_adds_a_node_and_refuses_a_broken_file() {
         })
         .collect();
     assert!(
-        applied.iter().any(|a| a == "databases.app: applied"),
+        applied
+            .iter()
+            .any(|a| a == "databases.app: applied (nodes changed)"),
         "{applied:?}"
     );
     eventually(

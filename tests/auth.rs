@@ -23,7 +23,7 @@ name = "s"
 scram_secret = "SECRET"
 "#;
 
-async fn proxy_for(node: &pgheal::localpg::PgNode, dbs: &str) -> pgheal::listener::Running {
+async fn proxy_for(node: &pgheal::testkit::localpg::PgNode, dbs: &str) -> pgheal::server::Running {
     let secret = postgres_protocol_secret("spw");
     let users = USERS.replace("SECRET", &secret);
     start(&format!(
@@ -39,7 +39,7 @@ fn postgres_protocol_secret(password: &str) -> String {
 }
 
 async fn login(
-    proxy: &pgheal::listener::Running,
+    proxy: &pgheal::server::Running,
     user: &str,
     pw: &str,
     db: &str,

@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::Duration;
 
-use pgheal::localpg::{find_bin_dir, PgNode, SUPERUSER_PASSWORD};
+use pgheal::testkit::localpg::{find_bin_dir, PgNode, SUPERUSER_PASSWORD};
 
 fn config_text(nodes: &[&PgNode], dir: &Path, password: &str, extra: &str) -> String {
     let list: Vec<String> = nodes.iter().map(|n| format!("\"{}\"", n.addr())).collect();
@@ -141,7 +141,7 @@ async fn retention_keeps_exactly_keep_last_across_runs() {
         "every = \"1s\"\nkeep_last = 2",
     ))
     .await;
-    let scheduler = tokio::spawn(pgheal::backup::schedule(proxy.app.clone()));
+    let scheduler = tokio::spawn(pgheal::ops::backup::schedule(proxy.app.clone()));
     let mut seen = BTreeSet::new();
     eventually(Duration::from_secs(60), "five scheduled backups", || {
         seen.extend(dumps(&backups));

@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use pgheal::listener::Running;
+use pgheal::server::Running;
 
 async fn pinned(proxy: &Running) -> usize {
     proxy.app.counters.pinned_clients.load(Ordering::Relaxed)

@@ -2,8 +2,8 @@
 
 mod common;
 use common::*;
-use pgheal::cluster::Role;
-use pgheal::localpg::PgNode;
+use pgheal::backend::cluster::Role;
+use pgheal::testkit::localpg::PgNode;
 use std::time::Duration;
 
 async fn primary_and_replica() -> (PgNode, PgNode) {
@@ -13,7 +13,7 @@ async fn primary_and_replica() -> (PgNode, PgNode) {
 }
 
 /// pgheal with nodes listed replica first: roles must be discovered.
-async fn proxy_for(primary: &PgNode, replica: &PgNode) -> pgheal::listener::Running {
+async fn proxy_for(primary: &PgNode, replica: &PgNode) -> pgheal::server::Running {
     proxy_over(&[replica, primary], false, "2s").await
 }
 
@@ -21,7 +21,7 @@ async fn proxy_over(
     nodes: &[&PgNode],
     read_routing: bool,
     write_wait: &str,
-) -> pgheal::listener::Running {
+) -> pgheal::server::Running {
     let list: Vec<String> = nodes.iter().map(|n| format!("\"{}\"", n.addr())).collect();
     start(&format!(
         "[proxy]\nlisten = \"127.0.0.1:0\"\n[health]\ninterval = \"200ms\"\ntimeout = \"1s\"\n\
@@ -34,11 +34,11 @@ async fn proxy_over(
     .await
 }
 
-async fn roles(proxy: &pgheal::listener::Running) -> Vec<Role> {
+async fn roles(proxy: &pgheal::server::Running) -> Vec<Role> {
     proxy.app.target("app").expect("target").cluster.roles()
 }
 
-async fn wait_for_roles(proxy: &pgheal::listener::Running, expected: &[Role]) {
+async fn wait_for_roles(proxy: &pgheal::server::Running, expected: &[Role]) {
     eventually(
         Duration::from_secs(30),
         &format!("roles {expected:?}"),

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_prints_a_working_url_and_cleans_up_on_ctrl_c() {
-    let port = pgheal::localpg::free_port().unwrap();
+    let port = pgheal::testkit::localpg::free_port().unwrap();
     let mut demo = Command::new(env!("CARGO_BIN_EXE_pgheal"))
         .args(["demo", "--listen", &format!("127.0.0.1:{port}")])
         .stdout(Stdio::piped())

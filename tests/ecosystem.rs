@@ -9,8 +9,8 @@ use common::*;
 use std::path::Path;
 use std::process::Command;
 
-use pgheal::listener::Running;
-use pgheal::localpg::PgNode;
+use pgheal::server::Running;
+use pgheal::testkit::localpg::PgNode;
 
 /// A node and pgheal (transaction mode, pool_size 2) with table `items`:
 /// ids 1..=100 named `item-<id>`, counter `n` at 0.

@@ -4,7 +4,7 @@ mod common;
 use common::*;
 use std::time::Duration;
 
-async fn terminate(node: &pgheal::localpg::PgNode, pid: i32) {
+async fn terminate(node: &pgheal::testkit::localpg::PgNode, pid: i32) {
     let (admin, _h) = connect(&format!(
         "postgres://postgres:postgres@{}/postgres",
         node.addr()

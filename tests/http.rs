@@ -116,6 +116,6 @@ async fn metrics_move_under_load_and_readyz_follows_the_node() {
     .await;
 }
 
-fn url_with(proxy: &pgheal::listener::Running, password: &str) -> String {
+fn url_with(proxy: &pgheal::server::Running, password: &str) -> String {
     url(proxy, "app", password, "app")
 }

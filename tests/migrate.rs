@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::Output;
 use std::time::Duration;
 
-use pgheal::localpg::PgNode;
+use pgheal::testkit::localpg::PgNode;
 
 struct Setup {
     dir: tempfile::TempDir,

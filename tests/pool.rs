@@ -17,7 +17,7 @@ async fn app_backends(admin: &tokio_postgres::Client) -> i64 {
 }
 
 async fn admin(
-    node: &pgheal::localpg::PgNode,
+    node: &pgheal::testkit::localpg::PgNode,
 ) -> (tokio_postgres::Client, tokio::task::JoinHandle<()>) {
     connect(&format!(
         "postgres://postgres:postgres@{}/postgres",

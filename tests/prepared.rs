@@ -6,8 +6,8 @@ mod common;
 use common::*;
 
 use bytes::BytesMut;
-use pgheal::listener::Running;
-use pgheal::localpg::PgNode;
+use pgheal::server::Running;
+use pgheal::testkit::localpg::PgNode;
 use pgheal_protocol::build;
 
 /// Transaction mode, `pool_size` servers, user `raw` (trust) for the raw

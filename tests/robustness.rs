@@ -12,10 +12,10 @@ auth = "trust"
 "#;
 
 async fn proxy_with_trust(
-    node: &pgheal::localpg::PgNode,
+    node: &pgheal::testkit::localpg::PgNode,
     top: &str,
     db: &str,
-) -> pgheal::listener::Running {
+) -> pgheal::server::Running {
     start(&format!(
         "[proxy]\nlisten = \"127.0.0.1:0\"\n{top}\n[[users]]\nname = \"app\"\npassword = \"{APP_PASSWORD}\"\n{TRUST}\n\
          [databases.app]\nnodes = [\"{}\"]\nuser = \"app\"\npassword = \"{APP_PASSWORD}\"\n{db}",

@@ -46,7 +46,7 @@ async fn startup_parameters_follow_each_client_in_transaction_mode() {
     assert_eq!(pid_a, pid_b, "both clients share the single server");
 }
 
-async fn show_default(node: &pgheal::localpg::PgNode, name: &str) -> String {
+async fn show_default(node: &pgheal::testkit::localpg::PgNode, name: &str) -> String {
     let url = format!("postgres://postgres:postgres@{}/postgres", node.addr());
     let (c, _h) = connect(&url).await;
     show(&c, name).await

@@ -6,8 +6,8 @@ use common::*;
 
 use std::sync::Arc;
 
-use pgheal::listener::Running;
-use pgheal::localpg::PgNode;
+use pgheal::server::Running;
+use pgheal::testkit::localpg::PgNode;
 
 async fn psql_conninfo(conninfo: &str, sql: &str) -> std::process::Output {
     run(
@@ -224,7 +224,18 @@ async fn upstream_verify_full_with_the_wrong_ca_fails_clearly() {
 async fn certificates_are_read_again_on_reload() {
     let ca = TestCa::new();
     let node = app_node().await;
-    let proxy = proxy_with(&node, &format!("\n{}", ca.section("require")), "").await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("pgheal.toml");
+    let toml = format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\n{}\n[[users]]\nname = \"app\"\npassword = \"{APP_PASSWORD}\"\n\
+         [databases.app]\nnodes = [\"{}\"]\n",
+        ca.section("require"),
+        node.addr()
+    );
+    std::fs::write(&path, toml).expect("write config");
+    let config = pgheal::config::Config::load(&path).expect("valid config");
+    let proxy = pgheal::server::start(config).await.expect("start");
+    proxy.app.set_config_path(path.clone());
     let verify = |ca: &TestCa| format!("sslmode=verify-full sslrootcert={}", ca.path("ca.pem"));
     let out = psql_conninfo(&conninfo(&proxy, &verify(&ca)), "SELECT 1").await;
     assert_eq!(text(&out.stdout).trim(), "1", "{}", text(&out.stderr));
@@ -233,8 +244,11 @@ async fn certificates_are_read_again_on_reload() {
     let next = TestCa::new();
     std::fs::write(ca.path("cert.pem"), &next.cert_pem).expect("replace cert");
     std::fs::write(ca.path("key.pem"), &next.key_pem).expect("replace key");
-    let tls = proxy.app.config().tls.clone().expect("tls configured");
-    tls.reload().expect("reload");
+    let changes = proxy.app.reload().expect("reload");
+    assert!(
+        changes.iter().any(|c| c.to_string().starts_with("tls:")),
+        "{changes:?}"
+    );
     let out = psql_conninfo(&conninfo(&proxy, &verify(&next)), "SELECT 2").await;
     assert_eq!(text(&out.stdout).trim(), "2", "{}", text(&out.stderr));
     let out = psql_conninfo(&conninfo(&proxy, &verify(&ca)), "SELECT 3").await;
@@ -242,7 +256,7 @@ async fn certificates_are_read_again_on_reload() {
 
     // A broken file is refused and the running certificate stays.
     std::fs::write(ca.path("key.pem"), "not a key").expect("break key");
-    assert!(tls.reload().is_err());
+    assert!(proxy.app.reload().is_err());
     let out = psql_conninfo(&conninfo(&proxy, &verify(&next)), "SELECT 4").await;
     assert_eq!(text(&out.stdout).trim(), "4", "{}", text(&out.stderr));
 }

@@ -4,12 +4,21 @@
 use crate::cursor::{Cursor, Truncated};
 
 pub const AUTHENTICATION: u8 = b'R';
+pub const DATA_ROW: u8 = b'D';
 pub const BACKEND_KEY_DATA: u8 = b'K';
 pub const ERROR_RESPONSE: u8 = b'E';
 pub const NOTICE_RESPONSE: u8 = b'N';
 pub const PARAMETER_STATUS: u8 = b'S';
 pub const READY_FOR_QUERY: u8 = b'Z';
 pub const NEGOTIATE_PROTOCOL_VERSION: u8 = b'v';
+pub const PARSE_COMPLETE: u8 = b'1';
+pub const BIND_COMPLETE: u8 = b'2';
+pub const CLOSE_COMPLETE: u8 = b'3';
+pub const COMMAND_COMPLETE: u8 = b'C';
+pub const ROW_DESCRIPTION: u8 = b'T';
+pub const PARAMETER_DESCRIPTION: u8 = b't';
+pub const NO_DATA: u8 = b'n';
+pub const NOTIFICATION_RESPONSE: u8 = b'A';
 
 /// The transaction status carried by ReadyForQuery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,8 +58,6 @@ pub fn backend_key_data(body: &[u8]) -> Result<(i32, i32), Truncated> {
     let mut cur = Cursor::new(body);
     Ok((cur.i32()?, cur.i32()?))
 }
-
-pub const DATA_ROW: u8 = b'D';
 
 /// DataRow: each column's bytes, `None` for NULL. Only for the proxy's own
 /// queries (health checks); client traffic is never decoded.

@@ -12,6 +12,7 @@ pub mod classify;
 pub mod effects;
 pub mod frame;
 pub mod frontend;
+pub mod intent;
 pub mod sqlstate;
 pub mod startup;
 

@@ -13,6 +13,11 @@ const CANCEL_REQUEST: u32 = 80_877_102;
 /// The protocol minor version pgheal speaks with clients (3.0).
 pub const SUPPORTED_MINOR: u16 = 0;
 
+/// The one-byte answer to SSLRequest or GSSENCRequest: go ahead.
+pub const ENCRYPTION_ACCEPTED: u8 = b'S';
+/// The one-byte answer to SSLRequest or GSSENCRequest: stay in plain text.
+pub const ENCRYPTION_REFUSED: u8 = b'N';
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StartupPacket {
     SslRequest,

@@ -1,4 +1,4 @@
-//! Test harness: real PostgreSQL nodes (see `pgheal::localpg`), pgheal in
+//! Test harness: real PostgreSQL nodes (see `pgheal::testkit::localpg`), pgheal in
 //! the same process on a free port, and the real client programs.
 #![allow(dead_code)]
 
@@ -6,8 +6,8 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use pgheal::config::Config;
-use pgheal::listener::{self, Running};
-use pgheal::localpg::PgNode;
+use pgheal::server::{self, Running};
+use pgheal::testkit::localpg::PgNode;
 
 pub const APP_PASSWORD: &str = "apppw";
 
@@ -58,7 +58,7 @@ pub async fn start(toml: &str) -> Running {
         .with_test_writer()
         .try_init();
     let config = Config::parse(toml).unwrap_or_else(|e| panic!("test config is invalid:\n{e}"));
-    listener::start(config).await.expect("start pgheal")
+    server::start(config).await.expect("start pgheal")
 }
 
 pub fn url(proxy: &Running, user: &str, password: &str, db: &str) -> String {

@@ -1,0 +1,123 @@
+//! HTTP on `[proxy] http_listen`: `/metrics` (Prometheus text),
+//! `/healthz` (the process answers), `/readyz` (200 when every database
+//! can serve reads, else 503 with the reason), `/status` (JSON topology and
+//! mode of each database).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use serde_json::json;
+use tokio::net::TcpListener;
+
+use crate::backend::cluster::Mode;
+use crate::frontend::App;
+
+/// Binds and serves until pgheal shuts down; returns the bound address.
+pub async fn start(app: Arc<App>, addr: SocketAddr) -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    let shutdown = app.shutdown.clone();
+    let router = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/status", get(status))
+        .with_state(app);
+    tokio::spawn(async move {
+        let served = axum::serve(listener, router)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "HTTP server stopped");
+        }
+    });
+    tracing::info!(addr = %bound, "HTTP endpoints listening");
+    Ok(bound)
+}
+
+async fn metrics(State(app): State<Arc<App>>) -> Response {
+    let body = super::gauges::render(&app);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response()
+}
+
+fn json_response(code: StatusCode, value: serde_json::Value) -> Response {
+    (
+        code,
+        [(header::CONTENT_TYPE, "application/json")],
+        format!("{value}\n"),
+    )
+        .into_response()
+}
+
+/// Ready when every database has a node that can serve reads; a shutting
+/// down pgheal is not ready.
+async fn readyz(State(app): State<Arc<App>>) -> Response {
+    if app.shutdown.is_cancelled() {
+        return json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"ready": false, "reason": "pgheal is shutting down"}),
+        );
+    }
+    if let Some(why) = app.migration_failure() {
+        return json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"ready": false, "reason": format!("migrations failed: {why}")}),
+        );
+    }
+    let down: Vec<String> = app
+        .targets()
+        .into_iter()
+        .filter(|(_, t)| t.cluster.snapshot().mode() == Mode::Down)
+        .map(|(name, _)| name.clone())
+        .collect();
+    if down.is_empty() {
+        return json_response(StatusCode::OK, json!({"ready": true}));
+    }
+    let reason = format!("no node is up for database(s) {}", down.join(", "));
+    json_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        json!({"ready": false, "reason": reason}),
+    )
+}
+
+async fn status(State(app): State<Arc<App>>) -> Response {
+    let mut databases = serde_json::Map::new();
+    for (name, target) in app.targets() {
+        let topology = target.cluster.snapshot();
+        let nodes: Vec<_> = topology
+            .nodes
+            .iter()
+            .map(|n| {
+                json!({
+                    "addr": n.addr.as_ref(),
+                    "role": n.role.as_str(),
+                    "lsn": n.lsn,
+                    "replay_lag_seconds": n.replay_lag.as_secs_f64(),
+                    "consecutive_failures": n.failures,
+                    "last_error": n.last_error,
+                })
+            })
+            .collect();
+        databases.insert(
+            name.clone(),
+            json!({
+                "mode": topology.mode().as_str(),
+                "failovers": target.cluster.failovers(),
+                "nodes": nodes,
+            }),
+        );
+    }
+    json_response(StatusCode::OK, json!({ "databases": databases }))
+}

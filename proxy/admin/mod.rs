@@ -1,0 +1,7 @@
+//! What operators use: the psql admin console, the HTTP endpoints
+//! (metrics, health, status) and configuration reload.
+
+pub mod console;
+mod gauges;
+pub mod http;
+pub mod reload;

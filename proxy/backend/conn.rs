@@ -1,0 +1,450 @@
+//! One server connection: connect, authenticate, remember ParameterStatus,
+//! bring session parameters in line with a client's, reset.
+
+use std::io;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use pgheal_protocol::backend::{self, Authentication, ErrorFields, TxStatus};
+use pgheal_protocol::build;
+use pgheal_protocol::frame;
+use pgheal_protocol::startup::{CancelKey, ENCRYPTION_ACCEPTED, ENCRYPTION_REFUSED};
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+pub use super::error::UpstreamError;
+use super::params::Params;
+use super::statements::ServerStatements;
+use crate::config::{Config, Database};
+use crate::net::stream::Stream;
+use crate::net::tls::{UpstreamMode, UpstreamTls};
+
+/// Servers are trusted more than clients, but not without bound.
+const MAX_SERVER_MESSAGE: usize = 1 << 30;
+
+/// Where and as whom to connect.
+#[derive(Clone)]
+pub struct ConnectSpec {
+    pub addr: String,
+    pub user: String,
+    pub password: Option<String>,
+    pub database: String,
+    pub connect_timeout: Duration,
+    /// Sent at startup so pgheal's own connections show in pg_stat_activity.
+    pub application_name: Option<&'static str>,
+    pub tls: UpstreamTls,
+}
+
+/// An authenticated server connection, ready for queries.
+pub struct ServerConn {
+    pub stream: Stream,
+    pub addr: String,
+    /// The server's own cancel key.
+    pub key: CancelKey,
+    /// What the server reported with ParameterStatus.
+    pub reported: Params,
+    /// Session parameters pgheal set on behalf of clients.
+    pub applied: Params,
+    pub created: Instant,
+    /// Named statements pgheal prepared here for clients.
+    pub statements: ServerStatements,
+}
+
+impl ServerConn {
+    pub async fn connect(spec: &ConnectSpec) -> Result<ServerConn, UpstreamError> {
+        let timeout = spec.connect_timeout;
+        match tokio::time::timeout(timeout, Self::connect_inner(spec)).await {
+            Ok(r) => r,
+            Err(_) => Err(UpstreamError::Timeout {
+                addr: spec.addr.clone(),
+                timeout,
+            }),
+        }
+    }
+
+    async fn connect_inner(spec: &ConnectSpec) -> Result<ServerConn, UpstreamError> {
+        let addr = spec.addr.clone();
+        let stream =
+            TcpStream::connect(&spec.addr)
+                .await
+                .map_err(|source| UpstreamError::Connect {
+                    addr: addr.clone(),
+                    source,
+                })?;
+        crate::net::tune(&stream);
+        let stream = Self::encrypt(spec, stream).await?;
+        let mut conn = ServerConn {
+            stream,
+            addr,
+            key: CancelKey { pid: 0, secret: 0 },
+            reported: Params::default(),
+            applied: Params::default(),
+            created: Instant::now(),
+            statements: ServerStatements::default(),
+        };
+        let mut out = BytesMut::new();
+        let mut params = vec![
+            ("user", spec.user.as_str()),
+            ("database", spec.database.as_str()),
+        ];
+        if let Some(name) = spec.application_name {
+            params.push(("application_name", name));
+        }
+        build::startup_message(&mut out, &params);
+        conn.send(&out).await?;
+        let mut buf = BytesMut::new();
+        conn.authenticate(spec, &mut buf).await?;
+        if let Some(e) = conn.read_until_ready(&mut buf).await? {
+            return Err(e);
+        }
+        Ok(conn)
+    }
+
+    /// SSLRequest and the TLS handshake, as the database's `tls` says.
+    async fn encrypt(spec: &ConnectSpec, mut tcp: TcpStream) -> Result<Stream, UpstreamError> {
+        let mode = spec.tls.mode;
+        if mode == UpstreamMode::Disable {
+            return Ok(Stream::Plain(tcp));
+        }
+        let io = |source| UpstreamError::Io {
+            addr: spec.addr.clone(),
+            source,
+        };
+        let mut out = BytesMut::new();
+        build::ssl_request(&mut out);
+        tcp.write_all(&out).await.map_err(io)?;
+        let mut answer = [0u8; 1];
+        tcp.read_exact(&mut answer).await.map_err(io)?;
+        match answer[0] {
+            ENCRYPTION_ACCEPTED => {
+                let host = spec.addr.rsplit_once(':').map_or("", |(h, _)| h);
+                let host = host.trim_start_matches('[').trim_end_matches(']');
+                spec.tls
+                    .connect(tcp, host)
+                    .await
+                    .map_err(|source| UpstreamError::Tls {
+                        addr: spec.addr.clone(),
+                        what: source.to_string(),
+                    })
+            }
+            ENCRYPTION_REFUSED if mode == UpstreamMode::Prefer => Ok(Stream::Plain(tcp)),
+            ENCRYPTION_REFUSED => Err(UpstreamError::Tls {
+                addr: spec.addr.clone(),
+                what: format!(
+                    "the server does not support TLS (tls = \"{}\")",
+                    mode.as_str()
+                ),
+            }),
+            _ => Err(UpstreamError::Protocol {
+                addr: spec.addr.clone(),
+                what: "unexpected answer to SSLRequest".into(),
+            }),
+        }
+    }
+
+    async fn send(&mut self, bytes: &[u8]) -> Result<(), UpstreamError> {
+        self.stream.send(bytes).await.map_err(|e| self.io(e))
+    }
+
+    fn io(&self, source: io::Error) -> UpstreamError {
+        UpstreamError::Io {
+            addr: self.addr.clone(),
+            source,
+        }
+    }
+
+    fn protocol(&self, what: impl Into<String>) -> UpstreamError {
+        UpstreamError::Protocol {
+            addr: self.addr.clone(),
+            what: what.into(),
+        }
+    }
+
+    /// Reads one whole message; `buf` keeps what was read beyond it.
+    async fn read_message(&mut self, buf: &mut BytesMut) -> Result<(u8, Bytes), UpstreamError> {
+        loop {
+            match frame::message(buf, MAX_SERVER_MESSAGE) {
+                Ok(Some(frame::Message { tag, len, .. })) => {
+                    let mut msg = buf.split_to(len).freeze();
+                    let body = msg.split_off(frame::HEADER_LEN);
+                    return Ok((tag, body));
+                }
+                Ok(None) => {}
+                Err(e) => return Err(self.protocol(e.to_string())),
+            }
+            let n = self.stream.read_buf(buf).await.map_err(|e| self.io(e))?;
+            if n == 0 {
+                return Err(self.io(io::ErrorKind::UnexpectedEof.into()));
+            }
+        }
+    }
+
+    fn server_error(&self, body: &[u8]) -> UpstreamError {
+        match ErrorFields::parse(body) {
+            Ok(f) => UpstreamError::Server {
+                addr: self.addr.clone(),
+                code: String::from_utf8_lossy(f.code).into_owned(),
+                message: f.message_lossy(),
+                position: std::str::from_utf8(f.position)
+                    .ok()
+                    .and_then(|p| p.parse().ok()),
+            },
+            Err(_) => self.protocol("malformed ErrorResponse"),
+        }
+    }
+
+    async fn authenticate(
+        &mut self,
+        spec: &ConnectSpec,
+        buf: &mut BytesMut,
+    ) -> Result<(), UpstreamError> {
+        let mut scram: Option<ScramSha256> = None;
+        loop {
+            let (tag, body) = self.read_message(buf).await?;
+            match tag {
+                backend::AUTHENTICATION => {}
+                backend::ERROR_RESPONSE => return Err(self.server_error(&body)),
+                backend::NEGOTIATE_PROTOCOL_VERSION => continue,
+                other => {
+                    return Err(self.protocol(format!(
+                        "unexpected message {:?} during login",
+                        other as char
+                    )))
+                }
+            }
+            let auth = Authentication::parse(&body)
+                .map_err(|_| self.protocol("malformed Authentication"))?;
+            let mut out = BytesMut::new();
+            match auth {
+                Authentication::Ok => return Ok(()),
+                Authentication::CleartextPassword => {
+                    build::password_message(&mut out, self.password(spec)?.as_bytes());
+                }
+                Authentication::Md5Password { salt } => {
+                    let pw = self.password(spec)?;
+                    let hash = postgres_protocol::authentication::md5_hash(
+                        spec.user.as_bytes(),
+                        pw.as_bytes(),
+                        salt,
+                    );
+                    build::password_message(&mut out, hash.as_bytes());
+                }
+                Authentication::Sasl { mechanisms } => {
+                    if !mechanisms.iter().any(|m| *m == b"SCRAM-SHA-256") {
+                        return Err(self.unsupported("a SASL mechanism other than SCRAM-SHA-256"));
+                    }
+                    let s = ScramSha256::new(
+                        self.password(spec)?.as_bytes(),
+                        ChannelBinding::unsupported(),
+                    );
+                    build::sasl_initial_response(&mut out, "SCRAM-SHA-256", s.message());
+                    scram = Some(s);
+                }
+                Authentication::SaslContinue(data) => {
+                    let s = scram
+                        .as_mut()
+                        .ok_or_else(|| self.protocol("SASL continue without start"))?;
+                    s.update(data).map_err(|e| self.protocol(e.to_string()))?;
+                    build::sasl_response(&mut out, s.message());
+                }
+                Authentication::SaslFinal(data) => {
+                    let s = scram
+                        .as_mut()
+                        .ok_or_else(|| self.protocol("SASL final without start"))?;
+                    s.finish(data).map_err(|e| self.protocol(e.to_string()))?;
+                    continue;
+                }
+                Authentication::Unsupported(_) => {
+                    return Err(self.unsupported("Kerberos/GSSAPI/SSPI"))
+                }
+            }
+            self.send(&out).await?;
+        }
+    }
+
+    fn password<'s>(&self, spec: &'s ConnectSpec) -> Result<&'s str, UpstreamError> {
+        spec.password
+            .as_deref()
+            .ok_or_else(|| self.unsupported("a password (set one for the database or the user)"))
+    }
+
+    fn unsupported(&self, what: &'static str) -> UpstreamError {
+        UpstreamError::Auth {
+            addr: self.addr.clone(),
+            what,
+        }
+    }
+
+    /// Reads until ReadyForQuery, keeping ParameterStatus and BackendKeyData.
+    /// Returns the first ErrorResponse seen, if any, once the server is ready.
+    async fn read_until_ready(
+        &mut self,
+        buf: &mut BytesMut,
+    ) -> Result<Option<UpstreamError>, UpstreamError> {
+        let mut first_error = None;
+        loop {
+            let (tag, body) = self.read_message(buf).await?;
+            match tag {
+                backend::READY_FOR_QUERY => {
+                    TxStatus::parse(&body).map_err(|_| self.protocol("malformed ReadyForQuery"))?;
+                    return Ok(first_error);
+                }
+                backend::PARAMETER_STATUS => self.note_parameter(&body)?,
+                backend::BACKEND_KEY_DATA => {
+                    let (pid, secret) = backend::backend_key_data(&body)
+                        .map_err(|_| self.protocol("malformed BackendKeyData"))?;
+                    self.key = CancelKey { pid, secret };
+                }
+                backend::ERROR_RESPONSE if first_error.is_none() => {
+                    first_error = Some(self.server_error(&body))
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Records a ParameterStatus body.
+    pub fn note_parameter(&mut self, body: &[u8]) -> Result<(), UpstreamError> {
+        let (name, value) = backend::parameter_status(body)
+            .map_err(|_| self.protocol("malformed ParameterStatus"))?;
+        self.reported.set(
+            &String::from_utf8_lossy(name),
+            &String::from_utf8_lossy(value),
+        );
+        Ok(())
+    }
+
+    /// Runs one simple query whose results nobody sees; the server's first
+    /// error, if any, is returned after it is ready again.
+    pub async fn run_quietly(&mut self, sql: &str) -> Result<Option<UpstreamError>, UpstreamError> {
+        let mut out = BytesMut::new();
+        build::query(&mut out, sql);
+        self.send(&out).await?;
+        self.read_until_ready(&mut BytesMut::new()).await
+    }
+
+    /// Runs one simple query and returns its rows as text (`None` for NULL),
+    /// or the server's error. For pgheal's own small queries only.
+    pub async fn query_rows(
+        &mut self,
+        sql: &str,
+    ) -> Result<Vec<Vec<Option<String>>>, UpstreamError> {
+        let mut out = BytesMut::new();
+        build::query(&mut out, sql);
+        self.send(&out).await?;
+        let mut buf = BytesMut::new();
+        let mut rows = Vec::new();
+        let mut failed = None;
+        loop {
+            let (tag, body) = self.read_message(&mut buf).await?;
+            match tag {
+                backend::DATA_ROW => {
+                    let cols =
+                        backend::data_row(&body).map_err(|_| self.protocol("malformed DataRow"))?;
+                    rows.push(
+                        cols.into_iter()
+                            .map(|c| c.map(|v| String::from_utf8_lossy(v).into_owned()))
+                            .collect(),
+                    );
+                }
+                backend::ERROR_RESPONSE if failed.is_none() => {
+                    failed = Some(self.server_error(&body))
+                }
+                backend::PARAMETER_STATUS => self.note_parameter(&body)?,
+                backend::READY_FOR_QUERY => {
+                    return match failed {
+                        Some(e) => Err(e),
+                        None => Ok(rows),
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Brings this connection's session parameters in line with `wanted`.
+    pub async fn apply_params(
+        &mut self,
+        wanted: &Params,
+    ) -> Result<Option<UpstreamError>, UpstreamError> {
+        let Some(sql) = self.applied.diff_sql(wanted) else {
+            return Ok(None);
+        };
+        let failed = self.run_quietly(&sql).await?;
+        if failed.is_none() {
+            self.applied = wanted.clone();
+        } else {
+            // The server rolled back the whole batch: keep the old picture.
+        }
+        Ok(failed)
+    }
+
+    /// Session mode: forget everything the last client did.
+    pub async fn reset(&mut self) -> Result<(), UpstreamError> {
+        if let Some(e) = self.run_quietly("DISCARD ALL").await? {
+            return Err(e);
+        }
+        self.applied = Params::default();
+        self.statements.clear();
+        Ok(())
+    }
+
+    /// True when the server closed the connection or sent something
+    /// unasked while it sat idle.
+    pub fn is_broken(&mut self) -> bool {
+        self.stream.is_closed_or_chatty()
+    }
+
+    pub async fn terminate(mut self) {
+        let mut out = BytesMut::new();
+        build::terminate(&mut out);
+        let _ = tokio::time::timeout(Duration::from_millis(100), self.stream.send(&out)).await;
+    }
+}
+
+impl ConnectSpec {
+    /// A connection of pgheal's own to one node of `db` (migrations,
+    /// backups): the database's upstream user, else the first `[[users]]`
+    /// entry with a password.
+    pub fn direct(
+        config: &Config,
+        db: &Database,
+        addr: &str,
+        application_name: &'static str,
+    ) -> ConnectSpec {
+        let (user, password) = direct_credentials(config, db);
+        ConnectSpec {
+            addr: addr.to_string(),
+            user,
+            password,
+            database: db.dbname.clone(),
+            connect_timeout: config.pool.connect_timeout,
+            application_name: Some(application_name),
+            tls: db.tls.clone(),
+        }
+    }
+}
+
+/// The user and password of [`ConnectSpec::direct`].
+pub fn direct_credentials(config: &Config, db: &Database) -> (String, Option<String>) {
+    let user = db
+        .user
+        .clone()
+        .or_else(|| {
+            config
+                .users
+                .iter()
+                .find(|u| u.password.is_some())
+                .map(|u| u.name.clone())
+        })
+        .unwrap_or_default();
+    let password = db.password.clone().or_else(|| {
+        config
+            .users
+            .iter()
+            .find(|u| u.name == user)
+            .and_then(|u| u.password.clone())
+    });
+    (user, password)
+}

@@ -1,0 +1,11 @@
+//! The server side: one connection (connect, authenticate, parameters,
+//! reset), pools of them, the prepared statements each holds, cluster
+//! health and topology, and the router that picks a node.
+
+pub mod cluster;
+pub mod conn;
+pub mod error;
+pub mod params;
+pub mod pool;
+pub mod router;
+pub mod statements;

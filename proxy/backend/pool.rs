@@ -1,0 +1,347 @@
+//! Idle server connections per (node, database, user), with a size limit,
+//! a checkout timeout, idle timeout, server lifetime and a minimum of idle
+//! connections kept warm.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
+
+use crate::sync::lock;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+
+use super::error::PoolError;
+use crate::backend::conn::{ConnectSpec, ServerConn};
+use crate::backend::params::Params;
+
+/// Limits of one pool.
+#[derive(Debug, Clone)]
+pub struct PoolLimits {
+    pub size: usize,
+    pub min_idle: usize,
+    pub checkout_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub server_lifetime: Duration,
+}
+
+struct Idle {
+    conn: ServerConn,
+    permit: OwnedSemaphorePermit,
+    since: Instant,
+}
+
+/// The connections of one (node, database, user).
+pub struct Pool {
+    pub database: String,
+    addr: Arc<str>,
+    spec: ConnectSpec,
+    limits: PoolLimits,
+    /// One permit per open connection, idle or in use.
+    permits: Arc<Semaphore>,
+    idle: Mutex<Vec<Idle>>,
+    /// Connections out on lease: backend pid -> when the connection opened.
+    active: Mutex<HashMap<i32, Instant>>,
+    /// Requests waiting for a connection now.
+    waiting: std::sync::atomic::AtomicUsize,
+    returned: Notify,
+    /// ParameterStatus values of the last server connected, for logins that
+    /// find no server.
+    welcome: Mutex<Option<Params>>,
+}
+
+/// A checked-out server connection. Dropping it closes the connection;
+/// [`Lease::release`] returns it to the pool.
+pub struct Lease {
+    conn: Option<ServerConn>,
+    permit: Option<OwnedSemaphorePermit>,
+    pool: Arc<Pool>,
+}
+
+impl Pool {
+    pub fn new(database: &str, spec: ConnectSpec, limits: PoolLimits) -> Arc<Pool> {
+        let pool = Arc::new(Pool {
+            database: database.to_string(),
+            addr: Arc::from(spec.addr.as_str()),
+            permits: Arc::new(Semaphore::new(limits.size)),
+            spec,
+            limits,
+            idle: Mutex::new(Vec::new()),
+            active: Mutex::new(HashMap::new()),
+            waiting: Default::default(),
+            returned: Notify::new(),
+            welcome: Mutex::new(None),
+        });
+        tokio::spawn(maintain(Arc::downgrade(&pool)));
+        pool
+    }
+
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// The node address, cheap to clone.
+    /// The most connections this pool opens.
+    pub fn size(&self) -> usize {
+        self.limits.size
+    }
+
+    /// The user this pool's connections log in as.
+    pub fn user(&self) -> &str {
+        &self.spec.user
+    }
+
+    pub fn shared_addr(&self) -> &Arc<str> {
+        &self.addr
+    }
+
+    pub fn welcome(&self) -> Option<Params> {
+        lock(&self.welcome).clone()
+    }
+
+    /// Counts of (idle, in use) connections.
+    pub fn counts(&self) -> (usize, usize) {
+        let idle = lock(&self.idle).len();
+        let open = self.limits.size - self.permits.available_permits();
+        (idle, open.saturating_sub(idle))
+    }
+
+    /// Waits up to `checkout_timeout` for a healthy connection.
+    pub async fn checkout(self: &Arc<Self>) -> Result<Lease, PoolError> {
+        if let Some(lease) = self.take_idle() {
+            return Ok(lease);
+        }
+        let deadline = tokio::time::Instant::now() + self.limits.checkout_timeout;
+        let _waiting = Waiting::new(&self.waiting);
+        loop {
+            let returned = self.returned.notified();
+            tokio::pin!(returned);
+            returned.as_mut().enable();
+            if let Some(lease) = self.take_idle() {
+                return Ok(lease);
+            }
+            if let Ok(permit) = self.permits.clone().try_acquire_owned() {
+                return self.open(permit).await;
+            }
+            if tokio::time::timeout_at(deadline, returned).await.is_err() {
+                return Err(PoolError::Timeout {
+                    database: self.database.clone(),
+                    waited: self.limits.checkout_timeout,
+                    size: self.limits.size,
+                });
+            }
+        }
+    }
+
+    async fn open(self: &Arc<Self>, permit: OwnedSemaphorePermit) -> Result<Lease, PoolError> {
+        // Boxed: the connect future is large and rare; it should not swell
+        // every client task that might call it.
+        match Box::pin(ServerConn::connect(&self.spec)).await {
+            Ok(conn) => {
+                *lock(&self.welcome) = Some(conn.reported.clone());
+                Ok(self.lease(conn, permit))
+            }
+            Err(e) => {
+                drop(permit);
+                self.returned.notify_one();
+                Err(e.into())
+            }
+        }
+    }
+
+    fn lease(self: &Arc<Self>, conn: ServerConn, permit: OwnedSemaphorePermit) -> Lease {
+        lock(&self.active).insert(conn.key.pid, conn.created);
+        Lease {
+            conn: Some(conn),
+            permit: Some(permit),
+            pool: self.clone(),
+        }
+    }
+
+    /// Requests waiting for a connection.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Every connection: (active?, backend pid, age).
+    pub fn servers(&self) -> Vec<(bool, i32, Duration)> {
+        let mut all: Vec<_> = lock(&self.idle)
+            .iter()
+            .map(|i| (false, i.conn.key.pid, i.conn.created.elapsed()))
+            .collect();
+        all.extend(
+            lock(&self.active)
+                .iter()
+                .map(|(pid, created)| (true, *pid, created.elapsed())),
+        );
+        all
+    }
+
+    fn take_idle(self: &Arc<Self>) -> Option<Lease> {
+        loop {
+            let mut idle = lock(&self.idle).pop()?;
+            if idle.conn.created.elapsed() < self.limits.server_lifetime && !idle.conn.is_broken() {
+                return Some(self.lease(idle.conn, idle.permit));
+            }
+            tracing::debug!(server = %self.spec.addr, "dropping a stale idle server connection");
+        }
+    }
+
+    fn put_back(&self, conn: ServerConn, permit: OwnedSemaphorePermit) {
+        if conn.created.elapsed() >= self.limits.server_lifetime {
+            drop(permit);
+        } else {
+            lock(&self.idle).push(Idle {
+                conn,
+                permit,
+                since: Instant::now(),
+            });
+        }
+        self.returned.notify_one();
+    }
+
+    /// Closes idle connections past their idle timeout or lifetime (keeping
+    /// `min_idle`), and opens connections up to `min_idle`.
+    async fn tick(self: &Arc<Self>) {
+        let expired: Vec<Idle> = {
+            let mut idle = lock(&self.idle);
+            let mut keep = Vec::with_capacity(idle.len());
+            let mut drop_list = Vec::new();
+            // Newest first, so the most recently used are the ones kept.
+            for mut i in idle.drain(..).rev() {
+                let old = i.since.elapsed() >= self.limits.idle_timeout;
+                // Past its lifetime, or closed by a server that went away.
+                let dead =
+                    i.conn.created.elapsed() >= self.limits.server_lifetime || i.conn.is_broken();
+                if dead || (old && keep.len() >= self.limits.min_idle) {
+                    drop_list.push(i);
+                } else {
+                    keep.push(i);
+                }
+            }
+            keep.reverse();
+            *idle = keep;
+            drop_list
+        };
+        for i in expired {
+            i.conn.terminate().await;
+            drop(i.permit);
+            self.returned.notify_one();
+        }
+        self.fill_min_idle().await;
+    }
+
+    /// Shutdown: sends Terminate on every idle connection and closes it.
+    pub async fn close_idle(&self) {
+        let idle: Vec<Idle> = lock(&self.idle).drain(..).collect();
+        for i in idle {
+            i.conn.terminate().await;
+        }
+    }
+
+    async fn fill_min_idle(self: &Arc<Self>) {
+        while lock(&self.idle).len() < self.limits.min_idle {
+            let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+                return;
+            };
+            match self.open(permit).await {
+                Ok(mut lease) => lease.release(),
+                Err(e) => {
+                    tracing::warn!(server = %self.spec.addr, error = %e, "cannot open a warm connection");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+async fn maintain(pool: Weak<Pool>) {
+    let mut every = tokio::time::interval(Duration::from_secs(1));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let Some(pool) = pool.upgrade() else {
+            return;
+        };
+        pool.tick().await;
+    }
+}
+
+impl Lease {
+    pub fn conn(&mut self) -> &mut ServerConn {
+        self.conn
+            .as_mut()
+            .expect("a lease holds its connection until released")
+    }
+
+    /// The server's own cancel key.
+    pub fn server_key(&self) -> pgheal_protocol::startup::CancelKey {
+        self.conn.as_ref().map_or(
+            pgheal_protocol::startup::CancelKey { pid: 0, secret: 0 },
+            |c| c.key,
+        )
+    }
+
+    pub fn pool(&self) -> &Arc<Pool> {
+        &self.pool
+    }
+
+    /// Returns the connection to the pool.
+    pub fn release(&mut self) {
+        if let (Some(conn), Some(permit)) = (self.conn.take(), self.permit.take()) {
+            lock(&self.pool.active).remove(&conn.key.pid);
+            self.pool.put_back(conn, permit);
+        }
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            lock(&self.pool.active).remove(&conn.key.pid);
+            self.permit.take();
+            self.pool.returned.notify_one();
+        }
+    }
+}
+
+/// Counts a request waiting for a connection while it lives.
+struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn new(n: &'a std::sync::atomic::AtomicUsize) -> Self {
+        n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Waiting(n)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Every pool, by (node address, database, upstream user).
+#[derive(Default)]
+pub struct Pools {
+    map: Mutex<HashMap<(String, String, String), Arc<Pool>>>,
+}
+
+impl Pools {
+    pub fn get(&self, database: &str, spec: &ConnectSpec, limits: &PoolLimits) -> Arc<Pool> {
+        let key = (spec.addr.clone(), database.to_string(), spec.user.clone());
+        lock(&self.map)
+            .entry(key)
+            .or_insert_with(|| Pool::new(database, spec.clone(), limits.clone()))
+            .clone()
+    }
+
+    /// Drops the pools of a database whose settings changed; leases out
+    /// keep theirs until given back, then their connections close.
+    pub fn forget(&self, database: &str) {
+        lock(&self.map).retain(|(_, db, _), _| db != database);
+    }
+
+    pub fn all(&self) -> Vec<Arc<Pool>> {
+        lock(&self.map).values().cloned().collect()
+    }
+}

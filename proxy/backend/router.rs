@@ -1,0 +1,159 @@
+//! Where a client's next transaction goes: what it intends (from its first
+//! message, see `pgheal_protocol::intent`) and the topology decide.
+
+pub use pgheal_protocol::intent::{intent, sql_intent, Intent};
+
+use super::cluster::{Role, Topology};
+
+/// How fresh a replica must be to serve a read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplicaFit {
+    /// Replayed at least this far (read-your-writes).
+    pub min_lsn: u64,
+    /// `max_replica_lag`.
+    pub max_lag: std::time::Duration,
+}
+
+impl ReplicaFit {
+    pub const ANY: ReplicaFit = ReplicaFit {
+        min_lsn: 0,
+        max_lag: std::time::Duration::MAX,
+    };
+}
+
+/// Where to run, by node index, or that nothing fits now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    Node(usize),
+    /// A write with no single primary.
+    NoPrimary,
+    /// Nothing is up at all.
+    NoNode,
+}
+
+/// Reads go to the least busy replica that has replayed at least
+/// `min_lsn` when `read_routing` is on, or to any replica when there is no
+/// primary; everything else goes to the primary.
+pub fn decide(
+    topology: &Topology,
+    intent: Intent,
+    read_routing: bool,
+    fit: ReplicaFit,
+    busy: impl Fn(usize) -> usize,
+) -> Decision {
+    let primary = topology.primary_index();
+    // Without a primary, availability wins over freshness.
+    let fit = if primary.is_some() {
+        fit
+    } else {
+        ReplicaFit::ANY
+    };
+    let replica = || {
+        (0..topology.nodes.len())
+            .filter(|&i| {
+                let n = &topology.nodes[i];
+                n.role == Role::Replica && n.lsn >= fit.min_lsn && n.replay_lag <= fit.max_lag
+            })
+            .min_by_key(|&i| busy(i))
+    };
+    if intent.reads_only() && (read_routing || primary.is_none()) {
+        if let Some(r) = replica() {
+            return Decision::Node(r);
+        }
+    }
+    if let Some(p) = primary {
+        return Decision::Node(p);
+    }
+    let up = (0..topology.nodes.len())
+        .find(|&i| matches!(topology.nodes[i].role, Role::Primary | Role::Replica));
+    match up {
+        None => Decision::NoNode,
+        // Split brain: either claimant may serve a read, neither a write.
+        Some(i) if intent.reads_only() => Decision::Node(i),
+        Some(_) => Decision::NoPrimary,
+    }
+}
+
+/// After `write_wait` a plain BEGIN goes to a replica, where PostgreSQL
+/// itself refuses the writes inside it and the reads still work.
+pub fn degraded_begin(topology: &Topology, busy: impl Fn(usize) -> usize) -> Option<usize> {
+    (0..topology.nodes.len())
+        .filter(|&i| topology.nodes[i].role == Role::Replica)
+        .min_by_key(|&i| busy(i))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cluster::NodeStatus;
+
+    fn topo(roles: &[Role]) -> Topology {
+        Topology {
+            nodes: roles
+                .iter()
+                .map(|&role| NodeStatus::new("h:1", role))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn decisions() {
+        let t = topo(&[Role::Replica, Role::Primary, Role::Replica]);
+        let busy = |i: usize| if i == 0 { 5 } else { 1 };
+        assert_eq!(
+            decide(&t, Intent::Read, true, ReplicaFit::ANY, busy),
+            Decision::Node(2),
+            "least busy replica"
+        );
+        assert_eq!(
+            decide(&t, Intent::Read, false, ReplicaFit::ANY, busy),
+            Decision::Node(1)
+        );
+        assert_eq!(
+            decide(&t, Intent::Write, true, ReplicaFit::ANY, busy),
+            Decision::Node(1)
+        );
+        assert_eq!(
+            decide(&t, Intent::ReadOnlyTx, true, ReplicaFit::ANY, busy),
+            Decision::Node(2)
+        );
+        // A replica behind the client's last write gets none of its reads.
+        assert_eq!(
+            decide(
+                &t,
+                Intent::Read,
+                true,
+                ReplicaFit {
+                    min_lsn: 1,
+                    ..ReplicaFit::ANY
+                },
+                busy
+            ),
+            Decision::Node(1)
+        );
+        let degraded = topo(&[Role::Replica, Role::Down]);
+        assert_eq!(
+            decide(&degraded, Intent::Read, false, ReplicaFit::ANY, busy),
+            Decision::Node(0)
+        );
+        assert_eq!(
+            decide(&degraded, Intent::Write, false, ReplicaFit::ANY, busy),
+            Decision::NoPrimary
+        );
+        assert_eq!(degraded_begin(&degraded, busy), Some(0));
+        let split = topo(&[Role::Primary, Role::Primary]);
+        assert_eq!(
+            decide(&split, Intent::Write, false, ReplicaFit::ANY, busy),
+            Decision::NoPrimary
+        );
+        assert_eq!(
+            decide(&split, Intent::Read, false, ReplicaFit::ANY, busy),
+            Decision::Node(0)
+        );
+        let down = topo(&[Role::Down, Role::Down]);
+        assert_eq!(
+            decide(&down, Intent::Read, true, ReplicaFit::ANY, busy),
+            Decision::NoNode
+        );
+    }
+}

@@ -1,0 +1,940 @@
+//! The TOML configuration, read key by key into a validated runtime type.
+//!
+//! Reading does not stop at the first problem: every unknown key, wrong type,
+//! bad duration or missing value is collected with its key path, so
+//! `pgheal check` can report them all at once.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use toml::{Table, Value};
+
+use std::sync::Arc;
+
+use crate::auth::ScramVerifier;
+use crate::net::tls::{ClientMode, ClientTls, ClientTlsConfig, UpstreamMode, UpstreamTls};
+
+/// The database name that opens the admin console.
+pub const ADMIN_DATABASE: &str = "pgheal";
+
+/// The whole configuration, validated.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub proxy: ProxyConfig,
+    pub pool: PoolTimeouts,
+    pub health: HealthConfig,
+    pub failover: FailoverConfig,
+    pub users: Vec<User>,
+    pub databases: BTreeMap<String, Database>,
+    /// `[tls]`: TLS with clients, when configured.
+    pub tls: Option<Arc<ClientTls>>,
+    /// `[migrations]`, when configured.
+    pub migrations: Option<MigrationsConfig>,
+    /// `[backup]`, when configured.
+    pub backup: Option<BackupConfig>,
+}
+
+/// When backups run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Schedule {
+    Every(Duration),
+    /// Daily at this UTC time.
+    DailyAt {
+        hour: u8,
+        minute: u8,
+    },
+}
+
+/// Scheduled backups with retention.
+#[derive(Debug, Clone)]
+pub struct BackupConfig {
+    pub dir: std::path::PathBuf,
+    pub schedule: Schedule,
+    /// Dump from a replica when one is up (else the primary).
+    pub from_replica: bool,
+    pub keep_last: usize,
+    /// 0: no age limit.
+    pub keep_days: u32,
+    /// pg_dump to run; `None`: found on PATH or under
+    /// /usr/lib/postgresql when a backup runs.
+    pub pg_dump: Option<std::path::PathBuf>,
+}
+
+/// Schema migrations applied before pgheal serves.
+#[derive(Debug, Clone)]
+pub struct MigrationsConfig {
+    pub dir: std::path::PathBuf,
+    /// The configured database they run on (default: the first).
+    pub database: Option<String>,
+    /// How long to wait for a primary at startup.
+    pub wait: Duration,
+    /// On failure: refuse to start, or serve and report it.
+    pub serve_on_error: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    pub listen: SocketAddr,
+    pub pool_mode: PoolMode,
+    pub login_timeout: Duration,
+    pub max_message_size: usize,
+    /// Clients beyond this many get FATAL 53300 at once.
+    pub max_client_connections: usize,
+    /// On SIGTERM, how long running transactions may take to finish.
+    pub shutdown_timeout: Duration,
+    /// Where /metrics, /healthz, /readyz and /status are served, if set.
+    pub http_listen: Option<SocketAddr>,
+    /// Reload when the configuration file's content changes (a mounted
+    /// Kubernetes ConfigMap), as SIGHUP does.
+    pub watch_config: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolMode {
+    Session,
+    Transaction,
+}
+
+#[derive(Debug, Clone)]
+pub struct PoolTimeouts {
+    pub connect_timeout: Duration,
+    pub checkout_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub server_lifetime: Duration,
+    /// Named prepared statements kept per server connection in transaction
+    /// mode; the least recently used beyond it are closed. 0 turns
+    /// statement tracking off (statements pass through unchanged).
+    pub max_prepared_statements: usize,
+}
+
+/// What happens while no primary is reachable.
+#[derive(Debug, Clone)]
+pub struct FailoverConfig {
+    /// How long a write waits for a primary before it gets 25006.
+    pub write_wait: Duration,
+}
+
+/// How nodes are probed for health and role.
+#[derive(Clone)]
+pub struct HealthConfig {
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+    pub backoff_multiplier: f64,
+    /// Who the health checks log in as; default: each database's `user`.
+    pub user: Option<String>,
+    pub password: Option<String>,
+}
+
+impl fmt::Debug for HealthConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HealthConfig")
+            .field("interval", &self.interval)
+            .field("timeout", &self.timeout)
+            .field("backoff_initial", &self.backoff_initial)
+            .field("backoff_max", &self.backoff_max)
+            .field("backoff_multiplier", &self.backoff_multiplier)
+            .field("user", &self.user)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            interval: Duration::from_millis(500),
+            timeout: Duration::from_secs(1),
+            backoff_initial: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(10),
+            backoff_multiplier: 2.0,
+            user: None,
+            password: None,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct User {
+    pub name: String,
+    pub auth: AuthMethod,
+    /// The plain password, when the file gives one.
+    pub password: Option<String>,
+    /// What SCRAM checks against: from `scram_secret` or made from `password`.
+    pub scram: Option<ScramVerifier>,
+    /// `scram_secret` as written, so a reload can tell it changed (a
+    /// verifier made from a password has a random salt).
+    pub scram_secret: Option<String>,
+    pub admin: bool,
+}
+
+impl fmt::Debug for User {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("User")
+            .field("name", &self.name)
+            .field("auth", &self.auth)
+            .field("admin", &self.admin)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMethod {
+    ScramSha256,
+    Md5,
+    Trust,
+}
+
+#[derive(Clone)]
+pub struct Database {
+    pub name: String,
+    pub nodes: Vec<String>,
+    pub dbname: String,
+    pub user: Option<String>,
+    pub password: Option<String>,
+    pub pool_size: usize,
+    pub min_idle: usize,
+    /// Send autocommit reads and `BEGIN READ ONLY` to replicas.
+    pub read_routing: bool,
+    /// A replica further behind than this gets no reads.
+    pub max_replica_lag: Duration,
+    /// TLS to this database's servers (health checks included).
+    pub tls: UpstreamTls,
+}
+
+impl Database {
+    /// The stand-in for the admin console's `pgheal` database.
+    pub fn admin_console() -> Database {
+        Database {
+            name: ADMIN_DATABASE.to_string(),
+            nodes: Vec::new(),
+            dbname: ADMIN_DATABASE.to_string(),
+            user: None,
+            password: None,
+            pool_size: 1,
+            min_idle: 0,
+            read_routing: false,
+            max_replica_lag: Duration::ZERO,
+            tls: UpstreamTls::default(),
+        }
+    }
+}
+
+impl fmt::Debug for Database {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Database")
+            .field("name", &self.name)
+            .field("nodes", &self.nodes)
+            .field("dbname", &self.dbname)
+            .field("user", &self.user)
+            .field("pool_size", &self.pool_size)
+            .field("min_idle", &self.min_idle)
+            .field("read_routing", &self.read_routing)
+            .field("tls", &self.tls)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Config {
+    pub fn user(&self, name: &str) -> Option<&User> {
+        self.users.iter().find(|u| u.name == name)
+    }
+
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors(vec![ConfigError::new(
+                "",
+                format!("cannot read {}: {e}", path.display()),
+            )])
+        })?;
+        Config::parse(&text)
+    }
+
+    pub fn parse(text: &str) -> Result<Config, ConfigErrors> {
+        let table: Table = text.parse().map_err(|e: toml::de::Error| {
+            ConfigErrors(vec![ConfigError::new("", e.to_string())])
+        })?;
+        let mut r = Reader::default();
+        let config = read_config(&mut r, &table);
+        if r.errors.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigErrors(r.errors))
+        }
+    }
+}
+
+/// One problem in the file, with the dotted path of the key it is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub path: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    fn new(path: &str, message: impl Into<String>) -> Self {
+        ConfigError {
+            path: path.to_string(),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+fn read_config(r: &mut Reader, root: &Table) -> Config {
+    r.known_keys(
+        root,
+        "",
+        &[
+            "proxy",
+            "pool",
+            "health",
+            "failover",
+            "users",
+            "databases",
+            "tls",
+            "migrations",
+            "backup",
+        ],
+    );
+    let empty = Table::new();
+    let proxy = r.table(root, "proxy", "").unwrap_or(&empty);
+    let pool = r.table(root, "pool", "").unwrap_or(&empty);
+    let health = r.table(root, "health", "").unwrap_or(&empty);
+    let failover = r.table(root, "failover", "").unwrap_or(&empty);
+    let config = Config {
+        proxy: read_proxy(r, proxy),
+        pool: read_pool(r, pool),
+        health: read_health(r, health),
+        failover: read_failover(r, failover),
+        users: read_users(r, root),
+        databases: read_databases(r, root),
+        tls: r.table(root, "tls", "").and_then(|t| read_tls(r, t)),
+        migrations: r
+            .table(root, "migrations", "")
+            .and_then(|t| read_migrations(r, t)),
+        backup: r.table(root, "backup", "").and_then(|t| read_backup(r, t)),
+    };
+    if let Some(m) = &config.migrations {
+        if let Some(db) = m
+            .database
+            .as_ref()
+            .filter(|d| !config.databases.contains_key(*d))
+        {
+            r.error(
+                "migrations.database",
+                format!("no database \"{db}\" is configured"),
+            );
+        }
+    }
+    if config.databases.is_empty() {
+        r.error("databases", "at least one database must be configured");
+    }
+    config
+}
+
+fn read_backup(r: &mut Reader, t: &Table) -> Option<BackupConfig> {
+    let p = "backup";
+    let keys = [
+        "dir",
+        "schedule",
+        "every",
+        "source",
+        "keep_last",
+        "keep_days",
+        "pg_dump",
+    ];
+    r.known_keys(t, p, &keys);
+    let schedule = match (
+        r.opt::<String>(t, p, "schedule"),
+        r.opt::<Duration>(t, p, "every"),
+    ) {
+        (Some(s), None) => parse_daily(&s)
+            .map_err(|e| r.error("backup.schedule", e))
+            .ok()?,
+        (None, Some(d)) if !d.is_zero() => Schedule::Every(d),
+        (None, Some(_)) => {
+            r.error("backup.every", "must be more than 0");
+            return None;
+        }
+        _ => {
+            r.error(
+                p,
+                "needs exactly one of schedule = \"daily@HH:MM\" or every = \"6h\"",
+            );
+            return None;
+        }
+    };
+    let from_replica = match r.get(t, p, "source", "replica".to_string()).as_str() {
+        "replica" => true,
+        "primary" => false,
+        other => {
+            r.error(
+                "backup.source",
+                format!("expected \"replica\" or \"primary\", found \"{other}\""),
+            );
+            true
+        }
+    };
+    let keep_last = r.get(t, p, "keep_last", 7usize);
+    if keep_last == 0 {
+        r.error("backup.keep_last", "must be at least 1");
+    }
+    let keep_days = r.get(t, p, "keep_days", 0usize);
+    let pg_dump = r.opt::<String>(t, p, "pg_dump").map(Into::into);
+    let Some(dir) = r.opt::<String>(t, p, "dir") else {
+        r.error("backup.dir", "missing: where the dumps go");
+        return None;
+    };
+    Some(BackupConfig {
+        dir: dir.into(),
+        schedule,
+        from_replica,
+        keep_last,
+        keep_days: u32::try_from(keep_days).unwrap_or(u32::MAX),
+        pg_dump,
+    })
+}
+
+/// `daily@HH:MM` (UTC).
+fn parse_daily(s: &str) -> Result<Schedule, String> {
+    let bad = || format!("expected \"daily@HH:MM\" (UTC), found \"{s}\"");
+    let (h, m) = s
+        .strip_prefix("daily@")
+        .and_then(|t| t.split_once(':'))
+        .ok_or_else(bad)?;
+    let hour: u8 = h.parse().map_err(|_| bad())?;
+    let minute: u8 = m.parse().map_err(|_| bad())?;
+    if hour > 23 || minute > 59 {
+        return Err(bad());
+    }
+    Ok(Schedule::DailyAt { hour, minute })
+}
+
+fn read_migrations(r: &mut Reader, t: &Table) -> Option<MigrationsConfig> {
+    let p = "migrations";
+    r.known_keys(t, p, &["dir", "database", "wait", "on_error"]);
+    let serve_on_error = match r.get(t, p, "on_error", "exit".to_string()).as_str() {
+        "exit" => false,
+        "serve" => true,
+        other => {
+            r.error(
+                "migrations.on_error",
+                format!("expected \"exit\" or \"serve\", found \"{other}\""),
+            );
+            false
+        }
+    };
+    let Some(dir) = r.opt::<String>(t, p, "dir") else {
+        r.error(
+            "migrations.dir",
+            "missing: the directory of NNNN_name.sql files",
+        );
+        return None;
+    };
+    Some(MigrationsConfig {
+        dir: dir.into(),
+        database: r.opt(t, p, "database"),
+        wait: r.get(t, p, "wait", Duration::from_secs(30)),
+        serve_on_error,
+    })
+}
+
+fn read_tls(r: &mut Reader, t: &Table) -> Option<Arc<ClientTls>> {
+    let p = "tls";
+    r.known_keys(t, p, &["cert", "key", "ca", "mode"]);
+    let cert: Option<String> = r.opt(t, p, "cert");
+    let key: Option<String> = r.opt(t, p, "key");
+    let mode = match r.get(t, p, "mode", "prefer".to_string()).as_str() {
+        "prefer" => ClientMode::Prefer,
+        "require" => ClientMode::Require,
+        other => {
+            r.error(
+                "tls.mode",
+                format!("expected \"prefer\" or \"require\", found \"{other}\""),
+            );
+            ClientMode::Prefer
+        }
+    };
+    let ca: Option<String> = r.opt(t, p, "ca");
+    let (Some(cert), Some(key)) = (cert, key) else {
+        r.error(p, "needs both cert and key (PEM files)");
+        return None;
+    };
+    let config = ClientTlsConfig {
+        cert: cert.into(),
+        key: key.into(),
+        ca: ca.map(Into::into),
+        mode,
+    };
+    ClientTls::load(&config)
+        .map_err(|e| r.error(p, e.to_string()))
+        .ok()
+        .map(Arc::new)
+}
+
+fn read_proxy(r: &mut Reader, t: &Table) -> ProxyConfig {
+    let p = "proxy";
+    r.known_keys(
+        t,
+        p,
+        &[
+            "listen",
+            "pool_mode",
+            "login_timeout",
+            "max_message_size",
+            "max_client_connections",
+            "shutdown_timeout",
+            "http_listen",
+            "watch_config",
+        ],
+    );
+    let default_listen = SocketAddr::from(([127, 0, 0, 1], 6432));
+    let max_message_size = r.get(t, p, "max_message_size", 256 * 1024 * 1024usize);
+    if max_message_size < 1024 {
+        r.error("proxy.max_message_size", "must be at least 1024 bytes");
+    }
+    ProxyConfig {
+        listen: r.get(t, p, "listen", default_listen),
+        pool_mode: r.get(t, p, "pool_mode", PoolMode::Transaction),
+        login_timeout: r.get(t, p, "login_timeout", Duration::from_secs(10)),
+        max_message_size,
+        max_client_connections: r.get(t, p, "max_client_connections", 10_000usize),
+        shutdown_timeout: r.get(t, p, "shutdown_timeout", Duration::from_secs(30)),
+        http_listen: r.opt(t, p, "http_listen"),
+        watch_config: r.get(t, p, "watch_config", false),
+    }
+}
+
+fn read_pool(r: &mut Reader, t: &Table) -> PoolTimeouts {
+    let p = "pool";
+    let keys = [
+        "connect_timeout",
+        "checkout_timeout",
+        "idle_timeout",
+        "server_lifetime",
+        "max_prepared_statements",
+    ];
+    r.known_keys(t, p, &keys);
+    PoolTimeouts {
+        connect_timeout: r.get(t, p, "connect_timeout", Duration::from_secs(3)),
+        checkout_timeout: r.get(t, p, "checkout_timeout", Duration::from_secs(5)),
+        idle_timeout: r.get(t, p, "idle_timeout", Duration::from_secs(600)),
+        server_lifetime: r.get(t, p, "server_lifetime", Duration::from_secs(3600)),
+        max_prepared_statements: r.get(t, p, "max_prepared_statements", 512usize),
+    }
+}
+
+fn read_failover(r: &mut Reader, t: &Table) -> FailoverConfig {
+    r.known_keys(t, "failover", &["write_wait"]);
+    FailoverConfig {
+        write_wait: r.get(t, "failover", "write_wait", Duration::from_secs(2)),
+    }
+}
+
+fn read_health(r: &mut Reader, t: &Table) -> HealthConfig {
+    let p = "health";
+    let keys = [
+        "interval",
+        "timeout",
+        "backoff_initial",
+        "backoff_max",
+        "backoff_multiplier",
+        "user",
+        "password",
+    ];
+    r.known_keys(t, p, &keys);
+    let d = HealthConfig::default();
+    let h = HealthConfig {
+        interval: r.get(t, p, "interval", d.interval),
+        timeout: r.get(t, p, "timeout", d.timeout),
+        backoff_initial: r.get(t, p, "backoff_initial", d.backoff_initial),
+        backoff_max: r.get(t, p, "backoff_max", d.backoff_max),
+        backoff_multiplier: r.get(t, p, "backoff_multiplier", d.backoff_multiplier),
+        user: r.opt(t, p, "user"),
+        password: r.opt(t, p, "password"),
+    };
+    if h.backoff_multiplier < 1.0 {
+        r.error("health.backoff_multiplier", "must be at least 1.0");
+    }
+    if h.interval.is_zero() || h.timeout.is_zero() {
+        r.error("health", "interval and timeout must be above zero");
+    }
+    h
+}
+
+fn read_users(r: &mut Reader, root: &Table) -> Vec<User> {
+    let Some(v) = root.get("users") else {
+        return Vec::new();
+    };
+    let Some(list) = v.as_array() else {
+        r.error(
+            "users",
+            format!("expected an array of tables, found {}", v.type_str()),
+        );
+        return Vec::new();
+    };
+    let mut users: Vec<User> = Vec::new();
+    for (i, item) in list.iter().enumerate() {
+        let path = format!("users[{i}]");
+        let Some(t) = item.as_table() else {
+            r.error(
+                &path,
+                format!("expected a table, found {}", item.type_str()),
+            );
+            continue;
+        };
+        if let Some(u) = read_user(r, t, &path) {
+            if users.iter().any(|o| o.name == u.name) {
+                r.error(
+                    &format!("{path}.name"),
+                    format!("user `{}` is listed twice", u.name),
+                );
+            }
+            users.push(u);
+        }
+    }
+    users
+}
+
+fn read_user(r: &mut Reader, t: &Table, p: &str) -> Option<User> {
+    r.known_keys(t, p, &["name", "password", "scram_secret", "auth", "admin"]);
+    let name: Option<String> = r.opt(t, p, "name");
+    let password: Option<String> = r.opt(t, p, "password");
+    let secret: Option<String> = r.opt(t, p, "scram_secret");
+    let auth = r.get(t, p, "auth", AuthMethod::ScramSha256);
+    let admin = r.get(t, p, "admin", false);
+    let Some(name) = name else {
+        r.error(&format!("{p}.name"), "missing: every user needs a name");
+        return None;
+    };
+    let scram = match (&secret, &password) {
+        (Some(s), _) => ScramVerifier::parse(s)
+            .map_err(|e| r.error(&format!("{p}.scram_secret"), e.to_string()))
+            .ok(),
+        (None, Some(pw)) if auth == AuthMethod::ScramSha256 => {
+            Some(ScramVerifier::from_password(pw))
+        }
+        _ => None,
+    };
+    match auth {
+        AuthMethod::ScramSha256 if scram.is_none() && secret.is_none() => {
+            r.error(
+                &format!("{p}.password"),
+                "missing: scram-sha-256 needs password or scram_secret",
+            );
+        }
+        AuthMethod::Md5 if password.is_none() => {
+            r.error(
+                &format!("{p}.password"),
+                "missing: md5 needs the plain password",
+            );
+        }
+        _ => {}
+    }
+    Some(User {
+        name,
+        auth,
+        password,
+        scram,
+        scram_secret: secret,
+        admin,
+    })
+}
+
+fn read_databases(r: &mut Reader, root: &Table) -> BTreeMap<String, Database> {
+    let mut out = BTreeMap::new();
+    let Some(dbs) = r.table(root, "databases", "") else {
+        return out;
+    };
+    for (name, v) in dbs {
+        let path = format!("databases.{name}");
+        let Some(t) = v.as_table() else {
+            r.error(&path, format!("expected a table, found {}", v.type_str()));
+            continue;
+        };
+        out.insert(name.clone(), read_database(r, name, t, &path));
+    }
+    out
+}
+
+fn read_database(r: &mut Reader, name: &str, t: &Table, p: &str) -> Database {
+    if name == ADMIN_DATABASE {
+        r.error(p, "the name is reserved for the admin console");
+    }
+    let keys = [
+        "nodes",
+        "dbname",
+        "user",
+        "password",
+        "pool_size",
+        "min_idle",
+        "read_routing",
+        "max_replica_lag",
+        "tls",
+        "tls_ca",
+    ];
+    r.known_keys(t, p, &keys);
+    let nodes: Vec<String> = r.get(t, p, "nodes", Vec::new());
+    if nodes.is_empty() {
+        r.error(
+            &format!("{p}.nodes"),
+            "must list at least one node (\"host:port\")",
+        );
+    }
+    for (i, n) in nodes.iter().enumerate() {
+        if let Err(e) = check_node_address(n) {
+            r.error(&format!("{p}.nodes[{i}]"), e);
+        }
+    }
+    let pool_size = r.get(t, p, "pool_size", 20usize);
+    let min_idle = r.get(t, p, "min_idle", 0usize);
+    if pool_size == 0 {
+        r.error(&format!("{p}.pool_size"), "must be at least 1");
+    }
+    if min_idle > pool_size {
+        r.error(&format!("{p}.min_idle"), "must not exceed pool_size");
+    }
+    Database {
+        name: name.to_string(),
+        dbname: r.get(t, p, "dbname", name.to_string()),
+        user: r.opt(t, p, "user"),
+        password: r.opt(t, p, "password"),
+        read_routing: r.get(t, p, "read_routing", false),
+        max_replica_lag: r.get(t, p, "max_replica_lag", Duration::from_secs(1)),
+        tls: read_upstream_tls(r, t, p),
+        nodes,
+        pool_size,
+        min_idle,
+    }
+}
+
+fn read_upstream_tls(r: &mut Reader, t: &Table, p: &str) -> UpstreamTls {
+    let text = r.get(t, p, "tls", "disable".to_string());
+    let Some(mode) = UpstreamMode::parse(&text) else {
+        r.error(
+            &format!("{p}.tls"),
+            format!(
+                "expected disable, prefer, require, verify-ca or verify-full, found \"{text}\""
+            ),
+        );
+        return UpstreamTls::default();
+    };
+    let ca: Option<String> = r.opt(t, p, "tls_ca");
+    UpstreamTls::new(mode, ca.as_deref().map(Path::new))
+        .map_err(|e| r.error(&format!("{p}.tls"), e.to_string()))
+        .unwrap_or_default()
+}
+
+fn check_node_address(n: &str) -> Result<(), String> {
+    let (host, port) = n
+        .rsplit_once(':')
+        .ok_or_else(|| format!("`{n}` is not \"host:port\""))?;
+    if host.is_empty() {
+        return Err(format!("`{n}` has no host"));
+    }
+    port.parse::<u16>()
+        .map(|_| ())
+        .map_err(|_| format!("`{n}` has no valid port"))
+}
+
+/// Collects errors while reading values out of TOML tables.
+#[derive(Default)]
+struct Reader {
+    errors: Vec<ConfigError>,
+}
+
+impl Reader {
+    fn error(&mut self, path: &str, message: impl Into<String>) {
+        self.errors.push(ConfigError::new(path, message));
+    }
+
+    fn known_keys(&mut self, t: &Table, path: &str, known: &[&str]) {
+        for key in t.keys().filter(|k| !known.contains(&k.as_str())) {
+            let full = join(path, key);
+            self.error(
+                &full,
+                format!("unknown key (expected one of: {})", known.join(", ")),
+            );
+        }
+    }
+
+    fn table<'t>(&mut self, t: &'t Table, key: &str, path: &str) -> Option<&'t Table> {
+        let v = t.get(key)?;
+        let table = v.as_table();
+        if table.is_none() {
+            self.error(
+                &join(path, key),
+                format!("expected a table, found {}", v.type_str()),
+            );
+        }
+        table
+    }
+
+    fn opt<T: FromToml>(&mut self, t: &Table, path: &str, key: &str) -> Option<T> {
+        let v = t.get(key)?;
+        T::from_toml(v)
+            .map_err(|e| self.error(&join(path, key), e))
+            .ok()
+    }
+
+    fn get<T: FromToml>(&mut self, t: &Table, path: &str, key: &str, default: T) -> T {
+        self.opt(t, path, key).unwrap_or(default)
+    }
+}
+
+fn join(path: &str, key: &str) -> String {
+    if path.is_empty() {
+        key.to_string()
+    } else {
+        format!("{path}.{key}")
+    }
+}
+
+/// A value type that can be read from one TOML value.
+trait FromToml: Sized {
+    fn from_toml(v: &Value) -> Result<Self, String>;
+}
+
+fn expected(what: &str, v: &Value) -> String {
+    format!("expected {what}, found {}", v.type_str())
+}
+
+impl FromToml for String {
+    fn from_toml(v: &Value) -> Result<Self, String> {
+        let s = v.as_str().ok_or_else(|| expected("a string", v))?;
+        expand_env(s, |name| std::env::var(name).ok())
+    }
+}
+
+/// Replaces each `${NAME}` with the environment variable's value, so that
+/// secrets need not sit in the file. `$$` stands for `$`.
+fn expand_env(s: &str, var: impl Fn(&str) -> Option<String>) -> Result<String, String> {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(at) = rest.find('$') {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + 1..];
+        if let Some(tail) = after.strip_prefix('$') {
+            out.push('$');
+            rest = tail;
+        } else if let Some(inner) = after.strip_prefix('{') {
+            let end = inner
+                .find('}')
+                .ok_or_else(|| "unterminated ${...}".to_string())?;
+            let name = &inner[..end];
+            let value =
+                var(name).ok_or_else(|| format!("environment variable {name} is not set"))?;
+            out.push_str(&value);
+            rest = &inner[end + 1..];
+        } else {
+            out.push('$');
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+impl FromToml for bool {
+    fn from_toml(v: &Value) -> Result<Self, String> {
+        v.as_bool().ok_or_else(|| expected("a boolean", v))
+    }
+}
+
+impl FromToml for usize {
+    fn from_toml(v: &Value) -> Result<Self, String> {
+        let i = v.as_integer().ok_or_else(|| expected("an integer", v))?;
+        usize::try_from(i).map_err(|_| format!("must not be negative, found {i}"))
+    }
+}
+
+impl FromToml for f64 {
+    fn from_toml(v: &Value) -> Result<Self, String> {
+        match v {
+            Value::Float(f) => Ok(*f),
+            Value::Integer(i) => Ok(*i as f64),
+            _ => Err(expected("a number", v)),
+        }
+    }
+}
+
+impl FromToml for Duration {
+    fn from_toml(v: &Value) -> Result<Self, String> {
+        let s = v
+            .as_str()
+            .ok_or_else(|| expected("a duration like \"500ms\" or \"10s\"", v))?;
+        humantime::parse_duration(s).map_err(|e| format!("invalid duration \"{s}\": {e}"))
+    }
+}
+
+impl FromToml for SocketAddr {
+    fn from_toml(v: &Value) -> Result<Self, String> {
+        let s = String::from_toml(v)?;
+        s.parse()
+            .map_err(|_| format!("invalid address \"{s}\": expected \"ip:port\""))
+    }
+}
+
+impl FromToml for Vec<String> {
+    fn from_toml(v: &Value) -> Result<Self, String> {
+        let items = v
+            .as_array()
+            .ok_or_else(|| expected("an array of strings", v))?;
+        items.iter().map(String::from_toml).collect()
+    }
+}
+
+impl FromToml for PoolMode {
+    fn from_toml(v: &Value) -> Result<Self, String> {
+        match String::from_toml(v)?.as_str() {
+            "session" => Ok(PoolMode::Session),
+            "transaction" => Ok(PoolMode::Transaction),
+            other => Err(format!(
+                "unknown pool mode \"{other}\" (expected \"session\" or \"transaction\")"
+            )),
+        }
+    }
+}
+
+impl FromToml for AuthMethod {
+    fn from_toml(v: &Value) -> Result<Self, String> {
+        match String::from_toml(v)?.as_str() {
+            "scram-sha-256" => Ok(AuthMethod::ScramSha256),
+            "md5" => Ok(AuthMethod::Md5),
+            "trust" => Ok(AuthMethod::Trust),
+            other => Err(format!(
+                "unknown auth method \"{other}\" (expected \"scram-sha-256\", \"md5\" or \"trust\")"
+            )),
+        }
+    }
+}

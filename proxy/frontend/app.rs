@@ -1,0 +1,204 @@
+//! What every client task shares: the configuration in force, the pools,
+//! the cancel keys, the client registry, counters and each database's
+//! cluster.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicUsize;
+use std::sync::{Arc, Mutex, RwLock};
+
+use tokio_util::sync::CancellationToken;
+
+use super::cancel::CancelRegistry;
+use super::clients::Clients;
+use crate::backend::cluster::{self, Cluster};
+use crate::backend::conn::ConnectSpec;
+use crate::backend::pool::{Pool, PoolLimits, Pools};
+use crate::config::{Config, Database};
+use crate::metrics::Metrics;
+use crate::sync::{lock, read, write};
+
+pub struct App {
+    config: RwLock<Arc<Config>>,
+    /// The file the configuration came from, for RELOAD and SIGHUP.
+    config_path: Mutex<Option<PathBuf>>,
+    pools: Pools,
+    pub cancels: Arc<CancelRegistry>,
+    targets: RwLock<HashMap<String, Arc<Target>>>,
+    pub counters: Counters,
+    /// Cancelled on SIGTERM/SIGINT: no new clients or transactions; idle
+    /// clients are told 57P01, running transactions finish.
+    pub shutdown: CancellationToken,
+    pub metrics: Metrics,
+    pub clients: Arc<Clients>,
+    /// Startup migrations failed and on_error = "serve": why.
+    migration_failure: Mutex<Option<String>>,
+}
+
+/// Process-wide gauges and counters.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Transaction-mode clients held on one server (LISTEN, advisory
+    /// locks, temporary tables, WITH HOLD cursors, SET ROLE).
+    pub pinned_clients: AtomicUsize,
+    /// Client connections open now, logging in or logged in.
+    pub client_connections: AtomicUsize,
+    /// Clients attached to a server right now (running a transaction, or
+    /// held in session mode or by a pin).
+    pub active_clients: AtomicUsize,
+}
+
+/// A database clients can ask for, and the cluster serving it.
+pub struct Target {
+    pub database: Database,
+    pub cluster: Arc<Cluster>,
+    /// PAUSE: new transactions wait until RESUME; running ones finish.
+    pub paused: tokio::sync::watch::Sender<bool>,
+}
+
+impl Target {
+    /// A database's target with its health loops started.
+    pub fn start(config: &Config, db: &Database, paused: bool) -> Arc<Target> {
+        let spec = cluster::health_spec(config, db);
+        let cluster = Cluster::start(&db.name, &db.nodes, &config.health, spec);
+        Arc::new(Target {
+            database: db.clone(),
+            cluster,
+            paused: tokio::sync::watch::Sender::new(paused),
+        })
+    }
+
+    /// Waits while the database is paused.
+    pub async fn unpaused(&self) {
+        if !*self.paused.borrow() {
+            return;
+        }
+        let mut rx = self.paused.subscribe();
+        let _ = rx.wait_for(|paused| !paused).await;
+    }
+}
+
+impl App {
+    /// Builds the shared state and starts the health loops; needs a tokio
+    /// runtime.
+    pub fn new(config: Config) -> Arc<App> {
+        let targets = config
+            .databases
+            .iter()
+            .map(|(name, db)| (name.clone(), Target::start(&config, db, false)))
+            .collect();
+        Arc::new(App {
+            config: RwLock::new(Arc::new(config)),
+            config_path: Mutex::new(None),
+            pools: Pools::default(),
+            cancels: Arc::new(CancelRegistry::default()),
+            targets: RwLock::new(targets),
+            counters: Counters::default(),
+            shutdown: CancellationToken::new(),
+            metrics: Metrics::default(),
+            clients: Arc::default(),
+            migration_failure: Mutex::new(None),
+        })
+    }
+
+    pub fn target(&self, database: &str) -> Option<Arc<Target>> {
+        read(&self.targets).get(database).cloned()
+    }
+
+    /// Every database clients can ask for, by name.
+    pub fn targets(&self) -> Vec<(String, Arc<Target>)> {
+        let mut all: Vec<_> = read(&self.targets)
+            .iter()
+            .map(|(n, t)| (n.clone(), t.clone()))
+            .collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
+    }
+
+    /// Changes the set of targets (RELOAD) under the write lock.
+    pub fn edit_targets<R>(&self, edit: impl FnOnce(&mut HashMap<String, Arc<Target>>) -> R) -> R {
+        edit(&mut write(&self.targets))
+    }
+
+    /// The configuration now in force (RELOAD may replace it).
+    pub fn config(&self) -> Arc<Config> {
+        read(&self.config).clone()
+    }
+
+    /// Puts a new configuration in force for new logins and transactions.
+    pub fn set_config(&self, config: Config) {
+        *write(&self.config) = Arc::new(config);
+    }
+
+    pub fn set_migration_failure(&self, why: String) {
+        *lock(&self.migration_failure) = Some(why);
+    }
+
+    pub fn migration_failure(&self) -> Option<String> {
+        lock(&self.migration_failure).clone()
+    }
+
+    /// Where RELOAD and SIGHUP read the configuration from.
+    pub fn set_config_path(&self, path: PathBuf) {
+        *lock(&self.config_path) = Some(path);
+    }
+
+    pub fn config_path(&self) -> Option<PathBuf> {
+        lock(&self.config_path).clone()
+    }
+
+    pub fn pools(&self) -> Vec<Arc<Pool>> {
+        self.pools.all()
+    }
+
+    /// Drops the pools of a database whose settings changed.
+    pub fn forget_pools(&self, database: &str) {
+        self.pools.forget(database);
+    }
+
+    /// The pool for a client's welcome: on the discovered primary, else
+    /// the first node not known to be down.
+    pub fn pool_for(&self, target: &Target, user: &str) -> Arc<Pool> {
+        let topology = target.cluster.snapshot();
+        let node = topology
+            .primary()
+            .or_else(|| {
+                topology
+                    .nodes
+                    .iter()
+                    .find(|n| n.role != cluster::Role::Down)
+            })
+            .map(|n| n.addr.to_string());
+        let addr = node
+            .or_else(|| target.database.nodes.first().cloned())
+            .unwrap_or_default();
+        self.pool_at(target, user, &addr)
+    }
+
+    /// The pool of `target`'s node at `addr` for a client logged in as `user`.
+    pub fn pool_at(&self, target: &Target, user: &str, addr: &str) -> Arc<Pool> {
+        let database = &target.database;
+        let config = self.config();
+        let client = config.user(user);
+        let spec = ConnectSpec {
+            addr: addr.to_string(),
+            user: database.user.clone().unwrap_or_else(|| user.to_string()),
+            password: database
+                .password
+                .clone()
+                .or_else(|| client.and_then(|u| u.password.clone())),
+            database: database.dbname.clone(),
+            connect_timeout: config.pool.connect_timeout,
+            application_name: None,
+            tls: database.tls.clone(),
+        };
+        let limits = PoolLimits {
+            size: database.pool_size,
+            min_idle: database.min_idle,
+            checkout_timeout: config.pool.checkout_timeout,
+            idle_timeout: config.pool.idle_timeout,
+            server_lifetime: config.pool.server_lifetime,
+        };
+        self.pools.get(&database.name, &spec, &limits)
+    }
+}

@@ -1,0 +1,260 @@
+//! The client's way in: startup packet, SSL/GSS refusals, cancel requests,
+//! protocol version negotiation and authentication against `[[users]]`.
+
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use pgheal_protocol::build;
+use pgheal_protocol::frame;
+use pgheal_protocol::frontend;
+use pgheal_protocol::startup::{
+    self, StartupMessage, StartupPacket, ENCRYPTION_ACCEPTED, ENCRYPTION_REFUSED, SUPPORTED_MINOR,
+};
+use rand::RngCore;
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+
+use crate::auth::{self, ScramExchange, ScramVerifier, SCRAM_SHA_256};
+use crate::backend::params::Params;
+use crate::config::{AuthMethod, Database};
+use crate::frontend::error::ClientError;
+use crate::frontend::App;
+use crate::net::stream::Stream;
+
+/// What the handshake ended with.
+pub enum Handshake {
+    /// A cancel request was handled; the connection ends.
+    Cancelled,
+    /// An authenticated client, ready for the welcome messages.
+    Client(Box<LoggedIn>),
+}
+
+pub struct LoggedIn {
+    pub stream: Stream,
+    /// Bytes the client sent beyond the handshake.
+    pub buf: BytesMut,
+    pub user: String,
+    pub database: Database,
+    pub params: Params,
+}
+
+/// Reads the startup packet and authenticates, all within the login
+/// timeout. Errors are answered by the caller.
+pub async fn handshake(app: &Arc<App>, tcp: TcpStream) -> Result<Handshake, (Stream, ClientError)> {
+    let timeout = app.config().proxy.login_timeout;
+    let mut buf = BytesMut::with_capacity(512);
+    let mut stream = Stream::Plain(tcp);
+    let result = tokio::time::timeout(timeout, login(app, &mut stream, &mut buf)).await;
+    match result {
+        Ok(Ok(None)) => Ok(Handshake::Cancelled),
+        Ok(Ok(Some((user, database, params)))) => Ok(Handshake::Client(Box::new(LoggedIn {
+            stream,
+            buf,
+            user,
+            database,
+            params,
+        }))),
+        Ok(Err(e)) => Err((stream, e)),
+        Err(_) => Err((stream, ClientError::LoginTimeout(timeout))),
+    }
+}
+
+async fn login(
+    app: &Arc<App>,
+    stream: &mut Stream,
+    buf: &mut BytesMut,
+) -> Result<Option<(String, Database, Params)>, ClientError> {
+    let msg = loop {
+        match read_startup(stream, buf).await? {
+            StartupPacket::SslRequest => encrypt(app, stream, buf).await?,
+            StartupPacket::GssEncRequest => write(stream, &[ENCRYPTION_REFUSED]).await?,
+            StartupPacket::Cancel(key) => {
+                app.cancels.cancel(key).await;
+                return Ok(None);
+            }
+            StartupPacket::Startup(msg) => break msg,
+        }
+    };
+    let tls_required = app.config().tls.as_ref().is_some_and(|t| t.required());
+    if tls_required && !stream.is_tls() {
+        return Err(ClientError::TlsRequired);
+    }
+    negotiate_version(stream, &msg).await?;
+    let user = msg.param("user").ok_or(ClientError::NoUser)?.to_string();
+    if matches!(msg.param("replication"), Some(r) if !matches!(r, "false" | "0" | "off" | "no")) {
+        return Err(ClientError::Unsupported("a replication connection"));
+    }
+    authenticate(app, stream, buf, &user).await?;
+    let db_name = msg.param("database").unwrap_or(&user).to_string();
+    if db_name == crate::config::ADMIN_DATABASE {
+        if !app.config().user(&user).is_some_and(|u| u.admin) {
+            return Err(ClientError::NotAdmin(user));
+        }
+        let params = Params::default();
+        return Ok(Some((user, Database::admin_console(), params)));
+    }
+    let database = app
+        .config()
+        .databases
+        .get(&db_name)
+        .cloned()
+        .ok_or(ClientError::UnknownDatabase(db_name))?;
+    let params = Params::from_startup(&msg.params).map_err(ClientError::BadParameter)?;
+    Ok(Some((user, database, params)))
+}
+
+/// SSLRequest: `S` and the TLS handshake when `[tls]` is set (once), else
+/// `N` and the client goes on in plain text.
+async fn encrypt(app: &Arc<App>, stream: &mut Stream, buf: &BytesMut) -> Result<(), ClientError> {
+    let Some(tls) = app.config().tls.clone().filter(|_| !stream.is_tls()) else {
+        return write(stream, &[ENCRYPTION_REFUSED]).await;
+    };
+    if !buf.is_empty() {
+        // Bytes sent before the handshake would be taken as encrypted.
+        return Err(ClientError::Malformed("data after SSLRequest"));
+    }
+    write(stream, &[ENCRYPTION_ACCEPTED]).await?;
+    let tcp = stream
+        .take_plain()
+        .ok_or(ClientError::Malformed("SSLRequest"))?;
+    *stream = tls.accept(tcp).await.map_err(|e| {
+        app.metrics.tls_failures.inc();
+        ClientError::TlsHandshake(e)
+    })?;
+    Ok(())
+}
+
+async fn read_startup(
+    stream: &mut Stream,
+    buf: &mut BytesMut,
+) -> Result<StartupPacket, ClientError> {
+    loop {
+        if let Some((packet, len)) = startup::parse(buf)? {
+            let _ = buf.split_to(len);
+            return Ok(packet);
+        }
+        read_more(stream, buf).await?;
+    }
+}
+
+async fn read_more(stream: &mut Stream, buf: &mut BytesMut) -> Result<(), ClientError> {
+    match stream.read_buf(buf).await {
+        Ok(0) => Err(ClientError::ClientIo(
+            std::io::ErrorKind::UnexpectedEof.into(),
+        )),
+        Ok(_) => Ok(()),
+        Err(e) => Err(ClientError::ClientIo(e)),
+    }
+}
+
+async fn write(stream: &mut Stream, bytes: &[u8]) -> Result<(), ClientError> {
+    stream.send(bytes).await.map_err(ClientError::ClientIo)
+}
+
+/// A client asking for a newer 3.x minor version, or for `_pq_.` options,
+/// is told what pgheal speaks, as PostgreSQL does.
+async fn negotiate_version(stream: &mut Stream, msg: &StartupMessage) -> Result<(), ClientError> {
+    let options: Vec<&str> = msg.protocol_options().collect();
+    if msg.minor == SUPPORTED_MINOR && options.is_empty() {
+        return Ok(());
+    }
+    let mut out = BytesMut::new();
+    build::negotiate_protocol_version(&mut out, SUPPORTED_MINOR, &options);
+    write(stream, &out).await
+}
+
+/// Reads one PasswordMessage-type ('p') message.
+async fn read_password(stream: &mut Stream, buf: &mut BytesMut) -> Result<Bytes, ClientError> {
+    loop {
+        if let Some(frame::Message { tag, len, .. }) = frame::message(buf, 64 * 1024)? {
+            if tag != frontend::PASSWORD {
+                return Err(ClientError::Malformed("expected a password message"));
+            }
+            let mut msg = buf.split_to(len).freeze();
+            return Ok(msg.split_off(frame::HEADER_LEN));
+        }
+        read_more(stream, buf).await?;
+    }
+}
+
+async fn authenticate(
+    app: &Arc<App>,
+    stream: &mut Stream,
+    buf: &mut BytesMut,
+    user: &str,
+) -> Result<(), ClientError> {
+    let config = app.config();
+    let entry = config.user(user);
+    let method = entry.map_or(AuthMethod::ScramSha256, |u| u.auth);
+    let ok = match method {
+        AuthMethod::Trust => true,
+        AuthMethod::Md5 => {
+            let password = entry
+                .and_then(|u| u.password.as_deref())
+                .unwrap_or_default();
+            md5(stream, buf, user, password).await?
+        }
+        AuthMethod::ScramSha256 => {
+            let verifier = entry
+                .and_then(|u| u.scram.clone())
+                .unwrap_or_else(ScramVerifier::mock);
+            scram(stream, buf, verifier).await?
+        }
+    };
+    if !ok || entry.is_none() {
+        tracing::info!(user, "client authentication failed");
+        app.metrics.auth_failures.inc();
+        return Err(ClientError::AuthFailed(user.to_string()));
+    }
+    let mut out = BytesMut::new();
+    build::auth_ok(&mut out);
+    write(stream, &out).await
+}
+
+async fn md5(
+    stream: &mut Stream,
+    buf: &mut BytesMut,
+    user: &str,
+    password: &str,
+) -> Result<bool, ClientError> {
+    let mut salt = [0u8; 4];
+    rand::rngs::OsRng.fill_bytes(&mut salt);
+    let mut out = BytesMut::new();
+    build::auth_md5(&mut out, salt);
+    write(stream, &out).await?;
+    let body = read_password(stream, buf).await?;
+    let sent = frontend::password(&body).map_err(|_| ClientError::Malformed("password message"))?;
+    Ok(!password.is_empty() && auth::md5_matches(user, password, salt, sent))
+}
+
+async fn scram(
+    stream: &mut Stream,
+    buf: &mut BytesMut,
+    verifier: ScramVerifier,
+) -> Result<bool, ClientError> {
+    let mut out = BytesMut::new();
+    build::auth_sasl(&mut out, &[SCRAM_SHA_256]);
+    write(stream, &out).await?;
+    let body = read_password(stream, buf).await?;
+    let (mechanism, first) = frontend::sasl_initial_response(&body)
+        .map_err(|_| ClientError::Malformed("SASL initial response"))?;
+    if mechanism != SCRAM_SHA_256.as_bytes() {
+        return Err(ClientError::Malformed("unknown SASL mechanism"));
+    }
+    let (exchange, server_first) = ScramExchange::start(verifier, first)
+        .map_err(|_| ClientError::Malformed("SCRAM client-first message"))?;
+    out.clear();
+    build::auth_sasl_continue(&mut out, server_first.as_bytes());
+    write(stream, &out).await?;
+    let client_final = read_password(stream, buf).await?;
+    match exchange.finish(&client_final) {
+        Ok(server_final) => {
+            out.clear();
+            build::auth_sasl_final(&mut out, server_final.as_bytes());
+            write(stream, &out).await?;
+            Ok(true)
+        }
+        Err(auth::ScramError::WrongProof) => Ok(false),
+        Err(_) => Err(ClientError::Malformed("SCRAM client-final message")),
+    }
+}

@@ -1,0 +1,611 @@
+//! One client's life after login: the welcome, then the data path.
+//!
+//! The client task owns its server connection while attached; no other task
+//! or channel sits between them. Bytes move in whole buffers. Only message
+//! headers are scanned, except ReadyForQuery, ParameterStatus and
+//! ErrorResponse from the server, which are read whole; DataRow bodies are
+//! never looked at. `route` picks the node, `pump` moves the bytes, `lost`
+//! answers for a transaction whose server died.
+
+mod carry;
+mod lost;
+mod pump;
+mod replies;
+mod route;
+mod translate;
+
+use carry::{Dirty, Pinned};
+use lost::LostTx;
+use replies::Expect;
+use route::{Fence, Rerun};
+
+use std::collections::VecDeque;
+
+use std::future::poll_fn;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::Poll;
+
+use crate::net::stream::Stream;
+use bytes::{Buf, BytesMut};
+use pgheal_protocol::backend::TxStatus;
+use pgheal_protocol::build;
+use pgheal_protocol::frame::Scanner;
+use tokio_util::io::poll_read_buf;
+
+use crate::backend::cluster::Topology;
+use crate::backend::error::PoolError;
+use crate::backend::params::Params;
+use crate::backend::pool::{Lease, Pool};
+use crate::backend::router::Intent;
+use crate::backend::statements::ClientStatements;
+use crate::config::PoolMode;
+use crate::frontend::cancel::Registration;
+use crate::frontend::clients::{ClientState, Registered};
+use crate::frontend::error::ClientError;
+use crate::frontend::login::LoggedIn;
+use crate::frontend::{App, Target};
+use crate::net::flow::Flow;
+use tokio::sync::watch;
+
+/// Counts a client as active while it holds a server.
+struct Active(Arc<App>);
+
+impl Active {
+    fn new(app: &Arc<App>) -> Active {
+        app.counters
+            .active_clients
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Active(app.clone())
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0
+            .counters
+            .active_clients
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Whether the client is still there after an attachment.
+#[derive(Debug, PartialEq, Eq)]
+enum Attachment {
+    Detached,
+    ClientGone,
+}
+
+/// How one attachment to a server ended.
+#[derive(Debug)]
+enum PumpEnd {
+    /// Transaction mode: the server is idle again and may go back.
+    Released,
+    /// An autocommit read is to run again elsewhere; nothing of it reached
+    /// the client.
+    Rerun,
+    ClientGone,
+    ClientBroke(ClientError),
+    ServerLost(io::Error),
+    /// pgheal is shutting down and the client's work is done.
+    Closing,
+}
+
+pub struct Session {
+    client: Stream,
+    up: Flow,
+    down: Flow,
+    params: Params,
+    mode: PoolMode,
+    pool: Arc<Pool>,
+    app: Arc<App>,
+    target: Arc<Target>,
+    user: String,
+    /// The topology as of the last routing decision; wakes degraded
+    /// writes when roles change.
+    topology: watch::Receiver<Arc<Topology>>,
+    /// This client's pool on each node, by node index, made on first use.
+    node_pools: Vec<Option<Arc<Pool>>>,
+    cancel: Registration,
+    /// Queries, Syncs and FunctionCalls sent to the server and not yet
+    /// answered by ReadyForQuery.
+    pending: u32,
+    /// The server has work from this client that has not ended with an
+    /// idle ReadyForQuery.
+    owed: bool,
+    /// The client sent something not yet answered by a ReadyForQuery.
+    awaiting: bool,
+    tx: TxStatus,
+    terminated: bool,
+    client_eof: bool,
+    /// Drop the rest of a client message whose request failed.
+    dropping: bool,
+    welcomed: bool,
+    /// What the request now running intends (reads may be retried; a lost
+    /// write's outcome is unknown).
+    intent: Intent,
+    /// The server died inside the client's transaction: until the client
+    /// ends it, pgheal answers for the lost transaction itself.
+    lost_tx: Option<LostTx>,
+    /// The request of an autocommit read, kept until the server's answer
+    /// shows it need not run again.
+    replay: Option<BytesMut>,
+    /// Server bytes are held back (not written to the client) while the
+    /// read may still run again.
+    holding: bool,
+    rerun: Option<Rerun>,
+    /// Read-your-writes: after this client's write, its reads stay on the
+    /// primary until a replica has replayed past it.
+    fence: Option<Fence>,
+    /// The server sent a FATAL error and is about to close: nothing more
+    /// goes to it, and its FATAL already answered the oldest request.
+    server_dying: bool,
+    /// Transaction mode: client messages are rewritten for the server
+    /// (statement names), so bytes go to the server from `wire`.
+    translating: bool,
+    wire: Flow,
+    /// How far translation got through `up`.
+    xl: Scanner,
+    /// Replies the server owes for what was sent, where pgheal may act.
+    expect: VecDeque<Expect>,
+    /// The server's replies stopped matching `expect`: it is not reused.
+    out_of_step: bool,
+    /// The client's named prepared statements.
+    statements: ClientStatements,
+    /// Settings the running transaction may have changed.
+    dirty: Option<Box<Dirty>>,
+    /// The settings the client logged in with, once it changed some.
+    startup: Option<Box<Params>>,
+    pinned: Option<Pinned>,
+    /// A pinned client's server died while it was idle: its next request
+    /// hears about it.
+    pin_lost: Option<&'static str>,
+    /// pgheal is shutting down: end the client once its work is done.
+    closing: bool,
+    /// When the running transaction's first message arrived.
+    tx_started: Option<std::time::Instant>,
+    /// This client's entry in SHOW CLIENTS.
+    registered: Registered,
+}
+
+impl Session {
+    pub fn new(
+        app: Arc<App>,
+        target: Arc<Target>,
+        client: Box<LoggedIn>,
+        registered: Registered,
+    ) -> Session {
+        let client = *client;
+        let max = app.config().proxy.max_message_size;
+        let mode = app.config().proxy.pool_mode;
+        let topology = target.cluster.subscribe();
+        let pool = app.pool_for(&target, &client.user);
+        let mut up = Flow::new(max);
+        up.buf = client.buf;
+        let translating =
+            mode == PoolMode::Transaction && app.config().pool.max_prepared_statements > 0;
+        Session {
+            translating,
+            wire: Flow::new(usize::MAX),
+            xl: Scanner::new(usize::MAX),
+            expect: VecDeque::new(),
+            out_of_step: false,
+            statements: ClientStatements::default(),
+            dirty: None,
+            startup: None,
+            pinned: None,
+            pin_lost: None,
+            closing: false,
+            tx_started: None,
+            registered,
+            cancel: app.cancels.register(),
+            topology,
+            node_pools: vec![None; target.database.nodes.len()],
+            target,
+            user: client.user,
+            app,
+            client: client.stream,
+            up,
+            down: Flow::new(usize::MAX),
+            params: client.params,
+            mode,
+            pool,
+            pending: 0,
+            owed: false,
+            awaiting: false,
+            tx: TxStatus::Idle,
+            terminated: false,
+            client_eof: false,
+            dropping: false,
+            welcomed: false,
+            intent: Intent::Write,
+            lost_tx: None,
+            replay: None,
+            holding: false,
+            rerun: None,
+            fence: None,
+            server_dying: false,
+        }
+    }
+
+    /// Sends the welcome and serves the client until it leaves. A fatal
+    /// error is told to the client before its connection closes.
+    pub async fn run(mut self) -> Result<(), ClientError> {
+        let result = self.serve().await;
+        if let Err(e) = &result {
+            let mut out = BytesMut::new();
+            // A server lost in the middle of a message leaves nothing to say.
+            let mid_message = matches!(e, ClientError::ServerLost(_));
+            if !mid_message && e.write_response(&mut out, self.welcomed) {
+                let _ = self.client.send(&out).await;
+            }
+        }
+        result
+    }
+
+    /// The client's life: idle waits are small; everything a transaction
+    /// needs lives in a boxed future only while it runs, so thousands of
+    /// idle clients cost little memory.
+    async fn serve(&mut self) -> Result<(), ClientError> {
+        let mut held = Box::pin(self.welcome()).await?.map(Box::new);
+        self.welcomed = true;
+        loop {
+            if held.is_none() && self.app.shutdown.is_cancelled() {
+                return Err(ClientError::Shutdown);
+            }
+            if self.lost_tx.is_some() {
+                if !Box::pin(self.answer_lost_transaction()).await? {
+                    return Ok(());
+                }
+                continue;
+            }
+            if held.is_none() && !self.wait_for_request().await? {
+                return Ok(());
+            }
+            if let Some(reason) = self.pin_lost.take() {
+                self.refuse_request(ClientError::PinnedServerLost(reason))
+                    .await?;
+                continue;
+            }
+            if held.is_none() {
+                if let Some(answer) = self.prepare_locally() {
+                    self.client
+                        .send(&answer)
+                        .await
+                        .map_err(ClientError::ClientIo)?;
+                    continue;
+                }
+            }
+            if Box::pin(self.attached(&mut held)).await? == Attachment::ClientGone {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Runs the client's requests on a server (the held one in session
+    /// mode, a checked-out one in transaction mode) until they end.
+    async fn attached(&mut self, held: &mut Option<Box<Lease>>) -> Result<Attachment, ClientError> {
+        let lease = match held {
+            Some(lease) => lease,
+            None => match self.start_transaction().await {
+                Ok(lease) => held.insert(Box::new(lease)),
+                Err(e) => {
+                    self.refuse_request(e).await?;
+                    return Ok(Attachment::Detached);
+                }
+            },
+        };
+        let shutdown = self.app.shutdown.clone();
+        let _active = Active::new(&self.app);
+        self.registered.info.set_state(if self.pinned.is_some() {
+            ClientState::Pinned
+        } else {
+            ClientState::Active
+        });
+        let end = loop {
+            tokio::select! {
+                biased;
+                end = poll_fn(|cx| self.poll_pump(cx, lease.conn())) => break end,
+                // Finish what runs, then end the client (see poll_pump).
+                _ = shutdown.cancelled(), if !self.closing => self.closing = true,
+            }
+        };
+        tracing::debug!(?end, "detached from the server");
+        self.registered.info.set_state(ClientState::Idle);
+        match end {
+            PumpEnd::Released => {
+                if !self.intent.reads_only() {
+                    self.fence = Some(Fence {
+                        since: std::time::Instant::now(),
+                        lsn: None,
+                    });
+                }
+                let mut reuse = !std::mem::take(&mut self.out_of_step);
+                if let Err(e) = self.read_back(lease.conn()).await {
+                    tracing::warn!(error = %e, "cannot read back the client's settings; closing that server connection");
+                    reuse = false;
+                }
+                self.detach(held.take(), reuse);
+                Ok(Attachment::Detached)
+            }
+            PumpEnd::Rerun => {
+                self.app.metrics.retry(match self.rerun {
+                    Some(Rerun::OnPrimary) => "replica_refused_write",
+                    Some(Rerun::Replan) => "stale_plan",
+                    _ => "server_lost",
+                });
+                tracing::info!(server = %lease.pool().addr(), reason = ?self.rerun, "running a read again");
+                self.detach(held.take(), true);
+                self.restore_replay()?;
+                Ok(Attachment::Detached)
+            }
+            PumpEnd::ServerLost(e) if self.replay.is_some() => {
+                let addr = lease.pool().shared_addr().clone();
+                tracing::warn!(server = %addr, error = %e, "server lost before answering a read; running it elsewhere");
+                self.app.metrics.retry("server_lost");
+                self.target.cluster.nudge(&addr);
+                self.rerun = Some(Rerun::Elsewhere(addr));
+                *held = None;
+                self.detach(None, false);
+                self.restore_replay()?;
+                Ok(Attachment::Detached)
+            }
+            PumpEnd::ClientGone => {
+                self.leave(held.take()).await;
+                Ok(Attachment::ClientGone)
+            }
+            PumpEnd::Closing => {
+                self.leave(held.take()).await;
+                Err(ClientError::Shutdown)
+            }
+            PumpEnd::ClientBroke(e) => {
+                self.detach(held.take(), false);
+                Err(e)
+            }
+            PumpEnd::ServerLost(e) => {
+                tracing::warn!(server = %lease.pool().addr(), error = %e, "server connection lost");
+                self.target.cluster.nudge(lease.pool().addr());
+                self.cancel.slot.detach();
+                // Dropping the lease closes the dead connection.
+                *held = None;
+                let idle = self.pending == 0 && !self.awaiting;
+                if let Some(reason) = self.unpin() {
+                    self.pin_lost = idle.then_some(reason);
+                }
+                self.report_server_lost(e).await?;
+                Ok(Attachment::Detached)
+            }
+        }
+    }
+
+    /// A new transaction: waits while the database is paused (PAUSE), then
+    /// routes and checks out a server.
+    async fn start_transaction(&mut self) -> Result<Lease, ClientError> {
+        let target = self.target.clone();
+        tokio::select! {
+            _ = target.unpaused() => {}
+            _ = self.app.shutdown.cancelled() => return Err(ClientError::Shutdown),
+        }
+        self.route_and_checkout().await
+    }
+
+    /// Authentication is done: tell the client the server's parameters, its
+    /// cancel key and that it may start. Session mode keeps the server.
+    async fn welcome(&mut self) -> Result<Option<Lease>, ClientError> {
+        let (mut lease, reported) = match self.pool.checkout().await {
+            Ok(mut l) => {
+                if let Some(e) = l
+                    .conn()
+                    .apply_params(&self.params)
+                    .await
+                    .map_err(PoolError::from)?
+                {
+                    return Err(PoolError::Upstream(e).into());
+                }
+                let reported = l.conn().reported.clone();
+                (Some(l), reported)
+            }
+            Err(e) => match self.remembered_parameters() {
+                // Transaction mode needs no server until the first query.
+                Some(reported) if self.mode == PoolMode::Transaction => {
+                    tracing::warn!(error = %e, "no server for the welcome; using remembered parameters");
+                    (None, reported)
+                }
+                _ => return Err(e.into()),
+            },
+        };
+        let mut out = BytesMut::new();
+        for (name, value) in reported.iter() {
+            build::parameter_status(&mut out, name.as_bytes(), value.as_bytes());
+        }
+        build::backend_key_data(&mut out, self.cancel.key);
+        build::ready_for_query(&mut out, TxStatus::Idle);
+        self.client
+            .send(&out)
+            .await
+            .map_err(ClientError::ClientIo)?;
+        if self.mode == PoolMode::Transaction {
+            if let Some(mut l) = lease.take() {
+                l.release();
+            }
+        } else if let Some(l) = lease.as_mut() {
+            self.cancel
+                .slot
+                .attach(l.pool().shared_addr(), l.server_key());
+        }
+        Ok(lease)
+    }
+
+    /// The parameters the pool's last server reported, with the client's own
+    /// settings laid over them.
+    fn remembered_parameters(&self) -> Option<Params> {
+        let mut reported = self.pool.welcome()?;
+        for (name, value) in self.params.iter() {
+            if reported.get(name).is_some() {
+                reported.set(name, value);
+            }
+        }
+        Some(reported)
+    }
+
+    /// Waits, holding no server and no buffers, until the client sent at
+    /// least one whole message header. Returns false when the client left.
+    async fn wait_for_request(&mut self) -> Result<bool, ClientError> {
+        loop {
+            self.scan_up()?;
+            if self.terminated && self.up.scanned == 0 {
+                return Ok(false);
+            }
+            if self.up.scanned > 0 {
+                return Ok(true);
+            }
+            self.up.shrink();
+            self.down.shrink();
+            // poll_read_ready keeps the waker in the socket's own slot: an
+            // idle client's wait costs no more than a pointer.
+            self.wire.shrink();
+            if self.expect.is_empty() {
+                self.expect = VecDeque::new();
+            }
+            let (client, shutdown) = (&mut self.client, &self.app.shutdown);
+            tokio::select! {
+                ready = poll_fn(|cx| client.poll_read_ready(cx)) => {
+                    ready.map_err(ClientError::ClientIo)?
+                }
+                _ = shutdown.cancelled() => return Err(ClientError::Shutdown),
+            }
+            self.up.reserve();
+            // poll_read (unlike try_read) clears readiness after a short
+            // read, which spares the pump a read that would find nothing.
+            let read = poll_fn(|cx| {
+                match poll_read_buf(Pin::new(&mut self.client), cx, &mut self.up.buf) {
+                    Poll::Pending => Poll::Ready(Err(io::ErrorKind::WouldBlock.into())),
+                    ready => ready,
+                }
+            });
+            match read.await {
+                Ok(0) => return Ok(false),
+                Ok(n) => {
+                    self.app.metrics.bytes_in.inc_by(n as u64);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(ClientError::ClientIo(e)),
+            }
+        }
+    }
+
+    /// No server could be had: answer the buffered requests with the error.
+    async fn refuse_request(&mut self, e: ClientError) -> Result<(), ClientError> {
+        tracing::warn!(error = %e, "request refused");
+        match &e {
+            ClientError::NoPrimary { .. } => self.app.metrics.reject("no_primary"),
+            ClientError::NoNode(_) => self.app.metrics.reject("no_node"),
+            _ => {}
+        }
+        let mut out = BytesMut::new();
+        self.fail_requests(&e, &mut out);
+        self.client.send(&out).await.map_err(ClientError::ClientIo)
+    }
+
+    /// Answers each request in flight (a Query, Sync or FunctionCall not yet
+    /// answered) with `err` and ReadyForQuery, as the server would have, and
+    /// forgets what the client sent for them. With none in flight (a Parse
+    /// not yet followed by Sync) only the error goes out; the Sync still to
+    /// come will get its ReadyForQuery.
+    fn fail_requests(&mut self, err: &ClientError, out: &mut BytesMut) {
+        self.fail_requests_as(err, out, TxStatus::Idle);
+    }
+
+    fn fail_requests_as(&mut self, err: &ClientError, out: &mut BytesMut, status: TxStatus) {
+        // With nothing awaiting an answer an error would be unsolicited, which
+        // drivers take for the end of the connection.
+        if self.pending == 0 && self.awaiting {
+            err.write_response(out, true);
+        }
+        for _ in 0..self.pending {
+            err.write_response(out, true);
+            build::ready_for_query(out, status);
+        }
+        self.server_dying = false;
+        self.forget_sent();
+        self.up.buf.advance(self.up.scanned);
+        self.up.scanned = 0;
+        self.dropping = !self.up.scanner.at_boundary();
+        self.pending = 0;
+        self.owed = false;
+        self.awaiting = false;
+        self.tx = TxStatus::Idle;
+    }
+
+    /// Forgets what went to a server that is no longer ours.
+    fn forget_sent(&mut self) {
+        self.wire.clear();
+        self.xl = Scanner::new(usize::MAX);
+        self.expect.clear();
+        self.dirty = None;
+    }
+
+    fn detach(&mut self, lease: Option<Box<Lease>>, reuse: bool) {
+        self.cancel.slot.detach();
+        self.forget_sent();
+        if let Some(mut lease) = lease {
+            if reuse {
+                lease.release();
+            }
+        }
+        self.pending = 0;
+        self.owed = false;
+        self.awaiting = false;
+        self.tx = TxStatus::Idle;
+        self.server_dying = false;
+    }
+
+    /// The client left: give the server back when it is clean.
+    async fn leave(&mut self, lease: Option<Box<Lease>>) {
+        self.cancel.slot.detach();
+        let Some(mut lease) = lease else { return };
+        let pinned = self.pinned.take().is_some();
+        if self.owed || self.tx != TxStatus::Idle {
+            return;
+        }
+        if self.mode == PoolMode::Session || pinned {
+            if let Err(e) = lease.conn().reset().await {
+                tracing::warn!(error = %e, "cannot reset a session-mode server; closing it");
+                return;
+            }
+        }
+        lease.release();
+    }
+
+    /// The server died under the client. Between messages the client hears
+    /// 08006 and keeps its connection; in the middle of one it cannot.
+    async fn report_server_lost(&mut self, e: io::Error) -> Result<(), ClientError> {
+        if !self.down.scanner.at_boundary() {
+            return Err(ClientError::ServerLost(e));
+        }
+        let mut out = BytesMut::new();
+        out.extend_from_slice(&self.down.buf[..self.down.scanned]);
+        self.down.clear();
+        // The last ReadyForQuery said whether a transaction was open.
+        let in_transaction = self.tx != TxStatus::Idle;
+        if in_transaction {
+            // Told now if a request was waiting, else on the next one.
+            let announce = self.pending == 0 && !self.awaiting;
+            self.fail_requests_as(
+                &ClientError::ServerLostInTransaction(e),
+                &mut out,
+                TxStatus::Failed,
+            );
+            self.lost_tx = Some(LostTx {
+                announce,
+                ..LostTx::default()
+            });
+        } else if self.intent.reads_only() {
+            self.fail_requests(&ClientError::ServerLost(e), &mut out);
+        } else {
+            self.fail_requests(&ClientError::ServerLostDuringWrite(e), &mut out);
+        }
+        self.client.send(&out).await.map_err(ClientError::ClientIo)
+    }
+}

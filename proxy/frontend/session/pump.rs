@@ -1,0 +1,367 @@
+//! The data path of one attachment: bytes both ways, headers scanned,
+//! ReadyForQuery/ParameterStatus/ErrorResponse read whole.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Buf;
+use pgheal_protocol::backend::{self, TxStatus};
+use pgheal_protocol::frame::{FrameError, Scanner, Step};
+use pgheal_protocol::frontend;
+use pgheal_protocol::sqlstate;
+use tokio_util::io::poll_read_buf;
+
+use super::replies::{self, Reply};
+use super::{translate, PumpEnd, Rerun, Session};
+use crate::backend::conn::ServerConn;
+use crate::config::PoolMode;
+use crate::net::flow::{write_some, MAX_PENDING};
+use crate::net::stream::Stream;
+use tokio::io::AsyncWrite;
+
+/// Flushes a TLS stream; plain TCP has nothing to flush.
+fn flush_tls(cx: &mut Context<'_>, stream: &mut Stream) -> Poll<io::Result<()>> {
+    if !stream.is_tls() {
+        return Poll::Ready(Ok(()));
+    }
+    Pin::new(stream).poll_flush(cx)
+}
+
+impl Session {
+    /// Puts the kept request of a read back as if the client had just sent
+    /// it, and forgets what the server said.
+    pub(super) fn restore_replay(&mut self) -> Result<(), FrameError> {
+        let Some(request) = self.replay.take() else {
+            return Ok(());
+        };
+        let max = self.app.config().proxy.max_message_size;
+        self.down.clear();
+        self.down.scanner = Scanner::new(usize::MAX);
+        self.forget_sent();
+        self.up.buf = request;
+        self.up.scanned = 0;
+        self.up.scanner = Scanner::new(max);
+        self.holding = false;
+        self.pending = 0;
+        self.owed = false;
+        self.awaiting = false;
+        self.tx = TxStatus::Idle;
+        self.scan_up()
+    }
+
+    pub(super) fn scan_up(&mut self) -> Result<(), FrameError> {
+        let translating = self.translating;
+        loop {
+            let step = self.up.scanner.next(&self.up.buf[self.up.scanned..], |t| {
+                translating && translate::whole(t)
+            })?;
+            match step {
+                Step::NeedMore => return Ok(()),
+                Step::Body(n) if self.dropping => {
+                    self.up.buf.advance(n);
+                    self.dropping = !self.up.scanner.at_boundary();
+                    continue;
+                }
+                Step::Header { tag, .. } if tag == frontend::TERMINATE => {
+                    self.up.buf.truncate(self.up.scanned);
+                    self.terminated = true;
+                    return Ok(());
+                }
+                Step::Header { tag, .. } | Step::Whole { tag, .. } => {
+                    if self.tx_started.is_none() {
+                        self.tx_started = Some(std::time::Instant::now());
+                    }
+                    if self.holding {
+                        // More from the client: the kept request is no
+                        // longer all of it; answer as it comes.
+                        self.replay = None;
+                        self.holding = false;
+                    }
+                    if matches!(
+                        tag,
+                        frontend::QUERY | frontend::SYNC | frontend::FUNCTION_CALL
+                    ) {
+                        self.pending += 1;
+                    }
+                    self.owed = true;
+                    self.awaiting = true;
+                }
+                _ => {}
+            }
+            self.up.scanned += step.consumed();
+        }
+    }
+
+    pub(super) fn scan_down(&mut self, conn: &mut ServerConn) -> Result<(), FrameError> {
+        let translating = self.translating;
+        let whole = |t| {
+            matches!(
+                t,
+                backend::READY_FOR_QUERY | backend::PARAMETER_STATUS | backend::ERROR_RESPONSE
+            ) || (translating && replies::tracked(t))
+        };
+        loop {
+            let start = self.down.scanned;
+            let step = self.down.scanner.next(&self.down.buf[start..], whole)?;
+            if let (true, Step::Header { tag, .. } | Step::Whole { tag, .. }) = (self.holding, step)
+            {
+                let message = &self.down.buf[start..start + step.consumed()];
+                let error = (tag == backend::ERROR_RESPONSE)
+                    .then(|| backend::ErrorFields::parse(message.get(5..).unwrap_or_default()).ok())
+                    .flatten();
+                let read_only = error.as_ref().is_some_and(|f| {
+                    f.code == sqlstate::READ_ONLY_SQL_TRANSACTION.code().as_bytes()
+                });
+                // A FATAL is the server going away, not an answer: the read
+                // stays ready to run elsewhere.
+                let fatal = error
+                    .as_ref()
+                    .is_some_and(|f| matches!(f.severity, b"FATAL" | b"PANIC"));
+                let stale = error.as_ref().is_some_and(|f| {
+                    f.code == sqlstate::FEATURE_NOT_SUPPORTED.code().as_bytes()
+                        && f.message
+                            .starts_with(b"cached plan must not change result type")
+                });
+                if !fatal {
+                    self.watch_held_answer(tag, read_only, stale);
+                }
+            }
+            if let (true, Step::Whole { tag, len }) = (translating, step) {
+                // Taken out for a moment so that the body can be read while
+                // the session changes.
+                let buf = std::mem::take(&mut self.down.buf);
+                let reply = self.on_reply(conn, tag, &buf[start + 5..start + len]);
+                self.down.buf = buf;
+                match reply {
+                    Reply::Keep => {}
+                    Reply::Drop => {
+                        self.splice_down(start, len, &[]);
+                        continue;
+                    }
+                    Reply::Replace(with) => {
+                        self.splice_down(start, len, &with);
+                        self.down.scanned += with.len();
+                        continue;
+                    }
+                }
+            }
+            if let Step::Whole { tag, len } = step {
+                let body = &self.down.buf[start + 5..start + len];
+                if tag == backend::READY_FOR_QUERY {
+                    self.tx = TxStatus::parse(body).unwrap_or(TxStatus::Failed);
+                    self.pending = self.pending.saturating_sub(1);
+                    self.count_ready();
+                    if self.pending == 0 {
+                        self.awaiting = false;
+                        self.owed &= self.tx != TxStatus::Idle;
+                    }
+                } else if tag == backend::ERROR_RESPONSE {
+                    let fields = backend::ErrorFields::parse(body).unwrap_or_default();
+                    if fields.code == sqlstate::READ_ONLY_SQL_TRANSACTION.code().as_bytes() {
+                        // A node taken for the primary refuses writes: re-probe it.
+                        self.target.cluster.nudge(&conn.addr);
+                    }
+                    if matches!(fields.severity, b"FATAL" | b"PANIC") {
+                        // The server is going away. Its FATAL would end the
+                        // client's connection; the client hears 08006 from
+                        // pgheal instead, in protocol order, and stays.
+                        let message = fields.message_lossy();
+                        tracing::warn!(server = %conn.addr, %message, "server is closing the connection");
+                        self.server_dying = true;
+                        self.splice_down(start, len, &[]);
+                        continue;
+                    }
+                } else {
+                    let _ = conn.note_parameter(body);
+                    if conn.reported.get("in_hot_standby") == Some("on")
+                        && !self.intent.reads_only()
+                    {
+                        // PostgreSQL 14+ says the node went into recovery.
+                        self.target.cluster.nudge(&conn.addr);
+                    }
+                }
+            } else if step == Step::NeedMore {
+                return Ok(());
+            }
+            self.down.scanned += step.consumed();
+        }
+    }
+
+    /// A ReadyForQuery: one request answered; at idle, a transaction ended.
+    fn count_ready(&mut self) {
+        let metrics = &self.app.metrics;
+        metrics.queries.inc();
+        if self.pending == 0 && self.tx == TxStatus::Idle {
+            metrics.transactions.inc();
+            if let Some(start) = self.tx_started.take() {
+                metrics.transaction_took(start.elapsed());
+            }
+        }
+    }
+
+    /// Replaces the server message at `start` (`len` bytes) with `with`.
+    fn splice_down(&mut self, start: usize, len: usize, with: &[u8]) {
+        let tail = self.down.buf.split_off(start + len);
+        self.down.buf.truncate(start);
+        self.down.buf.extend_from_slice(with);
+        self.down.buf.unsplit(tail);
+    }
+
+    /// While a read's answer is held back: a 25006 from a replica means run
+    /// it on the primary, a statement gone stale means prepare it afresh
+    /// and run it again; anything that is an answer lets it through.
+    pub(super) fn watch_held_answer(&mut self, tag: u8, read_only_error: bool, stale: bool) {
+        match tag {
+            // Describing the result is not yet an answer.
+            backend::ROW_DESCRIPTION
+            | backend::PARSE_COMPLETE
+            | backend::BIND_COMPLETE
+            | backend::CLOSE_COMPLETE
+            | backend::PARAMETER_DESCRIPTION
+            | backend::NO_DATA
+            | backend::PARAMETER_STATUS => {}
+            // The request is answered in full without an error.
+            backend::READY_FOR_QUERY if self.rerun.is_none() => {
+                self.holding = false;
+                self.replay = None;
+            }
+            backend::READY_FOR_QUERY => {}
+            backend::ERROR_RESPONSE if read_only_error => self.rerun = Some(Rerun::OnPrimary),
+            backend::ERROR_RESPONSE if stale => self.rerun = Some(Rerun::Replan),
+            _ => {
+                self.holding = false;
+                self.replay = None;
+            }
+        }
+    }
+
+    pub(super) fn releasable(&self) -> bool {
+        self.mode == PoolMode::Transaction && self.pinned.is_none() && self.idle()
+    }
+
+    /// Nothing is owed either way: the server is idle and every byte was
+    /// passed on.
+    pub(super) fn idle(&self) -> bool {
+        !self.owed
+            && self.up.buf.is_empty()
+            && self.up.scanner.at_boundary()
+            && self.wire.buf.is_empty()
+            && self.down.buf.is_empty()
+    }
+
+    /// Moves bytes both ways until the attachment ends. Each side is read
+    /// only while the other side's backlog is small.
+    pub(super) fn poll_pump(
+        &mut self,
+        cx: &mut Context<'_>,
+        conn: &mut ServerConn,
+    ) -> Poll<PumpEnd> {
+        loop {
+            let mut progress = match self.poll_client_read(cx) {
+                Ok(p) => p,
+                Err(end) => return Poll::Ready(end),
+            };
+            if self.client_eof || (self.terminated && self.up.buf.is_empty()) {
+                return Poll::Ready(PumpEnd::ClientGone);
+            }
+            if !self.server_dying {
+                if self.translating {
+                    if let Err(e) = self.translate(conn) {
+                        return Poll::Ready(PumpEnd::ClientBroke(e));
+                    }
+                }
+                let out = if self.translating {
+                    &mut self.wire
+                } else {
+                    &mut self.up
+                };
+                match write_some(cx, &mut conn.stream, out) {
+                    Poll::Ready(Ok(n)) => progress |= n > 0,
+                    Poll::Ready(Err(e)) => return Poll::Ready(PumpEnd::ServerLost(e)),
+                    Poll::Pending => {}
+                }
+            }
+            match self.poll_server_read(cx, conn) {
+                Ok(p) => progress |= p,
+                Err(end) => return Poll::Ready(end),
+            }
+            if self.rerun.is_some() && self.pending == 0 {
+                return Poll::Ready(PumpEnd::Rerun);
+            }
+            if !self.holding {
+                match write_some(cx, &mut self.client, &mut self.down) {
+                    Poll::Ready(Ok(n)) => {
+                        self.app.metrics.bytes_out.inc_by(n as u64);
+                        progress |= n > 0;
+                    }
+                    Poll::Ready(Err(_)) => return Poll::Ready(PumpEnd::ClientGone),
+                    Poll::Pending => {}
+                }
+            }
+            // TLS keeps what was written in its own buffer until flushed.
+            let flushed = match flush_tls(cx, &mut self.client) {
+                Poll::Ready(Ok(())) => true,
+                Poll::Ready(Err(_)) => return Poll::Ready(PumpEnd::ClientGone),
+                Poll::Pending => false,
+            };
+            if let Poll::Ready(Err(e)) = flush_tls(cx, &mut conn.stream) {
+                return Poll::Ready(PumpEnd::ServerLost(e));
+            }
+            if flushed && self.closing && self.idle() {
+                return Poll::Ready(PumpEnd::Closing);
+            }
+            if flushed && self.releasable() {
+                return Poll::Ready(PumpEnd::Released);
+            }
+            if !progress {
+                tracing::trace!(pending = self.pending, owed = self.owed, tx = ?self.tx, up = self.up.buf.len(), wire = self.wire.buf.len(), down = self.down.buf.len(), expect = ?self.expect, "pump waits");
+                return Poll::Pending;
+            }
+        }
+    }
+
+    pub(super) fn poll_client_read(&mut self, cx: &mut Context<'_>) -> Result<bool, PumpEnd> {
+        let backlog = self.up.scanned + self.wire.buf.len();
+        if self.terminated || self.client_eof || self.server_dying || backlog >= MAX_PENDING {
+            return Ok(false);
+        }
+        self.up.reserve();
+        match poll_read_buf(Pin::new(&mut self.client), cx, &mut self.up.buf) {
+            Poll::Ready(Ok(0)) => {
+                self.client_eof = true;
+                Ok(true)
+            }
+            Poll::Ready(Ok(n)) => {
+                self.app.metrics.bytes_in.inc_by(n as u64);
+                self.scan_up().map_err(|e| PumpEnd::ClientBroke(e.into()))?;
+                Ok(true)
+            }
+            Poll::Ready(Err(_)) => Err(PumpEnd::ClientGone),
+            Poll::Pending => Ok(false),
+        }
+    }
+
+    pub(super) fn poll_server_read(
+        &mut self,
+        cx: &mut Context<'_>,
+        conn: &mut ServerConn,
+    ) -> Result<bool, PumpEnd> {
+        if self.down.scanned >= MAX_PENDING {
+            return Ok(false);
+        }
+        self.down.reserve();
+        match poll_read_buf(Pin::new(&mut conn.stream), cx, &mut self.down.buf) {
+            Poll::Ready(Ok(0)) => Err(PumpEnd::ServerLost(io::ErrorKind::UnexpectedEof.into())),
+            Poll::Ready(Ok(_)) => {
+                // A server that breaks framing is as good as gone.
+                self.scan_down(conn).map_err(|e| {
+                    PumpEnd::ServerLost(io::Error::new(io::ErrorKind::InvalidData, e))
+                })?;
+                Ok(true)
+            }
+            Poll::Ready(Err(e)) => Err(PumpEnd::ServerLost(e)),
+            Poll::Pending => Ok(false),
+        }
+    }
+}

@@ -1,0 +1,231 @@
+//! Choosing the node for a client's next transaction, read-your-writes,
+//! and running a read again when its first node could not answer it.
+
+use std::sync::Arc;
+
+use bytes::BytesMut;
+
+use super::Session;
+use crate::backend::cluster::{Role, Topology};
+use crate::backend::error::PoolError;
+use crate::backend::pool::{Lease, Pool};
+use crate::backend::router::{self, Decision, Intent};
+use crate::config::PoolMode;
+use crate::frontend::error::ClientError;
+
+/// A client's last write: when it ended, and the primary's WAL position at
+/// the first health probe after that (at or past the write's commit).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Fence {
+    pub(super) since: std::time::Instant,
+    pub(super) lsn: Option<u64>,
+}
+
+impl Fence {
+    /// The LSN a replica must have replayed to serve this client's reads,
+    /// or `None` when every replica has.
+    pub(super) fn floor(&mut self, topology: &Topology) -> Option<u64> {
+        if self.lsn.is_none() {
+            self.lsn = topology
+                .primary()
+                .filter(|p| p.probed_at.is_some_and(|at| at > self.since))
+                .map(|p| p.lsn);
+        }
+        let Some(lsn) = self.lsn else {
+            // Not yet known: no replica qualifies.
+            return Some(u64::MAX);
+        };
+        let behind = topology
+            .nodes
+            .iter()
+            .any(|n| n.role == Role::Replica && n.lsn < lsn);
+        behind.then_some(lsn)
+    }
+}
+
+/// Why an autocommit read runs again, unseen by the client.
+#[derive(Debug, Clone)]
+pub(super) enum Rerun {
+    /// A replica refused it with 25006 (a "read" that writes, such as
+    /// `SELECT nextval(...)`): run it on the primary.
+    OnPrimary,
+    /// Its server was lost: run it on another node if there is one, else
+    /// on the same node if it is still up (only that backend died).
+    Elsewhere(Arc<str>),
+    /// Its node could not be reached at all: not there again.
+    Unreachable(Arc<str>),
+    /// A prepared statement's plan went stale after a schema change: run
+    /// it again once the server's statements are prepared afresh.
+    Replan,
+}
+
+impl Session {
+    /// Picks the node for the buffered request and checks out a server
+    /// there. A write with no primary waits up to `write_wait` for one.
+    pub(super) async fn route_and_checkout(&mut self) -> Result<Lease, ClientError> {
+        let mut rerun = self.rerun.take();
+        loop {
+            let pool = self.route(rerun.as_ref()).await?;
+            let e = match self.checkout(&pool).await {
+                Ok(lease) => {
+                    // One invisible second try for an autocommit read.
+                    let autocommit_read =
+                        self.intent == Intent::Read && self.mode == PoolMode::Transaction;
+                    // Held only when the request ends in a Sync or Query:
+                    // a client that sent Flush waits for the answer so far.
+                    if rerun.is_none() && autocommit_read && self.pending > 0 {
+                        self.replay = Some(BytesMut::from(&self.up.buf[..]));
+                        self.holding = true;
+                    }
+                    return Ok(lease);
+                }
+                Err(e) => e,
+            };
+            let unreachable = matches!(&e, PoolError::Upstream(u) if u.is_unreachable());
+            if !unreachable {
+                return Err(e.into());
+            }
+            self.target.cluster.nudge(pool.addr());
+            // Nothing was sent: route again once without that node. A read
+            // goes elsewhere; a write waits for a primary like any other.
+            if rerun.is_some() {
+                return Err(e.into());
+            }
+            tracing::warn!(server = %pool.addr(), error = %e, "node unreachable; routing again without it");
+            self.app.metrics.retry("node_unreachable");
+            rerun = Some(Rerun::Unreachable(pool.shared_addr().clone()));
+        }
+    }
+
+    pub(super) async fn route(&mut self, rerun: Option<&Rerun>) -> Result<Arc<Pool>, ClientError> {
+        if !self.target.cluster.is_probing() {
+            self.intent = self.request_intent();
+            return Ok(self.pool.clone());
+        }
+        if self.node_pools.iter().any(Option::is_none) {
+            // "Least busy" compares every node's pool, so know them all.
+            for i in 0..self.node_pools.len() {
+                self.node_pool(i);
+            }
+        }
+        let intent = match rerun {
+            Some(Rerun::OnPrimary) => Intent::Write,
+            _ => self.request_intent(),
+        };
+        self.intent = intent;
+        let read_routing = self.target.database.read_routing;
+        let waited = self.app.config().failover.write_wait;
+        let deadline = tokio::time::Instant::now() + waited;
+        loop {
+            let topology = self.topology.borrow_and_update().clone();
+            // After a lost server, prefer another node; the same node is
+            // fine when it is still up (only that backend died).
+            let avoided = match rerun {
+                Some(Rerun::Elsewhere(lost) | Rerun::Unreachable(lost)) => {
+                    let mut t = (*topology).clone();
+                    t.nodes
+                        .iter_mut()
+                        .filter(|n| n.addr == *lost)
+                        .for_each(|n| n.role = Role::Down);
+                    Some(t)
+                }
+                _ => None,
+            };
+            let floor = self.fence.as_mut().map_or(Some(0), |f| f.floor(&topology));
+            if floor.is_none() {
+                self.fence = None;
+            }
+            let fit = router::ReplicaFit {
+                min_lsn: floor.unwrap_or(0),
+                max_lag: self.target.database.max_replica_lag,
+            };
+            let decide =
+                |t: &Topology| router::decide(t, intent, read_routing, fit, |i| self.busy(i));
+            let decision = match (avoided.as_ref().map(decide), rerun) {
+                (Some(d), Some(Rerun::Unreachable(_))) => d,
+                (Some(Decision::Node(i)), _) => Decision::Node(i),
+                _ => decide(&topology),
+            };
+            let expired = tokio::time::Instant::now() >= deadline;
+            match decision {
+                Decision::Node(i) => return Ok(self.node_pool(i)),
+                Decision::NoPrimary if expired && intent == Intent::Begin => {
+                    if let Some(i) = router::degraded_begin(&topology, |i| self.busy(i)) {
+                        return Ok(self.node_pool(i));
+                    }
+                }
+                _ => {}
+            }
+            if expired {
+                let database = self.target.database.name.clone();
+                return Err(match decision {
+                    Decision::NoNode => ClientError::NoNode(database),
+                    _ => ClientError::NoPrimary { database, waited },
+                });
+            }
+            let _ = tokio::time::timeout_at(deadline, self.topology.changed()).await;
+        }
+    }
+
+    /// What the buffered request intends: from its SQL, or for a Bind of
+    /// a named statement, from the statement's SQL.
+    fn request_intent(&self) -> Intent {
+        let buf = &self.up.buf[..];
+        if buf.first() == Some(&pgheal_protocol::frontend::BIND) {
+            let body = buf.get(5..).unwrap_or_default();
+            if let Ok(bind) = pgheal_protocol::frontend::bind(body) {
+                if let Some(stmt) = self.statements.get(bind.statement) {
+                    return stmt.intent;
+                }
+            }
+        }
+        router::intent(buf)
+    }
+
+    pub(super) fn busy(&self, node: usize) -> usize {
+        self.node_pools
+            .get(node)
+            .and_then(Option::as_ref)
+            .map_or(0, |p| p.counts().1)
+    }
+
+    pub(super) fn node_pool(&mut self, node: usize) -> Arc<Pool> {
+        if let Some(Some(pool)) = self.node_pools.get(node) {
+            return pool.clone();
+        }
+        let addr = self
+            .target
+            .database
+            .nodes
+            .get(node)
+            .cloned()
+            .unwrap_or_default();
+        let pool = self.app.pool_at(&self.target, &self.user, &addr);
+        if let Some(slot) = self.node_pools.get_mut(node) {
+            *slot = Some(pool.clone());
+        }
+        pool
+    }
+
+    pub(super) async fn checkout(&mut self, pool: &Arc<Pool>) -> Result<Lease, PoolError> {
+        let mut lease = pool.checkout().await?;
+        if !self.intent.reads_only() && lease.conn().reported.get("in_hot_standby") == Some("on") {
+            // Taken for the primary, but it says it is a standby (PG 14+).
+            self.target.cluster.nudge(pool.addr());
+        }
+        if lease.conn().statements.stale {
+            // Plans went stale after a schema change: start afresh.
+            if let Some(e) = lease.conn().run_quietly("DEALLOCATE ALL").await? {
+                return Err(e.into());
+            }
+            lease.conn().statements.clear();
+        }
+        if let Some(e) = lease.conn().apply_params(&self.params).await? {
+            tracing::warn!(error = %e, "cannot apply the client's session parameters");
+        }
+        self.cancel
+            .slot
+            .attach(lease.pool().shared_addr(), lease.server_key());
+        Ok(lease)
+    }
+}

@@ -1,0 +1,449 @@
+//! Transaction mode: what the client sent, made right for the server it
+//! landed on. Named statements get their server names and are prepared on
+//! demand; the replies pgheal causes are noted in `expect` so that the
+//! client sees exactly the replies it asked for, in order.
+
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use pgheal_protocol::backend::TxStatus;
+use pgheal_protocol::build;
+use pgheal_protocol::effects::{self, Effects, Prepared};
+use pgheal_protocol::frame::{self, Step, HEADER_LEN};
+use pgheal_protocol::frontend::{self, STATEMENT};
+
+use super::replies::Expect;
+use super::Session;
+use crate::backend::conn::ServerConn;
+use crate::backend::router::{self, Intent};
+use crate::backend::statements::{ServerName, Source, Statement, FAIL, NONE, NOOP};
+use crate::frontend::error::ClientError;
+
+/// Client messages read whole: their statement names may change.
+pub(super) fn whole(tag: u8) -> bool {
+    matches!(
+        tag,
+        frontend::PARSE | frontend::BIND | frontend::DESCRIBE | frontend::CLOSE | frontend::QUERY
+    )
+}
+
+impl Session {
+    /// Moves what `scan_up` framed from `up` to `wire`, rewritten for
+    /// `conn`.
+    pub(super) fn translate(&mut self, conn: &mut ServerConn) -> Result<(), ClientError> {
+        let buf = std::mem::take(&mut self.up.buf);
+        let mut at = 0;
+        let result = loop {
+            let step = match self.xl.next(&buf[at..self.up.scanned], whole) {
+                Ok(step) => step,
+                Err(e) => break Err(e.into()),
+            };
+            match step {
+                Step::NeedMore => break Ok(()),
+                Step::Whole { tag, len } => {
+                    if let Err(e) = self.translate_message(conn, tag, &buf[at..at + len]) {
+                        break Err(e);
+                    }
+                }
+                Step::Header { tag, .. } => {
+                    if matches!(tag, frontend::SYNC | frontend::FUNCTION_CALL) {
+                        self.expect.push_back(Expect::ready());
+                    }
+                    self.wire.buf.extend_from_slice(&buf[at..at + HEADER_LEN]);
+                }
+                Step::Body(n) => self.wire.buf.extend_from_slice(&buf[at..at + n]),
+            }
+            at += step.consumed();
+        };
+        self.up.buf = buf;
+        self.up.advance(at);
+        self.wire.scanned = self.wire.buf.len();
+        result
+    }
+
+    fn translate_message(
+        &mut self,
+        conn: &mut ServerConn,
+        tag: u8,
+        msg: &[u8],
+    ) -> Result<(), ClientError> {
+        let body = &msg[HEADER_LEN..];
+        let malformed = |what| ClientError::Malformed(what);
+        match tag {
+            frontend::PARSE => {
+                let parse = frontend::parse(body).map_err(|_| malformed("Parse"))?;
+                self.translate_parse(conn, msg, parse);
+            }
+            frontend::BIND => {
+                let bind = frontend::bind(body).map_err(|_| malformed("Bind"))?;
+                match self.statements.get(bind.statement).cloned() {
+                    Some(stmt) => {
+                        self.prepare_on(conn, &stmt);
+                        let name = stmt.server.as_bytes();
+                        build::bind(&mut self.wire.buf, bind.portal, name, bind.rest);
+                    }
+                    None => self.wire.buf.extend_from_slice(msg),
+                }
+            }
+            frontend::DESCRIBE => {
+                let (kind, name) = frontend::target(body).map_err(|_| malformed("Describe"))?;
+                match self
+                    .statements
+                    .get(name)
+                    .cloned()
+                    .filter(|_| kind == STATEMENT)
+                {
+                    Some(stmt) => {
+                        self.prepare_on(conn, &stmt);
+                        build::describe(&mut self.wire.buf, kind, stmt.server.as_bytes());
+                    }
+                    None => self.wire.buf.extend_from_slice(msg),
+                }
+            }
+            frontend::CLOSE => {
+                let (kind, name) = frontend::target(body).map_err(|_| malformed("Close"))?;
+                if kind == STATEMENT && !name.is_empty() {
+                    // The server keeps it for others; the client forgets it.
+                    self.statements.remove(name);
+                    build::close(&mut self.wire.buf, STATEMENT, NONE);
+                } else {
+                    self.wire.buf.extend_from_slice(msg);
+                }
+                self.expect.push_back(Expect::close(false));
+            }
+            _ => {
+                let sql = frontend::query(body).map_err(|_| malformed("Query"))?;
+                self.translate_query(conn, msg, sql);
+            }
+        }
+        Ok(())
+    }
+
+    /// Records a client's named Parse. `Err` carries the error for a
+    /// name already taken by another statement; `Ok(true)` means the
+    /// statement is new to the client.
+    fn register(&mut self, p: &frontend::Parse<'_>) -> Result<bool, BytesMut> {
+        let server = ServerName::protocol(p.query, p.types);
+        match self.statements.get(p.name) {
+            Some(s) if s.server == server => return Ok(false),
+            Some(_) => {
+                // PostgreSQL refuses a second statement under one name.
+                let name = String::from_utf8_lossy(p.name);
+                let mut error = BytesMut::new();
+                build::error_response(
+                    &mut error,
+                    build::Severity::Error,
+                    pgheal_protocol::sqlstate::DUPLICATE_PREPARED_STATEMENT,
+                    &format!("prepared statement \"{name}\" already exists"),
+                    None,
+                );
+                return Err(error);
+            }
+            None => {}
+        }
+        self.take_effects(&effects::effects(p.query));
+        let stmt = Statement {
+            server,
+            source: Source::Protocol {
+                query: p.query.into(),
+                types: p.types.into(),
+            },
+            intent: router::sql_intent(p.query),
+        };
+        self.statements.insert(p.name.into(), Arc::new(stmt));
+        Ok(true)
+    }
+
+    /// Answers a request made only of named Parses and a Sync, outside a
+    /// transaction, without a server: the statements are prepared where
+    /// they first run. A client that prepares while it holds a server in
+    /// another connection's transaction (pgbench does) so never waits for
+    /// a server it is itself keeping busy.
+    pub(super) fn prepare_locally(&mut self) -> Option<BytesMut> {
+        if !self.translating || self.tx != TxStatus::Idle || self.pending != 1 {
+            return None;
+        }
+        if self.up.scanned != self.up.buf.len() || !self.up.scanner.at_boundary() {
+            return None;
+        }
+        let buf = std::mem::take(&mut self.up.buf);
+        let answer = self.answer_parses(&buf);
+        self.up.buf = buf;
+        let mut out = answer?;
+        build::ready_for_query(&mut out, TxStatus::Idle);
+        self.up.clear();
+        self.pending = 0;
+        self.owed = false;
+        self.awaiting = false;
+        Some(out)
+    }
+
+    /// ParseComplete for each named Parse in `buf` (ending in a Sync), or
+    /// `None` when `buf` holds anything else.
+    fn answer_parses(&mut self, buf: &[u8]) -> Option<BytesMut> {
+        let mut parses = Vec::new();
+        let mut at = 0;
+        while let Ok(Some(m)) = frame::message(&buf[at..], usize::MAX) {
+            at += m.len;
+            match m.tag {
+                frontend::PARSE => parses.push(frontend::parse(m.body).ok()?),
+                frontend::SYNC if at == buf.len() => break,
+                _ => return None,
+            }
+        }
+        if at != buf.len() || parses.iter().any(|p| p.name.is_empty()) {
+            return None;
+        }
+        let mut out = BytesMut::new();
+        for p in &parses {
+            match self.register(p) {
+                Ok(_) => build::parse_complete(&mut out),
+                Err(error) => {
+                    out.extend_from_slice(&error);
+                    break;
+                }
+            }
+        }
+        Some(out)
+    }
+
+    fn translate_parse(&mut self, conn: &mut ServerConn, msg: &[u8], p: frontend::Parse<'_>) {
+        if p.name.is_empty() {
+            self.take_effects(&effects::effects(p.query));
+            self.wire.buf.extend_from_slice(msg);
+            self.expect.push_back(Expect::parse(false));
+            return;
+        }
+        let server = ServerName::protocol(p.query, p.types);
+        let known = match self.register(&p) {
+            Ok(new) => !new,
+            Err(error) => {
+                build::parse(&mut self.wire.buf, FAIL, b"pgheal: duplicate name", b"\0\0");
+                self.expect.push_back(Expect::Parse {
+                    swallow: false,
+                    server: None,
+                    client: None,
+                    error: Some(error.freeze()),
+                });
+                return;
+            }
+        };
+        let client = (!known).then(|| p.name.into());
+        if conn.statements.contains(&server) {
+            conn.statements.touch(&server);
+            // Nothing to prepare, but the client awaits ParseComplete.
+            build::close(&mut self.wire.buf, STATEMENT, NOOP);
+            self.expect.push_back(Expect::close(true));
+            build::parse(&mut self.wire.buf, NOOP, b"", b"\0\0");
+            self.expect.push_back(Expect::Parse {
+                swallow: false,
+                server: None,
+                client,
+                error: None,
+            });
+            return;
+        }
+        self.make_room(conn);
+        build::parse(&mut self.wire.buf, server.as_bytes(), p.query, p.types);
+        conn.statements.add(server);
+        self.expect.push_back(Expect::Parse {
+            swallow: false,
+            server: Some(server),
+            client,
+            error: None,
+        });
+    }
+
+    /// Prepares a client's statement on `conn` unless it is there; the
+    /// server's ParseComplete for it is not the client's to see.
+    fn prepare_on(&mut self, conn: &mut ServerConn, stmt: &Statement) {
+        if conn.statements.contains(&stmt.server) {
+            conn.statements.touch(&stmt.server);
+            return;
+        }
+        let Source::Protocol { query, types } = &stmt.source else {
+            // A SQL PREPAREd statement bound by the protocol: prepared by
+            // the EXECUTE path only; the server names what is missing.
+            return;
+        };
+        self.make_room(conn);
+        build::parse(&mut self.wire.buf, stmt.server.as_bytes(), query, types);
+        conn.statements.add(stmt.server);
+        self.expect.push_back(Expect::Parse {
+            swallow: true,
+            server: Some(stmt.server),
+            client: None,
+            error: None,
+        });
+    }
+
+    /// Closes the least recently used statement when `conn` holds as many
+    /// as it may.
+    fn make_room(&mut self, conn: &mut ServerConn) {
+        let max = self.app.config().pool.max_prepared_statements;
+        if let Some(victim) = conn.statements.victim(max) {
+            build::close(&mut self.wire.buf, STATEMENT, victim.as_bytes());
+            conn.statements.remove(&victim);
+            self.expect.push_back(Expect::Close {
+                swallow: true,
+                evicted: Some(victim),
+            });
+        }
+    }
+
+    fn translate_query(&mut self, conn: &mut ServerConn, msg: &[u8], sql: &[u8]) {
+        tracing::debug!(server = %conn.addr, sql = %String::from_utf8_lossy(sql), "query");
+        let effects = effects::effects(sql);
+        self.take_effects(&effects);
+        if effects.prepared.is_empty() {
+            self.wire.buf.extend_from_slice(msg);
+            self.expect.push_back(Expect::ready());
+            return;
+        }
+        let rewrite = self.rewrite_prepared(conn, sql, &effects);
+        build::query_bytes(&mut self.wire.buf, &rewrite.sql);
+        self.expect.push_back(Expect::Ready {
+            completes: 0,
+            swallow: rewrite.swallow,
+            registered: rewrite.registered,
+        });
+    }
+}
+
+/// A query string with its SQL-level prepared statements renamed.
+#[derive(Default)]
+struct Rewrite {
+    sql: Vec<u8>,
+    /// Which CommandCompletes (by position) answer statements pgheal added.
+    swallow: u64,
+    /// Statements were recorded as prepared on the server before it
+    /// answered.
+    registered: bool,
+    /// Statements added so far, shifting the positions of those after.
+    added: usize,
+}
+
+impl Rewrite {
+    /// Adds a statement ahead of the client's statement at `index`, whose
+    /// CommandComplete the client does not see. False when positions run
+    /// out (the statement then goes as the client wrote it).
+    fn add(&mut self, index: usize, sql: &str) -> bool {
+        let at = index + self.added;
+        if at >= 63 {
+            return false;
+        }
+        self.swallow |= 1 << at;
+        self.added += 1;
+        self.sql.extend_from_slice(sql.as_bytes());
+        self.sql.extend_from_slice(b"; ");
+        true
+    }
+}
+
+impl Session {
+    fn rewrite_prepared(
+        &mut self,
+        conn: &mut ServerConn,
+        sql: &[u8],
+        effects: &Effects,
+    ) -> Rewrite {
+        let mut out = Rewrite::default();
+        let mut copied = 0;
+        for p in &effects.prepared {
+            out.sql.extend_from_slice(&sql[copied..p.span.start]);
+            copied = p.span.start;
+            match &p.command {
+                Prepared::Prepare { name, body } => {
+                    let body = &sql[body.clone()];
+                    if self.sql_prepare(conn, &mut out, p.index, name, body) {
+                        copied = p.span.end;
+                    }
+                }
+                Prepared::Execute { name, at } => {
+                    let Some(stmt) = self.statements.get(name.as_bytes()).cloned() else {
+                        continue;
+                    };
+                    if let Source::Sql { body } = &stmt.source {
+                        if !conn.statements.contains(&stmt.server) {
+                            let prepare = format!(
+                                "PREPARE {}{}",
+                                stmt.server.as_str(),
+                                String::from_utf8_lossy(body)
+                            );
+                            if !out.add(p.index, &prepare) {
+                                continue;
+                            }
+                            conn.statements.add(stmt.server);
+                            out.registered = true;
+                        }
+                    }
+                    conn.statements.touch(&stmt.server);
+                    out.sql.extend_from_slice(&sql[copied..at.start]);
+                    out.sql.extend_from_slice(stmt.server.as_bytes());
+                    copied = at.end;
+                }
+                Prepared::Deallocate { name: Some(name) } => {
+                    if self.statements.contains_key(name.as_bytes())
+                        && out.add(p.index, "PREPARE \"pgheal-tmp\" AS SELECT")
+                    {
+                        // The server keeps it for others; the client
+                        // hears DEALLOCATE from a throwaway statement.
+                        self.statements.remove(name.as_bytes());
+                        out.sql.extend_from_slice(b"DEALLOCATE \"pgheal-tmp\"");
+                        copied = p.span.end;
+                    }
+                }
+                Prepared::Deallocate { name: None } => self.statements.clear(),
+            }
+        }
+        out.sql.extend_from_slice(&sql[copied..]);
+        out
+    }
+
+    /// Rewrites `PREPARE name body` for `conn`; false leaves it as written.
+    fn sql_prepare(
+        &mut self,
+        conn: &mut ServerConn,
+        out: &mut Rewrite,
+        index: usize,
+        name: &str,
+        body: &[u8],
+    ) -> bool {
+        let server = ServerName::sql(body);
+        match self.statements.get(name.as_bytes()) {
+            Some(s) if s.server == server => {}
+            Some(_) => {
+                out.sql.extend_from_slice(
+                    format!(
+                        "DO $pgheal$BEGIN RAISE EXCEPTION USING ERRCODE = '42P05', \
+                         MESSAGE = 'prepared statement \"{name}\" already exists'; END$pgheal$"
+                    )
+                    .as_bytes(),
+                );
+                return true;
+            }
+            None => {
+                let stmt = Statement {
+                    server,
+                    source: Source::Sql { body: body.into() },
+                    intent: Intent::Write,
+                };
+                self.statements
+                    .insert(name.as_bytes().into(), Arc::new(stmt));
+            }
+        }
+        let body = String::from_utf8_lossy(body);
+        if conn.statements.contains(&server) {
+            // Made again, so the client's PREPARE is answered by the server.
+            if !out.add(index, &format!("DEALLOCATE {}", server.as_str())) {
+                return false;
+            }
+        } else {
+            conn.statements.add(server);
+            out.registered = true;
+        }
+        out.sql
+            .extend_from_slice(format!("PREPARE {}{body}", server.as_str()).as_bytes());
+        true
+    }
+}

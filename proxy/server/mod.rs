@@ -1,0 +1,185 @@
+//! The accept loop (one task per client, the admin console or a session)
+//! and the process's life: startup, signals, reload, shutdown.
+
+pub mod run;
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+use std::sync::atomic::Ordering;
+
+use crate::config::{Config, ADMIN_DATABASE};
+use crate::frontend::error::ClientError;
+use crate::frontend::login::{self, Handshake};
+use crate::frontend::session::Session;
+use crate::frontend::App;
+use crate::net::stream::Stream;
+
+/// A running proxy.
+pub struct Running {
+    pub addr: SocketAddr,
+    /// Where the HTTP endpoints listen, when configured.
+    pub http_addr: Option<SocketAddr>,
+    pub app: Arc<App>,
+    accept: JoinHandle<()>,
+}
+
+impl Running {
+    /// Stops accepting new clients.
+    pub fn stop_accepting(&self) {
+        self.accept.abort();
+    }
+
+    /// Runs until the accept loop ends.
+    pub async fn wait(mut self) {
+        let _ = (&mut self.accept).await;
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+/// Binds `[proxy] listen` and starts serving.
+pub async fn start(config: Config) -> io::Result<Running> {
+    let listener = TcpListener::bind(config.proxy.listen).await?;
+    let addr = listener.local_addr()?;
+    let http = config.proxy.http_listen;
+    let app = App::new(config);
+    let http_addr = match http {
+        Some(at) => Some(crate::admin::http::start(app.clone(), at).await?),
+        None => None,
+    };
+    let accept = tokio::spawn(accept_loop(listener, app.clone()));
+    tracing::info!(%addr, "pgheal is listening");
+    Ok(Running {
+        addr,
+        http_addr,
+        app,
+        accept,
+    })
+}
+
+async fn accept_loop(listener: TcpListener, app: Arc<App>) {
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = app.shutdown.cancelled() => {
+                tracing::info!("shutting down: no longer accepting clients");
+                return;
+            }
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                crate::net::tune(&stream);
+                match ClientSlot::take(&app) {
+                    Some(slot) => {
+                        tokio::spawn(serve(app.clone(), stream, peer, slot));
+                    }
+                    None => {
+                        tokio::spawn(refuse(app.clone(), stream, peer));
+                    }
+                }
+            }
+            Err(e) => {
+                // Out of file descriptors and the like: back off briefly.
+                tracing::error!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// One of `max_client_connections`, given back when dropped.
+struct ClientSlot(Arc<App>);
+
+impl ClientSlot {
+    fn take(app: &Arc<App>) -> Option<ClientSlot> {
+        let max = app.config().proxy.max_client_connections;
+        let open = &app.counters.client_connections;
+        open.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < max).then_some(n + 1)
+        })
+        .ok()
+        .map(|_| ClientSlot(app.clone()))
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        self.0
+            .counters
+            .client_connections
+            .fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Beyond `max_client_connections`: FATAL 53300 and close, without
+/// reading anything; clients already in are not affected.
+async fn refuse(app: Arc<App>, stream: TcpStream, peer: SocketAddr) {
+    let max = app.config().proxy.max_client_connections;
+    let e = ClientError::TooManyClients(max);
+    tracing::warn!(%peer, error = %e, "client refused");
+    let mut out = BytesMut::new();
+    e.write_response(&mut out, false);
+    let mut stream = Stream::Plain(stream);
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.send(&out)).await;
+}
+
+async fn serve(app: Arc<App>, stream: TcpStream, peer: SocketAddr, slot: ClientSlot) {
+    let Some(client) = login(&app, stream, peer).await else {
+        return;
+    };
+    // The session gets a task of its own, so the client's long idle life
+    // does not carry the login's state.
+    tokio::spawn(session(app, client, peer, slot));
+}
+
+async fn session(app: Arc<App>, client: Box<login::LoggedIn>, peer: SocketAddr, _slot: ClientSlot) {
+    let (user, database) = (client.user.clone(), client.database.name.clone());
+    if database == ADMIN_DATABASE {
+        if let Err(e) = crate::admin::console::serve(app, client).await {
+            tracing::info!(%peer, %user, error = %e, "admin console closed");
+        }
+        return;
+    }
+    tracing::info!(%peer, %user, %database, "client logged in");
+    let Some(target) = app.target(&database) else {
+        return;
+    };
+    let registered = app
+        .clients
+        .add(peer, &user, &database, client.stream.is_tls());
+    match Session::new(app, target, client, registered).run().await {
+        Ok(()) => tracing::info!(%peer, %user, %database, "client left"),
+        Err(e) => tracing::info!(%peer, %user, %database, error = %e, "client closed"),
+    }
+}
+
+/// The handshake; a failure is answered here.
+async fn login(
+    app: &Arc<App>,
+    stream: TcpStream,
+    peer: SocketAddr,
+) -> Option<Box<login::LoggedIn>> {
+    match login::handshake(app, stream).await {
+        Ok(Handshake::Cancelled) => None,
+        Ok(Handshake::Client(c)) => Some(c),
+        Err((mut stream, e)) => {
+            tracing::info!(%peer, error = %e, "login failed");
+            let mut out = BytesMut::new();
+            if e.write_response(&mut out, false) {
+                let _ = stream.send(&out).await;
+            }
+            None
+        }
+    }
+}

@@ -1,0 +1,177 @@
+//! The serving process from start to exit: startup migrations, the
+//! listener, SIGHUP and config-file watching (both do what RELOAD does),
+//! scheduled backups, and graceful shutdown on SIGTERM/SIGINT.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::Config;
+use crate::frontend::App;
+
+/// The config with `[migrations] dir` and `[backup] dir` made relative to
+/// the config file.
+pub fn resolved(mut config: Config, path: Option<&Path>) -> Config {
+    if let Some(m) = config.migrations.as_mut() {
+        m.dir = crate::ops::resolve(&m.dir, path);
+    }
+    if let Some(b) = config.backup.as_mut() {
+        b.dir = crate::ops::resolve(&b.dir, path);
+    }
+    config
+}
+
+/// Runs pgheal until SIGTERM/SIGINT, then drains and exits.
+pub async fn serve(config: Config, path: Option<PathBuf>) -> ExitCode {
+    let config = resolved(config, path.as_deref());
+    let migration_failure = match startup_migrations(&config).await {
+        Ok(failure) => failure,
+        Err(code) => return code,
+    };
+    let listen = config.proxy.listen;
+    let watch = config.proxy.watch_config;
+    let running = match super::start(config).await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cannot listen on {listen}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let app = running.app.clone();
+    if let Some(failure) = migration_failure {
+        app.set_migration_failure(failure);
+    }
+    if let Some(path) = path {
+        app.set_config_path(path.clone());
+        if watch {
+            tokio::spawn(watch_config(app.clone(), path, WATCH_INTERVAL));
+        }
+    }
+    tokio::spawn(reload_on_hangup(app.clone()));
+    tokio::spawn(crate::ops::backup::schedule(app.clone()));
+    tokio::select! {
+        _ = running.wait() => return ExitCode::SUCCESS,
+        _ = shutdown_signal() => {}
+    }
+    shut_down(&app).await;
+    ExitCode::SUCCESS
+}
+
+/// Stops accepting, lets running transactions finish within
+/// `shutdown_timeout` (a second signal cuts it short), closes idle servers.
+async fn shut_down(app: &App) {
+    let timeout = app.config().proxy.shutdown_timeout;
+    tracing::info!(
+        ?timeout,
+        "shutting down: idle clients are told 57P01, running transactions may finish"
+    );
+    app.shutdown.cancel();
+    tokio::select! {
+        drained = tokio::time::timeout(timeout, drain(app)) => {
+            if drained.is_err() {
+                tracing::warn!("shutdown_timeout passed with transactions still running; closing them");
+            }
+        }
+        _ = shutdown_signal() => tracing::warn!("second signal: exiting at once"),
+    }
+    for pool in app.pools() {
+        pool.close_idle().await;
+    }
+    tracing::info!("pgheal stopped");
+}
+
+/// Until every client connection is gone.
+async fn drain(app: &App) {
+    use std::sync::atomic::Ordering;
+    while app.counters.client_connections.load(Ordering::Acquire) > 0 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Startup migrations: `Err` stops pgheal (on_error = "exit"); with
+/// on_error = "serve" the failure is returned for /readyz and the console.
+async fn startup_migrations(config: &Config) -> Result<Option<String>, ExitCode> {
+    let Some(m) = config.migrations.clone() else {
+        return Ok(None);
+    };
+    match crate::ops::migrate::run(config, &m, true).await {
+        Ok(report) => {
+            tracing::info!(
+                applied = report.applied.len(),
+                already = report.already,
+                "migrations done"
+            );
+            Ok(None)
+        }
+        Err(e) if m.serve_on_error => {
+            tracing::error!(error = %e, "migrations failed; serving anyway (on_error = \"serve\")");
+            Ok(Some(e.to_string()))
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "migrations failed; not serving");
+            eprintln!("migrations: {e}");
+            Err(ExitCode::FAILURE)
+        }
+    }
+}
+
+/// SIGHUP does what the console's RELOAD does: re-reads the configuration
+/// file and applies it, or refuses it whole and logs every error.
+async fn reload_on_hangup(app: Arc<App>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hangup) = signal(SignalKind::hangup()) else {
+        return;
+    };
+    while hangup.recv().await.is_some() {
+        tracing::info!("SIGHUP: reloading the configuration");
+        let _ = app.reload();
+    }
+}
+
+/// How often `watch_config` looks at the file.
+pub const WATCH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// `[proxy] watch_config`: reloads when the file's content changes, as
+/// Kubernetes updates a mounted ConfigMap (an atomic symlink swap, no
+/// signal). The path is read anew each time, so a swapped symlink is
+/// followed. A change is applied once it has stayed the same for one
+/// interval (an editor's half-written file is not taken), and a content
+/// that failed is not tried again until it changes.
+pub async fn watch_config(app: Arc<App>, path: PathBuf, every: Duration) {
+    let mut applied = tokio::fs::read(&path).await.ok();
+    let mut seen = applied.clone();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = app.shutdown.cancelled() => return,
+        }
+        let Ok(now) = tokio::fs::read(&path).await else {
+            continue;
+        };
+        let stable = seen.as_ref() == Some(&now);
+        let changed = applied.as_ref() != Some(&now);
+        seen = Some(now.clone());
+        if stable && changed {
+            tracing::info!(file = %path.display(), "configuration file changed: reloading");
+            let _ = app.reload();
+            applied = Some(now);
+        }
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
