@@ -112,10 +112,9 @@ fn main() -> ExitCode {
         Some(Command::Backup { action }) => {
             let path = cli.config.clone();
             match load(cli.config) {
-                Ok(config) => runtime.block_on(backup_command(
-                    pgheal::server::run::resolved(config, path.as_deref()),
-                    &action,
-                )),
+                Ok(config) => {
+                    runtime.block_on(backup_command(config.relative_to(path.as_deref()), &action))
+                }
                 Err(code) => code,
             }
         }
@@ -190,7 +189,7 @@ async fn backup_command(config: Config, action: &str) -> ExitCode {
 }
 
 async fn migrate_command(config: Config, path: Option<PathBuf>, apply: bool) -> ExitCode {
-    let config = pgheal::server::run::resolved(config, path.as_deref());
+    let config = config.relative_to(path.as_deref());
     let Some(m) = config.migrations.clone() else {
         eprintln!("no [migrations] section in the configuration");
         return ExitCode::from(2);

@@ -170,101 +170,111 @@ impl Default for Metrics {
             backups: Mutex::default(),
             registry: Registry::default(),
         };
-        r.register(
-            "transactions",
-            "Transactions (and autocommit statements) that ended",
-            m.transactions.clone(),
-        );
-        r.register(
-            "queries",
-            "Requests answered (Query, Sync, FunctionCall)",
-            m.queries.clone(),
-        );
-        r.register(
-            "client_bytes_received",
-            "Bytes read from clients",
-            m.bytes_in.clone(),
-        );
-        r.register(
-            "client_bytes_sent",
-            "Bytes written to clients",
-            m.bytes_out.clone(),
-        );
-        r.register(
-            "transaction_duration_seconds",
-            "Time from a transaction's first message to its end",
-            m.transaction_seconds.clone(),
-        );
-        r.register(
-            "rejected_writes",
-            "Requests refused, by reason",
-            m.rejected_writes.clone(),
-        );
-        r.register(
-            "retried_reads",
-            "Autocommit reads run again unseen, by reason",
-            m.retried_reads.clone(),
-        );
-        r.register(
-            "auth_failures",
-            "Client logins refused",
-            m.auth_failures.clone(),
-        );
-        r.register(
-            "tls_failures",
-            "Client TLS handshakes that failed",
-            m.tls_failures.clone(),
-        );
-        r.register(
-            "client_connections",
-            "Client connections by state",
-            m.clients.clone(),
-        );
-        r.register(
-            "pool_servers",
-            "Server connections by pool and state",
-            m.pool_servers.clone(),
-        );
-        r.register(
-            "node_up",
-            "1 when the node's last health probe succeeded",
-            m.node_up.clone(),
-        );
-        r.register(
-            "node_role",
-            "1 for the node's current role",
-            m.node_role.clone(),
-        );
-        r.register(
-            "node_replay_lag_seconds",
-            "A replica's replay delay",
-            m.node_lag_seconds.clone(),
-        );
-        r.register(
-            "failovers",
-            "Times a node became primary after another role",
-            m.failovers.clone(),
-        );
-        r.register(
-            "backup_last_success_timestamp_seconds",
-            "When the last good backup was taken",
-            m.backup_last_success.clone(),
-        );
-        r.register(
-            "backup_last_failure_timestamp_seconds",
-            "When the last backup failed",
-            m.backup_last_failure.clone(),
-        );
-        r.register(
-            "backup_last_size_bytes",
-            "Size of the last good backup",
-            m.backup_last_size.clone(),
-        );
+        m.register(&mut r);
         Metrics { registry: r, ..m }
     }
 }
 
 impl Metrics {
+    /// Puts every counter, histogram and gauge family in `r`.
+    fn register(&self, r: &mut Registry) {
+        r.register(
+            "transactions",
+            "Transactions (and autocommit statements) that ended",
+            self.transactions.clone(),
+        );
+        r.register(
+            "queries",
+            "Requests answered (Query, Sync, FunctionCall)",
+            self.queries.clone(),
+        );
+        r.register(
+            "client_bytes_received",
+            "Bytes read from clients",
+            self.bytes_in.clone(),
+        );
+        r.register(
+            "client_bytes_sent",
+            "Bytes written to clients",
+            self.bytes_out.clone(),
+        );
+        r.register(
+            "transaction_duration_seconds",
+            "Time from a transaction's first message to its end",
+            self.transaction_seconds.clone(),
+        );
+        r.register(
+            "rejected_writes",
+            "Requests refused, by reason",
+            self.rejected_writes.clone(),
+        );
+        r.register(
+            "retried_reads",
+            "Autocommit reads run again unseen, by reason",
+            self.retried_reads.clone(),
+        );
+        r.register(
+            "auth_failures",
+            "Client logins refused",
+            self.auth_failures.clone(),
+        );
+        r.register(
+            "tls_failures",
+            "Client TLS handshakes that failed",
+            self.tls_failures.clone(),
+        );
+        self.register_gauges(r);
+    }
+
+    /// The gauge families, filled from the live state at scrape time.
+    fn register_gauges(&self, r: &mut Registry) {
+        r.register(
+            "client_connections",
+            "Client connections by state",
+            self.clients.clone(),
+        );
+        r.register(
+            "pool_servers",
+            "Server connections by pool and state",
+            self.pool_servers.clone(),
+        );
+        r.register(
+            "node_up",
+            "1 when the node's last health probe succeeded",
+            self.node_up.clone(),
+        );
+        r.register(
+            "node_role",
+            "1 for the node's current role",
+            self.node_role.clone(),
+        );
+        r.register(
+            "node_replay_lag_seconds",
+            "A replica's replay delay",
+            self.node_lag_seconds.clone(),
+        );
+        r.register(
+            "failovers",
+            "Times a node became primary after another role",
+            self.failovers.clone(),
+        );
+        r.register(
+            "backup_last_success_timestamp_seconds",
+            "When the last good backup was taken",
+            self.backup_last_success.clone(),
+        );
+        r.register(
+            "backup_last_failure_timestamp_seconds",
+            "When the last backup failed",
+            self.backup_last_failure.clone(),
+        );
+        r.register(
+            "backup_last_size_bytes",
+            "Size of the last good backup",
+            self.backup_last_size.clone(),
+        );
+    }
+
     /// Records one finished transaction's duration.
     pub fn transaction_took(&self, took: std::time::Duration) {
         self.transaction_seconds.observe(took.as_secs_f64());

@@ -90,9 +90,10 @@ impl App {
 
     fn reload_quietly(&self) -> Result<Vec<Change>, ReloadError> {
         let path = self.config_path().ok_or(ReloadError::NoFile)?;
-        let mut new = Config::load(&path).map_err(ReloadError::Invalid)?;
+        let new = Config::load(&path)
+            .map_err(ReloadError::Invalid)?
+            .relative_to(Some(&path));
         let old = self.config();
-        new = crate::server::run::resolved(new, Some(&path));
         let mut changes = Vec::new();
         if new.proxy.listen != old.proxy.listen {
             changes.push(Change::NeedsRestart("proxy.listen"));

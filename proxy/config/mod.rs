@@ -253,6 +253,18 @@ impl Config {
         Config::parse(&text)
     }
 
+    /// This configuration with `[migrations] dir` and `[backup] dir` made
+    /// relative to the directory of `file` (the file it was read from).
+    pub fn relative_to(mut self, file: Option<&Path>) -> Config {
+        if let Some(m) = self.migrations.as_mut() {
+            m.dir = relative(&m.dir, file);
+        }
+        if let Some(b) = self.backup.as_mut() {
+            b.dir = relative(&b.dir, file);
+        }
+        self
+    }
+
     pub fn parse(text: &str) -> Result<Config, ConfigErrors> {
         let table: Table = text.parse().map_err(|e: toml::de::Error| {
             ConfigErrors(vec![ConfigError::new("", e.to_string())])
@@ -264,6 +276,14 @@ impl Config {
         } else {
             Err(ConfigErrors(r.errors))
         }
+    }
+}
+
+/// `dir` relative to the config file's directory, unless absolute.
+pub fn relative(dir: &Path, config_file: Option<&Path>) -> std::path::PathBuf {
+    match config_file.and_then(Path::parent) {
+        Some(base) if dir.is_relative() => base.join(dir),
+        _ => dir.to_path_buf(),
     }
 }
 

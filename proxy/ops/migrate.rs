@@ -8,7 +8,7 @@
 //! An applied file that changed or disappeared stops everything.
 
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
@@ -302,14 +302,6 @@ fn line_of(sql: &str, position: usize) -> usize {
         .filter(|&c| c == '\n')
         .count()
         + 1
-}
-
-/// `[migrations] dir` relative to the config file's directory.
-pub fn resolve(dir: &Path, config_file: Option<&Path>) -> PathBuf {
-    match config_file.and_then(Path::parent) {
-        Some(base) if dir.is_relative() => base.join(dir),
-        _ => dir.to_path_buf(),
-    }
 }
 
 #[cfg(test)]

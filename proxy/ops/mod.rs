@@ -4,15 +4,7 @@
 pub mod backup;
 pub mod migrate;
 
-use std::path::{Path, PathBuf};
-
-/// A path from the configuration, relative to the config file's directory.
-pub fn resolve(dir: &Path, config_file: Option<&Path>) -> PathBuf {
-    match config_file.and_then(Path::parent) {
-        Some(base) if dir.is_relative() => base.join(dir),
-        _ => dir.to_path_buf(),
-    }
-}
+use std::path::PathBuf;
 
 /// A PostgreSQL program (pg_dump, pg_restore, ...): on PATH, else in the
 /// newest `/usr/lib/postgresql/*/bin`.

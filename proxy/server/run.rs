@@ -2,7 +2,7 @@
 //! listener, SIGHUP and config-file watching (both do what RELOAD does),
 //! scheduled backups, and graceful shutdown on SIGTERM/SIGINT.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,21 +10,9 @@ use std::time::Duration;
 use crate::config::Config;
 use crate::frontend::App;
 
-/// The config with `[migrations] dir` and `[backup] dir` made relative to
-/// the config file.
-pub fn resolved(mut config: Config, path: Option<&Path>) -> Config {
-    if let Some(m) = config.migrations.as_mut() {
-        m.dir = crate::ops::resolve(&m.dir, path);
-    }
-    if let Some(b) = config.backup.as_mut() {
-        b.dir = crate::ops::resolve(&b.dir, path);
-    }
-    config
-}
-
 /// Runs pgheal until SIGTERM/SIGINT, then drains and exits.
 pub async fn serve(config: Config, path: Option<PathBuf>) -> ExitCode {
-    let config = resolved(config, path.as_deref());
+    let config = config.relative_to(path.as_deref());
     let migration_failure = match startup_migrations(&config).await {
         Ok(failure) => failure,
         Err(code) => return code,

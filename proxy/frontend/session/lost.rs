@@ -59,8 +59,7 @@ impl Session {
                 self.up.buf.advance(consumed);
                 self.up.scanned = 0;
                 self.up.scanner = Scanner::new(max);
-                self.pending = 0;
-                self.owed = false;
+                self.flight.reset();
                 self.client
                     .send(&out)
                     .await

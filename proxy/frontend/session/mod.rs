@@ -70,6 +70,41 @@ impl Drop for Active {
     }
 }
 
+/// Where the client's requests stand with the server. Everything here
+/// describes one attachment and is reset together by [`InFlight::reset`]
+/// when pgheal answers for the server or gives it up.
+#[derive(Debug)]
+struct InFlight {
+    /// Queries, Syncs and FunctionCalls sent to the server and not yet
+    /// answered by ReadyForQuery.
+    pending: u32,
+    /// The server has work from this client that has not ended with an
+    /// idle ReadyForQuery.
+    owed: bool,
+    /// The client sent something not yet answered by a ReadyForQuery.
+    awaiting: bool,
+    /// The transaction status the last ReadyForQuery reported.
+    tx: TxStatus,
+    /// The server sent a FATAL error and is about to close: nothing more
+    /// goes to it, and its FATAL already answered the oldest request.
+    server_dying: bool,
+}
+
+impl InFlight {
+    const IDLE: InFlight = InFlight {
+        pending: 0,
+        owed: false,
+        awaiting: false,
+        tx: TxStatus::Idle,
+        server_dying: false,
+    };
+
+    /// Nothing in flight: the client's requests are answered or forgotten.
+    fn reset(&mut self) {
+        *self = InFlight::IDLE;
+    }
+}
+
 /// Whether the client is still there after an attachment.
 #[derive(Debug, PartialEq, Eq)]
 enum Attachment {
@@ -108,15 +143,8 @@ pub struct Session {
     /// This client's pool on each node, by node index, made on first use.
     node_pools: Vec<Option<Arc<Pool>>>,
     cancel: Registration,
-    /// Queries, Syncs and FunctionCalls sent to the server and not yet
-    /// answered by ReadyForQuery.
-    pending: u32,
-    /// The server has work from this client that has not ended with an
-    /// idle ReadyForQuery.
-    owed: bool,
-    /// The client sent something not yet answered by a ReadyForQuery.
-    awaiting: bool,
-    tx: TxStatus,
+    /// What the server owes for the client's requests; reset in one place.
+    flight: InFlight,
     terminated: bool,
     client_eof: bool,
     /// Drop the rest of a client message whose request failed.
@@ -138,9 +166,6 @@ pub struct Session {
     /// Read-your-writes: after this client's write, its reads stay on the
     /// primary until a replica has replayed past it.
     fence: Option<Fence>,
-    /// The server sent a FATAL error and is about to close: nothing more
-    /// goes to it, and its FATAL already answered the oldest request.
-    server_dying: bool,
     /// Transaction mode: client messages are rewritten for the server
     /// (statement names), so bytes go to the server from `wire`.
     translating: bool,
@@ -211,10 +236,7 @@ impl Session {
             params: client.params,
             mode,
             pool,
-            pending: 0,
-            owed: false,
-            awaiting: false,
-            tx: TxStatus::Idle,
+            flight: InFlight::IDLE,
             terminated: false,
             client_eof: false,
             dropping: false,
@@ -225,7 +247,6 @@ impl Session {
             holding: false,
             rerun: None,
             fence: None,
-            server_dying: false,
         }
     }
 
@@ -313,6 +334,19 @@ impl Session {
         };
         tracing::debug!(?end, "detached from the server");
         self.registered.info.set_state(ClientState::Idle);
+        self.after_pump(end, held).await
+    }
+
+    /// Acts on how the attachment ended: gives the server back, runs a
+    /// read again, or answers for a server that was lost.
+    async fn after_pump(
+        &mut self,
+        end: PumpEnd,
+        held: &mut Option<Box<Lease>>,
+    ) -> Result<Attachment, ClientError> {
+        let Some(lease) = held.as_mut() else {
+            return Ok(Attachment::Detached);
+        };
         match end {
             PumpEnd::Released => {
                 if !self.intent.reads_only() {
@@ -369,7 +403,7 @@ impl Session {
                 self.cancel.slot.detach();
                 // Dropping the lease closes the dead connection.
                 *held = None;
-                let idle = self.pending == 0 && !self.awaiting;
+                let idle = self.flight.pending == 0 && !self.flight.awaiting;
                 if let Some(reason) = self.unpin() {
                     self.pin_lost = idle.then_some(reason);
                 }
@@ -520,22 +554,18 @@ impl Session {
     fn fail_requests_as(&mut self, err: &ClientError, out: &mut BytesMut, status: TxStatus) {
         // With nothing awaiting an answer an error would be unsolicited, which
         // drivers take for the end of the connection.
-        if self.pending == 0 && self.awaiting {
+        if self.flight.pending == 0 && self.flight.awaiting {
             err.write_response(out, true);
         }
-        for _ in 0..self.pending {
+        for _ in 0..self.flight.pending {
             err.write_response(out, true);
             build::ready_for_query(out, status);
         }
-        self.server_dying = false;
         self.forget_sent();
         self.up.buf.advance(self.up.scanned);
         self.up.scanned = 0;
         self.dropping = !self.up.scanner.at_boundary();
-        self.pending = 0;
-        self.owed = false;
-        self.awaiting = false;
-        self.tx = TxStatus::Idle;
+        self.flight.reset();
     }
 
     /// Forgets what went to a server that is no longer ours.
@@ -554,11 +584,7 @@ impl Session {
                 lease.release();
             }
         }
-        self.pending = 0;
-        self.owed = false;
-        self.awaiting = false;
-        self.tx = TxStatus::Idle;
-        self.server_dying = false;
+        self.flight.reset();
     }
 
     /// The client left: give the server back when it is clean.
@@ -566,7 +592,7 @@ impl Session {
         self.cancel.slot.detach();
         let Some(mut lease) = lease else { return };
         let pinned = self.pinned.take().is_some();
-        if self.owed || self.tx != TxStatus::Idle {
+        if self.flight.owed || self.flight.tx != TxStatus::Idle {
             return;
         }
         if self.mode == PoolMode::Session || pinned {
@@ -588,10 +614,10 @@ impl Session {
         out.extend_from_slice(&self.down.buf[..self.down.scanned]);
         self.down.clear();
         // The last ReadyForQuery said whether a transaction was open.
-        let in_transaction = self.tx != TxStatus::Idle;
+        let in_transaction = self.flight.tx != TxStatus::Idle;
         if in_transaction {
             // Told now if a request was waiting, else on the next one.
-            let announce = self.pending == 0 && !self.awaiting;
+            let announce = self.flight.pending == 0 && !self.flight.awaiting;
             self.fail_requests_as(
                 &ClientError::ServerLostInTransaction(e),
                 &mut out,

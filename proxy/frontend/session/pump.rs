@@ -7,7 +7,7 @@ use std::task::{Context, Poll};
 
 use bytes::Buf;
 use pgheal_protocol::backend::{self, TxStatus};
-use pgheal_protocol::frame::{FrameError, Scanner, Step};
+use pgheal_protocol::frame::{FrameError, Scanner, Step, HEADER_LEN};
 use pgheal_protocol::frontend;
 use pgheal_protocol::sqlstate;
 use tokio_util::io::poll_read_buf;
@@ -43,10 +43,7 @@ impl Session {
         self.up.scanned = 0;
         self.up.scanner = Scanner::new(max);
         self.holding = false;
-        self.pending = 0;
-        self.owed = false;
-        self.awaiting = false;
-        self.tx = TxStatus::Idle;
+        self.flight.reset();
         self.scan_up()
     }
 
@@ -82,10 +79,10 @@ impl Session {
                         tag,
                         frontend::QUERY | frontend::SYNC | frontend::FUNCTION_CALL
                     ) {
-                        self.pending += 1;
+                        self.flight.pending += 1;
                     }
-                    self.owed = true;
-                    self.awaiting = true;
+                    self.flight.owed = true;
+                    self.flight.awaiting = true;
                 }
                 _ => {}
             }
@@ -106,32 +103,13 @@ impl Session {
             let step = self.down.scanner.next(&self.down.buf[start..], whole)?;
             if let (true, Step::Header { tag, .. } | Step::Whole { tag, .. }) = (self.holding, step)
             {
-                let message = &self.down.buf[start..start + step.consumed()];
-                let error = (tag == backend::ERROR_RESPONSE)
-                    .then(|| backend::ErrorFields::parse(message.get(5..).unwrap_or_default()).ok())
-                    .flatten();
-                let read_only = error.as_ref().is_some_and(|f| {
-                    f.code == sqlstate::READ_ONLY_SQL_TRANSACTION.code().as_bytes()
-                });
-                // A FATAL is the server going away, not an answer: the read
-                // stays ready to run elsewhere.
-                let fatal = error
-                    .as_ref()
-                    .is_some_and(|f| matches!(f.severity, b"FATAL" | b"PANIC"));
-                let stale = error.as_ref().is_some_and(|f| {
-                    f.code == sqlstate::FEATURE_NOT_SUPPORTED.code().as_bytes()
-                        && f.message
-                            .starts_with(b"cached plan must not change result type")
-                });
-                if !fatal {
-                    self.watch_held_answer(tag, read_only, stale);
-                }
+                self.watch_held_message(tag, start, step.consumed());
             }
             if let (true, Step::Whole { tag, len }) = (translating, step) {
                 // Taken out for a moment so that the body can be read while
                 // the session changes.
                 let buf = std::mem::take(&mut self.down.buf);
-                let reply = self.on_reply(conn, tag, &buf[start + 5..start + len]);
+                let reply = self.on_reply(conn, tag, &buf[start + HEADER_LEN..start + len]);
                 self.down.buf = buf;
                 match reply {
                     Reply::Keep => {}
@@ -146,53 +124,99 @@ impl Session {
                     }
                 }
             }
-            if let Step::Whole { tag, len } = step {
-                let body = &self.down.buf[start + 5..start + len];
-                if tag == backend::READY_FOR_QUERY {
-                    self.tx = TxStatus::parse(body).unwrap_or(TxStatus::Failed);
-                    self.pending = self.pending.saturating_sub(1);
-                    self.count_ready();
-                    if self.pending == 0 {
-                        self.awaiting = false;
-                        self.owed &= self.tx != TxStatus::Idle;
-                    }
-                } else if tag == backend::ERROR_RESPONSE {
-                    let fields = backend::ErrorFields::parse(body).unwrap_or_default();
-                    if fields.code == sqlstate::READ_ONLY_SQL_TRANSACTION.code().as_bytes() {
-                        // A node taken for the primary refuses writes: re-probe it.
-                        self.target.cluster.nudge(&conn.addr);
-                    }
-                    if matches!(fields.severity, b"FATAL" | b"PANIC") {
-                        // The server is going away. Its FATAL would end the
-                        // client's connection; the client hears 08006 from
-                        // pgheal instead, in protocol order, and stays.
-                        let message = fields.message_lossy();
-                        tracing::warn!(server = %conn.addr, %message, "server is closing the connection");
-                        self.server_dying = true;
-                        self.splice_down(start, len, &[]);
+            match step {
+                Step::Whole { tag, len } => {
+                    if !self.on_server_message(conn, tag, start, len) {
                         continue;
                     }
-                } else {
-                    let _ = conn.note_parameter(body);
-                    if conn.reported.get("in_hot_standby") == Some("on")
-                        && !self.intent.reads_only()
-                    {
-                        // PostgreSQL 14+ says the node went into recovery.
-                        self.target.cluster.nudge(&conn.addr);
-                    }
                 }
-            } else if step == Step::NeedMore {
-                return Ok(());
+                Step::NeedMore => return Ok(()),
+                _ => {}
             }
             self.down.scanned += step.consumed();
         }
+    }
+
+    /// A message of the answer to a held read (only the header is certain
+    /// to be there, unless it is read whole).
+    fn watch_held_message(&mut self, tag: u8, start: usize, len: usize) {
+        let message = &self.down.buf[start..start + len];
+        let error = (tag == backend::ERROR_RESPONSE)
+            .then(|| {
+                backend::ErrorFields::parse(message.get(HEADER_LEN..).unwrap_or_default()).ok()
+            })
+            .flatten();
+        let read_only = error
+            .as_ref()
+            .is_some_and(|f| f.code == sqlstate::READ_ONLY_SQL_TRANSACTION.code().as_bytes());
+        // A FATAL is the server going away, not an answer: the read stays
+        // ready to run elsewhere.
+        let fatal = error
+            .as_ref()
+            .is_some_and(|f| matches!(f.severity, b"FATAL" | b"PANIC"));
+        let stale = error.as_ref().is_some_and(|f| {
+            f.code == sqlstate::FEATURE_NOT_SUPPORTED.code().as_bytes()
+                && f.message
+                    .starts_with(b"cached plan must not change result type")
+        });
+        if !fatal {
+            self.watch_held_answer(tag, read_only, stale);
+        }
+    }
+
+    /// ReadyForQuery, ErrorResponse or ParameterStatus at `start`. False
+    /// when the message was taken out (a FATAL: the server is leaving).
+    fn on_server_message(
+        &mut self,
+        conn: &mut ServerConn,
+        tag: u8,
+        start: usize,
+        len: usize,
+    ) -> bool {
+        let body = &self.down.buf[start + HEADER_LEN..start + len];
+        match tag {
+            backend::READY_FOR_QUERY => {
+                self.flight.tx = TxStatus::parse(body).unwrap_or(TxStatus::Failed);
+                self.flight.pending = self.flight.pending.saturating_sub(1);
+                self.count_ready();
+                if self.flight.pending == 0 {
+                    self.flight.awaiting = false;
+                    self.flight.owed &= self.flight.tx != TxStatus::Idle;
+                }
+            }
+            backend::ERROR_RESPONSE => {
+                let fields = backend::ErrorFields::parse(body).unwrap_or_default();
+                if fields.code == sqlstate::READ_ONLY_SQL_TRANSACTION.code().as_bytes() {
+                    // A node taken for the primary refuses writes: re-probe it.
+                    self.target.cluster.nudge(&conn.addr);
+                }
+                if matches!(fields.severity, b"FATAL" | b"PANIC") {
+                    // The server is going away. Its FATAL would end the
+                    // client's connection; the client hears 08006 from
+                    // pgheal instead, in protocol order, and stays.
+                    let message = fields.message_lossy();
+                    tracing::warn!(server = %conn.addr, %message, "server is closing the connection");
+                    self.flight.server_dying = true;
+                    self.splice_down(start, len, &[]);
+                    return false;
+                }
+            }
+            _ => {
+                let _ = conn.note_parameter(body);
+                if conn.reported.get("in_hot_standby") == Some("on") && !self.intent.reads_only() {
+                    // PostgreSQL 14+ says the node went into recovery.
+                    self.target.cluster.nudge(&conn.addr);
+                }
+            }
+        }
+        true
     }
 
     /// A ReadyForQuery: one request answered; at idle, a transaction ended.
     fn count_ready(&mut self) {
         let metrics = &self.app.metrics;
         metrics.queries.inc();
-        if self.pending == 0 && self.tx == TxStatus::Idle {
+        if self.flight.pending == 0 && self.flight.tx == TxStatus::Idle {
             metrics.transactions.inc();
             if let Some(start) = self.tx_started.take() {
                 metrics.transaction_took(start.elapsed());
@@ -243,7 +267,7 @@ impl Session {
     /// Nothing is owed either way: the server is idle and every byte was
     /// passed on.
     pub(super) fn idle(&self) -> bool {
-        !self.owed
+        !self.flight.owed
             && self.up.buf.is_empty()
             && self.up.scanner.at_boundary()
             && self.wire.buf.is_empty()
@@ -265,7 +289,7 @@ impl Session {
             if self.client_eof || (self.terminated && self.up.buf.is_empty()) {
                 return Poll::Ready(PumpEnd::ClientGone);
             }
-            if !self.server_dying {
+            if !self.flight.server_dying {
                 if self.translating {
                     if let Err(e) = self.translate(conn) {
                         return Poll::Ready(PumpEnd::ClientBroke(e));
@@ -286,7 +310,7 @@ impl Session {
                 Ok(p) => progress |= p,
                 Err(end) => return Poll::Ready(end),
             }
-            if self.rerun.is_some() && self.pending == 0 {
+            if self.rerun.is_some() && self.flight.pending == 0 {
                 return Poll::Ready(PumpEnd::Rerun);
             }
             if !self.holding {
@@ -315,7 +339,7 @@ impl Session {
                 return Poll::Ready(PumpEnd::Released);
             }
             if !progress {
-                tracing::trace!(pending = self.pending, owed = self.owed, tx = ?self.tx, up = self.up.buf.len(), wire = self.wire.buf.len(), down = self.down.buf.len(), expect = ?self.expect, "pump waits");
+                tracing::trace!(pending = self.flight.pending, owed = self.flight.owed, tx = ?self.flight.tx, up = self.up.buf.len(), wire = self.wire.buf.len(), down = self.down.buf.len(), expect = ?self.expect, "pump waits");
                 return Poll::Pending;
             }
         }
@@ -323,7 +347,8 @@ impl Session {
 
     pub(super) fn poll_client_read(&mut self, cx: &mut Context<'_>) -> Result<bool, PumpEnd> {
         let backlog = self.up.scanned + self.wire.buf.len();
-        if self.terminated || self.client_eof || self.server_dying || backlog >= MAX_PENDING {
+        if self.terminated || self.client_eof || self.flight.server_dying || backlog >= MAX_PENDING
+        {
             return Ok(false);
         }
         self.up.reserve();

@@ -73,7 +73,7 @@ impl Session {
                         self.intent == Intent::Read && self.mode == PoolMode::Transaction;
                     // Held only when the request ends in a Sync or Query:
                     // a client that sent Flush waits for the answer so far.
-                    if rerun.is_none() && autocommit_read && self.pending > 0 {
+                    if rerun.is_none() && autocommit_read && self.flight.pending > 0 {
                         self.replay = Some(BytesMut::from(&self.up.buf[..]));
                         self.holding = true;
                     }

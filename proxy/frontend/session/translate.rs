@@ -160,7 +160,7 @@ impl Session {
     /// another connection's transaction (pgbench does) so never waits for
     /// a server it is itself keeping busy.
     pub(super) fn prepare_locally(&mut self) -> Option<BytesMut> {
-        if !self.translating || self.tx != TxStatus::Idle || self.pending != 1 {
+        if !self.translating || self.flight.tx != TxStatus::Idle || self.flight.pending != 1 {
             return None;
         }
         if self.up.scanned != self.up.buf.len() || !self.up.scanner.at_boundary() {
@@ -172,9 +172,7 @@ impl Session {
         let mut out = answer?;
         build::ready_for_query(&mut out, TxStatus::Idle);
         self.up.clear();
-        self.pending = 0;
-        self.owed = false;
-        self.awaiting = false;
+        self.flight.reset();
         Some(out)
     }
 
