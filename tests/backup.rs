@@ -23,12 +23,9 @@ fn config_text(nodes: &[&PgNode], dir: &Path, password: &str, extra: &str) -> St
 }
 
 async fn pgheal_backup(config: &Path, action: &str) -> std::process::Output {
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_pgheal"))
-        .args(["backup", action, "--config"])
-        .arg(config)
-        .output()
-        .await
-        .expect("run pgheal backup")
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_pgheal"));
+    cmd.args(["backup", action, "--config"]).arg(config);
+    output_async(cmd, None, SUBPROCESS_DEADLINE).await
 }
 
 fn dumps(dir: &Path) -> Vec<String> {
@@ -101,23 +98,21 @@ async fn a_backup_from_the_replica_restores_with_its_rows() {
         .await
         .expect("createdb");
     let restore = find_bin_dir().expect("bin").join("pg_restore");
-    let out = tokio::process::Command::new(restore)
-        .args([
-            "--no-owner",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &primary.port.to_string(),
-            "-U",
-            "postgres",
-            "-d",
-            "restored",
-        ])
-        .arg(backups.join(&files[0]))
-        .env("PGPASSWORD", SUPERUSER_PASSWORD)
-        .output()
-        .await
-        .expect("pg_restore");
+    let mut cmd = std::process::Command::new(restore);
+    cmd.args([
+        "--no-owner",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &primary.port.to_string(),
+        "-U",
+        "postgres",
+        "-d",
+        "restored",
+    ])
+    .arg(backups.join(&files[0]))
+    .env("PGPASSWORD", SUPERUSER_PASSWORD);
+    let out = output_async(cmd, None, SUBPROCESS_DEADLINE).await;
     assert!(out.status.success(), "{}", text(&out.stderr));
     let rows = primary
         .superuser_conn("restored")

@@ -214,3 +214,49 @@ async fn a_pinned_client_whose_server_dies_gets_08006_and_is_unpinned() {
         .expect("works again");
     assert_ne!(other_pid, pid);
 }
+
+/// Values pgheal writes into SQL (set_config) hold backslashes and quotes
+/// whatever `standard_conforming_strings` says, and cannot break out of
+/// their literal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_with_backslashes_and_quotes_under_both_string_settings() {
+    let node = app_node().await;
+    let proxy = proxy_with(&node, "pool_mode = \"transaction\"", "pool_size = 1").await;
+    let hostile = r"a\b'c\'; SELECT 1; --";
+    let mut clients = Vec::new();
+    for (k, scs) in ["off", "on"].iter().enumerate() {
+        let mut config: tokio_postgres::Config = app_url(&proxy).parse().expect("url");
+        config
+            .application_name(&format!("{hostile}{k}"))
+            .options(&format!("-c standard_conforming_strings={scs}"));
+        let (client, conn) = config
+            .connect(tokio_postgres::NoTls)
+            .await
+            .expect("connect");
+        tokio::spawn(conn);
+        clients.push((client, *scs, k));
+    }
+    // One server for both: each transaction re-applies its client's values.
+    for round in 0..3 {
+        for (client, scs, k) in &clients {
+            assert_eq!(
+                show(client, "application_name").await,
+                format!("{hostile}{k}"),
+                "round {round}, standard_conforming_strings={scs}"
+            );
+            assert_eq!(show(client, "standard_conforming_strings").await, *scs);
+        }
+    }
+    // A value set with SET is read back and carried the same way.
+    let (off, _, _) = &clients[0];
+    off.batch_execute(r"SET application_name = 'x\\y''z'")
+        .await
+        .expect("SET with scs off");
+    for _ in 0..3 {
+        assert_eq!(show(off, "application_name").await, r"x\y'z");
+        assert_eq!(
+            show(&clients[1].0, "application_name").await,
+            format!("{hostile}1")
+        );
+    }
+}

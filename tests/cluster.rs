@@ -425,15 +425,29 @@ async fn primary_killed_under_steady_load_loses_no_reads_and_no_connections() {
     // Hold the degraded state past write_wait so writes meet it.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     stop_tx.send(true).unwrap();
-    for c in clients {
-        let (_reads, errors, closed) = c.await.expect("no read failed");
-        assert!(!closed, "a client connection was closed");
+    let (mut total_reads, mut refused) = (0, 0);
+    for (n, c) in clients.into_iter().enumerate() {
+        let (reads, errors, closed) = c.await.expect("no read failed");
+        assert!(
+            !closed,
+            "client {n}'s connection was closed; its errors: {errors:?}"
+        );
         // In flight at the kill: 08006 (outcome unknown); afterwards: 25006.
         assert!(
             errors.iter().all(|c| c == "25006" || c == "08006"),
-            "{errors:?}"
+            "client {n}: {errors:?}"
         );
+        if n % 2 == 0 {
+            assert!(reads > 0, "reader {n} ran no read");
+        }
+        total_reads += reads;
+        refused += errors.iter().filter(|c| *c == "25006").count();
     }
+    assert!(total_reads > 0, "reads ran");
+    assert!(
+        refused > 0,
+        "at least one write met the read-only state and got 25006"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,16 +1,16 @@
 //! `pgheal check`: every error in a file, each with its key path.
 
+mod common;
+use common::{output_within, SUBPROCESS_DEADLINE};
 use std::process::Command;
 
 fn check(text: &str) -> (bool, String) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("pgheal.toml");
     std::fs::write(&path, text).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_pgheal"))
-        .args(["check", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgheal"));
+    cmd.args(["check", "--config"]).arg(&path);
+    let out = output_within(cmd, None, SUBPROCESS_DEADLINE);
     let all = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -76,10 +76,9 @@ fn syntax_errors_and_missing_files_are_reported() {
     let (ok, out) = check("[proxy\nlisten = 1");
     assert!(!ok);
     assert!(out.contains("line 1"), "{out}");
-    let out = Command::new(env!("CARGO_BIN_EXE_pgheal"))
-        .args(["check", "--config", "/nonexistent/pgheal.toml"])
-        .output()
-        .unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgheal"));
+    cmd.args(["check", "--config", "/nonexistent/pgheal.toml"]);
+    let out = output_within(cmd, None, SUBPROCESS_DEADLINE);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read"));
 }

@@ -40,16 +40,9 @@ async fn script(proxy: &Running, program: &str, args: &[&str], dir: &str) {
     let (program, dir) = (program.to_string(), dir.to_string());
     let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
     let shown = format!("{program} {}", args.join(" "));
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(&program)
-            .args(&args)
-            .current_dir(&dir)
-            .env("DATABASE_URL", url)
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run {program} (scripts/test installs it): {e}"))
-    })
-    .await
-    .expect("driver thread");
+    let mut cmd = Command::new(&program);
+    cmd.args(&args).current_dir(&dir).env("DATABASE_URL", url);
+    let out = output_async(cmd, None, SUBPROCESS_DEADLINE).await;
     assert!(
         out.status.success(),
         "{shown} failed:\n{}\n{}",
@@ -89,8 +82,9 @@ async fn node_postgres_named_queries() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jdbc_with_prepare_threshold_one() {
     let jar = "/usr/share/java/postgresql.jar";
-    let java = Command::new("java").arg("-version").output();
-    if java.is_err() || !Path::new(jar).exists() {
+    let java = std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("java").is_file()));
+    if !java || !Path::new(jar).exists() {
         eprintln!("skipped: Java or {jar} (libpostgresql-jdbc-java) is not installed");
         return;
     }

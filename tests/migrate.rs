@@ -49,15 +49,9 @@ impl Setup {
         let mut all: Vec<String> = args.iter().map(|s| s.to_string()).collect();
         all.push("--config".into());
         all.push(self.config().display().to_string());
-        tokio::time::timeout(Duration::from_secs(60), async {
-            tokio::process::Command::new(env!("CARGO_BIN_EXE_pgheal"))
-                .args(&all)
-                .output()
-                .await
-                .expect("run pgheal")
-        })
-        .await
-        .expect("pgheal finished within 60 s")
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_pgheal"));
+        cmd.args(&all);
+        output_async(cmd, None, Duration::from_secs(60)).await
     }
 }
 

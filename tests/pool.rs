@@ -43,7 +43,10 @@ async fn min_idle_is_kept_warm_and_extra_idle_connections_time_out() {
         c.batch_execute("BEGIN; SELECT 1").await.unwrap();
         clients.push((c, h));
     }
-    assert_eq!(app_backends(&admin).await, 5);
+    // Five in use; the pool may have opened one more to keep min_idle
+    // warm meanwhile, but never more than pool_size.
+    let open = app_backends(&admin).await;
+    assert!((5..=6).contains(&open), "{open} server connections");
     for (c, _) in &clients {
         c.batch_execute("COMMIT").await.unwrap();
     }
@@ -54,8 +57,11 @@ async fn min_idle_is_kept_warm_and_extra_idle_connections_time_out() {
         || async { app_backends(&admin).await == 2 },
     )
     .await;
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    assert_eq!(app_backends(&admin).await, 2, "min_idle connections stay");
+    // Several idle_timeouts later, min_idle connections are still there.
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(app_backends(&admin).await, 2, "min_idle connections stay");
+    }
     // Queries keep working with the warm connections.
     let (c, _h) = &clients[0];
     let rows = c.simple_query("SELECT 1").await.unwrap();

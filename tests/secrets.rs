@@ -5,7 +5,6 @@
 mod common;
 use common::*;
 
-use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -14,14 +13,10 @@ fn pgheal() -> Command {
 }
 
 fn hash_password(password: &str) -> String {
-    let mut child = pgheal()
-        .arg("hash-password")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("run pgheal hash-password");
-    writeln!(child.stdin.take().expect("stdin"), "{password}").expect("write password");
-    let out = child.wait_with_output().expect("hash-password");
+    let mut cmd = pgheal();
+    cmd.arg("hash-password");
+    let input = format!("{password}\n").into_bytes();
+    let out = output_within(cmd, Some(input), SUBPROCESS_DEADLINE);
     assert!(out.status.success());
     let secret = text(&out.stdout).trim().to_string();
     assert!(secret.starts_with("SCRAM-SHA-256$4096:"), "{secret}");
@@ -97,7 +92,10 @@ async fn no_secret_in_logs_or_check_output() {
     first_value(&client, "SELECT 1").await.expect("query");
     drop(client);
     let _ = child.start_kill();
-    let out = child.wait_with_output().await.expect("pgheal output");
+    let out = tokio::time::timeout(SUBPROCESS_DEADLINE, child.wait_with_output())
+        .await
+        .expect("pgheal exits within the deadline")
+        .expect("pgheal output");
     let logs = text(&out.stderr);
     assert!(logs.contains("client authentication failed"), "{logs}");
     for s in [APP_PASSWORD, secret.as_str(), "other-user-pw", guesses[0]] {
@@ -110,12 +108,9 @@ async fn no_secret_in_logs_or_check_output() {
         format!("{body}\n[pool]\nbogus = \"{APP_PASSWORD}\"\n"),
     )
     .expect("write config");
-    let out = pgheal()
-        .arg("check")
-        .arg("--config")
-        .arg(&config)
-        .output()
-        .expect("check");
+    let mut cmd = pgheal();
+    cmd.arg("check").arg("--config").arg(&config);
+    let out = output_within(cmd, None, SUBPROCESS_DEADLINE);
     let all = format!("{}{}", text(&out.stdout), text(&out.stderr));
     assert!(!out.status.success());
     assert!(all.contains("pool.bogus"), "{all}");

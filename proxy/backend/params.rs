@@ -114,8 +114,11 @@ fn is_parameter_name(name: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
 }
 
-pub(crate) fn quote_literal(value: &str) -> String {
-    format!("'{}'", value.replace('\'', "''"))
+/// A SQL string literal that reads back as `value` whether the session
+/// has `standard_conforming_strings` on or off: a value holding a
+/// backslash becomes an `E'...'` literal with the backslash doubled.
+pub fn quote_literal(value: &str) -> String {
+    postgres_protocol::escape::escape_literal(value)
 }
 
 /// Splits libpq's `options` string: words separated by spaces, `\` escapes.
@@ -202,5 +205,18 @@ mod tests {
             "SELECT set_config('application_name', 'it''s', false);RESET search_path;"
         );
         assert_eq!(want.diff_sql(&want), None);
+    }
+
+    #[test]
+    fn literals_hold_under_either_string_setting() {
+        assert_eq!(quote_literal("plain"), "'plain'");
+        assert_eq!(quote_literal("it's"), "'it''s'");
+        // E'' strings read backslashes the same way whatever
+        // standard_conforming_strings says.
+        assert_eq!(quote_literal(r"a\b"), r" E'a\\b'");
+        assert_eq!(
+            quote_literal(r"\'; DROP TABLE t; --"),
+            r" E'\\''; DROP TABLE t; --'"
+        );
     }
 }

@@ -49,9 +49,28 @@ pub fn find_bin_dir() -> Option<PathBuf> {
     real.parent().map(Path::to_path_buf)
 }
 
-/// Picks a free loopback port.
+/// Ports handed out by [`free_port`]: below Linux's ephemeral range
+/// (32768-60999), so no outgoing connection's source port takes one
+/// between the check and the bind.
+const PORTS: std::ops::Range<u16> = 20_000..32_000;
+
+/// A loopback port free now. Each process walks [`PORTS`] from its own
+/// starting point, so concurrent callers (threads or test processes) do
+/// not hand out the same port; a node that still loses the race retries
+/// with another (see [`PgNode::start_new`]).
 pub fn free_port() -> io::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let span = u32::from(PORTS.end - PORTS.start);
+    let offset = std::process::id().wrapping_mul(97) % span;
+    for _ in 0..span {
+        let n = (offset + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
+        let port = PORTS.start + n as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    Err(io::Error::new(io::ErrorKind::AddrInUse, "no free port"))
 }
 
 /// Who PostgreSQL runs as: the postgres user when we are root.
@@ -91,7 +110,7 @@ impl PgNode {
     pub async fn start_new() -> Result<PgNode, LocalPgError> {
         let mut node = Self::create().await?;
         node.initdb().await?;
-        node.start().await?;
+        node.first_start().await?;
         Ok(node)
     }
 
@@ -112,7 +131,7 @@ impl PgNode {
         .args(["-R", "-X", "stream", "-c", "fast"])
         .env("PGPASSWORD", SUPERUSER_PASSWORD);
         node.run("pg_basebackup", cmd).await?;
-        node.start().await?;
+        node.first_start().await?;
         Ok(node)
     }
 
@@ -195,6 +214,27 @@ impl PgNode {
         std::fs::write(&hba, format!("{lines}\n{text}"))?;
         self.signal(Signal::SIGHUP);
         Ok(())
+    }
+
+    /// The first start: when another process took the port meanwhile,
+    /// starts again on another one.
+    async fn first_start(&mut self) -> Result<(), LocalPgError> {
+        for _ in 0..5 {
+            match self.start().await {
+                Err(e) if self.lost_port() => {
+                    tracing::info!(port = self.port, error = %e, "port taken; trying another");
+                    self.port = free_port()?;
+                }
+                other => return other,
+            }
+        }
+        self.start().await
+    }
+
+    /// The last start failed because the port was in use.
+    fn lost_port(&self) -> bool {
+        std::fs::read_to_string(self.log_path())
+            .is_ok_and(|log| log.contains("Address already in use"))
     }
 
     /// Starts the postmaster and waits until it accepts logins.

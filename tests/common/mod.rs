@@ -72,29 +72,77 @@ pub fn app_url(proxy: &Running) -> String {
     url(proxy, "app", APP_PASSWORD, "app")
 }
 
-/// Runs a client program (psql, pgbench) to completion in a blocking thread.
-pub async fn run(program: &str, args: Vec<String>, stdin: Option<Vec<u8>>) -> Output {
-    let program = program.to_string();
-    tokio::task::spawn_blocking(move || {
-        use std::io::Write;
-        let mut cmd = Command::new(&program);
-        cmd.args(&args)
-            .env("PGCONNECT_TIMEOUT", "10")
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped());
-        let mut child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
-        let mut input = child.stdin.take().expect("stdin");
+/// How long any client program a test runs may take.
+pub const SUBPROCESS_DEADLINE: Duration = Duration::from_secs(180);
+
+/// Runs `cmd` to completion, feeding it `stdin`, within `limit`. Past the
+/// limit the process is killed and the test fails with what it printed so
+/// far, so a hung program never stalls the suite.
+pub fn output_within(mut cmd: Command, stdin: Option<Vec<u8>>, limit: Duration) -> Output {
+    use std::io::{Read, Write};
+    let shown = format!("{cmd:?}");
+    cmd.stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {shown}: {e}"));
+    let mut input = child.stdin.take().expect("stdin");
+    let feed = std::thread::spawn(move || {
         if let Some(bytes) = stdin {
-            input.write_all(&bytes).expect("write stdin");
+            let _ = input.write_all(&bytes);
         }
-        drop(input);
-        child.wait_with_output().expect("wait for client")
-    })
-    .await
-    .expect("client thread")
+    });
+    let drain = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut all = Vec::new();
+            let _ = r.read_to_end(&mut all);
+            all
+        })
+    };
+    let out = drain(Box::new(child.stdout.take().expect("stdout")));
+    let err = drain(Box::new(child.stderr.take().expect("stderr")));
+    let deadline = std::time::Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for child") {
+            break status;
+        }
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let (o, e) = (
+                out.join().unwrap_or_default(),
+                err.join().unwrap_or_default(),
+            );
+            panic!(
+                "{shown} did not finish within {limit:?}\nstdout:\n{}\nstderr:\n{}",
+                text(&o),
+                text(&e)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let _ = feed.join();
+    Output {
+        status,
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+    }
+}
+
+/// [`output_within`] off the async runtime's threads.
+pub async fn output_async(cmd: Command, stdin: Option<Vec<u8>>, limit: Duration) -> Output {
+    tokio::task::spawn_blocking(move || output_within(cmd, stdin, limit))
+        .await
+        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+}
+
+/// Runs a client program (psql, pgbench) to completion within
+/// [`SUBPROCESS_DEADLINE`].
+pub async fn run(program: &str, args: Vec<String>, stdin: Option<Vec<u8>>) -> Output {
+    let mut cmd = Command::new(program);
+    cmd.args(&args).env("PGCONNECT_TIMEOUT", "10");
+    output_async(cmd, stdin, SUBPROCESS_DEADLINE).await
 }
 
 /// psql with `-X -q -v ON_ERROR_STOP=0 -At` and the given extra arguments.
@@ -398,10 +446,10 @@ impl TestCa {
     }
 }
 
-/// A TCP port free on 127.0.0.1 right now.
+/// A TCP port free on 127.0.0.1, outside the range the kernel hands out
+/// for outgoing connections (see `pgheal::testkit::free_port`).
 pub fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
-    l.local_addr().expect("addr").port()
+    pgheal::testkit::free_port().expect("free port")
 }
 
 /// `pgbench -i -s 1 -q` against `url`; panics if it fails.

@@ -15,6 +15,7 @@ use pgheal_protocol::frontend::{self, STATEMENT};
 use super::replies::Expect;
 use super::Session;
 use crate::backend::conn::ServerConn;
+use crate::backend::params::quote_literal;
 use crate::backend::router::{self, Intent};
 use crate::backend::statements::{ServerName, Source, Statement, FAIL, NONE, NOOP};
 use crate::frontend::error::ClientError;
@@ -411,13 +412,8 @@ impl Session {
         match self.statements.get(name.as_bytes()) {
             Some(s) if s.server == server => {}
             Some(_) => {
-                out.sql.extend_from_slice(
-                    format!(
-                        "DO $pgheal$BEGIN RAISE EXCEPTION USING ERRCODE = '42P05', \
-                         MESSAGE = 'prepared statement \"{name}\" already exists'; END$pgheal$"
-                    )
-                    .as_bytes(),
-                );
+                out.sql
+                    .extend_from_slice(duplicate_prepare_error(name).as_bytes());
                 return true;
             }
             None => {
@@ -443,5 +439,36 @@ impl Session {
         out.sql
             .extend_from_slice(format!("PREPARE {}{body}", server.as_str()).as_bytes());
         true
+    }
+}
+
+/// A statement whose error is PostgreSQL's own for a second PREPARE of
+/// `name`, raised by the server so it arrives in order. The name is quoted
+/// as a literal and kept out of the dollar-quoted body's delimiter.
+fn duplicate_prepare_error(name: &str) -> String {
+    let message = quote_literal(&format!("prepared statement \"{name}\" already exists"));
+    let mut tag = String::from("$pgheal$");
+    while message.contains(&tag) {
+        tag.insert(tag.len() - 1, '_');
+    }
+    format!("DO {tag}BEGIN RAISE EXCEPTION USING ERRCODE = '42P05', MESSAGE = {message}; END{tag}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::duplicate_prepare_error;
+
+    #[test]
+    fn a_duplicate_name_cannot_break_out_of_its_statement() {
+        assert_eq!(
+            duplicate_prepare_error("s1"),
+            "DO $pgheal$BEGIN RAISE EXCEPTION USING ERRCODE = '42P05', \
+             MESSAGE = 'prepared statement \"s1\" already exists'; END$pgheal$"
+        );
+        let hostile = duplicate_prepare_error("x$pgheal$'\\");
+        assert!(hostile.starts_with("DO $pgheal_$"), "{hostile}");
+        assert!(hostile.ends_with("END$pgheal_$"), "{hostile}");
+        let literal = " E'prepared statement \"x$pgheal$''\\\\\" already exists'";
+        assert!(hostile.contains(literal), "{hostile}");
     }
 }
