@@ -227,8 +227,8 @@ async fn settings_with_backslashes_and_quotes_under_both_string_settings() {
     for (k, scs) in ["off", "on"].iter().enumerate() {
         let mut config: tokio_postgres::Config = app_url(&proxy).parse().expect("url");
         config
-            .application_name(&format!("{hostile}{k}"))
-            .options(&format!("-c standard_conforming_strings={scs}"));
+            .application_name(format!("{hostile}{k}"))
+            .options(format!("-c standard_conforming_strings={scs}"));
         let (client, conn) = config
             .connect(tokio_postgres::NoTls)
             .await

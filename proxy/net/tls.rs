@@ -217,13 +217,10 @@ impl fmt::Debug for UpstreamTls {
 
 impl UpstreamTls {
     pub fn new(mode: UpstreamMode, ca: Option<&Path>) -> Result<UpstreamTls, TlsError> {
-        let ca_content = match ca {
-            Some(path) => Some((
-                path.to_path_buf(),
-                Arc::from(std::fs::read(path).unwrap_or_default()),
-            )),
-            None => None,
-        };
+        let ca_content = ca.map(|path| {
+            let pem: Arc<[u8]> = Arc::from(std::fs::read(path).unwrap_or_default());
+            (path.to_path_buf(), pem)
+        });
         let verifier: Arc<dyn ServerCertVerifier> = match (mode, ca) {
             (UpstreamMode::Disable, _) => return Ok(UpstreamTls::default()),
             (UpstreamMode::VerifyCa | UpstreamMode::VerifyFull, None) => {

@@ -125,10 +125,8 @@ impl Session {
                 }
             }
             match step {
-                Step::Whole { tag, len } => {
-                    if !self.on_server_message(conn, tag, start, len) {
-                        continue;
-                    }
+                Step::Whole { tag, len } if !self.on_server_message(conn, tag, start, len) => {
+                    continue;
                 }
                 Step::NeedMore => return Ok(()),
                 _ => {}
