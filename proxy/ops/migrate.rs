@@ -54,6 +54,9 @@ pub enum MigrateError {
         file: String,
         line: Option<usize>,
         error: String,
+        /// It ran in a transaction, which was rolled back; a
+        /// no-transaction file keeps the statements before the failing one.
+        rolled_back: bool,
     },
     Server(UpstreamError),
 }
@@ -72,10 +75,26 @@ impl fmt::Display for MigrateError {
                     "{file} was applied but is missing from the migrations directory"
                 )
             }
-            MigrateError::Failed { file, line, error } => match line {
-                Some(l) => write!(f, "{file} failed at line {l} and was rolled back: {error}"),
-                None => write!(f, "{file} failed and was rolled back: {error}"),
-            },
+            MigrateError::Failed {
+                file,
+                line,
+                error,
+                rolled_back,
+            } => {
+                write!(f, "{file} failed")?;
+                if let Some(l) = line {
+                    write!(f, " at line {l}")?;
+                }
+                if *rolled_back {
+                    write!(f, " and was rolled back")?;
+                } else {
+                    write!(
+                        f,
+                        " (no transaction: the statements before it stay applied)"
+                    )?;
+                }
+                write!(f, ": {error}")
+            }
             MigrateError::Server(e) => write!(f, "{e}"),
         }
     }
@@ -256,6 +275,7 @@ async fn apply_one(conn: &mut ServerConn, f: &Migration) -> Result<(), MigrateEr
         file: f.file.clone(),
         line: e.position().map(|p| line_of(&f.sql, p)),
         error: e.to_string(),
+        rolled_back: f.transactional,
     };
     if f.transactional {
         conn.run_quietly("BEGIN").await?;
