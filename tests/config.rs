@@ -161,4 +161,8 @@ fn the_kubernetes_configmap_holds_a_valid_config() {
     let config = pgheal::config::Config::parse(&toml).expect("the ConfigMap's config is valid");
     assert_eq!(config.users[0].password.as_deref(), Some("from-the-secret"));
     assert!(config.proxy.http_listen.is_some());
+    assert!(
+        config.proxy.watch_config,
+        "a mounted ConfigMap changes without a signal"
+    );
 }

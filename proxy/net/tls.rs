@@ -24,8 +24,14 @@ use super::stream::Stream;
 /// Why TLS could not be set up from the configured files.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("cannot read {path}: {source}")]
-    Read {
+    #[error("cannot read certificates from {path}: {source}")]
+    ReadCerts {
+        path: PathBuf,
+        #[source]
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("cannot read a private key from {path}: {source}")]
+    ReadKey {
         path: PathBuf,
         #[source]
         source: rustls::pki_types::pem::Error,
@@ -108,7 +114,7 @@ impl ClientTls {
 }
 
 fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let read = |source| TlsError::Read {
+    let read = |source| TlsError::ReadCerts {
         path: path.to_path_buf(),
         source,
     };
@@ -135,7 +141,7 @@ fn read_roots(path: &Path) -> Result<RootCertStore, TlsError> {
 
 fn server_config(c: &ClientTlsConfig) -> Result<ServerConfig, TlsError> {
     let certs = read_certs(&c.cert)?;
-    let key = PrivateKeyDer::from_pem_file(&c.key).map_err(|source| TlsError::Read {
+    let key = PrivateKeyDer::from_pem_file(&c.key).map_err(|source| TlsError::ReadKey {
         path: c.key.clone(),
         source,
     })?;
