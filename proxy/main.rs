@@ -1,4 +1,3 @@
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -48,7 +47,7 @@ enum Command {
     Demo {
         /// Where pgheal listens.
         #[arg(long, default_value = "127.0.0.1:6432")]
-        listen: SocketAddr,
+        listen: std::net::SocketAddr,
     },
 }
 
