@@ -271,12 +271,19 @@ pub fn error_code(body: &[u8]) -> String {
     )
 }
 
-/// Waits up to `within` for `check` to hold, polling.
+/// The least time [`eventually`] waits: under coverage instrumentation,
+/// with every test of a file running at once on 2 cores, a step that takes
+/// milliseconds alone can take seconds. A passing test never waits it out.
+pub const MIN_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Waits up to `within` (at least [`MIN_DEADLINE`]) for `check` to hold,
+/// polling.
 pub async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
+    let within = within.max(MIN_DEADLINE);
     let deadline = tokio::time::Instant::now() + within;
     while tokio::time::Instant::now() < deadline {
         if check().await {
