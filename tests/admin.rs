@@ -214,7 +214,7 @@ async fn pause_holds_new_transactions_and_resume_releases_them() {
     assert!(!waiting.is_finished(), "a new transaction ran while paused");
     assert_eq!(metrics.queries.get(), before);
     console.simple_query("RESUME").await.expect("RESUME");
-    let v = tokio::time::timeout(std::time::Duration::from_secs(10), waiting)
+    let v = tokio::time::timeout(std::time::Duration::from_secs(30), waiting)
         .await
         .expect("released by RESUME")
         .expect("task");

@@ -129,7 +129,7 @@ async fn listen_pins_the_client_and_notifications_arrive() {
             .batch_execute(&format!("NOTIFY jobs, 'job {i}'"))
             .await
             .expect("NOTIFY");
-        let got = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        let got = tokio::time::timeout(Duration::from_secs(30), rx.recv())
             .await
             .expect("notification within 10 s");
         assert_eq!(got.as_deref(), Some(format!("job {i}").as_str()));
@@ -203,7 +203,7 @@ async fn a_pinned_client_whose_server_dies_gets_08006_and_is_unpinned() {
     node.sql("postgres", &format!("SELECT pg_terminate_backend({pid})"))
         .await
         .expect("terminate");
-    let e = tokio::time::timeout(Duration::from_secs(10), client.simple_query("SELECT 1"))
+    let e = tokio::time::timeout(Duration::from_secs(30), client.simple_query("SELECT 1"))
         .await
         .expect("an answer")
         .expect_err("the server is gone");

@@ -18,7 +18,7 @@ async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
         .await
         .expect("request");
     let mut raw = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut raw))
+    tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut raw))
         .await
         .expect("HTTP answer within 10 s")
         .expect("read");

@@ -249,7 +249,7 @@ async fn metrics_text(addr: std::net::SocketAddr) -> String {
         .await
         .expect("request");
     let mut raw = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut raw))
+    tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut raw))
         .await
         .expect("answer within 10 s")
         .expect("read");

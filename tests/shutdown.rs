@@ -50,7 +50,7 @@ async fn sigterm_lets_a_running_transaction_commit_then_exits_0() {
     kill(pid, Signal::SIGTERM).expect("SIGTERM");
 
     // The idle client is told and let go.
-    let ended = tokio::time::timeout(Duration::from_secs(10), idle_conn)
+    let ended = tokio::time::timeout(Duration::from_secs(30), idle_conn)
         .await
         .expect("idle client closed within 10 s")
         .expect("connection task");
@@ -73,7 +73,7 @@ async fn sigterm_lets_a_running_transaction_commit_then_exits_0() {
         .await
         .expect("the transaction commits during shutdown");
 
-    let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
         .await
         .expect("pgheal exits once the transaction is done")
         .expect("wait");
