@@ -20,7 +20,7 @@ async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
     let mut raw = Vec::new();
     tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut raw))
         .await
-        .expect("HTTP answer within 10 s")
+        .expect("HTTP answer within 30 s")
         .expect("read");
     let raw = text(&raw);
     let (head, body) = raw.split_once("\r\n\r\n").expect("HTTP head and body");

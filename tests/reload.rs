@@ -251,7 +251,7 @@ async fn metrics_text(addr: std::net::SocketAddr) -> String {
     let mut raw = Vec::new();
     tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut raw))
         .await
-        .expect("answer within 10 s")
+        .expect("answer within 30 s")
         .expect("read");
     text(&raw)
 }

@@ -52,7 +52,7 @@ async fn sigterm_lets_a_running_transaction_commit_then_exits_0() {
     // The idle client is told and let go.
     let ended = tokio::time::timeout(Duration::from_secs(30), idle_conn)
         .await
-        .expect("idle client closed within 10 s")
+        .expect("idle client closed within 30 s")
         .expect("connection task");
     let e = ended.expect_err("the idle client's connection ends with an error");
     assert_eq!(code(&e), "57P01");
@@ -75,7 +75,7 @@ async fn sigterm_lets_a_running_transaction_commit_then_exits_0() {
 
     let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
         .await
-        .expect("pgheal exits once the transaction is done")
+        .expect("pgheal exits once the transaction is done (30 s)")
         .expect("wait");
     assert!(status.success(), "exit status {status}");
     let count = node
