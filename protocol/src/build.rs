@@ -54,6 +54,15 @@ pub fn error_response(
 
 /// ErrorResponse with a SQLSTATE given as text, for codes passed on from a
 /// server.
+/// An error in protocol 2's format (`E`, the message, NUL; no length, no
+/// fields), for a client that asked for protocol 2 and is refused, as
+/// PostgreSQL answers it.
+pub fn error_v2(buf: &mut BytesMut, message: &str) {
+    buf.put_u8(b'E');
+    buf.extend_from_slice(message.replace('\0', " ").as_bytes());
+    buf.put_u8(0);
+}
+
 pub fn error_response_code(
     buf: &mut BytesMut,
     severity: Severity,

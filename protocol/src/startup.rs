@@ -67,6 +67,21 @@ pub enum StartupError {
     UnsupportedProtocol { major: u16, minor: u16 },
     #[error("invalid startup packet layout: {0}")]
     Malformed(&'static str),
+    #[error("invalid length of query cancel packet")]
+    BadCancelLength,
+}
+
+impl StartupError {
+    /// True for what PostgreSQL only logs and answers by closing the
+    /// connection without a word: a length that cannot be a startup
+    /// packet (any bytes that are not one, such as a regular message sent
+    /// first) and a cancel request of the wrong size.
+    pub fn closes_silently(&self) -> bool {
+        matches!(
+            self,
+            StartupError::BadLength(_) | StartupError::BadCancelLength
+        )
+    }
 }
 
 /// Parses a startup packet at the front of `buf`, returning it and its size,
@@ -98,11 +113,11 @@ pub fn parse(buf: &[u8]) -> Result<Option<(StartupPacket, usize)>, StartupError>
 
 fn cancel(rest: &[u8]) -> Result<CancelKey, StartupError> {
     let mut cur = Cursor::new(rest);
-    let bad = |_| StartupError::Malformed("cancel request is not 16 bytes");
+    let bad = |_| StartupError::BadCancelLength;
     let pid = cur.i32().map_err(bad)?;
     let secret = cur.i32().map_err(bad)?;
     if !cur.is_empty() {
-        return Err(StartupError::Malformed("cancel request is not 16 bytes"));
+        return Err(StartupError::BadCancelLength);
     }
     Ok(CancelKey { pid, secret })
 }

@@ -76,6 +76,8 @@ impl ClientError {
         let fatal = |s: SqlState| Some((Severity::Fatal, s.code().to_string()));
         match self {
             Frame(_) | Malformed(_) => fatal(sqlstate::PROTOCOL_VIOLATION),
+            // As PostgreSQL: bytes that are no startup packet get no answer.
+            Startup(e) if e.closes_silently() => None,
             Startup(StartupError::UnsupportedProtocol { .. }) => {
                 fatal(sqlstate::FEATURE_NOT_SUPPORTED)
             }
@@ -145,6 +147,12 @@ impl ClientError {
         let Some((mut severity, code)) = self.wire() else {
             return false;
         };
+        if let ClientError::Startup(StartupError::UnsupportedProtocol { major, .. }) = self {
+            if *major < 3 {
+                build::error_v2(buf, &format!("FATAL:  {self}\n"));
+                return true;
+            }
+        }
         if !logged_in {
             severity = Severity::Fatal;
         }
