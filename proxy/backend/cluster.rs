@@ -72,6 +72,8 @@ pub struct NodeStatus {
     pub failures: u32,
     /// When the last successful probe was taken.
     pub probed_at: Option<std::time::Instant>,
+    /// When the last probe ended, successful or not.
+    pub checked_at: Option<std::time::Instant>,
     /// A replica's replay delay: zero when it has replayed all it received,
     /// else the age of the last transaction it replayed.
     pub replay_lag: Duration,
@@ -89,6 +91,7 @@ impl NodeStatus {
             lsn: 0,
             failures: 0,
             probed_at: None,
+            checked_at: None,
             replay_lag: Duration::ZERO,
             last_error: None,
             retry_at: None,
@@ -252,6 +255,30 @@ impl Cluster {
         }
     }
 
+    /// Probes `addr` now and returns its role as that probe found it
+    /// (`Down` when it failed), or `None` when no probe ended `within`.
+    /// Tells a session ended on purpose (the node still answers in the same
+    /// role) from a node that failed or is shutting down.
+    pub async fn recheck(&self, addr: &str, within: std::time::Duration) -> Option<Role> {
+        let asked = std::time::Instant::now();
+        self.nudge(addr);
+        let deadline = tokio::time::Instant::now() + within;
+        while tokio::time::Instant::now() < deadline {
+            let topology = self.snapshot();
+            let node = topology.nodes.iter().find(|n| &*n.addr == addr)?;
+            // A success counts only from a probe that started after the
+            // question (one already under way may predate the failure).
+            if node.probed_at.is_some_and(|at| at > asked) {
+                return Some(node.role);
+            }
+            if node.role == Role::Down && node.checked_at.is_some_and(|at| at > asked) {
+                return Some(Role::Down);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        None
+    }
+
     pub fn failovers(&self) -> u64 {
         self.failovers.load(std::sync::atomic::Ordering::Relaxed)
     }
@@ -339,6 +366,7 @@ async fn node_loop(
                     n.lsn = lsn;
                     n.replay_lag = lag;
                     n.probed_at = Some(started);
+                    n.checked_at = Some(std::time::Instant::now());
                     n.failures = 0;
                     n.last_error = None;
                     n.retry_at = None;
@@ -351,6 +379,7 @@ async fn node_loop(
                 let message = e.to_string();
                 let wait = backoff(&health, failures);
                 cluster.update(index, |n| {
+                    n.checked_at = Some(std::time::Instant::now());
                     n.role = Role::Down;
                     n.failures = failures;
                     n.last_error = Some(message);

@@ -1,6 +1,8 @@
-//! Cancel keys: pgheal hands each client a random key of its own and
-//! forwards a matching CancelRequest to the server running that client's
-//! query, with that server's key.
+//! Cancel keys: pgheal hands each client a key of its own (in session
+//! mode the server's real pid with a random secret, in transaction mode a
+//! random pid that stays the client's for its session) and forwards a
+//! matching CancelRequest to the server running that client's query, with
+//! that server's key.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -61,13 +63,24 @@ impl Drop for Registration {
 impl CancelRegistry {
     /// Gives a client a fresh random key from the OS generator.
     pub fn register(self: &Arc<Self>) -> Registration {
+        self.register_with(None)
+    }
+
+    /// A key whose pid is `pid` (the real server's, in session mode) and
+    /// whose secret is pgheal's own, random.
+    pub fn register_as(self: &Arc<Self>, pid: i32) -> Registration {
+        self.register_with(Some(pid))
+    }
+
+    fn register_with(self: &Arc<Self>, pid: Option<i32>) -> Registration {
         let slot = Arc::new(CancelSlot::default());
         let mut clients = lock(&self.clients);
         let key = loop {
             let mut bytes = [0u8; 8];
             rand::rngs::OsRng.fill_bytes(&mut bytes);
+            let random_pid = i32::from_be_bytes([bytes[0] & 0x7f, bytes[1], bytes[2], bytes[3]]);
             let key = CancelKey {
-                pid: i32::from_be_bytes([bytes[0] & 0x7f, bytes[1], bytes[2], bytes[3]]),
+                pid: pid.unwrap_or(random_pid),
                 secret: i32::from_be_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]),
             };
             if !clients.contains_key(&key) {

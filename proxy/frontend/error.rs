@@ -60,10 +60,20 @@ pub enum ClientError {
     ServerLostInTransaction(#[source] io::Error),
     #[error("server connection lost while a write ran: its outcome is unknown ({0})")]
     ServerLostDuringWrite(#[source] io::Error),
-    #[error("server connection lost: the session state held on it ({0}) is gone")]
-    PinnedServerLost(&'static str),
     #[error("current transaction is aborted, commands ignored until end of transaction block")]
     TransactionLost,
+    /// The server ended this client's session on purpose while its node
+    /// stays up (pg_terminate_backend, idle_in_transaction_session_timeout):
+    /// its own SQLSTATE and message, as an ERROR in transaction mode.
+    #[error("{message}")]
+    SessionTerminated { code: String, message: String },
+    /// The one server session of a session-mode (or pinned) client is gone
+    /// and the client was told with a FATAL; nothing more to say.
+    #[error("the server session ended: {0}")]
+    SessionEnded(String),
+    /// Session mode: the server connection was lost without a word.
+    #[error("server connection lost: this session's server is gone ({0}); reconnect")]
+    SessionServerLost(#[source] io::Error),
     #[error("invalid message from server: {0}")]
     ServerProtocol(FrameError),
 }
@@ -104,6 +114,9 @@ impl ClientError {
                 Severity::Error,
                 sqlstate::CANNOT_CONNECT_NOW.code().to_string(),
             )),
+            SessionTerminated { code, .. } => Some((Severity::Error, code.clone())),
+            SessionServerLost(_) => fatal(sqlstate::CONNECTION_FAILURE),
+            SessionEnded(_) => None,
             TransactionLost => Some((
                 Severity::Error,
                 sqlstate::IN_FAILED_SQL_TRANSACTION.code().to_string(),
@@ -111,7 +124,6 @@ impl ClientError {
             ServerLost(_)
             | ServerLostInTransaction(_)
             | ServerLostDuringWrite(_)
-            | PinnedServerLost(_)
             | ServerProtocol(_) => Some((
                 Severity::Error,
                 sqlstate::CONNECTION_FAILURE.code().to_string(),
@@ -129,9 +141,6 @@ impl ClientError {
                 "pgheal is read-only while no node accepts writes; reads still work, and writes resume on this connection when a primary is back.",
             ),
             ClientError::NoNode(_) => Some("Every node is down or unreachable; pgheal keeps retrying them."),
-            ClientError::PinnedServerLost(_) => Some(
-                "The connection still works on another server; LISTEN again, re-take advisory locks and re-create temporary objects.",
-            ),
             _ => None,
         }
     }

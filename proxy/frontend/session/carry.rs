@@ -84,12 +84,12 @@ impl Session {
         self.pinned = Some(Pinned::new(reason, self.app.clone()));
     }
 
-    /// Ends the pin after the server died; returns what was pinned.
+    /// Ends the pin when its server session is gone; returns what pinned it.
     pub(super) fn unpin(&mut self) -> Option<&'static str> {
         let p = self.pinned.take()?;
         tracing::warn!(
             reason = p.reason.as_str(),
-            "pinned client's server is gone; client unpinned"
+            "pinned client's server session is gone"
         );
         Some(p.reason.as_str())
     }

@@ -88,6 +88,8 @@ struct InFlight {
     /// The server sent a FATAL error and is about to close: nothing more
     /// goes to it, and its FATAL already answered the oldest request.
     server_dying: bool,
+    /// That FATAL, whole, for the client whose session it ends.
+    fatal: Option<bytes::Bytes>,
 }
 
 impl InFlight {
@@ -97,6 +99,7 @@ impl InFlight {
         awaiting: false,
         tx: TxStatus::Idle,
         server_dying: false,
+        fatal: None,
     };
 
     /// Nothing in flight: the client's requests are answered or forgotten.
@@ -183,9 +186,6 @@ pub struct Session {
     /// The settings the client logged in with, once it changed some.
     startup: Option<Box<Params>>,
     pinned: Option<Pinned>,
-    /// A pinned client's server died while it was idle: its next request
-    /// hears about it.
-    pin_lost: Option<&'static str>,
     /// pgheal is shutting down: end the client once its work is done.
     closing: bool,
     /// When the running transaction's first message arrived.
@@ -220,7 +220,6 @@ impl Session {
             dirty: None,
             startup: None,
             pinned: None,
-            pin_lost: None,
             closing: false,
             tx_started: None,
             registered,
@@ -283,11 +282,6 @@ impl Session {
             }
             if held.is_none() && !self.wait_for_request().await? {
                 return Ok(());
-            }
-            if let Some(reason) = self.pin_lost.take() {
-                self.refuse_request(ClientError::PinnedServerLost(reason))
-                    .await?;
-                continue;
             }
             if held.is_none() {
                 if let Some(answer) = self.prepare_locally() {
@@ -374,8 +368,17 @@ impl Session {
                 self.restore_replay()?;
                 Ok(Attachment::Detached)
             }
+            PumpEnd::ServerLost(e) if self.mode == PoolMode::Session || self.pinned.is_some() => {
+                let addr = lease.pool().shared_addr().clone();
+                *held = None;
+                self.end_session(&addr, e).await
+            }
             PumpEnd::ServerLost(e) if self.replay.is_some() => {
                 let addr = lease.pool().shared_addr().clone();
+                *held = None;
+                if let Some(ended) = self.ended_on_purpose(&addr).await {
+                    return self.answer_terminated_read(ended).await;
+                }
                 tracing::warn!(server = %addr, error = %e, "server lost before answering a read; running it elsewhere");
                 self.app.metrics.retry("server_lost");
                 self.target.cluster.nudge(&addr);
@@ -403,14 +406,72 @@ impl Session {
                 self.cancel.slot.detach();
                 // Dropping the lease closes the dead connection.
                 *held = None;
-                let idle = self.flight.pending == 0 && !self.flight.awaiting;
-                if let Some(reason) = self.unpin() {
-                    self.pin_lost = idle.then_some(reason);
-                }
                 self.report_server_lost(e).await?;
                 Ok(Attachment::Detached)
             }
         }
+    }
+
+    /// The one server session of a session-mode or pinned client is gone:
+    /// as a direct connection would, the client hears the server's own
+    /// FATAL (or 08006 when it said nothing) and its connection closes.
+    /// Drivers reconnect through pgheal to the current primary.
+    async fn end_session(&mut self, addr: &str, e: io::Error) -> Result<Attachment, ClientError> {
+        tracing::warn!(server = %addr, error = %e, "the client's server session ended; closing the client");
+        self.target.cluster.nudge(addr);
+        self.cancel.slot.detach();
+        let _ = self.unpin();
+        let mut out = BytesMut::new();
+        // A message cut off by the loss cannot be finished: say nothing.
+        if self.down.scanner.at_boundary() {
+            out.extend_from_slice(&self.down.buf[..self.down.scanned]);
+            match self.flight.fatal.take() {
+                Some(fatal) => out.extend_from_slice(&fatal),
+                None => {
+                    ClientError::SessionServerLost(e).write_response(&mut out, true);
+                }
+            }
+        }
+        let _ = self.client.send(&out).await;
+        Err(ClientError::SessionEnded(addr.to_string()))
+    }
+
+    /// A held read whose server sent FATAL and went away: when a probe finds
+    /// the node still up in the same role, an administrator (or a timeout)
+    /// ended that one session, and the read must not run again elsewhere.
+    async fn ended_on_purpose(&mut self, addr: &str) -> Option<ClientError> {
+        let fatal = self.flight.fatal.clone()?;
+        let fields =
+            pgheal_protocol::backend::ErrorFields::parse(fatal.get(5..).unwrap_or_default()).ok()?;
+        let (code, message) = (
+            String::from_utf8_lossy(fields.code).into_owned(),
+            fields.message_lossy(),
+        );
+        let snapshot = self.target.cluster.snapshot();
+        let before = snapshot.nodes.iter().find(|n| &*n.addr == addr)?.role;
+        let within = self.app.config().health.timeout * 2;
+        let now = self.target.cluster.recheck(addr, within).await?;
+        let on_purpose = now == before && now != crate::backend::cluster::Role::Down;
+        tracing::info!(server = %addr, %code, on_purpose, "server ended a session running a read");
+        on_purpose.then_some(ClientError::SessionTerminated { code, message })
+    }
+
+    /// Answers a held read that an administrator stopped with the server's
+    /// own error; nothing of its partial answer goes out.
+    async fn answer_terminated_read(&mut self, e: ClientError) -> Result<Attachment, ClientError> {
+        self.replay = None;
+        self.holding = false;
+        self.rerun = None;
+        self.down.clear();
+        self.down.scanner = Scanner::new(usize::MAX);
+        self.cancel.slot.detach();
+        let mut out = BytesMut::new();
+        self.fail_requests(&e, &mut out);
+        self.client
+            .send(&out)
+            .await
+            .map_err(ClientError::ClientIo)?;
+        Ok(Attachment::Detached)
     }
 
     /// A new transaction: waits while the database is paused (PAUSE), then
@@ -449,6 +510,12 @@ impl Session {
                 _ => return Err(e.into()),
             },
         };
+        if let (PoolMode::Session, Some(l)) = (self.mode, lease.as_ref()) {
+            // One server session per client: the client learns its real
+            // pid (notifications, pg_stat_activity, pg_terminate_backend
+            // find it); the secret stays pgheal's.
+            self.cancel = self.app.cancels.register_as(l.server_key().pid);
+        }
         let mut out = BytesMut::new();
         for (name, value) in reported.iter() {
             build::parameter_status(&mut out, name.as_bytes(), value.as_bytes());

@@ -92,11 +92,15 @@ impl Session {
 
     pub(super) fn scan_down(&mut self, conn: &mut ServerConn) -> Result<(), FrameError> {
         let translating = self.translating;
+        // Transaction mode gives clients a pid of pgheal's: notifications
+        // from the client's own server session get it too.
+        let own_pid = self.mode == PoolMode::Transaction;
         let whole = |t| {
             matches!(
                 t,
                 backend::READY_FOR_QUERY | backend::PARAMETER_STATUS | backend::ERROR_RESPONSE
             ) || (translating && replies::tracked(t))
+                || (own_pid && t == backend::NOTIFICATION_RESPONSE)
         };
         loop {
             let start = self.down.scanned;
@@ -189,14 +193,24 @@ impl Session {
                     self.target.cluster.nudge(&conn.addr);
                 }
                 if matches!(fields.severity, b"FATAL" | b"PANIC") {
-                    // The server is going away. Its FATAL would end the
-                    // client's connection; the client hears 08006 from
-                    // pgheal instead, in protocol order, and stays.
+                    // The server is going away. Held back: a client whose
+                    // session it ends hears it when the connection closes;
+                    // a pooled client hears 08006 (or a re-run) instead.
                     let message = fields.message_lossy();
                     tracing::warn!(server = %conn.addr, %message, "server is closing the connection");
                     self.flight.server_dying = true;
+                    self.flight.fatal = Some(bytes::Bytes::copy_from_slice(
+                        &self.down.buf[start..start + len],
+                    ));
                     self.splice_down(start, len, &[]);
                     return false;
+                }
+            }
+            backend::NOTIFICATION_RESPONSE => {
+                let own = self.cancel.key.pid.to_be_bytes();
+                let at = start + HEADER_LEN;
+                if self.down.buf.get(at..at + 4) == Some(&conn.key.pid.to_be_bytes()[..]) {
+                    self.down.buf[at..at + 4].copy_from_slice(&own);
                 }
             }
             _ => {
