@@ -191,10 +191,13 @@ async fn advisory_lock_and_temp_table_stay_with_their_client() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_pinned_client_whose_server_dies_gets_08006_and_is_unpinned() {
+async fn a_pinned_client_whose_server_session_ends_hears_its_fatal_and_is_closed() {
     let node = app_node().await;
     let proxy = proxy_with(&node, "pool_mode = \"transaction\"", "pool_size = 2").await;
-    let (client, _conn) = connect(&app_url(&proxy)).await;
+    let (client, conn) = tokio_postgres::connect(&app_url(&proxy), tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    let conn = tokio::spawn(conn);
     client.batch_execute("LISTEN jobs").await.expect("LISTEN");
     let pid = first_value(&client, "SELECT pg_backend_pid()")
         .await
@@ -203,16 +206,23 @@ async fn a_pinned_client_whose_server_dies_gets_08006_and_is_unpinned() {
     node.sql("postgres", &format!("SELECT pg_terminate_backend({pid})"))
         .await
         .expect("terminate");
-    let e = tokio::time::timeout(Duration::from_secs(30), client.simple_query("SELECT 1"))
+    // What a direct connection shows: the server's FATAL, then the end.
+    let ended = tokio::time::timeout(Duration::from_secs(30), conn)
         .await
-        .expect("an answer")
-        .expect_err("the server is gone");
-    assert_eq!(code(&e), "08006");
-    assert_eq!(pinned(&proxy).await, 0);
-    let other_pid = first_value(&client, "SELECT pg_backend_pid()")
-        .await
-        .expect("works again");
-    assert_ne!(other_pid, pid);
+        .expect("closed within 30 s")
+        .expect("connection task");
+    let e = ended.expect_err("the session ended with an error");
+    assert_eq!(code(&e), "57P01");
+    assert!(client.is_closed());
+    eventually(
+        Duration::from_secs(30),
+        "the pin to be released",
+        || async { pinned(&proxy).await == 0 },
+    )
+    .await;
+    // A new connection works.
+    let (again, _h) = connect(&app_url(&proxy)).await;
+    assert_eq!(first_value(&again, "SELECT 1").await.expect("works"), "1");
 }
 
 /// Values pgheal writes into SQL (set_config) hold backslashes and quotes

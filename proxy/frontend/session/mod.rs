@@ -442,7 +442,8 @@ impl Session {
     async fn ended_on_purpose(&mut self, addr: &str) -> Option<ClientError> {
         let fatal = self.flight.fatal.clone()?;
         let fields =
-            pgheal_protocol::backend::ErrorFields::parse(fatal.get(5..).unwrap_or_default()).ok()?;
+            pgheal_protocol::backend::ErrorFields::parse(fatal.get(5..).unwrap_or_default())
+                .ok()?;
         let (code, message) = (
             String::from_utf8_lossy(fields.code).into_owned(),
             fields.message_lossy(),
