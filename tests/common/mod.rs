@@ -29,11 +29,20 @@ pub async fn app_node() -> PgNode {
 /// pgheal with `[[users]] app/apppw` and `[databases.app]` on `node`;
 /// `extra` is appended to `[databases.app]`, `top` goes before it.
 pub async fn proxy_with(node: &PgNode, top: &str, extra: &str) -> Running {
+    // Probes get more than the default second: on 2 busy cores a probe
+    // can take longer, and a node taken for down refuses writes. Failures
+    // the tests cause are seen by refused connections, not timeouts.
+    let health = if top.contains("[health]") || extra.contains("[health]") {
+        ""
+    } else {
+        "[health]\ntimeout = \"5s\"\n"
+    };
     let text = format!(
         r#"
 [proxy]
 listen = "127.0.0.1:0"
 {top}
+{health}
 
 [[users]]
 name = "app"
@@ -295,10 +304,12 @@ where
 }
 
 /// A TCP relay in front of a node that can stop forwarding without
-/// closing anything, as a blackholed network does.
+/// closing anything, as a blackholed network does, or cut every connection
+/// through it at once, as a broken network path does.
 pub struct Relay {
     pub port: u16,
     blackholed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    cuts: tokio::sync::watch::Sender<u64>,
     accept: tokio::task::JoinHandle<()>,
 }
 
@@ -309,25 +320,29 @@ impl Relay {
             .expect("bind relay");
         let port = listener.local_addr().unwrap().port();
         let blackholed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (cuts, _) = tokio::sync::watch::channel(0u64);
         let flag = blackholed.clone();
+        let cut = cuts.clone();
         let accept = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let flag = flag.clone();
                 let target = target.clone();
+                let (up_cut, down_cut) = (cut.subscribe(), cut.subscribe());
                 tokio::spawn(async move {
                     let Ok(server) = tokio::net::TcpStream::connect(&target).await else {
                         return;
                     };
                     let (cr, cw) = client.into_split();
                     let (sr, sw) = server.into_split();
-                    tokio::spawn(Relay::pipe(cr, sw, flag.clone()));
-                    Relay::pipe(sr, cw, flag).await;
+                    tokio::spawn(Relay::pipe(cr, sw, flag.clone(), up_cut));
+                    Relay::pipe(sr, cw, flag, down_cut).await;
                 });
             }
         });
         Relay {
             port,
             blackholed,
+            cuts,
             accept,
         }
     }
@@ -336,13 +351,18 @@ impl Relay {
         mut from: tokio::net::tcp::OwnedReadHalf,
         mut to: tokio::net::tcp::OwnedWriteHalf,
         blackholed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+        mut cut: tokio::sync::watch::Receiver<u64>,
     ) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut buf = vec![0u8; 16 * 1024];
         loop {
-            let n = match from.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => n,
+            let n = tokio::select! {
+                read = from.read(&mut buf) => match read {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                },
+                // Both halves dropped: the peers see the connection close.
+                _ = cut.changed() => return,
             };
             if blackholed.load(std::sync::atomic::Ordering::SeqCst) {
                 continue; // dropped on the floor, nothing closed
@@ -360,6 +380,11 @@ impl Relay {
     pub fn blackhole(&self) {
         self.blackholed
             .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Closes every connection through the relay; new ones still pass.
+    pub fn cut(&self) {
+        self.cuts.send_modify(|n| *n += 1);
     }
 }
 
