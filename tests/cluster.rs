@@ -58,8 +58,24 @@ async fn value(
     first_value(client, sql).await
 }
 
+/// The primary-kill-under-load test runs alone: with the other tests of
+/// this file (a dozen nodes and proxies in one process) at once, a writer's
+/// connection was seen closed at the kill about once in five full runs
+/// under coverage; the cause is not found yet (see the issue notes). The
+/// others share the machine with each other as before.
+static ALONE: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
+async fn shared() -> tokio::sync::RwLockReadGuard<'static, ()> {
+    ALONE.read().await
+}
+
+async fn alone() -> tokio::sync::RwLockWriteGuard<'static, ()> {
+    ALONE.write().await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn roles_are_discovered_whatever_the_order() {
+    let _turn = shared().await;
     let (primary, replica) = primary_and_replica().await;
     let proxy = proxy_for(&primary, &replica).await;
     wait_for_roles(&proxy, &[Role::Replica, Role::Primary]).await;
@@ -73,6 +89,7 @@ async fn roles_are_discovered_whatever_the_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_promotion_writes_go_to_the_new_primary_on_the_same_connection() {
+    let _turn = shared().await;
     let (mut primary, replica) = primary_and_replica().await;
     let proxy = proxy_for(&primary, &replica).await;
     wait_for_roles(&proxy, &[Role::Replica, Role::Primary]).await;
@@ -106,6 +123,7 @@ async fn after_a_promotion_writes_go_to_the_new_primary_on_the_same_connection()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_spread_over_replicas_and_stay_on_the_primary_without_read_routing() {
+    let _turn = shared().await;
     let primary = app_node().await;
     let r1 = PgNode::start_replica_of(&primary).await.expect("replica 1");
     let r2 = PgNode::start_replica_of(&primary).await.expect("replica 2");
@@ -149,6 +167,7 @@ async fn reads_spread_over_replicas_and_stay_on_the_primary_without_read_routing
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_primary_reads_work_writes_get_25006_and_resume_after_promotion() {
+    let _turn = shared().await;
     let (mut primary, replica) = primary_and_replica().await;
     let proxy = proxy_over(&[&primary, &replica], false, "300ms").await;
     wait_for_roles(&proxy, &[Role::Primary, Role::Replica]).await;
@@ -216,6 +235,7 @@ async fn without_a_primary_reads_work_writes_get_25006_and_resume_after_promotio
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_that_writes_is_rerun_on_the_primary_unseen() {
+    let _turn = shared().await;
     let (primary, replica) = primary_and_replica().await;
     let proxy = proxy_over(&[&primary, &replica], true, "2s").await;
     wait_for_roles(&proxy, &[Role::Primary, Role::Replica]).await;
@@ -260,6 +280,7 @@ async fn a_read_that_writes_is_rerun_on_the_primary_unseen() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_survive_a_replica_killed_under_load() {
+    let _turn = shared().await;
     let (primary, mut replica) = primary_and_replica().await;
     let proxy = proxy_over(&[&primary, &replica], true, "2s").await;
     wait_for_roles(&proxy, &[Role::Primary, Role::Replica]).await;
@@ -301,6 +322,7 @@ async fn reads_survive_a_replica_killed_under_load() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_primaries_get_no_writes_until_one_is_gone() {
+    let _turn = shared().await;
     let (mut old, new) = primary_and_replica().await;
     let proxy = proxy_over(&[&old, &new], false, "300ms").await;
     wait_for_roles(&proxy, &[Role::Primary, Role::Replica]).await;
@@ -336,6 +358,7 @@ async fn two_primaries_get_no_writes_until_one_is_gone() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_reads_its_own_writes_while_the_replica_lags() {
+    let _turn = shared().await;
     let (primary, replica) = primary_and_replica().await;
     let proxy = proxy_over(&[&primary, &replica], true, "2s").await;
     wait_for_roles(&proxy, &[Role::Primary, Role::Replica]).await;
@@ -390,6 +413,7 @@ async fn a_client_reads_its_own_writes_while_the_replica_lags() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn primary_killed_under_steady_load_loses_no_reads_and_no_connections() {
+    let _turn = alone().await;
     let (mut primary, replica) = primary_and_replica().await;
     let proxy = proxy_over(&[&primary, &replica], true, "500ms").await;
     wait_for_roles(&proxy, &[Role::Primary, Role::Replica]).await;
@@ -452,6 +476,7 @@ async fn primary_killed_under_steady_load_loses_no_reads_and_no_connections() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_blackholed_primary_is_found_by_timeouts_reads_go_on_and_writes_degrade() {
+    let _turn = shared().await;
     let (primary, replica) = primary_and_replica().await;
     let relay = Relay::start(primary.addr()).await;
     // Default [health] settings: the detection time is theirs.
@@ -484,6 +509,7 @@ async fn a_blackholed_primary_is_found_by_timeouts_reads_go_on_and_writes_degrad
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_past_max_replica_lag_gets_no_reads() {
+    let _turn = shared().await;
     let (primary, replica) = primary_and_replica().await;
     let proxy = proxy_over(&[&primary, &replica], true, "2s").await;
     wait_for_roles(&proxy, &[Role::Primary, Role::Replica]).await;
@@ -539,6 +565,7 @@ async fn a_replica_past_max_replica_lag_gets_no_reads() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prepared_statements_run_on_replicas_and_the_primary() {
+    let _turn = shared().await;
     let (primary, replica) = primary_and_replica().await;
     let proxy = proxy_over(&[&primary, &replica], true, "2s").await;
     wait_for_roles(&proxy, &[Role::Primary, Role::Replica]).await;

@@ -62,8 +62,13 @@ pub async fn proxy(node: &PgNode) -> Running {
 }
 
 pub async fn start(toml: &str) -> Running {
+    // pgheal's own log at info unless RUST_LOG says otherwise: it is
+    // captured per test and shown only when the test fails.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("pgheal=info"));
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_env_filter(filter)
+        .with_ansi(false)
         .with_test_writer()
         .try_init();
     let config = Config::parse(toml).unwrap_or_else(|e| panic!("test config is invalid:\n{e}"));
