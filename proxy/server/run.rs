@@ -113,7 +113,7 @@ async fn reload_on_hangup(app: Arc<App>) {
     };
     while hangup.recv().await.is_some() {
         tracing::info!("SIGHUP: reloading the configuration");
-        let _ = app.reload();
+        let _ = crate::admin::reload::reload(&app).await;
     }
 }
 
@@ -142,7 +142,7 @@ pub async fn watch_config(app: Arc<App>, path: PathBuf, every: Duration) {
         seen = Some(now.clone());
         if stable && changed {
             tracing::info!(file = %path.display(), "configuration file changed: reloading");
-            let _ = app.reload();
+            let _ = crate::admin::reload::reload(&app).await;
             applied = Some(now);
         }
     }
