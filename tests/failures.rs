@@ -108,8 +108,13 @@ async fn server_lost_during_an_autocommit_write_says_the_outcome_is_unknown() {
     let proxy = proxy_with(&node, "", "pool_size = 2").await;
     let (client, _h) = connect(&app_url(&proxy)).await;
     client.batch_execute("CREATE TABLE t(x int)").await.unwrap();
-    let (admin, _ha) = connect(&format!("postgres://postgres:postgres@{}/app", node.addr())).await;
+    let direct = format!("postgres://postgres:postgres@{}/app", node.addr());
+    let (admin, _ha) = connect(&direct).await;
     admin.batch_execute("BEGIN; LOCK TABLE t").await.unwrap();
+    // pg_stat_activity is read from another session: inside the admin's
+    // open transaction it would be one snapshot, taken maybe before the
+    // insert started waiting, and never change.
+    let (watcher, _hw) = connect(&direct).await;
     // The write blocks on the lock; its server is then killed.
     let writer = tokio::spawn(async move {
         let r = client.batch_execute("INSERT INTO t VALUES (1)").await;
@@ -120,11 +125,11 @@ async fn server_lost_during_an_autocommit_write_says_the_outcome_is_unknown() {
     eventually(
         Duration::from_secs(10),
         "the insert to wait on the lock",
-        || async { !admin.query(waiting, &[]).await.unwrap().is_empty() },
+        || async { !watcher.query(waiting, &[]).await.unwrap().is_empty() },
     )
     .await;
-    let blocked: i32 = admin.query_one(waiting, &[]).await.unwrap().get(0);
-    admin
+    let blocked: i32 = watcher.query_one(waiting, &[]).await.unwrap().get(0);
+    watcher
         .execute("SELECT pg_terminate_backend($1)", &[&blocked])
         .await
         .unwrap();
