@@ -647,6 +647,11 @@ impl Session {
     fn detach(&mut self, lease: Option<Box<Lease>>, reuse: bool) {
         self.cancel.slot.detach();
         self.forget_sent();
+        // The next server starts at a message boundary, whatever this one
+        // left half-read.
+        if self.down.buf.is_empty() {
+            self.down.scanner = Scanner::new(usize::MAX);
+        }
         if let Some(mut lease) = lease {
             if reuse {
                 lease.release();
