@@ -166,3 +166,30 @@ fn the_kubernetes_configmap_holds_a_valid_config() {
         "a mounted ConfigMap changes without a signal"
     );
 }
+
+#[test]
+fn one_node_reached_with_two_tls_settings_is_an_error() {
+    let bad = r#"
+[proxy]
+listen = "127.0.0.1:6432"
+[[users]]
+name = "app"
+password = "pw"
+[databases.a]
+nodes = ["db1:5432", "db2:5432"]
+tls = "require"
+[databases.b]
+nodes = ["db2:5432"]
+tls = "disable"
+[databases.c]
+nodes = ["db1:5432"]
+tls = "require"
+"#;
+    let (ok, out) = check(bad);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("databases.b.tls: node db2:5432 is also a node of database \"a\""),
+        "{out}"
+    );
+    assert!(out.contains("1 error(s)"), "{out}");
+}

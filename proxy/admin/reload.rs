@@ -11,7 +11,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use crate::config::{Config, ConfigErrors, Database, User};
-use crate::frontend::{App, Target};
+use crate::frontend::App;
 
 /// One thing a reload changed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -130,8 +130,7 @@ impl App {
     /// Starts fresh targets for added and changed databases, drops removed
     /// ones; connected clients keep the target they have.
     fn apply_databases(&self, old: &Config, new: &Config) -> Vec<Change> {
-        let health_changed = format!("{:?}", new.health) != format!("{:?}", old.health)
-            || new.health.password != old.health.password;
+        let health_changed = new.health != old.health;
         let mut changes = Vec::new();
         self.edit_targets(|targets| {
             targets.retain(|name, _| {
@@ -154,7 +153,7 @@ impl App {
                     continue;
                 }
                 let paused = targets.get(name).is_some_and(|t| *t.paused.borrow());
-                targets.insert(name.clone(), Target::start(new, db, paused));
+                targets.insert(name.clone(), self.start_target(new, db, paused));
                 self.forget_pools(name);
                 changes.push(Change::Database {
                     name: name.clone(),

@@ -1,39 +1,16 @@
-//! Health checks and role discovery. Each node has a loop on its own
-//! connection (not from the pool) that asks, every `[health] interval`,
-//! whether the node is in recovery and where its WAL is. Results are
-//! published as a topology snapshot that sessions read without locks.
-//! Roles are discovered, never configured.
+//! A database's view of its nodes: the topology its sessions route by,
+//! composed from the node health loops (`health.rs`) it shares with every
+//! other database on the same nodes, with role and mode changes logged per
+//! database. Roles are discovered, never configured.
 
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
 
-use rand::Rng;
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 
-use super::conn::{ConnectSpec, ServerConn, UpstreamError};
-use crate::config::{Config, Database, HealthConfig};
+use super::health::NodeProbe;
 use crate::sync::lock;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    /// Not probed yet.
-    Unknown,
-    Primary,
-    Replica,
-    /// The last probe failed; retried with backoff.
-    Down,
-}
-
-impl Role {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Unknown => "unknown",
-            Role::Primary => "primary",
-            Role::Replica => "replica",
-            Role::Down => "down",
-        }
-    }
-}
+pub use super::health::{NodeStatus, Role, HEALTH_APPLICATION_NAME};
 
 /// What a database can do now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,72 +37,6 @@ impl std::fmt::Display for Mode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
     }
-}
-
-#[derive(Debug, Clone)]
-pub struct NodeStatus {
-    pub addr: Arc<str>,
-    pub role: Role,
-    /// Current WAL position on a primary, replayed position on a replica.
-    pub lsn: u64,
-    /// Consecutive failed probes.
-    pub failures: u32,
-    /// When the last successful probe was taken.
-    pub probed_at: Option<std::time::Instant>,
-    /// When the last probe ended, successful or not.
-    pub checked_at: Option<std::time::Instant>,
-    /// A replica's replay delay: zero when it has replayed all it received,
-    /// else the age of the last transaction it replayed.
-    pub replay_lag: Duration,
-    pub last_error: Option<String>,
-    /// When a failing node is probed next (after backoff).
-    pub retry_at: Option<std::time::Instant>,
-}
-
-impl NodeStatus {
-    /// A node nothing is known about yet but its role.
-    pub fn new(addr: &str, role: Role) -> NodeStatus {
-        NodeStatus {
-            addr: Arc::from(addr),
-            role,
-            lsn: 0,
-            failures: 0,
-            probed_at: None,
-            checked_at: None,
-            replay_lag: Duration::ZERO,
-            last_error: None,
-            retry_at: None,
-        }
-    }
-}
-
-/// How pgheal's health-check connections show in pg_stat_activity.
-pub const HEALTH_APPLICATION_NAME: &str = "pgheal health check";
-
-/// Credentials for a database's health checks: `[health]`'s, else the
-/// database's own upstream user and password, else the first `[[users]]`
-/// entry with a plain password (when clients' own credentials pass upstream).
-pub fn health_spec(config: &Config, db: &Database) -> Option<ConnectSpec> {
-    let (user, password) = match (&config.health.user, &db.user) {
-        (Some(u), _) => (u.clone(), config.health.password.clone()),
-        (None, Some(u)) => (u.clone(), db.password.clone()),
-        (None, None) => {
-            let u = config.users.iter().find(|u| u.password.is_some())?;
-            (
-                u.name.clone(),
-                db.password.clone().or_else(|| u.password.clone()),
-            )
-        }
-    };
-    Some(ConnectSpec {
-        addr: String::new(),
-        user,
-        password,
-        database: db.dbname.clone(),
-        connect_timeout: config.health.timeout,
-        application_name: Some(HEALTH_APPLICATION_NAME),
-        tls: db.tls.clone(),
-    })
 }
 
 /// What is known about one database's nodes at one moment.
@@ -175,32 +86,22 @@ impl Topology {
     }
 }
 
-/// The health loops of one database and the topology they publish.
+/// One database's nodes and the topology they publish.
 pub struct Cluster {
     pub database: String,
     state: Mutex<Topology>,
     publish: watch::Sender<Arc<Topology>>,
-    /// One per node: wakes its health loop for an immediate probe.
-    wake: Vec<Arc<Notify>>,
-    probing: bool,
+    /// One per node, in configuration order; empty without credentials.
+    probes: Vec<Arc<NodeProbe>>,
     /// Times a node became primary after having another role.
     failovers: std::sync::atomic::AtomicU64,
 }
 
-const PROBE: &str = "SELECT pg_is_in_recovery(), \
-    CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END, \
-    CASE WHEN NOT pg_is_in_recovery() OR pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0 \
-         ELSE COALESCE(EXTRACT(EPOCH FROM now() - pg_last_xact_replay_timestamp()), 0) END";
-
 impl Cluster {
-    /// Starts one health loop per node. With no credentials there is
-    /// nothing to probe with: the topology stays empty.
-    pub fn start(
-        database: &str,
-        nodes: &[String],
-        health: &HealthConfig,
-        spec: Option<ConnectSpec>,
-    ) -> Arc<Cluster> {
+    /// Follows the health loops of `nodes` (`probes`, one per node in the
+    /// same order; none when there are no credentials to probe with: the
+    /// topology then stays unknown).
+    pub fn start(database: &str, nodes: &[String], probes: Vec<Arc<NodeProbe>>) -> Arc<Cluster> {
         let topology = Topology {
             nodes: nodes
                 .iter()
@@ -208,31 +109,22 @@ impl Cluster {
                 .collect(),
         };
         let (publish, _) = watch::channel(Arc::new(topology.clone()));
+        if probes.is_empty() {
+            tracing::warn!(
+                database,
+                "no credentials for health checks (set the database's user/password or [health] user/password); \
+                 roles are not discovered and the first node serves everything"
+            );
+        }
         let cluster = Arc::new(Cluster {
             database: database.to_string(),
             state: Mutex::new(topology),
             publish,
-            wake: nodes.iter().map(|_| Arc::new(Notify::new())).collect(),
-            probing: spec.is_some(),
+            probes,
             failovers: Default::default(),
         });
-        match spec {
-            Some(spec) => {
-                for (index, addr) in nodes.iter().enumerate() {
-                    let spec = ConnectSpec {
-                        addr: addr.clone(),
-                        connect_timeout: health.timeout,
-                        ..spec.clone()
-                    };
-                    let wake = cluster.wake[index].clone();
-                    tokio::spawn(node_loop(Arc::downgrade(&cluster), index, spec, health.clone(), wake));
-                }
-            }
-            None => tracing::warn!(
-                database,
-                "no credentials for health checks (set the database's user/password or [health] user/password); \
-                 roles are not discovered and the first node serves everything"
-            ),
+        for (index, probe) in cluster.probes.iter().enumerate() {
+            tokio::spawn(follow(Arc::downgrade(&cluster), index, probe.subscribe()));
         }
         cluster
     }
@@ -240,7 +132,7 @@ impl Cluster {
     /// False when there are no credentials to probe with: then the first
     /// node serves everything.
     pub fn is_probing(&self) -> bool {
-        self.probing
+        !self.probes.is_empty()
     }
 
     /// Something on the data path suggests `addr` changed (a refused
@@ -249,8 +141,8 @@ impl Cluster {
     pub fn nudge(&self, addr: &str) {
         let state = lock(&self.state);
         if let Some(i) = state.nodes.iter().position(|n| &*n.addr == addr) {
-            if let Some(w) = self.wake.get(i) {
-                w.notify_one();
+            if let Some(probe) = self.probes.get(i) {
+                probe.nudge();
             }
         }
     }
@@ -336,154 +228,26 @@ impl Cluster {
     }
 }
 
-/// Probes one node forever (until the cluster is dropped).
-async fn node_loop(
-    cluster: Weak<Cluster>,
-    index: usize,
-    spec: ConnectSpec,
-    health: HealthConfig,
-    wake: Arc<Notify>,
-) {
-    let mut conn: Option<ServerConn> = None;
-    let mut failures = 0u32;
+/// Copies what a node's health loop finds into the database's topology,
+/// until the cluster is dropped (or the loop ends).
+async fn follow(cluster: Weak<Cluster>, index: usize, mut status: watch::Receiver<NodeStatus>) {
     loop {
-        let started = std::time::Instant::now();
-        let result = tokio::time::timeout(health.timeout, probe(&mut conn, &spec)).await;
-        let result = result.unwrap_or_else(|_| {
-            Err(UpstreamError::Timeout {
-                addr: spec.addr.clone(),
-                timeout: health.timeout,
-            })
-        });
-        let Some(cluster) = cluster.upgrade() else {
+        {
+            let Some(cluster) = cluster.upgrade() else {
+                return;
+            };
+            let now = status.borrow_and_update().clone();
+            cluster.update(index, |n| *n = now);
+        }
+        if status.changed().await.is_err() {
             return;
-        };
-        let wait = match result {
-            Ok((role, lsn, lag)) => {
-                failures = 0;
-                cluster.update(index, |n| {
-                    n.role = role;
-                    n.lsn = lsn;
-                    n.replay_lag = lag;
-                    n.probed_at = Some(started);
-                    n.checked_at = Some(std::time::Instant::now());
-                    n.failures = 0;
-                    n.last_error = None;
-                    n.retry_at = None;
-                });
-                health.interval
-            }
-            Err(e) => {
-                conn = None;
-                failures = failures.saturating_add(1);
-                let message = e.to_string();
-                let wait = backoff(&health, failures);
-                cluster.update(index, |n| {
-                    n.checked_at = Some(std::time::Instant::now());
-                    n.role = Role::Down;
-                    n.failures = failures;
-                    n.last_error = Some(message);
-                    n.retry_at = Some(std::time::Instant::now() + wait);
-                });
-                wait
-            }
-        };
-        drop(cluster);
-        tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
-            _ = wake.notified() => {}
         }
     }
-}
-
-async fn probe(
-    conn: &mut Option<ServerConn>,
-    spec: &ConnectSpec,
-) -> Result<(Role, u64, Duration), UpstreamError> {
-    if conn.is_none() {
-        *conn = Some(ServerConn::connect(spec).await?);
-    }
-    let Some(c) = conn.as_mut() else {
-        return Err(UpstreamError::Protocol {
-            addr: spec.addr.clone(),
-            what: "no health connection".into(),
-        });
-    };
-    let rows = c.query_rows(PROBE).await?;
-    let row = rows.first().ok_or_else(|| UpstreamError::Protocol {
-        addr: spec.addr.clone(),
-        what: "health probe returned no row".into(),
-    })?;
-    let role = match row.first().and_then(|v| v.as_deref()) {
-        Some("f") => Role::Primary,
-        Some("t") => Role::Replica,
-        other => {
-            return Err(UpstreamError::Protocol {
-                addr: spec.addr.clone(),
-                what: format!("pg_is_in_recovery() returned {other:?}"),
-            })
-        }
-    };
-    let lsn = row
-        .get(1)
-        .and_then(|v| v.as_deref())
-        .and_then(parse_lsn)
-        .unwrap_or(0);
-    let lag = row
-        .get(2)
-        .and_then(|v| v.as_deref())
-        .and_then(|v| v.parse::<f64>().ok())
-        .filter(|s| s.is_finite() && *s >= 0.0)
-        .map_or(Duration::ZERO, |s| Duration::from_secs_f64(s.min(1e9)));
-    Ok((role, lsn, lag))
-}
-
-/// `16/B374D848` as a number.
-pub fn parse_lsn(s: &str) -> Option<u64> {
-    let (hi, lo) = s.split_once('/')?;
-    Some(u64::from_str_radix(hi, 16).ok()? << 32 | u64::from_str_radix(lo, 16).ok()?)
-}
-
-/// Exponential backoff with jitter: between half and all of
-/// `initial * multiplier^(failures-1)`, capped at `max`.
-pub fn backoff(health: &HealthConfig, failures: u32) -> Duration {
-    let exp = health
-        .backoff_multiplier
-        .powi(failures.saturating_sub(1).min(64) as i32);
-    let full = health
-        .backoff_initial
-        .mul_f64(exp.min(1e6))
-        .min(health.backoff_max);
-    let half = full / 2;
-    half + half.mul_f64(rand::thread_rng().gen_range(0.0..=1.0))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn lsn_parsing() {
-        assert_eq!(parse_lsn("0/3000060"), Some(0x3000060));
-        assert_eq!(parse_lsn("16/B374D848"), Some(0x16_B374_D848));
-        assert_eq!(parse_lsn("nope"), None);
-        assert_eq!(parse_lsn("1/zz"), None);
-    }
-
-    #[test]
-    fn backoff_grows_with_jitter_and_stays_capped() {
-        let h = HealthConfig::default();
-        for failures in 1..40 {
-            let d = backoff(&h, failures);
-            let full = h
-                .backoff_initial
-                .mul_f64(2f64.powi(failures as i32 - 1))
-                .min(h.backoff_max);
-            assert!(d >= full / 2 && d <= full, "{failures}: {d:?} vs {full:?}");
-        }
-        assert!(backoff(&h, 1) <= Duration::from_millis(100));
-        assert!(backoff(&h, 30) >= Duration::from_secs(5));
-    }
 
     #[test]
     fn split_brain_has_no_primary() {

@@ -296,6 +296,9 @@ impl ServerConn {
                         .map_err(|_| self.protocol("malformed BackendKeyData"))?;
                     self.key = CancelKey { pid, secret };
                 }
+                // The server is closing the connection: no ReadyForQuery
+                // follows, and its own error says why.
+                backend::ERROR_RESPONSE if is_fatal(&body) => return Err(self.server_error(&body)),
                 backend::ERROR_RESPONSE if first_error.is_none() => {
                     first_error = Some(self.server_error(&body))
                 }
@@ -401,6 +404,11 @@ impl ServerConn {
         build::terminate(&mut out);
         let _ = tokio::time::timeout(Duration::from_millis(100), self.stream.send(&out)).await;
     }
+}
+
+/// An ErrorResponse body whose severity ends the session.
+fn is_fatal(body: &[u8]) -> bool {
+    ErrorFields::parse(body).is_ok_and(|f| matches!(f.severity, b"FATAL" | b"PANIC"))
 }
 
 impl ConnectSpec {

@@ -103,4 +103,21 @@ pub enum PoolError {
     },
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
+    /// The server answered and said no (e.g. a setting it rejects): not a
+    /// failure of the server, so nothing else is tried.
+    #[error(transparent)]
+    Refused(UpstreamError),
+}
+
+impl PoolError {
+    /// The server answered and said no (a missing database, a wrong
+    /// password, a rejected setting), as opposed to a node that is down,
+    /// busy or gone: trying later or elsewhere would not help.
+    pub fn is_refusal(&self) -> bool {
+        match self {
+            PoolError::Refused(_) => true,
+            PoolError::Upstream(e) => !e.is_unreachable(),
+            PoolError::Timeout { .. } => false,
+        }
+    }
 }

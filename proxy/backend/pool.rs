@@ -47,6 +47,10 @@ pub struct Pool {
     /// ParameterStatus values of the last server connected, for logins that
     /// find no server.
     welcome: Mutex<Option<Params>>,
+    /// Warm connections failed this many times in a row: the next attempt
+    /// waits (a dropped database or a down node is not hammered).
+    warm_failures: std::sync::atomic::AtomicU32,
+    warm_after: Mutex<Option<Instant>>,
 }
 
 /// A checked-out server connection. Dropping it closes the connection;
@@ -70,6 +74,8 @@ impl Pool {
             waiting: Default::default(),
             returned: Notify::new(),
             welcome: Mutex::new(None),
+            warm_failures: Default::default(),
+            warm_after: Mutex::new(None),
         });
         tokio::spawn(maintain(Arc::downgrade(&pool)));
         pool
@@ -239,14 +245,25 @@ impl Pool {
     }
 
     async fn fill_min_idle(self: &Arc<Self>) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if lock(&self.warm_after).is_some_and(|at| Instant::now() < at) {
+            return;
+        }
         while lock(&self.idle).len() < self.limits.min_idle {
             let Ok(permit) = self.permits.clone().try_acquire_owned() else {
                 return;
             };
             match self.open(permit).await {
-                Ok(mut lease) => lease.release(),
+                Ok(mut lease) => {
+                    self.warm_failures.store(0, Relaxed);
+                    lease.release();
+                }
                 Err(e) => {
-                    tracing::warn!(server = %self.spec.addr, error = %e, "cannot open a warm connection");
+                    // 1 s, 2 s, 4 s ... up to a minute between attempts.
+                    let failures = self.warm_failures.fetch_add(1, Relaxed).min(6);
+                    let wait = Duration::from_secs(1 << failures);
+                    *lock(&self.warm_after) = Some(Instant::now() + wait);
+                    tracing::warn!(server = %self.spec.addr, error = %e, retry_in = ?wait, "cannot open a warm connection");
                     return;
                 }
             }

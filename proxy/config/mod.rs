@@ -118,16 +118,21 @@ pub struct FailoverConfig {
 }
 
 /// How nodes are probed for health and role.
-#[derive(Clone)]
+#[derive(Clone, PartialEq)]
 pub struct HealthConfig {
     pub interval: Duration,
     pub timeout: Duration,
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
     pub backoff_multiplier: f64,
-    /// Who the health checks log in as; default: each database's `user`.
+    /// Who the health checks log in as; default: the `user` of the first
+    /// database listing the node.
     pub user: Option<String>,
     pub password: Option<String>,
+    /// Where the health checks log in: one maintenance database per node,
+    /// never one of the databases served (which could then not be dropped
+    /// or used as a template).
+    pub database: String,
 }
 
 impl fmt::Debug for HealthConfig {
@@ -139,6 +144,7 @@ impl fmt::Debug for HealthConfig {
             .field("backoff_max", &self.backoff_max)
             .field("backoff_multiplier", &self.backoff_multiplier)
             .field("user", &self.user)
+            .field("database", &self.database)
             .finish_non_exhaustive()
     }
 }
@@ -153,6 +159,7 @@ impl Default for HealthConfig {
             backoff_multiplier: 2.0,
             user: None,
             password: None,
+            database: "postgres".to_string(),
         }
     }
 }
@@ -379,7 +386,30 @@ fn read_config(r: &mut Reader, root: &Table) -> Config {
     if config.databases.is_empty() {
         r.error("databases", "at least one database must be configured");
     }
+    check_node_tls(r, &config.databases);
     config
+}
+
+/// Each node is probed once, with the TLS settings of the first database
+/// listing it: two databases that reach one node differently are an error.
+fn check_node_tls(r: &mut Reader, databases: &BTreeMap<String, Database>) {
+    let mut first: Vec<(&str, &Database)> = Vec::new();
+    for db in databases.values() {
+        for node in &db.nodes {
+            match first.iter().find(|(n, _)| n == node) {
+                Some((_, other)) if other.tls != db.tls => r.error(
+                    &format!("databases.{}.tls", db.name),
+                    format!(
+                        "node {node} is also a node of database \"{}\" with other TLS settings ({:?} there, {:?} here); \
+                         a node is reached one way",
+                        other.name, other.tls, db.tls
+                    ),
+                ),
+                Some(_) => {}
+                None => first.push((node, db)),
+            }
+        }
+    }
 }
 
 fn read_backup(r: &mut Reader, t: &Table) -> Option<BackupConfig> {
@@ -591,6 +621,7 @@ fn read_health(r: &mut Reader, t: &Table) -> HealthConfig {
         "backoff_multiplier",
         "user",
         "password",
+        "database",
     ];
     r.known_keys(t, p, &keys);
     let d = HealthConfig::default();
@@ -602,6 +633,7 @@ fn read_health(r: &mut Reader, t: &Table) -> HealthConfig {
         backoff_multiplier: r.get(t, p, "backoff_multiplier", d.backoff_multiplier),
         user: r.opt(t, p, "user"),
         password: r.opt(t, p, "password"),
+        database: r.get(t, p, "database", d.database.clone()),
     };
     if h.backoff_multiplier < 1.0 {
         r.error("health.backoff_multiplier", "must be at least 1.0");

@@ -13,6 +13,7 @@ use super::cancel::CancelRegistry;
 use super::clients::Clients;
 use crate::backend::cluster::{self, Cluster};
 use crate::backend::conn::ConnectSpec;
+use crate::backend::health::{self, Probes};
 use crate::backend::pool::{Pool, PoolLimits, Pools};
 use crate::config::{Config, Database};
 use crate::metrics::Metrics;
@@ -23,6 +24,8 @@ pub struct App {
     /// The file the configuration came from, for RELOAD and SIGHUP.
     config_path: Mutex<Option<PathBuf>>,
     pools: Pools,
+    /// One health loop per node, shared by the databases on it.
+    probes: Probes,
     pub cancels: Arc<CancelRegistry>,
     targets: RwLock<HashMap<String, Arc<Target>>>,
     pub counters: Counters,
@@ -57,10 +60,20 @@ pub struct Target {
 }
 
 impl Target {
-    /// A database's target with its health loops started.
-    pub fn start(config: &Config, db: &Database, paused: bool) -> Arc<Target> {
-        let spec = cluster::health_spec(config, db);
-        let cluster = Cluster::start(&db.name, &db.nodes, &config.health, spec);
+    /// A database's target, following the health loops of its nodes
+    /// (started when no other database runs them).
+    pub fn start(config: &Config, db: &Database, paused: bool, probes: &Probes) -> Arc<Target> {
+        let specs: Option<Vec<_>> = db
+            .nodes
+            .iter()
+            .map(|addr| health::health_spec(config, addr))
+            .collect();
+        let node_probes = specs
+            .unwrap_or_default()
+            .into_iter()
+            .map(|spec| probes.get(spec, &config.health))
+            .collect();
+        let cluster = Cluster::start(&db.name, &db.nodes, node_probes);
         Arc::new(Target {
             database: db.clone(),
             cluster,
@@ -82,15 +95,17 @@ impl App {
     /// Builds the shared state and starts the health loops; needs a tokio
     /// runtime.
     pub fn new(config: Config) -> Arc<App> {
+        let probes = Probes::default();
         let targets = config
             .databases
             .iter()
-            .map(|(name, db)| (name.clone(), Target::start(&config, db, false)))
+            .map(|(name, db)| (name.clone(), Target::start(&config, db, false, &probes)))
             .collect();
         Arc::new(App {
             config: RwLock::new(Arc::new(config)),
             config_path: Mutex::new(None),
             pools: Pools::default(),
+            probes,
             cancels: Arc::new(CancelRegistry::default()),
             targets: RwLock::new(targets),
             counters: Counters::default(),
@@ -113,6 +128,11 @@ impl App {
             .collect();
         all.sort_by(|a, b| a.0.cmp(&b.0));
         all
+    }
+
+    /// A fresh target for `db` (RELOAD).
+    pub fn start_target(&self, config: &Config, db: &Database, paused: bool) -> Arc<Target> {
+        Target::start(config, db, paused, &self.probes)
     }
 
     /// Changes the set of targets (RELOAD) under the write lock.

@@ -105,7 +105,9 @@ impl ClientError {
                 Severity::Error,
                 sqlstate::TOO_MANY_CONNECTIONS.code().to_string(),
             )),
-            Pool(PoolError::Upstream(e)) => Some((Severity::Error, e.sqlstate())),
+            Pool(PoolError::Upstream(e) | PoolError::Refused(e)) => {
+                Some((Severity::Error, e.sqlstate()))
+            }
             NoPrimary { .. } => Some((
                 Severity::Error,
                 sqlstate::READ_ONLY_SQL_TRANSACTION.code().to_string(),

@@ -489,21 +489,16 @@ impl Session {
     /// Authentication is done: tell the client the server's parameters, its
     /// cancel key and that it may start. Session mode keeps the server.
     async fn welcome(&mut self) -> Result<Option<Lease>, ClientError> {
-        let (mut lease, reported) = match self.pool.checkout().await {
+        let (mut lease, reported) = match self.welcome_server().await {
             Ok(mut l) => {
-                if let Some(e) = l
-                    .conn()
-                    .apply_params(&self.params)
-                    .await
-                    .map_err(PoolError::from)?
-                {
-                    return Err(PoolError::Upstream(e).into());
-                }
                 let reported = l.conn().reported.clone();
                 (Some(l), reported)
             }
+            Err(e) if e.is_refusal() => return Err(e.into()),
             Err(e) => match self.remembered_parameters() {
-                // Transaction mode needs no server until the first query.
+                // Transaction mode needs no server until the first query: a
+                // server that is down or went away now costs the client
+                // nothing.
                 Some(reported) if self.mode == PoolMode::Transaction => {
                     tracing::warn!(error = %e, "no server for the welcome; using remembered parameters");
                     (None, reported)
@@ -537,6 +532,21 @@ impl Session {
                 .attach(l.pool().shared_addr(), l.server_key());
         }
         Ok(lease)
+    }
+
+    /// A server for the welcome, with the client's startup settings applied.
+    async fn welcome_server(&mut self) -> Result<Lease, PoolError> {
+        let mut lease = self.pool.checkout().await?;
+        match lease.conn().apply_params(&self.params).await {
+            // The server refused a setting: as a direct connection would,
+            // the client hears it and is not let in.
+            Ok(Some(refused)) => Err(PoolError::Refused(refused)),
+            Ok(None) => Ok(lease),
+            Err(e) => {
+                self.target.cluster.nudge(lease.pool().addr());
+                Err(e.into())
+            }
+        }
     }
 
     /// The parameters the pool's last server reported, with the client's own
