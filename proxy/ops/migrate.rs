@@ -202,14 +202,39 @@ pub async fn run(
     let db = database(config, m)
         .ok_or_else(|| MigrateError::Files("[migrations] names no configured database".into()))?;
     let mut conn = primary(config, db, m.wait).await?;
-    conn.query_rows(&format!("SELECT pg_advisory_lock({LOCK_KEY})"))
-        .await?;
+    take_lock(&mut conn).await?;
     let result = locked(&mut conn, &files, apply).await;
     let _ = conn
         .run_quietly(&format!("SELECT pg_advisory_unlock({LOCK_KEY})"))
         .await;
     conn.terminate().await;
     result
+}
+
+/// Takes the migrations lock, trying again until another instance lets it
+/// go. Never by waiting inside `pg_advisory_lock`: that statement holds a
+/// snapshot while it waits, which the other instance's `CREATE INDEX
+/// CONCURRENTLY` must wait out in turn (a deadlock PostgreSQL breaks by
+/// failing one of them).
+async fn take_lock(conn: &mut ServerConn) -> Result<(), UpstreamError> {
+    let mut told = false;
+    loop {
+        let rows = conn
+            .query_rows(&format!("SELECT pg_try_advisory_lock({LOCK_KEY})"))
+            .await?;
+        if rows
+            .first()
+            .and_then(|r| r.first())
+            .and_then(|v| v.as_deref())
+            == Some("t")
+        {
+            return Ok(());
+        }
+        if !std::mem::replace(&mut told, true) {
+            tracing::info!("another pgheal instance is migrating; waiting for it");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 async fn locked(
