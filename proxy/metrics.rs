@@ -129,13 +129,14 @@ fn bucket(us: u64) -> usize {
 
 /// Sums a counter family over the reasons pgheal uses.
 fn sum(family: &Family<Reason, Counter>) -> u64 {
-    const REASONS: [&str; 6] = [
+    const REASONS: [&str; 7] = [
         "no_primary",
         "no_node",
         "replica_refused_write",
         "server_lost",
         "node_unreachable",
         "stale_plan",
+        "shared_statement_failed",
     ];
     REASONS
         .iter()

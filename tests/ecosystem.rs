@@ -101,3 +101,31 @@ async fn jdbc_with_prepare_threshold_one() {
     )
     .await;
 }
+
+/// asyncpg's statement cache across schema changes made by another session:
+/// the script's expectations hold on a direct connection, and then through
+/// pgheal (transaction mode, statements shared between clients).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn asyncpg_sees_schema_changes_as_postgresql_shows_them() {
+    let (node, proxy) = setup().await;
+    // Schema changes come from a direct session of the table's owner.
+    let direct = format!(
+        "postgres://app:{APP_PASSWORD}@{}/app?sslmode=disable",
+        node.addr()
+    );
+    let admin = direct.clone();
+    for (through, url) in [("direct", direct), ("pgheal", app_url(&proxy))] {
+        let mut cmd = Command::new("python3");
+        cmd.arg("asyncpg_schema_change.py")
+            .current_dir(drivers_dir())
+            .env("DATABASE_URL", url)
+            .env("ADMIN_URL", &admin);
+        let out = output_async(cmd, None, SUBPROCESS_DEADLINE).await;
+        assert!(
+            out.status.success(),
+            "{through}:\n{}\n{}",
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+    }
+}

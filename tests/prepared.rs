@@ -305,3 +305,34 @@ async fn statement_tracking_can_be_turned_off() {
     );
     assert_eq!(first_value(&client, COUNT_OURS).await.expect("count"), "0");
 }
+
+/// A second Parse of a name the client already uses is refused with 42P05,
+/// as PostgreSQL refuses it, even when the statement is the same; the first
+/// statement stays usable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_parse_of_one_name_gets_42p05() {
+    let node = app_node().await;
+    let proxy = proxy_tx(&node, 1, "").await;
+    let mut raw = Raw::login(&proxy, "raw", "app").await;
+    let mut out = BytesMut::new();
+    build::parse(&mut out, b"foobar", b"SELECT 1", b"\0\0");
+    build::sync(&mut out);
+    raw.send(&out).await;
+    let first = raw.read_until(b'Z').await;
+    assert_eq!(first.first().map(|m| m.0), Some(b'1'), "{first:?}");
+    raw.send(&out).await;
+    let second = raw.read_until(b'Z').await;
+    let codes: Vec<String> = second
+        .iter()
+        .filter(|m| m.0 == b'E')
+        .map(|m| error_code(&m.1))
+        .collect();
+    assert_eq!(codes, ["42P05"], "{second:?}");
+    let mut run = BytesMut::new();
+    build::bind(&mut run, b"", b"foobar", b"\0\0\0\0\0\0");
+    build::execute(&mut run, b"", 0);
+    build::sync(&mut run);
+    raw.send(&run).await;
+    let answer = raw.read_until(b'Z').await;
+    assert!(answer.iter().any(|m| m.0 == b'D'), "{answer:?}");
+}

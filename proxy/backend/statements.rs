@@ -1,13 +1,24 @@
 //! Named prepared statements in transaction mode.
 //!
 //! A client's statement names are its own. On a server pgheal prepares each
-//! statement under a name derived from what it is (its SQL and parameter
-//! types): `pgheal_` and 32 hex digits of SHA-256. Clients that prepare the
-//! same statement share it on every server, a server never holds two copies,
-//! and the name says nothing about which client made it.
+//! statement under a name derived from what it is (its SQL, parameter
+//! types and the search_path it was prepared under): `pgheal_` and 32 hex
+//! digits of SHA-256. Clients that prepare the same statement share it on
+//! every server, a server never holds two copies, and the name says nothing
+//! about which client made it.
+//!
+//! A schema change can make a shared statement stale (PostgreSQL answers
+//! `0A000 cached plan must not change result type`). Its epoch then moves
+//! on: clients that prepare it from then on get a new server name, prepared
+//! afresh, and clients that prepared it before are told 0A000 as
+//! PostgreSQL would tell them, until they prepare it again. No client ever
+//! gets rows in a shape its driver did not learn.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::sync::lock;
 
 use sha2::{Digest, Sha256};
 
@@ -39,9 +50,23 @@ impl ServerName {
         ServerName(name)
     }
 
-    /// The name of a protocol-level statement (Parse).
-    pub fn protocol(query: &[u8], types: &[u8]) -> ServerName {
-        ServerName::of(b"P", &[query, types])
+    /// The name of a protocol-level statement (Parse) prepared under
+    /// `search_path`.
+    pub fn protocol(query: &[u8], types: &[u8], search_path: &[u8]) -> ServerName {
+        ServerName::of(b"P", &[query, types, search_path])
+    }
+
+    /// This statement prepared for one client alone (`client`: its key).
+    pub fn for_client(self, client: i32) -> ServerName {
+        ServerName::of(b"U", &[&self.0, &client.to_be_bytes()])
+    }
+
+    /// This statement as prepared after it went stale `epoch` times.
+    pub fn at_epoch(self, epoch: u32) -> ServerName {
+        if epoch == 0 {
+            return self;
+        }
+        ServerName::of(b"E", &[&self.0, &epoch.to_be_bytes()])
     }
 
     /// The name of a SQL `PREPARE`d statement, from what follows its name.
@@ -77,7 +102,15 @@ pub enum Source {
 /// One of a client's named statements.
 #[derive(Debug)]
 pub struct Statement {
+    /// Its name on servers: `base` at `epoch`.
     pub server: ServerName,
+    /// What it is, whatever its epoch.
+    pub base: ServerName,
+    /// How many times it had gone stale when the client prepared it.
+    pub epoch: u32,
+    /// Shared with other clients (else prepared for this client alone,
+    /// and only the server says when it is stale).
+    pub shared: bool,
     pub source: Source,
     /// Where a request that starts by running it may go.
     pub intent: Intent,
@@ -85,6 +118,56 @@ pub struct Statement {
 
 /// A client's statements by the names it gave them.
 pub type ClientStatements = HashMap<Box<[u8]>, Arc<Statement>>;
+
+/// How many times each shared statement went stale, for every client.
+#[derive(Debug, Default)]
+pub struct Epochs {
+    /// Nothing ever went stale: no lookup on the data path.
+    any: AtomicBool,
+    by_base: Mutex<HashMap<ServerName, u32>>,
+    /// The server's own 0A000, whole (drivers read its routine field).
+    error: Mutex<Option<bytes::Bytes>>,
+}
+
+/// Stale statements remembered at most; past it the record starts over
+/// (a client's old statement then still differs from the epoch it finds).
+const MAX_EPOCHS: usize = 10_000;
+
+impl Epochs {
+    /// The epoch a statement prepared now gets.
+    pub fn current(&self, base: &ServerName) -> u32 {
+        if !self.any.load(Ordering::Acquire) {
+            return 0;
+        }
+        lock(&self.by_base).get(base).copied().unwrap_or(0)
+    }
+
+    /// The client prepared `stmt` before it last went stale.
+    pub fn is_stale(&self, stmt: &Statement) -> bool {
+        stmt.shared && self.current(&stmt.base) != stmt.epoch
+    }
+
+    /// The error a server gave for a stale statement, to give clients
+    /// whose statements went stale.
+    pub fn stale_error(&self) -> Option<bytes::Bytes> {
+        lock(&self.error).clone()
+    }
+
+    /// A server said the statement prepared at `epoch` is stale, with
+    /// `error` (an ErrorResponse, whole).
+    pub fn bump(&self, base: ServerName, epoch: u32, error: &[u8]) {
+        *lock(&self.error) = Some(bytes::Bytes::copy_from_slice(error));
+        let mut by_base = lock(&self.by_base);
+        if by_base.len() >= MAX_EPOCHS {
+            by_base.clear();
+        }
+        let now = by_base.entry(base).or_insert(0);
+        if *now == epoch {
+            *now = epoch.wrapping_add(1);
+        }
+        self.any.store(true, Ordering::Release);
+    }
+}
 
 /// A statement that never exists: closing it gets CloseComplete and does
 /// nothing, which is how a client's Close is answered in order.
@@ -156,9 +239,19 @@ mod tests {
 
     #[test]
     fn names_follow_content() {
-        let a = ServerName::protocol(b"select $1", b"\0\0");
-        assert_eq!(a, ServerName::protocol(b"select $1", b"\0\0"));
-        assert_ne!(a, ServerName::protocol(b"select $1", b"\0\x01\0\0\0\x17"));
+        let a = ServerName::protocol(b"select $1", b"\0\0", b"");
+        assert_eq!(a, ServerName::protocol(b"select $1", b"\0\0", b""));
+        assert_ne!(
+            a,
+            ServerName::protocol(b"select $1", b"\0\x01\0\0\0\x17", b"")
+        );
+        assert_ne!(
+            a,
+            ServerName::protocol(b"select $1", b"\0\0", b"app, public")
+        );
+        assert_eq!(a.at_epoch(0), a);
+        assert_ne!(a.at_epoch(1), a);
+        assert_ne!(a.at_epoch(1), a.at_epoch(2));
         assert_ne!(a, ServerName::sql(b"select $1"));
         assert!(a.as_str().starts_with("pgheal_"));
         assert_eq!(a.as_str().len(), 39);
@@ -168,7 +261,7 @@ mod tests {
     #[test]
     fn least_recently_used_goes_first() {
         let names: Vec<ServerName> = (0..3u8)
-            .map(|i| ServerName::protocol(&[i], b"\0\0"))
+            .map(|i| ServerName::protocol(&[i], b"\0\0", b""))
             .collect();
         let mut s = ServerStatements::default();
         for n in &names {
@@ -184,5 +277,29 @@ mod tests {
         s.stale = true;
         s.clear();
         assert!(s.is_empty() && !s.stale);
+    }
+
+    #[test]
+    fn a_stale_statement_moves_to_a_new_epoch_once() {
+        let base = ServerName::protocol(b"select * from t", b"\0\0", b"");
+        let stmt = |epoch| Statement {
+            server: base.at_epoch(epoch),
+            base,
+            epoch,
+            shared: true,
+            source: Source::Sql {
+                body: Box::default(),
+            },
+            intent: Intent::Read,
+        };
+        let epochs = Epochs::default();
+        assert_eq!(epochs.current(&base), 0);
+        assert!(!epochs.is_stale(&stmt(0)));
+        epochs.bump(base, 0, b"E");
+        // Two servers saying so about the same epoch move it once.
+        epochs.bump(base, 0, b"E");
+        assert_eq!(epochs.current(&base), 1);
+        assert!(epochs.is_stale(&stmt(0)));
+        assert!(!epochs.is_stale(&stmt(1)));
     }
 }

@@ -15,6 +15,7 @@ use crate::backend::cluster::{self, Cluster};
 use crate::backend::conn::ConnectSpec;
 use crate::backend::health::{self, Probes};
 use crate::backend::pool::{Pool, PoolLimits, Pools};
+use crate::backend::statements::Epochs;
 use crate::config::{Config, Database};
 use crate::metrics::Metrics;
 use crate::sync::{lock, read, write};
@@ -34,6 +35,8 @@ pub struct App {
     pub shutdown: CancellationToken,
     pub metrics: Metrics,
     pub clients: Arc<Clients>,
+    /// Shared prepared statements that went stale (transaction mode).
+    pub epochs: Epochs,
     /// Startup migrations failed and on_error = "serve": why.
     migration_failure: Mutex<Option<String>>,
 }
@@ -112,6 +115,7 @@ impl App {
             shutdown: CancellationToken::new(),
             metrics: Metrics::default(),
             clients: Arc::default(),
+            epochs: Epochs::default(),
             migration_failure: Mutex::new(None),
         })
     }

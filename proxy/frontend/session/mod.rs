@@ -39,7 +39,7 @@ use crate::backend::error::PoolError;
 use crate::backend::params::Params;
 use crate::backend::pool::{Lease, Pool};
 use crate::backend::router::Intent;
-use crate::backend::statements::ClientStatements;
+use crate::backend::statements::{ClientStatements, ServerName};
 use crate::config::PoolMode;
 use crate::frontend::cancel::Registration;
 use crate::frontend::clients::{ClientState, Registered};
@@ -90,6 +90,15 @@ struct InFlight {
     server_dying: bool,
     /// That FATAL, whole, for the client whose session it ends.
     fatal: Option<bytes::Bytes>,
+    /// Named statements the requests in flight prepared (Parse).
+    fresh: Vec<Box<[u8]>>,
+    /// Shared statements the requests in flight use (base name, epoch).
+    bound: Vec<(ServerName, u32)>,
+    /// A request in flight uses a statement the client prepared before:
+    /// its driver knows that statement's description already.
+    known_shape: bool,
+    /// A statement prepared in flight was already on the server (shared).
+    shared_fresh: bool,
 }
 
 impl InFlight {
@@ -100,6 +109,10 @@ impl InFlight {
         tx: TxStatus::Idle,
         server_dying: false,
         fatal: None,
+        fresh: Vec::new(),
+        bound: Vec::new(),
+        known_shape: false,
+        shared_fresh: false,
     };
 
     /// Nothing in flight: the client's requests are answered or forgotten.
@@ -166,6 +179,9 @@ pub struct Session {
     /// read may still run again.
     holding: bool,
     rerun: Option<Rerun>,
+    /// The request runs again with the statements it prepares kept to
+    /// this client (see `Rerun::Unshared`).
+    unshare: bool,
     /// Read-your-writes: after this client's write, its reads stay on the
     /// primary until a replica has replayed past it.
     fence: Option<Fence>,
@@ -245,6 +261,7 @@ impl Session {
             replay: None,
             holding: false,
             rerun: None,
+            unshare: false,
             fence: None,
         }
     }
@@ -358,14 +375,8 @@ impl Session {
                 Ok(Attachment::Detached)
             }
             PumpEnd::Rerun => {
-                self.app.metrics.retry(match self.rerun {
-                    Some(Rerun::OnPrimary) => "replica_refused_write",
-                    Some(Rerun::Replan) => "stale_plan",
-                    _ => "server_lost",
-                });
-                tracing::info!(server = %lease.pool().addr(), reason = ?self.rerun, "running a read again");
-                self.detach(held.take(), true);
-                self.restore_replay()?;
+                let lease = held.take();
+                self.run_again(lease)?;
                 Ok(Attachment::Detached)
             }
             PumpEnd::ServerLost(e) if self.mode == PoolMode::Session || self.pinned.is_some() => {
@@ -384,6 +395,7 @@ impl Session {
                 self.target.cluster.nudge(&addr);
                 self.rerun = Some(Rerun::Elsewhere(addr));
                 *held = None;
+                self.forget_fresh();
                 self.detach(None, false);
                 self.restore_replay()?;
                 Ok(Attachment::Detached)
@@ -410,6 +422,25 @@ impl Session {
                 Ok(Attachment::Detached)
             }
         }
+    }
+
+    /// Puts a held read back to run it again (see `Rerun`); the server it
+    /// ran on is given back.
+    fn run_again(&mut self, lease: Option<Box<Lease>>) -> Result<(), ClientError> {
+        self.app.metrics.retry(match self.rerun {
+            Some(Rerun::OnPrimary) => "replica_refused_write",
+            Some(Rerun::Replan) => "stale_plan",
+            Some(Rerun::Unshared) => "shared_statement_failed",
+            _ => "server_lost",
+        });
+        if let Some(lease) = &lease {
+            tracing::info!(server = %lease.pool().addr(), reason = ?self.rerun, "running a read again");
+        }
+        self.forget_fresh();
+        self.detach(lease, true);
+        self.unshare = matches!(self.rerun, Some(Rerun::Unshared));
+        self.restore_replay()?;
+        Ok(())
     }
 
     /// The one server session of a session-mode or pinned client is gone:
@@ -656,6 +687,7 @@ impl Session {
 
     fn detach(&mut self, lease: Option<Box<Lease>>, reuse: bool) {
         self.cancel.slot.detach();
+        self.unshare = false;
         self.forget_sent();
         // The next server starts at a message boundary, whatever this one
         // left half-read.

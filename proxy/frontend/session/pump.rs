@@ -35,6 +35,7 @@ impl Session {
         let Some(request) = self.replay.take() else {
             return Ok(());
         };
+        self.forget_fresh();
         let max = self.app.config().proxy.max_message_size;
         self.down.clear();
         self.down.scanner = Scanner::new(usize::MAX);
@@ -264,7 +265,16 @@ impl Session {
             }
             backend::READY_FOR_QUERY => {}
             backend::ERROR_RESPONSE if read_only_error => self.rerun = Some(Rerun::OnPrimary),
-            backend::ERROR_RESPONSE if stale => self.rerun = Some(Rerun::Replan),
+            // Prepared afresh and run again only when the client has not
+            // learnt the statement's description yet (it prepared it in
+            // this very request): else its driver must hear 0A000, as from
+            // PostgreSQL, and describe it again.
+            backend::ERROR_RESPONSE if stale && !self.flight.known_shape => {
+                self.rerun = Some(Rerun::Replan)
+            }
+            backend::ERROR_RESPONSE if self.flight.shared_fresh && !self.flight.known_shape => {
+                self.rerun = Some(Rerun::Unshared)
+            }
             _ => {
                 self.holding = false;
                 self.replay = None;

@@ -151,8 +151,17 @@ impl Session {
                 .message
                 .starts_with(b"cached plan must not change result type")
         {
-            // Prepared before a schema change: prepare them all afresh.
+            // Prepared before a schema change: prepare them all afresh on
+            // this server, and move the statements in use to a new epoch
+            // for every client (which of them failed is not said).
             conn.statements.stale = true;
+            let mut whole = Vec::with_capacity(body.len() + 5);
+            whole.push(backend::ERROR_RESPONSE);
+            whole.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+            whole.extend_from_slice(body);
+            for (base, epoch) in &self.flight.bound {
+                self.app.epochs.bump(*base, *epoch, &whole);
+            }
         }
         let mut reply = Reply::Keep;
         match self.expect.front_mut() {

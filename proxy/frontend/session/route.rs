@@ -57,6 +57,12 @@ pub(super) enum Rerun {
     /// A prepared statement's plan went stale after a schema change: run
     /// it again once the server's statements are prepared afresh.
     Replan,
+    /// A statement the client prepared in this request was found already
+    /// prepared on the server (shared) and the request failed: the shared
+    /// copy may predate a schema change that a fresh Parse would see (a
+    /// parameter type, a re-created type). Run it again with the client's
+    /// statements prepared for it alone; a real error comes back again.
+    Unshared,
 }
 
 impl Session {

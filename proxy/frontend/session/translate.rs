@@ -78,7 +78,9 @@ impl Session {
             frontend::BIND => {
                 let bind = frontend::bind(body).map_err(|_| malformed("Bind"))?;
                 match self.statements.get(bind.statement).cloned() {
+                    Some(stmt) if self.app.epochs.is_stale(&stmt) => self.refuse_stale(),
                     Some(stmt) => {
+                        self.note_use(bind.statement, &stmt);
                         self.prepare_on(conn, &stmt);
                         let name = stmt.server.as_bytes();
                         build::bind(&mut self.wire.buf, bind.portal, name, bind.rest);
@@ -94,7 +96,9 @@ impl Session {
                     .cloned()
                     .filter(|_| kind == STATEMENT)
                 {
+                    Some(stmt) if self.app.epochs.is_stale(&stmt) => self.refuse_stale(),
                     Some(stmt) => {
+                        self.note_use(name, &stmt);
                         self.prepare_on(conn, &stmt);
                         build::describe(&mut self.wire.buf, kind, stmt.server.as_bytes());
                     }
@@ -121,38 +125,92 @@ impl Session {
     }
 
     /// Records a client's named Parse. `Err` carries the error for a
-    /// name already taken by another statement; `Ok(true)` means the
-    /// statement is new to the client.
-    fn register(&mut self, p: &frontend::Parse<'_>) -> Result<bool, BytesMut> {
-        let server = ServerName::protocol(p.query, p.types);
-        match self.statements.get(p.name) {
-            Some(s) if s.server == server => return Ok(false),
-            Some(_) => {
-                // PostgreSQL refuses a second statement under one name.
-                let name = String::from_utf8_lossy(p.name);
-                let mut error = BytesMut::new();
-                build::error_response(
-                    &mut error,
-                    build::Severity::Error,
-                    pgheal_protocol::sqlstate::DUPLICATE_PREPARED_STATEMENT,
-                    &format!("prepared statement \"{name}\" already exists"),
-                    None,
-                );
-                return Err(error);
-            }
-            None => {}
+    /// name already taken, as PostgreSQL refuses a second Parse of one
+    /// name (42P05).
+    fn register(&mut self, p: &frontend::Parse<'_>) -> Result<Arc<Statement>, BytesMut> {
+        if self.statements.contains_key(p.name) {
+            let name = String::from_utf8_lossy(p.name);
+            let mut error = BytesMut::new();
+            build::error_response(
+                &mut error,
+                build::Severity::Error,
+                pgheal_protocol::sqlstate::DUPLICATE_PREPARED_STATEMENT,
+                &format!("prepared statement \"{name}\" already exists"),
+                None,
+            );
+            return Err(error);
         }
         self.take_effects(&effects::effects(p.query));
-        let stmt = Statement {
+        let search_path = self.params.get("search_path").unwrap_or_default();
+        let base = ServerName::protocol(p.query, p.types, search_path.as_bytes());
+        let epoch = self.app.epochs.current(&base);
+        let server = if self.unshare {
+            base.for_client(self.cancel.key.pid)
+        } else {
+            base.at_epoch(epoch)
+        };
+        let stmt = Arc::new(Statement {
             server,
+            base,
+            epoch,
+            shared: !self.unshare,
             source: Source::Protocol {
                 query: p.query.into(),
                 types: p.types.into(),
             },
             intent: router::sql_intent(p.query),
-        };
-        self.statements.insert(p.name.into(), Arc::new(stmt));
-        Ok(true)
+        });
+        self.statements.insert(p.name.into(), stmt.clone());
+        self.flight.fresh.push(p.name.into());
+        Ok(stmt)
+    }
+
+    /// A request uses the client's statement `name`.
+    fn note_use(&mut self, name: &[u8], stmt: &Statement) {
+        if !self.flight.fresh.iter().any(|n| &**n == name) {
+            self.flight.known_shape = true;
+        }
+        let used = (stmt.base, stmt.epoch);
+        if !self.flight.bound.contains(&used) {
+            self.flight.bound.push(used);
+        }
+    }
+
+    /// The client uses a statement that went stale since it prepared it:
+    /// PostgreSQL's own answer, `0A000`, by a Parse that fails on purpose
+    /// (the server then skips the rest up to the Sync, as after any error).
+    fn refuse_stale(&mut self) {
+        let error = self.app.epochs.stale_error().unwrap_or_else(|| {
+            let mut error = BytesMut::new();
+            build::error_response(
+                &mut error,
+                build::Severity::Error,
+                pgheal_protocol::sqlstate::FEATURE_NOT_SUPPORTED,
+                "cached plan must not change result type",
+                None,
+            );
+            error.freeze()
+        });
+        build::parse(
+            &mut self.wire.buf,
+            FAIL,
+            b"pgheal: stale statement",
+            b"\0\0",
+        );
+        self.expect.push_back(Expect::Parse {
+            swallow: false,
+            server: None,
+            client: None,
+            error: Some(error),
+        });
+    }
+
+    /// Takes back what the requests in flight prepared, before they are
+    /// run again from the client's bytes.
+    pub(super) fn forget_fresh(&mut self) {
+        for name in std::mem::take(&mut self.flight.fresh) {
+            self.statements.remove(&name);
+        }
     }
 
     /// Answers a request made only of named Parses and a Sync, outside a
@@ -173,7 +231,11 @@ impl Session {
         let mut out = answer?;
         build::ready_for_query(&mut out, TxStatus::Idle);
         self.up.clear();
+        // No description went out: the statements stay fresh until a
+        // request that uses them is answered.
+        let fresh = std::mem::take(&mut self.flight.fresh);
         self.flight.reset();
+        self.flight.fresh = fresh;
         Some(out)
     }
 
@@ -213,9 +275,8 @@ impl Session {
             self.expect.push_back(Expect::parse(false));
             return;
         }
-        let server = ServerName::protocol(p.query, p.types);
-        let known = match self.register(&p) {
-            Ok(new) => !new,
+        let stmt = match self.register(&p) {
+            Ok(stmt) => stmt,
             Err(error) => {
                 build::parse(&mut self.wire.buf, FAIL, b"pgheal: duplicate name", b"\0\0");
                 self.expect.push_back(Expect::Parse {
@@ -227,9 +288,11 @@ impl Session {
                 return;
             }
         };
-        let client = (!known).then(|| p.name.into());
+        let server = stmt.server;
+        let client = Some(p.name.into());
         if conn.statements.contains(&server) {
             conn.statements.touch(&server);
+            self.flight.shared_fresh = true;
             // Nothing to prepare, but the client awaits ParseComplete.
             build::close(&mut self.wire.buf, STATEMENT, NOOP);
             self.expect.push_back(Expect::close(true));
@@ -419,6 +482,9 @@ impl Session {
             None => {
                 let stmt = Statement {
                     server,
+                    base: server,
+                    epoch: 0,
+                    shared: true,
                     source: Source::Sql { body: body.into() },
                     intent: Intent::Write,
                 };
