@@ -148,19 +148,26 @@ async fn ssl_only_node(ca: &TestCa) -> PgNode {
 async fn upstream_tls_verify_full_and_refusals() {
     let ca = TestCa::new();
     let node = ssl_only_node(&ca).await;
-    let db = |tls: &str, ca_path: &str| {
+    // A node is reached one way (health checks included), so each
+    // database names the node by another address of it.
+    let port = node
+        .addr()
+        .rsplit(':')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let db = |tls: &str, ca_path: &str, host: &str| {
         format!(
-            "[databases.{tls_name}]\nnodes = [\"{addr}\"]\ndbname = \"app\"\nuser = \"app\"\npassword = \"{APP_PASSWORD}\"\ntls = \"{tls}\"\ntls_ca = \"{ca_path}\"\n",
+            "[databases.{tls_name}]\nnodes = [\"{host}:{port}\"]\ndbname = \"app\"\nuser = \"app\"\npassword = \"{APP_PASSWORD}\"\ntls = \"{tls}\"\ntls_ca = \"{ca_path}\"\n",
             tls_name = tls.replace('-', "_"),
-            addr = node.addr()
         )
     };
     let other = TestCa::new();
     let proxy = start(&format!(
         "[proxy]\nlisten = \"127.0.0.1:0\"\n[[users]]\nname = \"app\"\npassword = \"{APP_PASSWORD}\"\n{}{}{}",
-        db("verify-full", &ca.path("ca.pem")),
-        db("require", &other.path("ca.pem")),
-        db("disable", &ca.path("ca.pem")),
+        db("verify-full", &ca.path("ca.pem"), "127.0.0.1"),
+        db("require", &other.path("ca.pem"), "localhost"),
+        db("disable", &ca.path("ca.pem"), "127.1"),
     ))
     .await;
     let ssl_sql = "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()";
