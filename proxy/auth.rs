@@ -1,5 +1,8 @@
-//! Client authentication against the `[[users]]` table: the server side of
-//! SCRAM-SHA-256 and md5. Hashing comes from the RustCrypto crates and
+//! Client authentication against the `[[users]]` table (or secrets looked
+//! up with `[auth] query`): the server side of SCRAM-SHA-256 and md5, and
+//! the client side of SCRAM with keys recovered from a client's proof, so
+//! that pgheal logs in upstream as a looked-up user without ever holding a
+//! password. Hashing comes from the RustCrypto crates and
 //! `postgres-protocol`; this file only does the message exchange.
 
 use base64::engine::general_purpose::STANDARD as B64;
@@ -127,8 +130,9 @@ impl ScramExchange {
         Ok((ex, server_first))
     }
 
-    /// Checks client-final; on success returns server-final (`v=...`).
-    pub fn finish(self, client_final: &[u8]) -> Result<String, ScramError> {
+    /// Checks client-final; on success returns server-final (`v=...`) and
+    /// the keys the client proved it has.
+    pub fn finish(self, client_final: &[u8]) -> Result<(String, ScramKeys), ScramError> {
         let text =
             std::str::from_utf8(client_final).map_err(|_| ScramError::Malformed("not UTF-8"))?;
         let (without_proof, proof) = text
@@ -158,7 +162,104 @@ impl ScramExchange {
             return Err(ScramError::WrongProof);
         }
         let server_signature = hmac(&self.verifier.server_key, auth_message.as_bytes());
-        Ok(format!("v={}", B64.encode(server_signature)))
+        let mut key = [0u8; 32];
+        key.copy_from_slice(&client_key);
+        let keys = ScramKeys {
+            iterations: self.verifier.iterations,
+            salt: self.verifier.salt,
+            client_key: key,
+            server_key: self.verifier.server_key,
+        };
+        Ok((format!("v={}", B64.encode(server_signature)), keys))
+    }
+}
+
+/// What a SCRAM client needs to log in without the password: the ClientKey
+/// a client proved (proof XOR signature) and the ServerKey of its secret,
+/// valid where the server stores the same salt and iteration count.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ScramKeys {
+    iterations: u32,
+    salt: Vec<u8>,
+    client_key: [u8; 32],
+    server_key: [u8; 32],
+}
+
+impl std::fmt::Debug for ScramKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ScramKeys(<redacted>)")
+    }
+}
+
+/// The client side of one SCRAM-SHA-256 exchange made with [`ScramKeys`].
+pub struct ScramClient {
+    keys: ScramKeys,
+    client_first_bare: String,
+    auth_message: Option<String>,
+}
+
+impl ScramClient {
+    /// Starts an exchange; returns the client and client-first.
+    pub fn start(keys: ScramKeys) -> (ScramClient, String) {
+        let mut nonce = [0u8; 18];
+        rand::rngs::OsRng.fill_bytes(&mut nonce);
+        let bare = format!("n=,r={}", B64.encode(nonce));
+        let first = format!("n,,{bare}");
+        let client = ScramClient {
+            keys,
+            client_first_bare: bare,
+            auth_message: None,
+        };
+        (client, first)
+    }
+
+    /// Reads server-first; returns client-final.
+    pub fn update(&mut self, server_first: &[u8]) -> Result<String, ScramError> {
+        let text =
+            std::str::from_utf8(server_first).map_err(|_| ScramError::Malformed("not UTF-8"))?;
+        let nonce = attribute(text, 'r').ok_or(ScramError::Malformed("no nonce"))?;
+        let ours = attribute(&self.client_first_bare, 'r').unwrap_or_default();
+        if !nonce.starts_with(ours) {
+            return Err(ScramError::Malformed("nonce does not match"));
+        }
+        let salt = attribute(text, 's').and_then(|s| B64.decode(s).ok());
+        let iterations = attribute(text, 'i').and_then(|i| i.parse::<u32>().ok());
+        if salt.as_deref() != Some(&self.keys.salt[..]) || iterations != Some(self.keys.iterations)
+        {
+            // The server's secret is not the one the client proved.
+            return Err(ScramError::BadSecret);
+        }
+        let without_proof = format!("c=biws,r={nonce}");
+        let auth_message = format!("{},{text},{without_proof}", self.client_first_bare);
+        let stored_key = Sha256::digest(self.keys.client_key);
+        let signature = hmac(&stored_key, auth_message.as_bytes());
+        let proof: Vec<u8> = self
+            .keys
+            .client_key
+            .iter()
+            .zip(signature)
+            .map(|(k, s)| k ^ s)
+            .collect();
+        self.auth_message = Some(auth_message);
+        Ok(format!("{without_proof},p={}", B64.encode(proof)))
+    }
+
+    /// Checks server-final: the server knows the secret too.
+    pub fn finish(self, server_final: &[u8]) -> Result<(), ScramError> {
+        let text =
+            std::str::from_utf8(server_final).map_err(|_| ScramError::Malformed("not UTF-8"))?;
+        let sent = attribute(text, 'v')
+            .and_then(|v| B64.decode(v).ok())
+            .ok_or(ScramError::Malformed("no server signature"))?;
+        let message = self
+            .auth_message
+            .ok_or(ScramError::Malformed("out of order"))?;
+        let expected = hmac(&self.keys.server_key, message.as_bytes());
+        if bool::from(expected.as_slice().ct_eq(&sent)) {
+            Ok(())
+        } else {
+            Err(ScramError::WrongProof)
+        }
     }
 }
 
@@ -206,15 +307,45 @@ mod tests {
     use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 
     fn exchange(verifier: ScramVerifier, password: &str) -> Result<(), ScramError> {
+        keys_from(verifier, password).map(|_| ())
+    }
+
+    fn keys_from(verifier: ScramVerifier, password: &str) -> Result<ScramKeys, ScramError> {
         let mut client = ScramSha256::new(password.as_bytes(), ChannelBinding::unsupported());
         let (ex, server_first) = ScramExchange::start(verifier, client.message())?;
         client
             .update(server_first.as_bytes())
             .map_err(|_| ScramError::Malformed("client rejected server-first"))?;
-        let server_final = ex.finish(client.message())?;
+        let (server_final, keys) = ex.finish(client.message())?;
         client
             .finish(server_final.as_bytes())
-            .map_err(|_| ScramError::Malformed("client rejected server-final"))
+            .map_err(|_| ScramError::Malformed("client rejected server-final"))?;
+        Ok(keys)
+    }
+
+    #[test]
+    fn keys_a_client_proved_log_in_where_the_same_secret_is_stored() {
+        let v = ScramVerifier::from_password("pw");
+        let keys = keys_from(v.clone(), "pw").expect("right password");
+        // pgheal as the client, the same secret on the other side.
+        let (mut client, first) = ScramClient::start(keys.clone());
+        let (ex, server_first) = ScramExchange::start(v, first.as_bytes()).expect("first");
+        let last = client
+            .update(server_first.as_bytes())
+            .expect("server-first");
+        let (server_final, again) = ex.finish(last.as_bytes()).expect("the proof holds");
+        assert_eq!(again, keys);
+        client
+            .finish(server_final.as_bytes())
+            .expect("server signature");
+        // Another secret (other salt) is refused before any proof is sent.
+        let other = ScramVerifier::from_password("pw");
+        let (mut client, first) = ScramClient::start(keys);
+        let (_, server_first) = ScramExchange::start(other, first.as_bytes()).expect("first");
+        assert_eq!(
+            client.update(server_first.as_bytes()),
+            Err(ScramError::BadSecret)
+        );
     }
 
     #[test]

@@ -151,7 +151,7 @@ async fn backup_command(config: Config, action: &str) -> ExitCode {
         return ExitCode::from(2);
     };
     if action == "list" {
-        for name in config.databases.keys() {
+        for name in config.named_databases().map(|d| &d.name) {
             for backup in pgheal::ops::backup::list(&b.dir, name) {
                 println!(
                     "{}\t{}\t{}",

@@ -193,3 +193,28 @@ tls = "require"
     );
     assert!(out.contains("1 error(s)"), "{out}");
 }
+
+#[test]
+fn auth_and_any_database_sections_are_checked() {
+    let bad = r#"
+[proxy]
+listen = "127.0.0.1:6432"
+[auth]
+query = "SELECT usename, passwd FROM pg_shadow WHERE usename = 'x'"
+colour = "blue"
+[databases.app]
+nodes = ["db1:5432"]
+max_databases = 3
+[databases."*"]
+nodes = ["db1:5432"]
+"#;
+    let (ok, out) = check(bad);
+    assert!(!ok, "{out}");
+    for expected in [
+        "auth.colour: unknown key",
+        "auth.user: missing: who runs the lookup",
+        "databases.app.max_databases: only the \"*\" database takes max_databases",
+    ] {
+        assert!(out.contains(expected), "missing `{expected}` in:\n{out}");
+    }
+}

@@ -10,6 +10,7 @@
 use std::fmt;
 use std::sync::Arc;
 
+use crate::config::ANY_DATABASE;
 use crate::config::{Config, ConfigErrors, Database, User};
 use crate::frontend::App;
 
@@ -133,7 +134,18 @@ impl App {
         let health_changed = new.health != old.health;
         let mut changes = Vec::new();
         self.edit_targets(|targets| {
+            // Served through "*": kept while "*" stays as it was.
+            let any_kept = match (
+                old.databases.get(ANY_DATABASE),
+                new.databases.get(ANY_DATABASE),
+            ) {
+                (Some(a), Some(b)) => database_diff(a, b).is_empty() && !health_changed,
+                _ => false,
+            };
             targets.retain(|name, _| {
+                if !old.databases.contains_key(name) {
+                    return any_kept;
+                }
                 let kept = new.databases.contains_key(name);
                 if !kept {
                     changes.push(Change::DatabaseRemoved(name.clone()));

@@ -2,6 +2,7 @@
 //! bring session parameters in line with a client's, reset.
 
 use std::io;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -16,6 +17,7 @@ use tokio::net::TcpStream;
 pub use super::error::UpstreamError;
 use super::params::Params;
 use super::statements::ServerStatements;
+use crate::auth::{ScramClient, ScramKeys};
 use crate::config::{Config, Database};
 use crate::net::stream::Stream;
 use crate::net::tls::{UpstreamMode, UpstreamTls};
@@ -34,6 +36,8 @@ pub struct ConnectSpec {
     /// Sent at startup so pgheal's own connections show in pg_stat_activity.
     pub application_name: Option<&'static str>,
     pub tls: UpstreamTls,
+    /// Without a password: SCRAM keys a client proved ([auth] query).
+    pub scram_keys: Option<Arc<ScramKeys>>,
 }
 
 /// An authenticated server connection, ready for queries.
@@ -199,7 +203,7 @@ impl ServerConn {
         spec: &ConnectSpec,
         buf: &mut BytesMut,
     ) -> Result<(), UpstreamError> {
-        let mut scram: Option<ScramSha256> = None;
+        let mut scram: Option<Sasl> = None;
         loop {
             let (tag, body) = self.read_message(buf).await?;
             match tag {
@@ -234,25 +238,22 @@ impl ServerConn {
                     if !mechanisms.iter().any(|m| *m == b"SCRAM-SHA-256") {
                         return Err(self.unsupported("a SASL mechanism other than SCRAM-SHA-256"));
                     }
-                    let s = ScramSha256::new(
-                        self.password(spec)?.as_bytes(),
-                        ChannelBinding::unsupported(),
-                    );
-                    build::sasl_initial_response(&mut out, "SCRAM-SHA-256", s.message());
+                    let (s, first) = Sasl::start(spec).map_err(|what| self.unsupported(what))?;
+                    build::sasl_initial_response(&mut out, "SCRAM-SHA-256", &first);
                     scram = Some(s);
                 }
                 Authentication::SaslContinue(data) => {
                     let s = scram
                         .as_mut()
                         .ok_or_else(|| self.protocol("SASL continue without start"))?;
-                    s.update(data).map_err(|e| self.protocol(e.to_string()))?;
-                    build::sasl_response(&mut out, s.message());
+                    let last = s.update(data).map_err(|e| self.protocol(e))?;
+                    build::sasl_response(&mut out, &last);
                 }
                 Authentication::SaslFinal(data) => {
                     let s = scram
-                        .as_mut()
+                        .take()
                         .ok_or_else(|| self.protocol("SASL final without start"))?;
-                    s.finish(data).map_err(|e| self.protocol(e.to_string()))?;
+                    s.finish(data).map_err(|e| self.protocol(e))?;
                     continue;
                 }
                 Authentication::Unsupported(_) => {
@@ -406,6 +407,49 @@ impl ServerConn {
     }
 }
 
+/// pgheal's side of SCRAM with a server: from the password, or from the
+/// keys a client proved when it has no password ([auth] query users).
+enum Sasl {
+    Password(ScramSha256),
+    Keys(ScramClient),
+}
+
+impl Sasl {
+    fn start(spec: &ConnectSpec) -> Result<(Sasl, Vec<u8>), &'static str> {
+        if let Some(pw) = &spec.password {
+            let s = ScramSha256::new(pw.as_bytes(), ChannelBinding::unsupported());
+            let first = s.message().to_vec();
+            return Ok((Sasl::Password(s), first));
+        }
+        let keys = spec
+            .scram_keys
+            .as_deref()
+            .ok_or("a password (set one for the database or the user)")?;
+        let (client, first) = ScramClient::start(keys.clone());
+        Ok((Sasl::Keys(client), first.into_bytes()))
+    }
+
+    fn update(&mut self, data: &[u8]) -> Result<Vec<u8>, String> {
+        match self {
+            Sasl::Password(s) => {
+                s.update(data).map_err(|e| e.to_string())?;
+                Ok(s.message().to_vec())
+            }
+            Sasl::Keys(c) => c
+                .update(data)
+                .map(String::into_bytes)
+                .map_err(|e| e.to_string()),
+        }
+    }
+
+    fn finish(self, data: &[u8]) -> Result<(), String> {
+        match self {
+            Sasl::Password(mut s) => s.finish(data).map_err(|e| e.to_string()),
+            Sasl::Keys(c) => c.finish(data).map_err(|e| e.to_string()),
+        }
+    }
+}
+
 /// An ErrorResponse body whose severity ends the session.
 fn is_fatal(body: &[u8]) -> bool {
     ErrorFields::parse(body).is_ok_and(|f| matches!(f.severity, b"FATAL" | b"PANIC"))
@@ -430,6 +474,7 @@ impl ConnectSpec {
             connect_timeout: config.pool.connect_timeout,
             application_name: Some(application_name),
             tls: db.tls.clone(),
+            scram_keys: None,
         }
     }
 }

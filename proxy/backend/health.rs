@@ -106,6 +106,7 @@ pub fn health_spec(config: &Config, addr: &str) -> Option<ConnectSpec> {
         connect_timeout: config.health.timeout,
         application_name: Some(HEALTH_APPLICATION_NAME),
         tls: db.tls.clone(),
+        scram_keys: None,
     })
 }
 

@@ -35,6 +35,55 @@ pub struct Config {
     pub migrations: Option<MigrationsConfig>,
     /// `[backup]`, when configured.
     pub backup: Option<BackupConfig>,
+    /// `[auth]`: users not in `[[users]]` are looked up on the server.
+    pub auth: Option<AuthQuery>,
+}
+
+/// The section name of the database that serves any name without a section
+/// of its own.
+pub const ANY_DATABASE: &str = "*";
+
+/// `[auth]`: how to look up a user that is not in `[[users]]`.
+#[derive(Clone)]
+pub struct AuthQuery {
+    pub user: String,
+    pub password: Option<String>,
+    /// Run with `$1` = the user name; returns (name, secret).
+    pub query: String,
+    /// Where the lookup runs.
+    pub database: String,
+}
+
+impl fmt::Debug for AuthQuery {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AuthQuery")
+            .field("user", &self.user)
+            .field("query", &self.query)
+            .field("database", &self.database)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Config {
+    /// The databases with a section of their own (not `"*"`): the ones
+    /// migrations and backups cover.
+    pub fn named_databases(&self) -> impl Iterator<Item = &Database> {
+        self.databases.values().filter(|d| d.name != ANY_DATABASE)
+    }
+
+    /// The database a client asking for `name` gets: its own section, else
+    /// `"*"` serving `name`.
+    pub fn database_for(&self, name: &str) -> Option<Database> {
+        if let Some(db) = self.databases.get(name).filter(|_| name != ANY_DATABASE) {
+            return Some(db.clone());
+        }
+        let any = self.databases.get(ANY_DATABASE)?;
+        Some(Database {
+            name: name.to_string(),
+            dbname: name.to_string(),
+            ..any.clone()
+        })
+    }
 }
 
 /// When backups run.
@@ -210,6 +259,8 @@ pub struct Database {
     pub max_replica_lag: Duration,
     /// TLS to this database's servers (health checks included).
     pub tls: UpstreamTls,
+    /// `"*"` only: how many database names it serves at once.
+    pub max_databases: usize,
 }
 
 impl Database {
@@ -226,6 +277,7 @@ impl Database {
             read_routing: false,
             max_replica_lag: Duration::ZERO,
             tls: UpstreamTls::default(),
+            max_databases: 0,
         }
     }
 }
@@ -351,6 +403,7 @@ fn read_config(r: &mut Reader, root: &Table) -> Config {
             "tls",
             "migrations",
             "backup",
+            "auth",
         ],
     );
     let empty = Table::new();
@@ -370,6 +423,7 @@ fn read_config(r: &mut Reader, root: &Table) -> Config {
             .table(root, "migrations", "")
             .and_then(|t| read_migrations(r, t)),
         backup: r.table(root, "backup", "").and_then(|t| read_backup(r, t)),
+        auth: r.table(root, "auth", "").and_then(|t| read_auth(r, t)),
     };
     if let Some(m) = &config.migrations {
         if let Some(db) = m
@@ -611,6 +665,30 @@ fn read_failover(r: &mut Reader, t: &Table) -> FailoverConfig {
     }
 }
 
+fn read_auth(r: &mut Reader, t: &Table) -> Option<AuthQuery> {
+    let p = "auth";
+    r.known_keys(t, p, &["user", "password", "query", "database"]);
+    let Some(user) = r.opt(t, p, "user") else {
+        r.error("auth.user", "missing: who runs the lookup");
+        return None;
+    };
+    let query: String = r.get(
+        t,
+        p,
+        "query",
+        "SELECT usename, passwd FROM pg_shadow WHERE usename = $1".to_string(),
+    );
+    if !query.contains("$1") {
+        r.error("auth.query", "must use $1 for the user name");
+    }
+    Some(AuthQuery {
+        user,
+        password: r.opt(t, p, "password"),
+        query,
+        database: r.get(t, p, "database", "postgres".to_string()),
+    })
+}
+
 fn read_health(r: &mut Reader, t: &Table) -> HealthConfig {
     let p = "health";
     let keys = [
@@ -754,8 +832,16 @@ fn read_database(r: &mut Reader, name: &str, t: &Table, p: &str) -> Database {
         "max_replica_lag",
         "tls",
         "tls_ca",
+        "max_databases",
     ];
     r.known_keys(t, p, &keys);
+    let max_databases = r.get(t, p, "max_databases", 100usize);
+    if name != ANY_DATABASE && t.contains_key("max_databases") {
+        r.error(
+            &format!("{p}.max_databases"),
+            "only the \"*\" database takes max_databases",
+        );
+    }
     let nodes: Vec<String> = r.get(t, p, "nodes", Vec::new());
     if nodes.is_empty() {
         r.error(
@@ -787,6 +873,7 @@ fn read_database(r: &mut Reader, name: &str, t: &Table, p: &str) -> Database {
         nodes,
         pool_size,
         min_idle,
+        max_databases,
     }
 }
 

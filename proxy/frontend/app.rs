@@ -16,7 +16,10 @@ use crate::backend::conn::ConnectSpec;
 use crate::backend::health::{self, Probes};
 use crate::backend::pool::{Pool, PoolLimits, Pools};
 use crate::backend::statements::Epochs;
+use crate::config::ANY_DATABASE;
 use crate::config::{Config, Database};
+use crate::frontend::auth_query::AuthLookup;
+use crate::frontend::error::ClientError;
 use crate::metrics::Metrics;
 use crate::sync::{lock, read, write};
 
@@ -37,6 +40,8 @@ pub struct App {
     pub clients: Arc<Clients>,
     /// Shared prepared statements that went stale (transaction mode).
     pub epochs: Epochs,
+    /// `[auth] query` users: their secrets and the keys they proved.
+    pub auth_lookup: AuthLookup,
     /// Startup migrations failed and on_error = "serve": why.
     migration_failure: Mutex<Option<String>>,
 }
@@ -60,6 +65,9 @@ pub struct Target {
     pub cluster: Arc<Cluster>,
     /// PAUSE: new transactions wait until RESUME; running ones finish.
     pub paused: tokio::sync::watch::Sender<bool>,
+    /// When a client last used it (served through `"*"`: closed after
+    /// `[pool] idle_timeout` without clients).
+    last_used: Mutex<std::time::Instant>,
 }
 
 impl Target {
@@ -81,6 +89,7 @@ impl Target {
             database: db.clone(),
             cluster,
             paused: tokio::sync::watch::Sender::new(paused),
+            last_used: Mutex::new(std::time::Instant::now()),
         })
     }
 
@@ -94,17 +103,29 @@ impl Target {
     }
 }
 
+/// Closes unused databases served through `"*"`, until the app is gone.
+async fn close_unused(app: std::sync::Weak<App>) {
+    let mut every = tokio::time::interval(std::time::Duration::from_secs(1));
+    loop {
+        every.tick().await;
+        let Some(app) = app.upgrade() else { return };
+        app.close_unused_targets();
+    }
+}
+
 impl App {
     /// Builds the shared state and starts the health loops; needs a tokio
     /// runtime.
     pub fn new(config: Config) -> Arc<App> {
         let probes = Probes::default();
+        // "*" gets a target of its own too: its nodes' health and the
+        // [auth] lookups for databases it serves.
         let targets = config
             .databases
             .iter()
             .map(|(name, db)| (name.clone(), Target::start(&config, db, false, &probes)))
             .collect();
-        Arc::new(App {
+        let app = Arc::new(App {
             config: RwLock::new(Arc::new(config)),
             config_path: Mutex::new(None),
             pools: Pools::default(),
@@ -116,8 +137,68 @@ impl App {
             metrics: Metrics::default(),
             clients: Arc::default(),
             epochs: Epochs::default(),
+            auth_lookup: AuthLookup::default(),
             migration_failure: Mutex::new(None),
+        });
+        tokio::spawn(close_unused(Arc::downgrade(&app)));
+        app
+    }
+
+    /// The target serving `db` for a client that logged in: its own, or
+    /// one made on first use for a name `"*"` serves.
+    pub fn target_for(&self, db: &Database) -> Result<Arc<Target>, ClientError> {
+        if let Some(t) = self.target(&db.name) {
+            *lock(&t.last_used) = std::time::Instant::now();
+            return Ok(t);
+        }
+        let config = self.config();
+        let Some(any) = config.databases.get(ANY_DATABASE) else {
+            return Err(ClientError::UnknownDatabase(db.name.clone()));
+        };
+        self.edit_targets(|targets| {
+            if let Some(t) = targets.get(&db.name) {
+                return Ok(t.clone());
+            }
+            let served = targets
+                .keys()
+                .filter(|n| !config.databases.contains_key(*n))
+                .count();
+            if served >= any.max_databases {
+                return Err(ClientError::TooManyDatabases(any.max_databases));
+            }
+            tracing::info!(database = %db.name, "serving a database through \"*\"");
+            let t = Target::start(&config, db, false, &self.probes);
+            targets.insert(db.name.clone(), t.clone());
+            Ok(t)
         })
+    }
+
+    /// Drops the targets and pools of databases served through `"*"` that
+    /// had no client for `[pool] idle_timeout`.
+    fn close_unused_targets(&self) {
+        let config = self.config();
+        let idle = config.pool.idle_timeout;
+        let mut closed = Vec::new();
+        self.edit_targets(|targets| {
+            targets.retain(|name, t| {
+                if config.databases.contains_key(name) {
+                    return true;
+                }
+                let mut last = lock(&t.last_used);
+                if Arc::strong_count(t) > 1 {
+                    *last = std::time::Instant::now();
+                }
+                let keep = last.elapsed() < idle;
+                if !keep {
+                    closed.push(name.clone());
+                }
+                keep
+            });
+        });
+        for name in closed {
+            tracing::info!(database = %name, "no client for idle_timeout: closing the database served through \"*\"");
+            self.forget_pools(&name);
+        }
     }
 
     pub fn target(&self, database: &str) -> Option<Arc<Target>> {
@@ -215,6 +296,12 @@ impl App {
             connect_timeout: config.pool.connect_timeout,
             application_name: None,
             tls: database.tls.clone(),
+            // An [auth] query user: the keys it proved at login.
+            scram_keys: database
+                .user
+                .is_none()
+                .then(|| self.auth_lookup.keys(user))
+                .flatten(),
         };
         let limits = PoolLimits {
             size: database.pool_size,

@@ -41,6 +41,8 @@ pub enum ClientError {
     Shutdown,
     #[error("too many client connections (max_client_connections = {0})")]
     TooManyClients(usize),
+    #[error("too many databases served through \"*\" at once (max_databases = {0})")]
+    TooManyDatabases(usize),
     #[error("client did not finish logging in within {0:?}")]
     LoginTimeout(Duration),
     #[error("cannot execute a write: no primary is available for database \"{database}\" (waited {waited:?})")]
@@ -96,7 +98,7 @@ impl ClientError {
             NoUser | TlsRequired | NotAdmin(_) => {
                 fatal(sqlstate::INVALID_AUTHORIZATION_SPECIFICATION)
             }
-            TooManyClients(_) => fatal(sqlstate::TOO_MANY_CONNECTIONS),
+            TooManyClients(_) | TooManyDatabases(_) => fatal(sqlstate::TOO_MANY_CONNECTIONS),
             Shutdown => fatal(sqlstate::ADMIN_SHUTDOWN),
             UnknownDatabase(_) => fatal(sqlstate::INVALID_CATALOG_NAME),
             BadParameter(_) => fatal(sqlstate::INVALID_PARAMETER_VALUE),

@@ -14,11 +14,11 @@ use rand::RngCore;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
-use crate::auth::{self, ScramExchange, ScramVerifier, SCRAM_SHA_256};
+use crate::auth::{self, ScramExchange, ScramKeys, ScramVerifier, SCRAM_SHA_256};
 use crate::backend::params::Params;
 use crate::config::{AuthMethod, Database};
 use crate::frontend::error::ClientError;
-use crate::frontend::App;
+use crate::frontend::{App, Target};
 use crate::net::stream::Stream;
 
 /// What the handshake ended with.
@@ -84,21 +84,25 @@ async fn login(
     if matches!(msg.param("replication"), Some(r) if !matches!(r, "false" | "0" | "off" | "no")) {
         return Err(ClientError::Unsupported("a replication connection"));
     }
-    authenticate(app, stream, buf, &user).await?;
     let db_name = msg.param("database").unwrap_or(&user).to_string();
     if db_name == crate::config::ADMIN_DATABASE {
+        authenticate(app, stream, buf, &user, None).await?;
         if !app.config().user(&user).is_some_and(|u| u.admin) {
             return Err(ClientError::NotAdmin(user));
         }
         let params = Params::default();
         return Ok(Some((user, Database::admin_console(), params)));
     }
-    let database = app
-        .config()
-        .databases
-        .get(&db_name)
-        .cloned()
-        .ok_or(ClientError::UnknownDatabase(db_name))?;
+    let database = app.config().database_for(&db_name);
+    // Where an [auth] query runs: the database's own nodes, or "*"'s.
+    let lookup_on = database.as_ref().and_then(|d| {
+        app.target(&d.name)
+            .or_else(|| app.target(crate::config::ANY_DATABASE))
+    });
+    authenticate(app, stream, buf, &user, lookup_on.as_deref()).await?;
+    let database = database.ok_or(ClientError::UnknownDatabase(db_name))?;
+    // Made now for a name served through "*" (the session finds it).
+    app.target_for(&database)?;
     let params = Params::from_startup(&msg.params).map_err(ClientError::BadParameter)?;
     Ok(Some((user, database, params)))
 }
@@ -182,11 +186,22 @@ async fn authenticate(
     stream: &mut Stream,
     buf: &mut BytesMut,
     user: &str,
+    lookup_on: Option<&Target>,
 ) -> Result<(), ClientError> {
     let config = app.config();
     let entry = config.user(user);
     let method = entry.map_or(AuthMethod::ScramSha256, |u| u.auth);
+    // Not in [[users]]: maybe a user of the server ([auth] query).
+    let looked_up = match (entry, &config.auth, lookup_on) {
+        (None, Some(auth), Some(target)) => app
+            .auth_lookup
+            .secret(&config, auth, target, user)
+            .await
+            .map_err(|e| ClientError::Pool(e.into()))?,
+        _ => None,
+    };
     let ok = match method {
+        // Trust and md5 come from a [[users]] entry.
         AuthMethod::Trust => true,
         AuthMethod::Md5 => {
             let password = entry
@@ -195,13 +210,22 @@ async fn authenticate(
             md5(stream, buf, user, password).await?
         }
         AuthMethod::ScramSha256 => {
-            let verifier = entry
+            let known = entry
                 .and_then(|u| u.scram.clone())
-                .unwrap_or_else(ScramVerifier::mock);
-            scram(stream, buf, verifier).await?
+                .or_else(|| looked_up.clone());
+            // An unknown user meets a secret no proof matches.
+            let real = known.is_some();
+            match scram(stream, buf, known.unwrap_or_else(ScramVerifier::mock)).await? {
+                Some(keys) if looked_up.is_some() => {
+                    app.auth_lookup.remember_keys(user, keys);
+                    true
+                }
+                Some(_) => real,
+                None => false,
+            }
         }
     };
-    if !ok || entry.is_none() {
+    if !ok {
         tracing::info!(user, "client authentication failed");
         app.metrics.auth_failures.inc();
         return Err(ClientError::AuthFailed(user.to_string()));
@@ -227,11 +251,13 @@ async fn md5(
     Ok(!password.is_empty() && auth::md5_matches(user, password, salt, sent))
 }
 
+/// The SCRAM exchange: the keys the client proved, or `None` for a wrong
+/// proof.
 async fn scram(
     stream: &mut Stream,
     buf: &mut BytesMut,
     verifier: ScramVerifier,
-) -> Result<bool, ClientError> {
+) -> Result<Option<ScramKeys>, ClientError> {
     let mut out = BytesMut::new();
     build::auth_sasl(&mut out, &[SCRAM_SHA_256]);
     write(stream, &out).await?;
@@ -248,13 +274,13 @@ async fn scram(
     write(stream, &out).await?;
     let client_final = read_password(stream, buf).await?;
     match exchange.finish(&client_final) {
-        Ok(server_final) => {
+        Ok((server_final, keys)) => {
             out.clear();
             build::auth_sasl_final(&mut out, server_final.as_bytes());
             write(stream, &out).await?;
-            Ok(true)
+            Ok(Some(keys))
         }
-        Err(auth::ScramError::WrongProof) => Ok(false),
+        Err(auth::ScramError::WrongProof) => Ok(None),
         Err(_) => Err(ClientError::Malformed("SCRAM client-final message")),
     }
 }

@@ -3,6 +3,7 @@
 //! them, and the per-client session that runs the data path.
 
 mod app;
+pub mod auth_query;
 pub mod cancel;
 pub mod clients;
 pub mod error;

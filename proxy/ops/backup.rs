@@ -82,7 +82,7 @@ pub struct Outcome {
 /// Runs a backup of every configured database now.
 pub async fn run_all(config: &Config, b: &BackupConfig) -> Vec<Outcome> {
     let mut out = Vec::new();
-    for db in config.databases.values() {
+    for db in config.named_databases() {
         out.push(run_one(config, b, db).await);
     }
     out
@@ -403,7 +403,7 @@ pub fn until_next(schedule: &Schedule, now: SystemTime) -> Duration {
 pub async fn list_all(config: &Config, dir: &Path) -> Vec<Backup> {
     let (dir, names): (PathBuf, Vec<String>) = (
         dir.to_path_buf(),
-        config.databases.keys().cloned().collect(),
+        config.named_databases().map(|d| d.name.clone()).collect(),
     );
     blocking(move || Ok(names.iter().flat_map(|n| list(&dir, n)).collect()))
         .await

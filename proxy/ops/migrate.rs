@@ -155,7 +155,7 @@ fn hex(bytes: &[u8]) -> String {
 pub fn database<'c>(config: &'c Config, m: &MigrationsConfig) -> Option<&'c Database> {
     match &m.database {
         Some(name) => config.databases.get(name),
-        None => config.databases.values().next(),
+        None => config.named_databases().next(),
     }
 }
 

@@ -43,6 +43,7 @@ pub fn demo_config(listen: SocketAddr, nodes: &[String]) -> Config {
             read_routing: false,
             max_replica_lag: Duration::from_secs(1),
             tls: Default::default(),
+            max_databases: 0,
         },
     );
     Config {
@@ -70,6 +71,7 @@ pub fn demo_config(listen: SocketAddr, nodes: &[String]) -> Config {
         tls: None,
         migrations: None,
         backup: None,
+        auth: None,
         users: vec![User {
             name: APP_USER.into(),
             auth: AuthMethod::ScramSha256,

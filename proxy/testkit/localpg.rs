@@ -300,6 +300,7 @@ impl PgNode {
             connect_timeout: Duration::from_secs(5),
             application_name: Some("pgheal localpg"),
             tls: Default::default(),
+            scram_keys: None,
         })
         .await
     }

@@ -1,0 +1,110 @@
+//! Users and databases that are not listed: `[auth] query` looks a user's
+//! SCRAM secret up on the server, and `[databases."*"]` serves any
+//! database name, both for roles and databases made after pgheal started.
+
+mod common;
+
+use common::*;
+use pgheal::testkit::localpg::{SUPERUSER, SUPERUSER_PASSWORD};
+
+async fn connect_as(
+    proxy: &pgheal::server::Running,
+    user: &str,
+    password: &str,
+    db: &str,
+) -> Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>), tokio_postgres::Error> {
+    let (client, conn) =
+        tokio_postgres::connect(&url(proxy, user, password, db), tokio_postgres::NoTls).await?;
+    Ok((
+        client,
+        tokio::spawn(async move {
+            let _ = conn.await;
+        }),
+    ))
+}
+
+async fn one(client: &tokio_postgres::Client, sql: &str) -> String {
+    client
+        .query_one(sql, &[])
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn roles_and_databases_made_after_start_are_served() {
+    let node = app_node().await;
+    let addr = node.addr();
+    let proxy = start(&format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\npool_mode = \"transaction\"\n[pool]\nidle_timeout = \"1s\"\n[health]\ntimeout = \"5s\"\n\
+         [auth]\nuser = \"{SUPERUSER}\"\npassword = \"{SUPERUSER_PASSWORD}\"\n\
+         [[users]]\nname = \"app\"\npassword = \"{APP_PASSWORD}\"\n\
+         [databases.app]\nnodes = [\"{addr}\"]\n\
+         [databases.\"*\"]\nnodes = [\"{addr}\"]\nmax_databases = 1\n"
+    ))
+    .await;
+    // Made after pgheal started: a role (SCRAM, PostgreSQL's default) and
+    // a database.
+    node.sql("postgres", "CREATE ROLE late LOGIN PASSWORD 'latepw'")
+        .await
+        .expect("create role");
+    node.sql("postgres", "CREATE DATABASE later OWNER late")
+        .await
+        .expect("create database");
+
+    let (client, _h) = connect_as(&proxy, "late", "latepw", "app")
+        .await
+        .expect("a role the server knows logs in through [auth] query");
+    assert_eq!(one(&client, "SELECT current_user::text").await, "late");
+    // Later transactions log in upstream again with the keys it proved.
+    for _ in 0..3 {
+        assert_eq!(one(&client, "SELECT 1::text").await, "1");
+    }
+
+    let (later, _h2) = connect_as(&proxy, "late", "latepw", "later")
+        .await
+        .expect("a database without a section is served through \"*\"");
+    assert_eq!(
+        one(&later, "SELECT current_database()::text").await,
+        "later"
+    );
+
+    for (user, password, what) in [
+        ("late", "wrong", "a wrong password"),
+        ("nobody", "x", "an unknown user"),
+    ] {
+        let e = connect_as(&proxy, user, password, "app")
+            .await
+            .map(|_| ())
+            .expect_err(what);
+        assert_eq!(code(&e), "28P01", "{what}: {e}");
+    }
+    // "*" serves at most max_databases names at once.
+    node.sql("postgres", "CREATE DATABASE later2 OWNER late")
+        .await
+        .expect("create database");
+    let e = connect_as(&proxy, "late", "latepw", "later2")
+        .await
+        .map(|_| ())
+        .expect_err("max_databases = 1");
+    assert_eq!(code(&e), "53300", "{e}");
+    // Without clients for idle_timeout, "later" is closed and frees its
+    // place.
+    drop(later);
+    eventually(
+        std::time::Duration::from_secs(30),
+        "later closed",
+        || async { proxy.app.target("later").is_none() },
+    )
+    .await;
+    let (later2, _h3) = connect_as(&proxy, "late", "latepw", "later2")
+        .await
+        .expect("served once later was closed");
+    assert_eq!(
+        one(&later2, "SELECT current_database()::text").await,
+        "later2"
+    );
+    // No plaintext is kept: pgheal never learnt one.
+    let shown = format!("{:?}", proxy.app.config());
+    assert!(!shown.contains("latepw"), "{shown}");
+}
