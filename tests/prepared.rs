@@ -336,3 +336,37 @@ async fn a_second_parse_of_one_name_gets_42p05() {
     let answer = raw.read_until(b'Z').await;
     assert!(answer.iter().any(|m| m.0 == b'D'), "{answer:?}");
 }
+
+/// A statement prepared with the protocol (Parse) is visible to SQL
+/// `EXECUTE` under the client's name, as on a direct connection, wherever
+/// the client's transaction lands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_protocol_statement_runs_with_sql_execute() {
+    let node = app_node().await;
+    let proxy = proxy_tx(&node, 2, "").await;
+    let mut raw = Raw::login(&proxy, "raw", "app").await;
+    let mut out = BytesMut::new();
+    build::parse(&mut out, b"foobar", b"SELECT $1::int + 1", b"\0\0");
+    build::sync(&mut out);
+    raw.send(&out).await;
+    raw.read_until(b'Z').await;
+    // Another client holds one server, so the EXECUTE may land on either.
+    let (other, _h) = connect(&app_url(&proxy)).await;
+    other.batch_execute("BEGIN").await.expect("begin");
+    for n in [41, 1] {
+        let mut q = BytesMut::new();
+        build::query(&mut q, &format!("EXECUTE foobar({n})"));
+        raw.send(&q).await;
+        let answer = raw.read_until(b'Z').await;
+        let rows: Vec<&Vec<u8>> = answer
+            .iter()
+            .filter(|m| m.0 == b'D')
+            .map(|m| &m.1)
+            .collect();
+        assert_eq!(rows.len(), 1, "{answer:?}");
+        let expected = (n + 1).to_string();
+        assert!(rows[0].ends_with(expected.as_bytes()), "{answer:?}");
+        assert!(answer.iter().all(|m| m.0 != b'E'), "{answer:?}");
+    }
+    other.batch_execute("COMMIT").await.expect("commit");
+}

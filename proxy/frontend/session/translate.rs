@@ -425,13 +425,8 @@ impl Session {
                     let Some(stmt) = self.statements.get(name.as_bytes()).cloned() else {
                         continue;
                     };
-                    if let Source::Sql { body } = &stmt.source {
-                        if !conn.statements.contains(&stmt.server) {
-                            let prepare = format!(
-                                "PREPARE {}{}",
-                                stmt.server.as_str(),
-                                String::from_utf8_lossy(body)
-                            );
+                    if !conn.statements.contains(&stmt.server) {
+                        if let Some(prepare) = prepare_sql(&stmt) {
                             if !out.add(p.index, &prepare) {
                                 continue;
                             }
@@ -505,6 +500,30 @@ impl Session {
         out.sql
             .extend_from_slice(format!("PREPARE {}{body}", server.as_str()).as_bytes());
         true
+    }
+}
+
+/// The SQL that prepares `stmt` on a server for an `EXECUTE`: its own
+/// `PREPARE` text, or for a statement the client prepared with the protocol,
+/// `PREPARE name AS query` (only when the client left the parameter types
+/// to the server: a Parse gives types as OIDs, which PREPARE cannot take).
+fn prepare_sql(stmt: &Statement) -> Option<String> {
+    match &stmt.source {
+        Source::Sql { body } => Some(format!(
+            "PREPARE {}{}",
+            stmt.server.as_str(),
+            String::from_utf8_lossy(body)
+        )),
+        Source::Protocol { query, types } => {
+            let unspecified = types.get(2..).unwrap_or_default().iter().all(|&b| b == 0);
+            unspecified.then(|| {
+                format!(
+                    "PREPARE {} AS {}",
+                    stmt.server.as_str(),
+                    String::from_utf8_lossy(query)
+                )
+            })
+        }
     }
 }
 
