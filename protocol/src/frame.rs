@@ -50,6 +50,8 @@ impl Step {
 pub struct Scanner {
     skip: usize,
     max: usize,
+    /// Length (tag included) of the message being passed through.
+    current: usize,
 }
 
 impl Scanner {
@@ -57,12 +59,23 @@ impl Scanner {
         Scanner {
             skip: 0,
             max: max_message,
+            current: 0,
         }
     }
 
     /// True when the next byte starts a new message.
     pub fn at_boundary(&self) -> bool {
         self.skip == 0
+    }
+
+    /// Bytes of the message being passed through that were scanned
+    /// already (header included); 0 at a boundary.
+    pub fn scanned_of_current(&self) -> usize {
+        if self.skip == 0 {
+            0
+        } else {
+            self.current - self.skip
+        }
     }
 
     /// Looks at `buf` (the bytes not yet scanned) and reports the next step.
@@ -86,6 +99,7 @@ impl Scanner {
             return Ok(Step::Whole { tag, len });
         }
         self.skip = len - HEADER_LEN;
+        self.current = len;
         Ok(Step::Header { tag, len })
     }
 }
@@ -159,9 +173,12 @@ mod tests {
             })
         );
         assert!(!sc.at_boundary());
+        assert_eq!(sc.scanned_of_current(), 5);
         assert_eq!(sc.next(&stream[5..50], is_z), Ok(Step::Body(45)));
+        assert_eq!(sc.scanned_of_current(), 50);
         assert_eq!(sc.next(&stream[50..], is_z), Ok(Step::Body(55)));
         assert!(sc.at_boundary());
+        assert_eq!(sc.scanned_of_current(), 0);
         assert_eq!(sc.next(&stream[105..109], is_z), Ok(Step::NeedMore));
         assert_eq!(
             sc.next(&stream[105..], is_z),

@@ -723,7 +723,16 @@ impl Session {
     /// 08006 and keeps its connection; in the middle of one it cannot.
     async fn report_server_lost(&mut self, e: io::Error) -> Result<(), ClientError> {
         if !self.down.scanner.at_boundary() {
-            return Err(ClientError::ServerLost(e));
+            let partial = self.down.scanner.scanned_of_current();
+            if partial > self.down.scanned {
+                tracing::warn!(server_bytes_sent = partial - self.down.scanned, "the server went away in the middle of a message part of which the client has; closing the client");
+                return Err(ClientError::ServerLost(e));
+            }
+            // Nothing of the cut message reached the client: forget it
+            // and answer as between messages.
+            self.down.scanned -= partial;
+            self.down.buf.truncate(self.down.scanned);
+            self.down.scanner = Scanner::new(usize::MAX);
         }
         let mut out = BytesMut::new();
         out.extend_from_slice(&self.down.buf[..self.down.scanned]);
