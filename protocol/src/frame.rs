@@ -52,6 +52,8 @@ pub struct Scanner {
     max: usize,
     /// Length (tag included) of the message being passed through.
     current: usize,
+    /// Messages up to this length are always read whole.
+    whole_below: usize,
 }
 
 impl Scanner {
@@ -60,7 +62,16 @@ impl Scanner {
             skip: 0,
             max: max_message,
             current: 0,
+            whole_below: 0,
         }
+    }
+
+    /// Reads every message of at most `len` bytes whole, whatever its
+    /// type: a connection cut in the middle of one then leaves nothing
+    /// half-passed on.
+    pub fn whole_below(mut self, len: usize) -> Self {
+        self.whole_below = len;
+        self
     }
 
     /// True when the next byte starts a new message.
@@ -92,7 +103,7 @@ impl Scanner {
         let Some((tag, len)) = header(buf, self.max)? else {
             return Ok(Step::NeedMore);
         };
-        if whole(tag) {
+        if len <= self.whole_below || whole(tag) {
             if buf.len() < len {
                 return Ok(Step::NeedMore);
             }
@@ -179,6 +190,16 @@ mod tests {
         assert_eq!(sc.next(&stream[50..], is_z), Ok(Step::Body(55)));
         assert!(sc.at_boundary());
         assert_eq!(sc.scanned_of_current(), 0);
+        // Small messages whole, whatever their type.
+        let mut small = Scanner::new(1 << 20).whole_below(105);
+        assert_eq!(small.next(&stream[..50], |_| false), Ok(Step::NeedMore));
+        assert_eq!(
+            small.next(&stream, |_| false),
+            Ok(Step::Whole {
+                tag: b'D',
+                len: 105
+            })
+        );
         assert_eq!(sc.next(&stream[105..109], is_z), Ok(Step::NeedMore));
         assert_eq!(
             sc.next(&stream[105..], is_z),

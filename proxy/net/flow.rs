@@ -32,6 +32,14 @@ impl Flow {
         }
     }
 
+    pub(crate) fn with_scanner(scanner: Scanner) -> Self {
+        Flow {
+            buf: BytesMut::new(),
+            scanned: 0,
+            scanner,
+        }
+    }
+
     pub(crate) fn reserve(&mut self) {
         if self.buf.capacity() - self.buf.len() < 1024 {
             self.buf.reserve(READ_CHUNK);

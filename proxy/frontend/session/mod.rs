@@ -121,6 +121,17 @@ impl InFlight {
     }
 }
 
+/// Server messages up to this size reach the client only whole, so a server
+/// that dies in the middle of one never leaves the client half a message
+/// (it hears 08006 and keeps its connection); they nearly always arrive
+/// whole anyway. Larger ones stream through.
+const WHOLE_BELOW: usize = 8 * 1024;
+
+/// The scanner of what a server sends.
+pub(super) fn server_scanner() -> Scanner {
+    Scanner::new(usize::MAX).whole_below(WHOLE_BELOW)
+}
+
 /// Whether the client is still there after an attachment.
 #[derive(Debug, PartialEq, Eq)]
 enum Attachment {
@@ -247,7 +258,7 @@ impl Session {
             app,
             client: client.stream,
             up,
-            down: Flow::new(usize::MAX),
+            down: Flow::with_scanner(server_scanner()),
             params: client.params,
             mode,
             pool,
@@ -495,7 +506,7 @@ impl Session {
         self.holding = false;
         self.rerun = None;
         self.down.clear();
-        self.down.scanner = Scanner::new(usize::MAX);
+        self.down.scanner = server_scanner();
         self.cancel.slot.detach();
         let mut out = BytesMut::new();
         self.fail_requests(&e, &mut out);
@@ -692,7 +703,7 @@ impl Session {
         // The next server starts at a message boundary, whatever this one
         // left half-read.
         if self.down.buf.is_empty() {
-            self.down.scanner = Scanner::new(usize::MAX);
+            self.down.scanner = server_scanner();
         }
         if let Some(mut lease) = lease {
             if reuse {
@@ -732,7 +743,7 @@ impl Session {
             // and answer as between messages.
             self.down.scanned -= partial;
             self.down.buf.truncate(self.down.scanned);
-            self.down.scanner = Scanner::new(usize::MAX);
+            self.down.scanner = server_scanner();
         }
         let mut out = BytesMut::new();
         out.extend_from_slice(&self.down.buf[..self.down.scanned]);

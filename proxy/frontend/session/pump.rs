@@ -38,7 +38,7 @@ impl Session {
         self.forget_fresh();
         let max = self.app.config().proxy.max_message_size;
         self.down.clear();
-        self.down.scanner = Scanner::new(usize::MAX);
+        self.down.scanner = super::server_scanner();
         self.forget_sent();
         self.up.buf = request;
         self.up.scanned = 0;
@@ -214,13 +214,14 @@ impl Session {
                     self.down.buf[at..at + 4].copy_from_slice(&own);
                 }
             }
-            _ => {
+            backend::PARAMETER_STATUS => {
                 let _ = conn.note_parameter(body);
                 if conn.reported.get("in_hot_standby") == Some("on") && !self.intent.reads_only() {
                     // PostgreSQL 14+ says the node went into recovery.
                     self.target.cluster.nudge(&conn.addr);
                 }
             }
+            _ => {}
         }
         true
     }
