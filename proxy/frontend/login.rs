@@ -1,5 +1,6 @@
 //! The client's way in: startup packet, SSL/GSS refusals, cancel requests,
-//! protocol version negotiation and authentication against `[[users]]`.
+//! protocol version negotiation and authentication against `[[users]]` or
+//! a secret looked up with `[auth] query`.
 
 use std::sync::Arc;
 
