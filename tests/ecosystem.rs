@@ -36,12 +36,18 @@ async fn setup() -> (PgNode, Running) {
 
 /// Runs a driver script with DATABASE_URL set and asserts it succeeded.
 async fn script(proxy: &Running, program: &str, args: &[&str], dir: &str) {
-    let url = app_url(proxy);
+    script_with(&app_url(proxy), &[], program, args, dir).await;
+}
+
+/// Runs a driver script with DATABASE_URL = `url` and `env`, and asserts it
+/// succeeded.
+async fn script_with(url: &str, env: &[(&str, &str)], program: &str, args: &[&str], dir: &str) {
     let (program, dir) = (program.to_string(), dir.to_string());
     let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-    let shown = format!("{program} {}", args.join(" "));
+    let shown = format!("{program} {} (DATABASE_URL={url})", args.join(" "));
     let mut cmd = Command::new(&program);
     cmd.args(&args).current_dir(&dir).env("DATABASE_URL", url);
+    cmd.envs(env.iter().copied());
     let out = output_async(cmd, None, SUBPROCESS_DEADLINE).await;
     assert!(
         out.status.success(),
@@ -114,18 +120,15 @@ async fn asyncpg_sees_schema_changes_as_postgresql_shows_them() {
         node.addr()
     );
     let admin = direct.clone();
-    for (through, url) in [("direct", direct), ("pgheal", app_url(&proxy))] {
-        let mut cmd = Command::new("python3");
-        cmd.arg("asyncpg_schema_change.py")
-            .current_dir(drivers_dir())
-            .env("DATABASE_URL", url)
-            .env("ADMIN_URL", &admin);
-        let out = output_async(cmd, None, SUBPROCESS_DEADLINE).await;
-        assert!(
-            out.status.success(),
-            "{through}:\n{}\n{}",
-            text(&out.stdout),
-            text(&out.stderr)
-        );
+    for url in [direct, app_url(&proxy)] {
+        let env = [("ADMIN_URL", admin.as_str())];
+        script_with(
+            &url,
+            &env,
+            "python3",
+            &["asyncpg_schema_change.py"],
+            &drivers_dir(),
+        )
+        .await;
     }
 }

@@ -25,11 +25,7 @@ pub(crate) struct Flow {
 
 impl Flow {
     pub(crate) fn new(max_message: usize) -> Self {
-        Flow {
-            buf: BytesMut::new(),
-            scanned: 0,
-            scanner: Scanner::new(max_message),
-        }
+        Flow::with_scanner(Scanner::new(max_message))
     }
 
     pub(crate) fn with_scanner(scanner: Scanner) -> Self {

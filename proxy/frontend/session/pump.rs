@@ -157,11 +157,7 @@ impl Session {
         let fatal = error
             .as_ref()
             .is_some_and(|f| matches!(f.severity, b"FATAL" | b"PANIC"));
-        let stale = error.as_ref().is_some_and(|f| {
-            f.code == sqlstate::FEATURE_NOT_SUPPORTED.code().as_bytes()
-                && f.message
-                    .starts_with(b"cached plan must not change result type")
-        });
+        let stale = error.as_ref().is_some_and(replies::stale_plan);
         if !fatal {
             self.watch_held_answer(tag, read_only, stale);
         }

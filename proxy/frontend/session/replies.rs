@@ -79,6 +79,16 @@ pub(super) enum Reply {
     Replace(Bytes),
 }
 
+/// PostgreSQL's message for a prepared statement that went stale
+/// after a schema change.
+pub(super) const STALE_PLAN: &str = "cached plan must not change result type";
+
+/// A server's error saying a prepared statement went stale.
+pub(super) fn stale_plan(f: &ErrorFields) -> bool {
+    f.code == sqlstate::FEATURE_NOT_SUPPORTED.code().as_bytes()
+        && f.message.starts_with(STALE_PLAN.as_bytes())
+}
+
 /// The tags `on_reply` needs whole.
 pub(super) fn tracked(tag: u8) -> bool {
     matches!(tag, PARSE_COMPLETE | CLOSE_COMPLETE | COMMAND_COMPLETE)
@@ -146,11 +156,7 @@ impl Session {
 
     fn on_error(&mut self, conn: &mut ServerConn, body: &[u8]) -> Reply {
         let fields = ErrorFields::parse(body).unwrap_or_default();
-        if fields.code == sqlstate::FEATURE_NOT_SUPPORTED.code().as_bytes()
-            && fields
-                .message
-                .starts_with(b"cached plan must not change result type")
-        {
+        if stale_plan(&fields) {
             // Prepared before a schema change: prepare them all afresh on
             // this server, and move the statements in use to a new epoch
             // for every client (which of them failed is not said).

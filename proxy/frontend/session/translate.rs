@@ -186,7 +186,7 @@ impl Session {
                 &mut error,
                 build::Severity::Error,
                 pgheal_protocol::sqlstate::FEATURE_NOT_SUPPORTED,
-                "cached plan must not change result type",
+                super::replies::STALE_PLAN,
                 None,
             );
             error.freeze()
