@@ -370,3 +370,72 @@ async fn a_protocol_statement_runs_with_sql_execute() {
     }
     other.batch_execute("COMMIT").await.expect("commit");
 }
+
+/// What a client learnt of its statement stays true on every server: a
+/// server that prepares it only after a schema change (the client's next
+/// transaction lands there) refuses it with PostgreSQL's own 0A000, as a
+/// direct connection does, instead of rows in a shape the driver did not
+/// learn; and a client preparing it afresh learns the new parameter type.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_run_on_another_server_after_a_schema_change_is_refused_as_directly() {
+    let node = app_node().await;
+    let proxy = proxy_tx(&node, 2, "").await;
+    let direct = format!(
+        "postgres://app:{APP_PASSWORD}@{}/app?sslmode=disable",
+        node.addr()
+    );
+    let (admin, _a) = connect(&direct).await;
+    admin
+        .batch_execute("CREATE TABLE t (a int, b int); INSERT INTO t VALUES (1, 2)")
+        .await
+        .expect("setup");
+    for url in [direct.clone(), app_url(&proxy)] {
+        admin
+            .batch_execute("ALTER TABLE t ALTER COLUMN a TYPE int, ALTER COLUMN b TYPE int USING 2")
+            .await
+            .expect("reset");
+        let (holder, _h) = connect(&url).await;
+        let (client, _c) = connect(&url).await;
+        // The holder keeps one server busy: the client prepares on the other.
+        holder.batch_execute("BEGIN").await.expect("begin");
+        let stmt = client
+            .prepare("SELECT * FROM t WHERE a = $1")
+            .await
+            .expect("prepare");
+        let row = client.query_one(&stmt, &[&1i32]).await.expect("select");
+        assert_eq!(row.get::<_, i32>(1), 2);
+        // Released last, the holder's server is the client's next one.
+        holder.batch_execute("COMMIT").await.expect("commit");
+        admin
+            .batch_execute("ALTER TABLE t ALTER COLUMN b TYPE real")
+            .await
+            .expect("alter");
+        let err = client
+            .query_one(&stmt, &[&1i32])
+            .await
+            .expect_err("rows in the old shape");
+        assert_eq!(err.code().map(|c| c.code()), Some("0A000"), "{url}: {err}");
+        let stmt = client
+            .prepare("SELECT * FROM t WHERE a = $1")
+            .await
+            .expect("again");
+        let row = client
+            .query_one(&stmt, &[&1i32])
+            .await
+            .expect("select again");
+        assert_eq!(row.get::<_, f32>(1), 2.0, "{url}");
+        // A parameter's type changed: a client preparing now is told so.
+        admin
+            .batch_execute("ALTER TABLE t ALTER COLUMN a TYPE bigint")
+            .await
+            .expect("alter a");
+        let (fresh, _f) = connect(&url).await;
+        let stmt = fresh
+            .prepare("SELECT * FROM t WHERE a = $1")
+            .await
+            .expect("fresh");
+        assert_eq!(stmt.params(), [tokio_postgres::types::Type::INT8], "{url}");
+        let row = fresh.query_one(&stmt, &[&1i64]).await.expect("select int8");
+        assert_eq!(row.get::<_, f32>(1), 2.0, "{url}");
+    }
+}

@@ -316,6 +316,10 @@ pub fn sync(buf: &mut BytesMut) {
     message(buf, b'S', |_| {});
 }
 
+pub fn flush(buf: &mut BytesMut) {
+    message(buf, b'H', |_| {});
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

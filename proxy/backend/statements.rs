@@ -11,8 +11,11 @@
 //! `0A000 cached plan must not change result type`). Its epoch then moves
 //! on: clients that prepare it from then on get a new server name, prepared
 //! afresh, and clients that prepared it before are told 0A000 as
-//! PostgreSQL would tell them, until they prepare it again. No client ever
-//! gets rows in a shape its driver did not learn.
+//! PostgreSQL would tell them, until they prepare it again. The same
+//! happens when a server describes a statement otherwise than the shape
+//! recorded for it ([`Epochs::compare_shape`]; the session's `check`
+//! module asks). No client ever gets rows in a shape its driver did not
+//! learn.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,6 +26,7 @@ use crate::sync::lock;
 use sha2::{Digest, Sha256};
 
 use crate::backend::router::Intent;
+use pgheal_protocol::backend::Column;
 
 /// `pgheal_` and 32 hex digits.
 const NAME_LEN: usize = 39;
@@ -114,6 +118,43 @@ pub struct Statement {
     pub source: Source,
     /// Where a request that starts by running it may go.
     pub intent: Intent,
+    /// A description made after the client prepared it was compared with
+    /// the one recorded for its server name (see [`Epochs::compare_shape`]).
+    pub checked: AtomicBool,
+    /// Servers now describe it otherwise than the client learnt: it hears
+    /// PostgreSQL's 0A000 until it prepares it again.
+    pub stale: AtomicBool,
+}
+
+impl Statement {
+    pub fn new(server: ServerName, base: ServerName, epoch: u32, source: Source) -> Statement {
+        let intent = match &source {
+            Source::Protocol { query, .. } => crate::backend::router::sql_intent(query),
+            Source::Sql { .. } => Intent::Write,
+        };
+        Statement {
+            server,
+            base,
+            epoch,
+            shared: server == base.at_epoch(epoch),
+            source,
+            intent,
+            checked: AtomicBool::new(false),
+            stale: AtomicBool::new(false),
+        }
+    }
+
+    /// The same statement under another epoch (its shape changed).
+    pub fn at_epoch(&self, epoch: u32) -> Statement {
+        let source = match &self.source {
+            Source::Protocol { query, types } => Source::Protocol {
+                query: query.clone(),
+                types: types.clone(),
+            },
+            Source::Sql { body } => Source::Sql { body: body.clone() },
+        };
+        Statement::new(self.base.at_epoch(epoch), self.base, epoch, source)
+    }
 }
 
 /// A client's statements by the names it gave them.
@@ -127,6 +168,35 @@ pub struct Epochs {
     by_base: Mutex<HashMap<ServerName, u32>>,
     /// The server's own 0A000, whole (drivers read its routine field).
     error: Mutex<Option<bytes::Bytes>>,
+    /// What clients learnt of each statement: a digest of its parameter
+    /// types and result columns, by server name.
+    shapes: Mutex<HashMap<ServerName, u64>>,
+}
+
+/// How a server's description of a statement compares with the record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    /// Nothing was recorded: now it is.
+    First,
+    Same,
+    Changed,
+}
+
+/// A digest of what a driver learns from describing a statement: its
+/// ParameterDescription body and each result column's name, type and
+/// modifier (`None` for NoData). Table OIDs are left out: PostgreSQL
+/// itself accepts a re-created table of the same row type.
+pub fn shape_of(parameters: &[u8], columns: Option<&[Column<'_>]>) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    parameters.hash(&mut h);
+    columns.map(|c| c.len()).hash(&mut h);
+    for c in columns.unwrap_or_default() {
+        c.name.hash(&mut h);
+        c.type_oid.hash(&mut h);
+        c.type_modifier.hash(&mut h);
+    }
+    h.finish()
 }
 
 /// Stale statements remembered at most; past it the record starts over
@@ -144,7 +214,51 @@ impl Epochs {
 
     /// The client prepared `stmt` before it last went stale.
     pub fn is_stale(&self, stmt: &Statement) -> bool {
-        stmt.shared && self.current(&stmt.base) != stmt.epoch
+        stmt.stale.load(Ordering::Relaxed)
+            || (stmt.shared && self.current(&stmt.base) != stmt.epoch)
+    }
+
+    /// Compares the description a server just gave of statement `name`
+    /// (`shape`, see [`shape_of`]) with the one recorded for it.
+    pub fn compare_shape(&self, name: ServerName, shape: u64) -> Shape {
+        let mut shapes = lock(&self.shapes);
+        if shapes.len() >= MAX_EPOCHS && !shapes.contains_key(&name) {
+            shapes.clear();
+        }
+        match shapes.insert(name, shape) {
+            None => Shape::First,
+            Some(was) if was == shape => Shape::Same,
+            Some(was) => {
+                // The record keeps what clients of `name` learnt.
+                shapes.insert(name, was);
+                Shape::Changed
+            }
+        }
+    }
+
+    /// Records `shape` for `name` whatever was recorded (a statement
+    /// prepared for one client that learns its new shape).
+    pub fn adopt_shape(&self, name: ServerName, shape: u64) {
+        lock(&self.shapes).insert(name, shape);
+    }
+
+    /// Statement `base` at `epoch` is now described as `shape`: it moves
+    /// on to an epoch of that shape. Returns that epoch.
+    pub fn reshape(&self, base: ServerName, epoch: u32, shape: u64) -> u32 {
+        let now = {
+            let mut by_base = lock(&self.by_base);
+            if by_base.len() >= MAX_EPOCHS {
+                by_base.clear();
+            }
+            let now = by_base.entry(base).or_insert(0);
+            if *now == epoch {
+                *now = epoch.wrapping_add(1);
+            }
+            *now
+        };
+        self.any.store(true, Ordering::Release);
+        lock(&self.shapes).insert(base.at_epoch(now), shape);
+        now
     }
 
     /// The error a server gave for a stale statement, to give clients
@@ -282,15 +396,11 @@ mod tests {
     #[test]
     fn a_stale_statement_moves_to_a_new_epoch_once() {
         let base = ServerName::protocol(b"select * from t", b"\0\0", b"");
-        let stmt = |epoch| Statement {
-            server: base.at_epoch(epoch),
-            base,
-            epoch,
-            shared: true,
-            source: Source::Sql {
+        let stmt = |epoch| {
+            let source = Source::Sql {
                 body: Box::default(),
-            },
-            intent: Intent::Read,
+            };
+            Statement::new(base.at_epoch(epoch), base, epoch, source)
         };
         let epochs = Epochs::default();
         assert_eq!(epochs.current(&base), 0);
@@ -301,5 +411,60 @@ mod tests {
         assert_eq!(epochs.current(&base), 1);
         assert!(epochs.is_stale(&stmt(0)));
         assert!(!epochs.is_stale(&stmt(1)));
+    }
+
+    #[test]
+    fn a_statement_described_otherwise_moves_to_an_epoch_of_its_new_shape() {
+        let base = ServerName::protocol(b"select * from t where d = $1", b"\0\0", b"");
+        let epochs = Epochs::default();
+        let date = shape_of(b"\0\x01\0\0\x04\x3a", None);
+        let int = shape_of(b"\0\x01\0\0\0\x17", None);
+        assert_ne!(date, int);
+        assert_eq!(epochs.compare_shape(base, date), Shape::First);
+        assert_eq!(epochs.compare_shape(base, date), Shape::Same);
+        assert_eq!(epochs.compare_shape(base, int), Shape::Changed);
+        // The record keeps the shape clients learnt.
+        assert_eq!(epochs.compare_shape(base, date), Shape::Same);
+        assert_eq!(epochs.reshape(base, 0, int), 1);
+        // A second server saying so about the same epoch moves it once.
+        assert_eq!(epochs.reshape(base, 0, int), 1);
+        assert_eq!(epochs.current(&base), 1);
+        assert_eq!(epochs.compare_shape(base.at_epoch(1), int), Shape::Same);
+        let old = Statement::new(
+            base,
+            base,
+            0,
+            Source::Sql {
+                body: Box::default(),
+            },
+        );
+        assert!(epochs.is_stale(&old));
+        let moved = old.at_epoch(1);
+        assert!(!epochs.is_stale(&moved) && moved.shared);
+        moved.stale.store(true, Ordering::Relaxed);
+        assert!(epochs.is_stale(&moved));
+    }
+
+    #[test]
+    fn shapes_follow_what_a_driver_decodes() {
+        let col = |name, type_oid| Column {
+            name,
+            type_oid,
+            type_modifier: -1,
+        };
+        let int = [col(&b"a"[..], 23), col(&b"b"[..], 23)];
+        let real = [col(&b"a"[..], 23), col(&b"b"[..], 700)];
+        let renamed = [col(&b"a"[..], 23), col(&b"c"[..], 23)];
+        let none = shape_of(b"\0\0", None);
+        assert_eq!(shape_of(b"\0\0", Some(&int)), shape_of(b"\0\0", Some(&int)));
+        assert_ne!(
+            shape_of(b"\0\0", Some(&int)),
+            shape_of(b"\0\0", Some(&real))
+        );
+        assert_ne!(
+            shape_of(b"\0\0", Some(&int)),
+            shape_of(b"\0\0", Some(&renamed))
+        );
+        assert_ne!(none, shape_of(b"\0\0", Some(&[])));
     }
 }

@@ -99,14 +99,8 @@ async def type_recreated():
 
 async def main():
     await result_type_change()
-    # Still open through pgheal (issue 12, point 1): asyncpg prepares with
-    # Parse/Describe/Flush, so a fresh client's statement found already
-    # prepared (shared) on the server cannot be re-run unseen when the
-    # shared copy predates a parameter type change or a re-created type.
-    # Run them with PGHEAL_KNOWN_OPEN=1.
-    if os.environ.get("PGHEAL_KNOWN_OPEN") == "1":
-        await parameter_type_change()
-        await type_recreated()
+    await parameter_type_change()
+    await type_recreated()
     print("ok")
 
 

@@ -8,6 +8,7 @@
 //! answers for a transaction whose server died.
 
 mod carry;
+mod check;
 mod lost;
 mod pump;
 mod replies;
@@ -99,6 +100,8 @@ struct InFlight {
     known_shape: bool,
     /// A statement prepared in flight was already on the server (shared).
     shared_fresh: bool,
+    /// Translation waits for pgheal's Describe of a statement (`check`).
+    checking: bool,
 }
 
 impl InFlight {
@@ -113,6 +116,7 @@ impl InFlight {
         bound: Vec::new(),
         known_shape: false,
         shared_fresh: false,
+        checking: false,
     };
 
     /// Nothing in flight: the client's requests are answered or forgotten.

@@ -9,10 +9,12 @@
 
 use bytes::Bytes;
 use pgheal_protocol::backend::{
-    self, ErrorFields, CLOSE_COMPLETE, COMMAND_COMPLETE, PARSE_COMPLETE,
+    self, ErrorFields, CLOSE_COMPLETE, COMMAND_COMPLETE, NO_DATA, PARAMETER_DESCRIPTION,
+    PARSE_COMPLETE, ROW_DESCRIPTION,
 };
 use pgheal_protocol::sqlstate;
 
+use super::check::Check;
 use super::Session;
 use crate::backend::conn::ServerConn;
 use crate::backend::params::Params;
@@ -36,6 +38,9 @@ pub(super) enum Expect {
         swallow: bool,
         evicted: Option<ServerName>,
     },
+    /// ParameterDescription and RowDescription or NoData for a Describe
+    /// pgheal added, to compare (see `check`).
+    Describe(Box<Check>),
     /// ReadyForQuery. For a Query, `swallow` marks (by position) the
     /// CommandCompletes of statements pgheal added.
     Ready {
@@ -91,7 +96,15 @@ pub(super) fn stale_plan(f: &ErrorFields) -> bool {
 
 /// The tags `on_reply` needs whole.
 pub(super) fn tracked(tag: u8) -> bool {
-    matches!(tag, PARSE_COMPLETE | CLOSE_COMPLETE | COMMAND_COMPLETE)
+    matches!(
+        tag,
+        PARSE_COMPLETE
+            | CLOSE_COMPLETE
+            | COMMAND_COMPLETE
+            | PARAMETER_DESCRIPTION
+            | ROW_DESCRIPTION
+            | NO_DATA
+    )
 }
 
 impl Session {
@@ -109,6 +122,9 @@ impl Session {
                 other => self.out_of_step(tag, other),
             },
             COMMAND_COMPLETE => self.on_command_complete(conn, body),
+            PARAMETER_DESCRIPTION | ROW_DESCRIPTION | NO_DATA => {
+                self.on_description(conn, tag, body)
+            }
             backend::ERROR_RESPONSE => self.on_error(conn, body),
             backend::READY_FOR_QUERY => {
                 while let Some(e) = self.expect.pop_front() {
@@ -213,6 +229,7 @@ impl Session {
                 evicted: Some(name),
                 ..
             } => conn.statements.add(name),
+            Expect::Describe(check) => self.check_skipped(&check),
             _ => {}
         }
     }

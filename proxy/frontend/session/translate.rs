@@ -12,12 +12,12 @@ use pgheal_protocol::effects::{self, Effects, Prepared};
 use pgheal_protocol::frame::{self, Step, HEADER_LEN};
 use pgheal_protocol::frontend::{self, STATEMENT};
 
+use super::check::Ready;
 use super::replies::Expect;
 use super::Session;
 use crate::backend::conn::ServerConn;
 use crate::backend::params::quote_literal;
-use crate::backend::router::{self, Intent};
-use crate::backend::statements::{ServerName, Source, Statement, FAIL, NONE, NOOP};
+use crate::backend::statements::{ServerName, Source, Statement, FAIL, NONE};
 use crate::frontend::error::ClientError;
 
 /// Client messages read whole: their statement names may change.
@@ -35,6 +35,10 @@ impl Session {
         let buf = std::mem::take(&mut self.up.buf);
         let mut at = 0;
         let result = loop {
+            if self.flight.checking {
+                // The rest waits for pgheal's Describe (see `check`).
+                break Ok(());
+            }
             let step = match self.xl.next(&buf[at..self.up.scanned], whole) {
                 Ok(step) => step,
                 Err(e) => break Err(e.into()),
@@ -42,8 +46,11 @@ impl Session {
             match step {
                 Step::NeedMore => break Ok(()),
                 Step::Whole { tag, len } => {
-                    if let Err(e) = self.translate_message(conn, tag, &buf[at..at + len]) {
-                        break Err(e);
+                    match self.translate_message(conn, tag, &buf[at..at + len]) {
+                        Ok(Ready::Go) => {}
+                        // Translated again once the server answered.
+                        Ok(Ready::Wait) => break Ok(()),
+                        Err(e) => break Err(e),
                     }
                 }
                 Step::Header { tag, .. } => {
@@ -67,7 +74,7 @@ impl Session {
         conn: &mut ServerConn,
         tag: u8,
         msg: &[u8],
-    ) -> Result<(), ClientError> {
+    ) -> Result<Ready, ClientError> {
         let body = &msg[HEADER_LEN..];
         let malformed = |what| ClientError::Malformed(what);
         match tag {
@@ -81,7 +88,9 @@ impl Session {
                     Some(stmt) if self.app.epochs.is_stale(&stmt) => self.refuse_stale(),
                     Some(stmt) => {
                         self.note_use(bind.statement, &stmt);
-                        self.prepare_on(conn, &stmt);
+                        if self.prepare_on(conn, bind.statement, &stmt) == Ready::Wait {
+                            return Ok(Ready::Wait);
+                        }
                         let name = stmt.server.as_bytes();
                         build::bind(&mut self.wire.buf, bind.portal, name, bind.rest);
                     }
@@ -99,7 +108,9 @@ impl Session {
                     Some(stmt) if self.app.epochs.is_stale(&stmt) => self.refuse_stale(),
                     Some(stmt) => {
                         self.note_use(name, &stmt);
-                        self.prepare_on(conn, &stmt);
+                        if self.prepare_on(conn, name, &stmt) == Ready::Wait {
+                            return Ok(Ready::Wait);
+                        }
                         build::describe(&mut self.wire.buf, kind, stmt.server.as_bytes());
                     }
                     None => self.wire.buf.extend_from_slice(msg),
@@ -121,7 +132,7 @@ impl Session {
                 self.translate_query(conn, msg, sql);
             }
         }
-        Ok(())
+        Ok(Ready::Go)
     }
 
     /// Records a client's named Parse. `Err` carries the error for a
@@ -149,17 +160,11 @@ impl Session {
         } else {
             base.at_epoch(epoch)
         };
-        let stmt = Arc::new(Statement {
-            server,
-            base,
-            epoch,
-            shared: !self.unshare,
-            source: Source::Protocol {
-                query: p.query.into(),
-                types: p.types.into(),
-            },
-            intent: router::sql_intent(p.query),
-        });
+        let source = Source::Protocol {
+            query: p.query.into(),
+            types: p.types.into(),
+        };
+        let stmt = Arc::new(Statement::new(server, base, epoch, source));
         self.statements.insert(p.name.into(), stmt.clone());
         self.flight.fresh.push(p.name.into());
         Ok(stmt)
@@ -289,20 +294,9 @@ impl Session {
             }
         };
         let server = stmt.server;
-        let client = Some(p.name.into());
         if conn.statements.contains(&server) {
-            conn.statements.touch(&server);
             self.flight.shared_fresh = true;
-            // Nothing to prepare, but the client awaits ParseComplete.
-            build::close(&mut self.wire.buf, STATEMENT, NOOP);
-            self.expect.push_back(Expect::close(true));
-            build::parse(&mut self.wire.buf, NOOP, b"", b"\0\0");
-            self.expect.push_back(Expect::Parse {
-                swallow: false,
-                server: None,
-                client,
-                error: None,
-            });
+            self.parse_shared(conn, p.name, &stmt);
             return;
         }
         self.make_room(conn);
@@ -311,37 +305,15 @@ impl Session {
         self.expect.push_back(Expect::Parse {
             swallow: false,
             server: Some(server),
-            client,
+            client: Some(p.name.into()),
             error: None,
         });
-    }
-
-    /// Prepares a client's statement on `conn` unless it is there; the
-    /// server's ParseComplete for it is not the client's to see.
-    fn prepare_on(&mut self, conn: &mut ServerConn, stmt: &Statement) {
-        if conn.statements.contains(&stmt.server) {
-            conn.statements.touch(&stmt.server);
-            return;
-        }
-        let Source::Protocol { query, types } = &stmt.source else {
-            // A SQL PREPAREd statement bound by the protocol: prepared by
-            // the EXECUTE path only; the server names what is missing.
-            return;
-        };
-        self.make_room(conn);
-        build::parse(&mut self.wire.buf, stmt.server.as_bytes(), query, types);
-        conn.statements.add(stmt.server);
-        self.expect.push_back(Expect::Parse {
-            swallow: true,
-            server: Some(stmt.server),
-            client: None,
-            error: None,
-        });
+        self.describe_check(p.name, &stmt);
     }
 
     /// Closes the least recently used statement when `conn` holds as many
     /// as it may.
-    fn make_room(&mut self, conn: &mut ServerConn) {
+    pub(super) fn make_room(&mut self, conn: &mut ServerConn) {
         let max = self.app.config().pool.max_prepared_statements;
         if let Some(victim) = conn.statements.victim(max) {
             build::close(&mut self.wire.buf, STATEMENT, victim.as_bytes());
@@ -475,14 +447,8 @@ impl Session {
                 return true;
             }
             None => {
-                let stmt = Statement {
-                    server,
-                    base: server,
-                    epoch: 0,
-                    shared: true,
-                    source: Source::Sql { body: body.into() },
-                    intent: Intent::Write,
-                };
+                let source = Source::Sql { body: body.into() };
+                let stmt = Statement::new(server, server, 0, source);
                 self.statements
                     .insert(name.as_bytes().into(), Arc::new(stmt));
             }
