@@ -132,3 +132,18 @@ async fn asyncpg_sees_schema_changes_as_postgresql_shows_them() {
         .await;
     }
 }
+
+/// A timed-out query's cancel reaches the server before the driver goes
+/// on, so the next query is never the one cancelled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn asyncpg_command_timeouts_cancel_only_their_query() {
+    let (_node, proxy) = setup().await;
+    script_with(
+        &app_url(&proxy),
+        &[],
+        "python3",
+        &["asyncpg_timeouts.py"],
+        &drivers_dir(),
+    )
+    .await;
+}

@@ -129,3 +129,35 @@ async fn a_terminated_health_connection_reconnects_without_taking_the_node_down(
     let status = &cluster.snapshot().nodes[0];
     assert_eq!(status.failures, 0, "{status:?}");
 }
+
+/// A database clients used through pgheal can be dropped through pgheal
+/// once they left, as without a pooler: pgheal's idle pooled connections
+/// to it close first (and those given back in the next seconds), in both
+/// pool modes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_its_clients_left_can_be_dropped_through_pgheal() {
+    let node = app_node().await;
+    let addr = node.addr();
+    for mode in ["session", "transaction"] {
+        node.sql("postgres", "CREATE DATABASE gone OWNER app")
+            .await
+            .expect("create gone");
+        let extra = format!("[databases.gone]\nnodes = [\"{addr}\"]\n");
+        let top = format!("pool_mode = \"{mode}\"\n");
+        let proxy = proxy_with(&node, &top, &extra).await;
+        {
+            let (client, handle) = connect(&url(&proxy, "app", APP_PASSWORD, "gone")).await;
+            client
+                .batch_execute("CREATE TABLE t (a int)")
+                .await
+                .expect("use gone");
+            drop(client);
+            let _ = handle.await;
+        }
+        let (admin, _h) = connect(&app_url(&proxy)).await;
+        admin
+            .batch_execute("DROP DATABASE gone")
+            .await
+            .unwrap_or_else(|e| panic!("{mode}: DROP DATABASE through pgheal: {e}"));
+    }
+}

@@ -95,6 +95,25 @@ async fn a_clients_own_notifications_carry_its_pid_in_transaction_mode() {
     assert!(note.ends_with(b"theirs\0"));
 }
 
+/// Transaction mode: a notification another pgheal client sent names that
+/// client by the pid its own BackendKeyData gave it, as PostgreSQL names
+/// the sending session (asyncpg's listeners compare it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_clients_notification_carries_that_clients_pid() {
+    let node = app_node().await;
+    let proxy = proxy_for_raw(&node, "transaction").await;
+    let (mut listener, _) = login(&proxy).await;
+    let (mut sender, sender_pid) = login(&proxy).await;
+    query(&mut listener, "LISTEN jobs").await;
+    for n in 0..3 {
+        query(&mut sender, &format!("NOTIFY jobs, 'n{n}'")).await;
+        let (tag, note) = listener.next().await.expect("a notification");
+        assert_eq!(tag, b'A');
+        let from = i32::from_be_bytes([note[0], note[1], note[2], note[3]]);
+        assert_eq!(from, sender_pid, "notification {n}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_ended_by_an_administrator_is_not_run_again() {
     let node = app_node().await;

@@ -439,3 +439,40 @@ async fn a_statement_run_on_another_server_after_a_schema_change_is_refused_as_d
         assert_eq!(row.get::<_, f32>(1), 2.0, "{url}");
     }
 }
+
+/// `EXECUTE name` sent with the extended protocol (asyncpg's `fetchval`)
+/// runs the client's protocol statement, even one whose Parse gave
+/// parameter type OIDs, on whichever server the request lands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sql_execute_in_an_extended_query_runs_a_protocol_statement() {
+    let node = app_node().await;
+    let proxy = proxy_tx(&node, 2, "").await;
+    let mut raw = Raw::login(&proxy, "raw", "app").await;
+    let mut out = BytesMut::new();
+    // One int4 parameter, given by OID.
+    build::parse(&mut out, b"foobar", b"SELECT $1 + 1", b"\0\x01\0\0\0\x17");
+    build::sync(&mut out);
+    raw.send(&out).await;
+    raw.read_until(b'Z').await;
+    let (other, _h) = connect(&app_url(&proxy)).await;
+    other.batch_execute("BEGIN").await.expect("begin");
+    for n in [41, 1] {
+        let mut q = BytesMut::new();
+        build::parse(
+            &mut q,
+            b"",
+            format!("EXECUTE foobar({n})").as_bytes(),
+            b"\0\0",
+        );
+        q.extend_from_slice(&bind_execute_sync(b""));
+        raw.send(&q).await;
+        let answer = raw.read_until(b'Z').await;
+        assert_eq!(tags(&answer), "12DCZ", "{answer:?}");
+        let row = answer.iter().find(|m| m.0 == b'D').expect("a row");
+        assert!(
+            row.1.ends_with((n + 1).to_string().as_bytes()),
+            "{answer:?}"
+        );
+    }
+    other.batch_execute("COMMIT").await.expect("commit");
+}

@@ -112,6 +112,59 @@ pub fn effects(sql: &[u8]) -> Effects {
     }
 }
 
+/// The database a statement needs no other session on, when `sql` starts
+/// with one: `DROP DATABASE [IF EXISTS] x`, `ALTER DATABASE x RENAME ...`
+/// and `CREATE DATABASE ... TEMPLATE [=] x` (PostgreSQL refuses them while
+/// anyone else is connected to `x`, pooled idle connections included).
+/// Only the start of `sql` is needed.
+pub fn exclusive_database(sql: &[u8]) -> Option<String> {
+    let mut lx = Lexer::new(sql);
+    let word = |lx: &mut Lexer<'_>| match lx.next()? {
+        Token::Word(w) => Some(String::from_utf8_lossy(w).to_lowercase()),
+        Token::Other => identifier(sql.get(lx.span())?),
+        _ => None,
+    };
+    let first = word(&mut lx)?;
+    if !matches!(first.as_str(), "drop" | "alter" | "create") || word(&mut lx)? != "database" {
+        return None;
+    }
+    match first.as_str() {
+        "drop" => {
+            let name = word(&mut lx)?;
+            if name != "if" {
+                return Some(name);
+            }
+            (word(&mut lx)? == "exists")
+                .then(|| word(&mut lx))
+                .flatten()
+        }
+        "alter" => {
+            let name = word(&mut lx)?;
+            (word(&mut lx)? == "rename").then_some(name)
+        }
+        _ => {
+            // CREATE DATABASE name [WITH] ... TEMPLATE [=] x ...
+            while let Some(tok) = lx.next() {
+                if matches!(tok, Token::Word(w) if is(w, "template")) {
+                    let mut next = word(&mut lx);
+                    if sql.get(lx.span()) == Some(b"=") {
+                        next = word(&mut lx);
+                    }
+                    return next;
+                }
+            }
+            None
+        }
+    }
+}
+
+/// A quoted identifier's name (`"My ""db"""` is `My "db"`).
+fn identifier(token: &[u8]) -> Option<String> {
+    let inner = token.strip_prefix(b"\"")?.strip_suffix(b"\"")?;
+    let text = String::from_utf8_lossy(inner).replace("\"\"", "\"");
+    Some(text)
+}
+
 /// Where each non-empty statement of `sql` is (without its semicolon).
 pub fn statements(sql: &[u8]) -> Vec<Range<usize>> {
     let mut lx = Lexer::new(sql);
@@ -476,5 +529,28 @@ mod tests {
         );
         assert_eq!(e.prepared[3].command, Prepared::Deallocate { name: None });
         assert!(effects(b"PREPARE TRANSACTION 'gid'").prepared.is_empty());
+    }
+
+    #[test]
+    fn statements_that_need_a_database_to_themselves() {
+        let db = |sql: &str| exclusive_database(sql.as_bytes());
+        assert_eq!(db("DROP DATABASE testdb"), Some("testdb".into()));
+        assert_eq!(db("  drop database if exists Foo;"), Some("foo".into()));
+        assert_eq!(
+            db("DROP DATABASE \"My \"\"db\"\"\" WITH (FORCE)"),
+            Some("My \"db\"".into())
+        );
+        assert_eq!(db("/* x */ ALTER DATABASE a RENAME TO b"), Some("a".into()));
+        assert_eq!(db("ALTER DATABASE a SET work_mem = '1MB'"), None);
+        assert_eq!(db("CREATE DATABASE b TEMPLATE a"), Some("a".into()));
+        assert_eq!(
+            db("create database b with owner x template = \"A\""),
+            Some("A".into())
+        );
+        assert_eq!(db("CREATE DATABASE b"), None);
+        assert_eq!(db("DROP TABLE t"), None);
+        assert_eq!(db("SELECT 1"), None);
+        assert_eq!(db("DROP DATABASE"), None);
+        assert_eq!(db(""), None);
     }
 }

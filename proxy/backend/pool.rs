@@ -51,6 +51,10 @@ pub struct Pool {
     /// waits (a dropped database or a down node is not hammered).
     warm_failures: std::sync::atomic::AtomicU32,
     warm_after: Mutex<Option<Instant>>,
+    /// Connections given back before this close instead (see
+    /// [`Pool::drain`]); `draining` says whether to look.
+    drain_until: Mutex<Option<Instant>>,
+    draining: std::sync::atomic::AtomicBool,
 }
 
 /// A checked-out server connection. Dropping it closes the connection;
@@ -76,6 +80,8 @@ impl Pool {
             welcome: Mutex::new(None),
             warm_failures: Default::default(),
             warm_after: Mutex::new(None),
+            drain_until: Mutex::new(None),
+            draining: Default::default(),
         });
         tokio::spawn(maintain(Arc::downgrade(&pool)));
         pool
@@ -193,7 +199,7 @@ impl Pool {
     }
 
     fn put_back(&self, conn: ServerConn, permit: OwnedSemaphorePermit) {
-        if conn.created.elapsed() >= self.limits.server_lifetime {
+        if conn.created.elapsed() >= self.limits.server_lifetime || self.is_draining() {
             drop(permit);
         } else {
             lock(&self.idle).push(Idle {
@@ -234,6 +240,30 @@ impl Pool {
             self.returned.notify_one();
         }
         self.fill_min_idle().await;
+    }
+
+    /// Closes the idle connections, and for `window` every connection given
+    /// back: a statement that needs the database to itself (DROP DATABASE
+    /// waits 5 s for other sessions) finds none of pgheal's.
+    pub async fn drain(&self, window: Duration) {
+        *lock(&self.drain_until) = Some(Instant::now() + window);
+        self.draining
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.close_idle().await;
+    }
+
+    fn is_draining(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        if !self.draining.load(Ordering::Acquire) {
+            return false;
+        }
+        let mut until = lock(&self.drain_until);
+        if until.is_some_and(|t| Instant::now() < t) {
+            return true;
+        }
+        *until = None;
+        self.draining.store(false, Ordering::Release);
+        false
     }
 
     /// Shutdown: sends Terminate on every idle connection and closes it.
@@ -356,6 +386,15 @@ impl Pools {
     /// keep theirs until given back, then their connections close.
     pub fn forget(&self, database: &str) {
         lock(&self.map).retain(|(_, db, _), _| db != database);
+    }
+
+    /// The pools whose connections are to database `dbname` on the servers.
+    pub fn on_database(&self, dbname: &str) -> Vec<Arc<Pool>> {
+        lock(&self.map)
+            .values()
+            .filter(|p| p.spec.database == dbname)
+            .cloned()
+            .collect()
     }
 
     pub fn all(&self) -> Vec<Arc<Pool>> {

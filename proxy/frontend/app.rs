@@ -256,6 +256,26 @@ impl App {
         self.pools.all()
     }
 
+    /// A client is about to run a statement PostgreSQL refuses while
+    /// others are connected to database `dbname` (DROP DATABASE and the
+    /// like): pgheal's idle connections to it close first, so only real
+    /// sessions stand in its way, as without a pooler.
+    pub fn release_database(&self, dbname: &str) {
+        let pools = self.pools.on_database(dbname);
+        if pools.is_empty() {
+            return;
+        }
+        tracing::info!(
+            database = dbname,
+            "closing idle server connections for a DROP/RENAME/TEMPLATE of the database"
+        );
+        tokio::spawn(async move {
+            for pool in pools {
+                pool.drain(std::time::Duration::from_secs(5)).await;
+            }
+        });
+    }
+
     /// Drops the pools of a database whose settings changed.
     pub fn forget_pools(&self, database: &str) {
         self.pools.forget(database);

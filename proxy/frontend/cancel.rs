@@ -14,7 +14,7 @@ use bytes::BytesMut;
 use pgheal_protocol::build;
 use pgheal_protocol::startup::CancelKey;
 use rand::RngCore;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// Where a client's current query runs.
@@ -24,21 +24,38 @@ struct Target {
     key: CancelKey,
 }
 
+/// Where one client's requests run, for its cancel requests and for the
+/// pid of notifications its server sessions send.
 #[derive(Default)]
 pub struct CancelSlot {
-    target: Mutex<Option<Target>>,
+    target: Mutex<Slot>,
+}
+
+#[derive(Default)]
+struct Slot {
+    /// The server session the client is attached to, or was last.
+    last: Option<Target>,
+    attached: bool,
+    /// When it attached (registry-wide order).
+    seq: u64,
 }
 
 impl CancelSlot {
     pub fn attach(&self, addr: &Arc<str>, key: CancelKey) {
-        *lock(&self.target) = Some(Target {
-            addr: addr.clone(),
-            key,
-        });
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        *lock(&self.target) = Slot {
+            last: Some(Target {
+                addr: addr.clone(),
+                key,
+            }),
+            attached: true,
+            seq,
+        };
     }
 
     pub fn detach(&self) {
-        *lock(&self.target) = None;
+        lock(&self.target).attached = false;
     }
 }
 
@@ -97,12 +114,33 @@ impl CancelRegistry {
 
     /// Forwards a cancel to the server running the query of the client
     /// that owns `key`. Unknown keys are ignored, as PostgreSQL does.
+    /// The pid clients know the server session `server_pid` on `addr` by:
+    /// that of the client attached to it, else of the one attached last.
+    /// A notification's sender so keeps the pid its own client reports.
+    pub fn client_pid(&self, addr: &str, server_pid: i32) -> Option<i32> {
+        let clients = lock(&self.clients);
+        let mut best: Option<(bool, u64, i32)> = None;
+        for (key, slot) in clients.iter() {
+            let slot = lock(&slot.target);
+            let Some(t) = &slot.last else { continue };
+            if t.key.pid != server_pid || &*t.addr != addr {
+                continue;
+            }
+            let rank = (slot.attached, slot.seq, key.pid);
+            if best.is_none_or(|b| (b.0, b.1) < (rank.0, rank.1)) {
+                best = Some(rank);
+            }
+        }
+        best.map(|b| b.2)
+    }
+
     pub async fn cancel(&self, key: CancelKey) {
         let target = {
             let clients = lock(&self.clients);
-            clients
-                .get(&key)
-                .and_then(|slot| lock(&slot.target).clone())
+            clients.get(&key).and_then(|slot| {
+                let slot = lock(&slot.target);
+                slot.last.clone().filter(|_| slot.attached)
+            })
         };
         let Some(target) = target else {
             tracing::debug!("cancel request with an unknown key or for an idle client ignored");
@@ -113,7 +151,13 @@ impl CancelRegistry {
         let send = async {
             let mut s = TcpStream::connect(&*target.addr).await?;
             s.write_all(&out).await?;
-            s.shutdown().await
+            // The server closes the connection once it has signalled the
+            // backend; only then is the client's own cancel connection
+            // closed, as a direct server does, so a driver that waits for
+            // that (libpq, asyncpg) never has its next query cancelled.
+            let mut rest = [0u8; 64];
+            while s.read(&mut rest).await? > 0 {}
+            Ok::<(), std::io::Error>(())
         };
         match tokio::time::timeout(Duration::from_secs(5), send).await {
             Ok(Ok(())) => tracing::info!(server = %target.addr, "forwarded a cancel request"),

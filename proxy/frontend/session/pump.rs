@@ -7,6 +7,7 @@ use std::task::{Context, Poll};
 
 use bytes::Buf;
 use pgheal_protocol::backend::{self, TxStatus};
+use pgheal_protocol::effects;
 use pgheal_protocol::frame::{FrameError, Scanner, Step, HEADER_LEN};
 use pgheal_protocol::frontend;
 use pgheal_protocol::sqlstate;
@@ -48,6 +49,19 @@ impl Session {
         self.scan_up()
     }
 
+    /// A Query's start is in `up` at `scanned`: a statement that needs its
+    /// database to itself gets pgheal's idle connections out of the way.
+    fn before_query(&mut self, len: usize) {
+        let start = self.up.scanned + HEADER_LEN;
+        let end = (self.up.scanned + len).min(self.up.buf.len());
+        let Some(sql) = self.up.buf.get(start..end) else {
+            return;
+        };
+        if let Some(dbname) = effects::exclusive_database(sql) {
+            self.app.release_database(&dbname);
+        }
+    }
+
     pub(super) fn scan_up(&mut self) -> Result<(), FrameError> {
         let translating = self.translating;
         loop {
@@ -75,6 +89,11 @@ impl Session {
                         // longer all of it; answer as it comes.
                         self.replay = None;
                         self.holding = false;
+                    }
+                    if let (frontend::QUERY, Step::Header { len, .. } | Step::Whole { len, .. }) =
+                        (tag, step)
+                    {
+                        self.before_query(len);
                     }
                     if matches!(
                         tag,
@@ -204,10 +223,22 @@ impl Session {
                 }
             }
             backend::NOTIFICATION_RESPONSE => {
-                let own = self.cancel.key.pid.to_be_bytes();
+                // Transaction mode: the sender is named by the pid its
+                // client knows (this client's own, or another's).
                 let at = start + HEADER_LEN;
-                if self.down.buf.get(at..at + 4) == Some(&conn.key.pid.to_be_bytes()[..]) {
-                    self.down.buf[at..at + 4].copy_from_slice(&own);
+                let sender = self
+                    .down
+                    .buf
+                    .get(at..at + 4)
+                    .map(|b| i32::from_be_bytes([b[0], b[1], b[2], b[3]]));
+                let client = match sender {
+                    _ if self.mode != PoolMode::Transaction => None,
+                    Some(pid) if pid == conn.key.pid => Some(self.cancel.key.pid),
+                    Some(pid) => self.app.cancels.client_pid(&conn.addr, pid),
+                    None => None,
+                };
+                if let Some(pid) = client {
+                    self.down.buf[at..at + 4].copy_from_slice(&pid.to_be_bytes());
                 }
             }
             backend::PARAMETER_STATUS => {

@@ -275,8 +275,12 @@ impl Session {
 
     fn translate_parse(&mut self, conn: &mut ServerConn, msg: &[u8], p: frontend::Parse<'_>) {
         if p.name.is_empty() {
-            self.take_effects(&effects::effects(p.query));
-            self.wire.buf.extend_from_slice(msg);
+            let effects = effects::effects(p.query);
+            self.take_effects(&effects);
+            match self.rename_executes(conn, p.query, &effects) {
+                Some(query) => build::parse(&mut self.wire.buf, b"", &query, p.types),
+                None => self.wire.buf.extend_from_slice(msg),
+            }
             self.expect.push_back(Expect::parse(false));
             return;
         }
@@ -466,6 +470,53 @@ impl Session {
         out.sql
             .extend_from_slice(format!("PREPARE {}{body}", server.as_str()).as_bytes());
         true
+    }
+}
+
+impl Session {
+    /// `sql` of an unnamed Parse with each `EXECUTE` of a client's
+    /// statement naming it as on `conn` (prepared there first with a
+    /// Parse when it was prepared with the protocol); `None` when nothing
+    /// changes.
+    fn rename_executes(
+        &mut self,
+        conn: &mut ServerConn,
+        sql: &[u8],
+        effects: &Effects,
+    ) -> Option<Vec<u8>> {
+        let mut out = Vec::new();
+        let mut copied = 0;
+        for p in &effects.prepared {
+            let Prepared::Execute { name, at } = &p.command else {
+                continue;
+            };
+            let Some(stmt) = self.statements.get(name.as_bytes()).cloned() else {
+                continue;
+            };
+            if !conn.statements.contains(&stmt.server) {
+                let Source::Protocol { query, types } = &stmt.source else {
+                    continue;
+                };
+                self.make_room(conn);
+                build::parse(&mut self.wire.buf, stmt.server.as_bytes(), query, types);
+                conn.statements.add(stmt.server);
+                self.expect.push_back(Expect::Parse {
+                    swallow: true,
+                    server: Some(stmt.server),
+                    client: None,
+                    error: None,
+                });
+            }
+            conn.statements.touch(&stmt.server);
+            out.extend_from_slice(&sql[copied..at.start]);
+            out.extend_from_slice(stmt.server.as_bytes());
+            copied = at.end;
+        }
+        if copied == 0 {
+            return None;
+        }
+        out.extend_from_slice(&sql[copied..]);
+        Some(out)
     }
 }
 
