@@ -7,6 +7,14 @@
 #
 #   benches/e2e.sh                      # defaults below
 #   DURATION=5 ROUNDS=1 IDLE=2000 benches/e2e.sh
+#   CASES='S-simple' benches/e2e.sh     # only the cases matching a regex
+#   PROXY_CORES=1 benches/e2e.sh        # both proxies pinned to that many
+#                                       # cores (taskset); pgheal runs as
+#                                       # many workers: TPS per proxy core
+#
+# Columns: TPS (mean of the rounds), average latency, p99 latency (from
+# pgbench's per-transaction log), and the proxy's own CPU (user + system)
+# per transaction, which does not depend on how the cores are shared.
 #
 # Needs: PostgreSQL server binaries, pgbench, pgbouncer, python3. Runs
 # PostgreSQL and PgBouncer as the postgres user when started as root.
@@ -76,7 +84,16 @@ user = "app"
 password = "apppw"
 pool_size = $POOL
 TOML
-RUST_LOG=warn target/release/pgheal --config "$work/pgheal.toml" >"$work/pgheal.log" 2>&1 &
+pin=()
+if [ -n "${PROXY_CORES:-}" ]; then
+    pin=(taskset -c "0-$((PROXY_CORES - 1))")
+    export PGHEAL_WORKERS=$PROXY_CORES
+fi
+# A file limit of this shell and its children, for the idle clients (the
+# hard limit is the ceiling: raise it with `ulimit -Hn` as root, or
+# LimitNOFILE= under systemd).
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+RUST_LOG=warn "${pin[@]}" target/release/pgheal --config "$work/pgheal.toml" >"$work/pgheal.log" 2>&1 &
 heal_pid=$!; pids+=("$heal_pid")
 
 cat > "$work/userlist.txt" <<TXT
@@ -111,7 +128,7 @@ chmod 644 "$work"/*.ini "$work"/*.txt
 # setpriv, unlike runuser, keeps the raised file limit (no PAM session).
 as_pg_nopam=()
 [ "$(id -u)" -eq 0 ] && as_pg_nopam=(setpriv --reuid=postgres --regid=postgres --init-groups)
-(ulimit -n $((IDLE + 1000)); "${as_pg_nopam[@]}" pgbouncer -q "$work/pgbouncer.ini") &
+(ulimit -n $((IDLE + 1000)) 2>/dev/null || true; "${pin[@]}" "${as_pg_nopam[@]}" pgbouncer -q "$work/pgbouncer.ini") &
 for _ in $(seq 100); do [ -s "$work/pgbouncer.pid" ] && break; sleep 0.1; done
 bouncer_pid=$(cat "$work/pgbouncer.pid"); pids+=("$bouncer_pid")
 for _ in $(seq 100); do
@@ -122,8 +139,19 @@ done
 
 export PGPASSWORD=apppw PGSSLMODE=disable
 pgbench -i -q -s "$SCALE" -h 127.0.0.1 -p "$pg_port" -U app app >/dev/null 2>&1
+# The trust user runs the -C trust row.
+psql -qX -h 127.0.0.1 -p "$pg_port" -U app app -c "GRANT SELECT ON ALL TABLES IN SCHEMA public TO idle"
+mkdir -p "$work/lat"
 
-declare -A tps lat cpu
+declare -A tps lat cpu p99
+# The 99th percentile of the latencies (microseconds, third column) in
+# pgbench's per-transaction logs with this prefix, in milliseconds.
+p99_of() { python3 - "$1" <<'PY'
+import glob, sys
+lat = sorted(int(l.split()[2]) for f in glob.glob(sys.argv[1] + "*") for l in open(f))
+print(lat[min(len(lat) - 1, int(len(lat) * 0.99))] / 1000 if lat else float("nan"))
+PY
+}
 # CPU seconds (user + system) a process has used so far.
 cpu_of() { python3 -c "import os,sys; f=open('/proc/%s/stat'%sys.argv[1]).read().rsplit(')',1)[1].split(); print((int(f[11])+int(f[12]))/os.sysconf('SC_CLK_TCK'))" "$1"; }
 run() { # name target-port args...
@@ -133,7 +161,10 @@ run() { # name target-port args...
     [ -n "$proxy_pid" ] && before=$(cpu_of "$proxy_pid")
     local sslmode=disable
     [[ $name == tls-* ]] && sslmode=require
-    out=$(PGSSLMODE=$sslmode pgbench -h 127.0.0.1 -p "$port" -U app -T "$DURATION" -j 2 -n "$@" app 2>&1) || {
+    local log="$work/lat/${name//\//-}"
+    rm -f "$log"*
+    out=$(PGSSLMODE=$sslmode pgbench -h 127.0.0.1 -p "$port" -U app -T "$DURATION" -j 2 -n \
+        -l --log-prefix="$log" "$@" app 2>&1) || {
         # PgBouncer before 1.21 cannot run -M prepared in transaction mode.
         echo "pgbench failed ($name, port $port): $(grep -m1 -o 'ERROR: .*' <<<"$out")" >&2
         tps[$name]=nan; lat[$name]=nan; return 0; }
@@ -147,6 +178,7 @@ run() { # name target-port args...
         cpu[$name]=$(python3 -c "print(float('${cpu[$name]:-0}') + ($(cpu_of "$proxy_pid") - $before) * 1e6 / ($t * $DURATION))")
     fi
     tps[$name]=$(python3 -c "print(float('${tps[$name]:-0}') + $t)")
+    p99[$name]=$(python3 -c "print(float('${p99[$name]:-0}') + $(p99_of "$log"))")
     lat[$name]=$(python3 -c "print(float('${lat[$name]:-0}') + $l)")
 }
 
@@ -165,6 +197,7 @@ cases=(
     "tls-S-16|-S -M extended -c 16"
     "tls-C-S-16|-C -S -c 16"
     "C-S-16|-C -S -c 16"
+    "C-trust-S-16|-C -S -c 16 -U idle"
 )
 if [ -n "${CASES:-}" ]; then
     selected=()
@@ -184,24 +217,27 @@ for round in $(seq "$ROUNDS"); do
     done
 done
 
-printf '\n%-16s %12s %12s %12s %9s %9s   %-28s %s\n' case "direct tps" "pgheal tps" "bouncer tps" "heal/bnc" "heal/dir" "latency ms (dir/heal/bnc)" "proxy CPU us/tx (heal/bnc)"
+[ -n "${PROXY_CORES:-}" ] && echo "proxies pinned to $PROXY_CORES core(s); pgheal with $PROXY_CORES worker(s)"
+printf '\n%-16s %12s %12s %12s %9s %9s   %-24s %-24s %s\n' case "direct tps" "pgheal tps" "bouncer tps" "heal/bnc" "heal/dir" "avg ms (dir/heal/bnc)" "p99 ms (dir/heal/bnc)" "proxy CPU us/tx (heal/bnc)"
 for c in "${cases[@]}"; do
     name=${c%%|*}
     python3 - "$name" "$ROUNDS" "${tps[$name/direct]}" "${tps[$name/pgheal]}" "${tps[$name/pgbouncer]}" \
         "${lat[$name/direct]}" "${lat[$name/pgheal]}" "${lat[$name/pgbouncer]}" \
-        "${cpu[$name/pgheal]:-nan}" "${cpu[$name/pgbouncer]:-nan}" <<'PY'
+        "${cpu[$name/pgheal]:-nan}" "${cpu[$name/pgbouncer]:-nan}" \
+        "${p99[$name/direct]}" "${p99[$name/pgheal]}" "${p99[$name/pgbouncer]}" <<'PY'
 import sys
 name, rounds = sys.argv[1], int(sys.argv[2])
-d, h, b, ld, lh, lb, ch, cb = (float(x) / rounds for x in sys.argv[3:11])
+d, h, b, ld, lh, lb, ch, cb, pd, ph, pb = (float(x) / rounds for x in sys.argv[3:14])
 ratio = lambda a, b: "fails" if b != b else f"{a / b:.2f}"  # nan: pgbench failed
 lat = f"{ld:.3f}/{lh:.3f}/{lb:.3f}"
-print(f"{name:<16} {d:12.0f} {h:12.0f} {b:12.0f} {ratio(h, b):>9} {ratio(h, d):>9}   {lat:<28} {ch:.1f}/{cb:.1f}")
+p99 = f"{pd:.2f}/{ph:.2f}/{pb:.2f}"
+print(f"{name:<16} {d:12.0f} {h:12.0f} {b:12.0f} {ratio(h, b):>9} {ratio(h, d):>9}   {lat:<24} {p99:<24} {ch:.1f}/{cb:.1f}")
 PY
 done
 
 [ "$IDLE" -gt 0 ] || exit 0
 echo
-echo "RSS with $IDLE idle logged-in clients (KiB before, after; bytes per client):"
+echo "RSS with $IDLE idle clients, each logged in and ran one SELECT (clients, KiB before, KiB after, bytes per client):"
 heal_mem=$(python3 benches/idle_clients.py 127.0.0.1 "$heal_port" idle app "$IDLE" "$heal_pid" 2>&1 | tail -1 || true)
 bouncer_mem=$(python3 benches/idle_clients.py 127.0.0.1 "$bouncer_port" idle app "$IDLE" "$bouncer_pid" 2>&1 | tail -1 || true)
 echo "pgheal    $heal_mem"

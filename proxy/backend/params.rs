@@ -1,12 +1,45 @@
 //! Session parameters: what a client asked for in its startup packet, what
 //! a server reported, and the SET/RESET that turns one into the other.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use crate::sync::lock;
 
 /// Parameters by case-folded name, keeping the name as first given.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// Shared when cloned and copied on change: clients that logged in with
+/// the same parameters (see [`Interned`]) and a server set to them hold
+/// one map.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct Params {
-    map: BTreeMap<String, (String, String)>,
+    map: Arc<BTreeMap<String, (String, String)>>,
+}
+
+/// Distinct parameter sets kept for sharing at most; past it a login
+/// keeps its own.
+const MAX_INTERNED: usize = 1024;
+
+/// Parameter sets clients logged in with, so that a thousand clients of
+/// one application hold one map (an idle client costs a pointer).
+#[derive(Default)]
+pub struct Interned(Mutex<HashSet<Params>>);
+
+impl Interned {
+    pub fn intern(&self, params: Params) -> Params {
+        let mut set = lock(&self.0);
+        if let Some(known) = set.get(&params) {
+            return known.clone();
+        }
+        if set.len() >= MAX_INTERNED {
+            // Forget the sets no client holds any more.
+            set.retain(|p| Arc::strong_count(&p.map) > 1);
+            if set.len() >= MAX_INTERNED {
+                return params;
+            }
+        }
+        set.insert(params.clone());
+        params
+    }
 }
 
 /// Startup keys that are not run-time parameters.
@@ -15,10 +48,11 @@ const NOT_PARAMETERS: [&str; 4] = ["user", "database", "replication", "options"]
 impl Params {
     pub fn set(&mut self, name: &str, value: &str) {
         let key = name.to_ascii_lowercase();
-        match self.map.get_mut(&key) {
+        let map = Arc::make_mut(&mut self.map);
+        match map.get_mut(&key) {
             Some(entry) => entry.1 = value.to_string(),
             None => {
-                self.map.insert(key, (name.to_string(), value.to_string()));
+                map.insert(key, (name.to_string(), value.to_string()));
             }
         }
     }
@@ -75,8 +109,11 @@ impl Params {
     /// them as a startup packet or postgresql.conf would: a list such as
     /// `search_path = a, b` stays a list.
     pub fn diff_sql(&self, wanted: &Params) -> Option<String> {
+        if Arc::ptr_eq(&self.map, &wanted.map) {
+            return None;
+        }
         let mut sets = Vec::new();
-        for (key, (name, value)) in &wanted.map {
+        for (key, (name, value)) in wanted.map.iter() {
             if self.map.get(key).map(|(_, v)| v) != Some(value) {
                 sets.push(format!(
                     "set_config({}, {}, false)",
@@ -89,7 +126,7 @@ impl Params {
         if !sets.is_empty() {
             sql = format!("SELECT {};", sets.join(", "));
         }
-        for (key, (name, _)) in &self.map {
+        for (key, (name, _)) in self.map.iter() {
             if !wanted.map.contains_key(key) {
                 sql.push_str(&format!("RESET {};", reset_name(name)));
             }
@@ -218,5 +255,31 @@ mod tests {
             quote_literal(r"\'; DROP TABLE t; --"),
             r" E'\\''; DROP TABLE t; --'"
         );
+    }
+
+    #[test]
+    fn clients_with_the_same_parameters_share_one_map() {
+        let startup = |app: &str| {
+            let list = [("application_name".to_string(), app.to_string())];
+            Params::from_startup(&list).expect("valid")
+        };
+        let interned = Interned::default();
+        let a = interned.intern(startup("web"));
+        let b = interned.intern(startup("web"));
+        assert!(Arc::ptr_eq(&a.map, &b.map));
+        assert_eq!(a.diff_sql(&b), None);
+        // A client that changes a setting gets a map of its own.
+        let mut c = b.clone();
+        c.set("search_path", "app");
+        assert!(!Arc::ptr_eq(&a.map, &c.map));
+        assert_eq!(a.get("search_path"), None);
+        assert_eq!(c.get("application_name"), Some("web"));
+        // Bounded: past the limit, sets nobody holds are forgotten.
+        for i in 0..MAX_INTERNED + 10 {
+            interned.intern(startup(&format!("app{i}")));
+        }
+        assert!(lock(&interned.0).len() <= MAX_INTERNED);
+        let d = interned.intern(startup("web"));
+        assert!(Arc::ptr_eq(&a.map, &d.map), "a set still held stays shared");
     }
 }

@@ -42,6 +42,8 @@ pub struct App {
     pub epochs: Epochs,
     /// `[auth] query` users: their secrets and the keys they proved.
     pub auth_lookup: AuthLookup,
+    /// The startup parameter sets of clients, shared between them.
+    pub params: crate::backend::params::Interned,
     /// Startup migrations failed and on_error = "serve": why.
     migration_failure: Mutex<Option<String>>,
 }
@@ -138,6 +140,7 @@ impl App {
             clients: Arc::default(),
             epochs: Epochs::default(),
             auth_lookup: AuthLookup::default(),
+            params: Default::default(),
             migration_failure: Mutex::new(None),
         });
         tokio::spawn(close_unused(Arc::downgrade(&app)));

@@ -105,6 +105,7 @@ async fn login(
     // Made now for a name served through "*" (the session finds it).
     app.target_for(&database)?;
     let params = Params::from_startup(&msg.params).map_err(ClientError::BadParameter)?;
+    let params = app.params.intern(params);
     Ok(Some((user, database, params)))
 }
 

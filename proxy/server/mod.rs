@@ -158,7 +158,10 @@ async fn session(app: Arc<App>, client: Box<login::LoggedIn>, peer: SocketAddr, 
     let registered = app
         .clients
         .add(peer, &user, &database, client.stream.is_tls());
-    match Session::new(app, target, client, registered).run().await {
+    // Run by reference: a Session moved into `run` would sit in the task
+    // twice (the argument and its moved copy), 760 bytes more per client.
+    let mut session = Session::new(app, target, client, registered);
+    match session.run().await {
         Ok(()) => tracing::info!(%peer, %user, %database, "client left"),
         Err(e) => tracing::info!(%peer, %user, %database, error = %e, "client closed"),
     }

@@ -283,7 +283,7 @@ impl Session {
 
     /// Sends the welcome and serves the client until it leaves. A fatal
     /// error is told to the client before its connection closes.
-    pub async fn run(mut self) -> Result<(), ClientError> {
+    pub async fn run(&mut self) -> Result<(), ClientError> {
         let result = self.serve().await;
         if let Err(e) = &result {
             let mut out = BytesMut::new();
