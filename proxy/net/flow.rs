@@ -1,6 +1,7 @@
 //! One direction of a proxied connection: bytes read and not yet written,
 //! how far they were scanned for message boundaries, and the scanner.
 
+use std::cell::RefCell;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -37,6 +38,9 @@ impl Flow {
     }
 
     pub(crate) fn reserve(&mut self) {
+        if self.buf.capacity() == 0 {
+            self.buf = spare::take();
+        }
         if self.buf.capacity() - self.buf.len() < 1024 {
             self.buf.reserve(READ_CHUNK);
         }
@@ -53,9 +57,68 @@ impl Flow {
         self.scanned = 0;
     }
 
+    /// Gives the buffer up while it is empty: an idle connection holds
+    /// none (it goes back to this thread's spares).
     pub(crate) fn shrink(&mut self) {
-        if self.buf.is_empty() {
-            self.buf = BytesMut::new();
+        if self.buf.is_empty() && self.buf.capacity() > 0 {
+            spare::give(std::mem::take(&mut self.buf));
+        }
+    }
+}
+
+/// Empty read buffers kept per thread for the next transaction: a client
+/// gives its buffers up whenever it goes idle (so that thousands of idle
+/// clients hold none), and takes them back at its next request without a
+/// round through the allocator. At most `MAX` per thread (1 MiB).
+pub(crate) mod spare {
+    use super::{BytesMut, RefCell, READ_CHUNK};
+
+    const MAX: usize = 64;
+
+    thread_local! {
+        static SPARE: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// An empty buffer of at least `READ_CHUNK` bytes.
+    pub(crate) fn take() -> BytesMut {
+        SPARE
+            .with(|s| s.borrow_mut().pop())
+            .unwrap_or_else(|| BytesMut::with_capacity(READ_CHUNK))
+    }
+
+    /// Keeps an empty buffer of a usual size for `take`; others are freed.
+    pub(crate) fn give(mut buf: BytesMut) {
+        buf.clear();
+        // The room already read past comes back without allocating (or
+        // the buffer is not one of ours: too small, or shared).
+        if !buf.try_reclaim(READ_CHUNK) || buf.capacity() > 4 * READ_CHUNK {
+            return;
+        }
+        SPARE.with(|s| {
+            let mut s = s.borrow_mut();
+            if s.len() < MAX {
+                s.push(buf);
+            }
+        });
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn buffers_come_back_empty_and_whole() {
+            let mut b = super::take();
+            assert!(b.capacity() >= super::READ_CHUNK);
+            b.extend_from_slice(&[1; 100]);
+            let _ = b.split_to(100);
+            super::give(b);
+            let again = super::take();
+            assert!(again.is_empty());
+            assert!(again.capacity() >= super::READ_CHUNK);
+            // A buffer grown large, or a small one, is not kept.
+            super::give(bytes::BytesMut::with_capacity(1 << 20));
+            super::give(bytes::BytesMut::with_capacity(64));
+            let next = super::take();
+            assert!(next.capacity() >= super::READ_CHUNK && next.capacity() < 1 << 20);
         }
     }
 }

@@ -32,6 +32,10 @@ impl Session {
     /// Moves what `scan_up` framed from `up` to `wire`, rewritten for
     /// `conn`.
     pub(super) fn translate(&mut self, conn: &mut ServerConn) -> Result<(), ClientError> {
+        if self.up.scanned == 0 {
+            return Ok(());
+        }
+        self.wire.reserve();
         let buf = std::mem::take(&mut self.up.buf);
         let mut at = 0;
         let result = loop {
