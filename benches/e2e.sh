@@ -45,7 +45,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-pg_port=$(free_port); heal_port=$(free_port); bouncer_port=$(free_port)
+pg_port=$(free_port); heal_port=$(free_port); bouncer_port=$(free_port); bsession_port=$(free_port)
 # One self-signed certificate for the TLS rows, served by all three.
 openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=localhost \
     -keyout "$work/tls.key" -out "$work/tls.crt" >/dev/null 2>&1
@@ -124,6 +124,12 @@ client_tls_cert_file = $work/tls.crt
 client_tls_key_file = $work/tls.key
 pidfile = $work/pgbouncer.pid
 INI
+# The prepared rows compare with PgBouncer in session mode: 1.18 cannot
+# carry prepared statements in transaction mode, and session mode needs no
+# translation at all.
+sed -e "s/^pool_mode = .*/pool_mode = session/" -e "s/^listen_port = .*/listen_port = $bsession_port/" \
+    -e "s#pgbouncer.log#pgbouncer-session.log#" -e "s#pgbouncer.pid#pgbouncer-session.pid#" \
+    "$work/pgbouncer.ini" > "$work/pgbouncer-session.ini"
 chmod 644 "$work"/*.ini "$work"/*.txt
 # setpriv, unlike runuser, keeps the raised file limit (no PAM session).
 as_pg_nopam=()
@@ -131,6 +137,9 @@ as_pg_nopam=()
 (ulimit -n $((IDLE + 1000)) 2>/dev/null || true; "${pin[@]}" "${as_pg_nopam[@]}" pgbouncer -q "$work/pgbouncer.ini") &
 for _ in $(seq 100); do [ -s "$work/pgbouncer.pid" ] && break; sleep 0.1; done
 bouncer_pid=$(cat "$work/pgbouncer.pid"); pids+=("$bouncer_pid")
+("${pin[@]}" "${as_pg_nopam[@]}" pgbouncer -q "$work/pgbouncer-session.ini") &
+for _ in $(seq 100); do [ -s "$work/pgbouncer-session.pid" ] && break; sleep 0.1; done
+bsession_pid=$(cat "$work/pgbouncer-session.pid"); pids+=("$bsession_pid")
 for _ in $(seq 100); do
     PGPASSWORD=apppw psql -qXAt -h 127.0.0.1 -p "$heal_port" -U app app -c 'select 1' >/dev/null 2>&1 &&
     PGPASSWORD=apppw psql -qXAt -h 127.0.0.1 -p "$bouncer_port" -U app app -c 'select 1' >/dev/null 2>&1 && break
@@ -157,7 +166,11 @@ cpu_of() { python3 -c "import os,sys; f=open('/proc/%s/stat'%sys.argv[1]).read()
 run() { # name target-port args...
     local name=$1 port=$2; shift 2
     local out proxy_pid="" before=0
-    case $port in "$heal_port") proxy_pid=$heal_pid;; "$bouncer_port") proxy_pid=$bouncer_pid;; esac
+    case $port in
+        "$heal_port") proxy_pid=$heal_pid;;
+        "$bouncer_port") proxy_pid=$bouncer_pid;;
+        "$bsession_port") proxy_pid=$bsession_pid;;
+    esac
     [ -n "$proxy_pid" ] && before=$(cpu_of "$proxy_pid")
     local sslmode=disable
     [[ $name == tls-* ]] && sslmode=require
@@ -211,6 +224,7 @@ for round in $(seq "$ROUNDS"); do
         if [ $((round % 2)) = 1 ]; then order="direct pgheal pgbouncer"; else order="pgbouncer pgheal direct"; fi
         for target in $order; do
             case $target in direct) port=$pg_port;; pgheal) port=$heal_port;; pgbouncer) port=$bouncer_port;; esac
+            [[ $target == pgbouncer && $args == *prepared* ]] && port=$bsession_port
             # shellcheck disable=SC2086
             run "$name/$target" "$port" $args
         done
@@ -218,6 +232,7 @@ for round in $(seq "$ROUNDS"); do
 done
 
 [ -n "${PROXY_CORES:-}" ] && echo "proxies pinned to $PROXY_CORES core(s); pgheal with $PROXY_CORES worker(s)"
+echo "pgheal and PgBouncer in transaction mode, pool $POOL; -M prepared rows: PgBouncer in session mode"
 printf '\n%-16s %12s %12s %12s %9s %9s   %-24s %-24s %s\n' case "direct tps" "pgheal tps" "bouncer tps" "heal/bnc" "heal/dir" "avg ms (dir/heal/bnc)" "p99 ms (dir/heal/bnc)" "proxy CPU us/tx (heal/bnc)"
 for c in "${cases[@]}"; do
     name=${c%%|*}
