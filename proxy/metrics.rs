@@ -97,6 +97,7 @@ pub struct Metrics {
     pub(crate) node_up: Family<NodeLabels, Gauge>,
     pub(crate) node_role: Family<RoleLabels, Gauge>,
     pub(crate) node_lag_seconds: Family<NodeLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    pub(crate) node_lag_bytes: Family<NodeLabels, Gauge>,
     pub(crate) failovers: Family<DbLabels, Gauge>,
     pub(crate) backup_last_success: Family<DbLabels, Gauge>,
     pub(crate) backup_last_failure: Family<DbLabels, Gauge>,
@@ -164,6 +165,7 @@ impl Default for Metrics {
             node_up: Family::default(),
             node_role: Family::default(),
             node_lag_seconds: Family::default(),
+            node_lag_bytes: Family::default(),
             failovers: Family::default(),
             backup_last_success: Family::default(),
             backup_last_failure: Family::default(),
@@ -251,8 +253,13 @@ impl Metrics {
         );
         r.register(
             "node_replay_lag_seconds",
-            "A replica's replay delay",
+            "How stale a replica is: its replay delay, or how long ago the primary wrote WAL it has not replayed",
             self.node_lag_seconds.clone(),
+        );
+        r.register(
+            "node_replay_lag_bytes",
+            "WAL bytes the primary had that a replica has not replayed",
+            self.node_lag_bytes.clone(),
         );
         r.register(
             "failovers",

@@ -124,7 +124,7 @@ async fn admin_console_answers_show_commands_during_load() {
     assert!(ok);
     assert_eq!(
         lines[0],
-        "database|node|role|up|lsn|lag_bytes|replay_lag_seconds|consecutive_failures|next_retry_seconds|last_error"
+        "database|node|role|up|lsn|lag_bytes|replay_lag_seconds|timeline|streaming|consecutive_failures|next_retry_seconds|last_error"
     );
     assert!(
         lines[1].starts_with(&format!("app|{}|primary|true|", node.addr())),

@@ -607,3 +607,95 @@ async fn prepared_statements_run_on_replicas_and_the_primary() {
         .expect("count");
     assert_eq!(count, "5");
 }
+
+/// Reads `select count(*) from t` through `reader` until it shows `rows`
+/// (the stale replica is excluded), then three more times: it must stay so.
+async fn reads_see(reader: &tokio_postgres::Client, rows: &str) {
+    eventually(
+        Duration::from_secs(20),
+        &format!("reads to see {rows} rows"),
+        || async { value(reader, "SELECT count(*) FROM t").await.unwrap() == rows },
+    )
+    .await;
+    for _ in 0..3 {
+        assert_eq!(value(reader, "SELECT count(*) FROM t").await.unwrap(), rows);
+    }
+}
+
+/// A replica whose replication connection broke has replayed all it
+/// received, so its own view says it is current: measured against the
+/// primary it is not, and it gets no reads (it used to get them forever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_stopped_receiving_wal_gets_no_reads() {
+    let _turn = shared().await;
+    let (primary, replica) = primary_and_replica().await;
+    let proxy = proxy_over(&[&primary, &replica], true, "2s").await;
+    wait_for_roles(&proxy, &[Role::Primary, Role::Replica]).await;
+    let (writer, _hw) = connect(&app_url(&proxy)).await;
+    let (reader, _hr) = connect(&app_url(&proxy)).await;
+    writer.batch_execute("CREATE TABLE t(x int)").await.unwrap();
+    eventually(
+        Duration::from_secs(20),
+        "the replica to serve reads",
+        || async { in_recovery(&reader).await.unwrap() == "t" },
+    )
+    .await;
+    // Replication pointed at a port nobody listens on.
+    for sql in [
+        "ALTER SYSTEM SET primary_conninfo = 'host=127.0.0.1 port=1 user=postgres'",
+        "SELECT pg_reload_conf()",
+    ] {
+        replica
+            .sql("postgres", sql)
+            .await
+            .expect("break replication");
+    }
+    let cluster = proxy.app.target("app").unwrap().cluster.clone();
+    eventually(
+        Duration::from_secs(20),
+        "the replica to stop streaming",
+        || async { !cluster.snapshot().nodes[1].streaming },
+    )
+    .await;
+    writer
+        .batch_execute("INSERT INTO t SELECT generate_series(1, 5)")
+        .await
+        .unwrap();
+    reads_see(&reader, "5").await;
+    // SHOW NODES, /status and the metrics show how far behind it is.
+    eventually(
+        Duration::from_secs(20),
+        "the replica's lag to show",
+        || async {
+            let n = &cluster.snapshot().nodes[1];
+            n.lag_bytes.is_some_and(|b| b > 0) && n.replay_lag > Duration::ZERO
+        },
+    )
+    .await;
+}
+
+/// Primary + 2 replicas; the primary dies and one replica is promoted. The
+/// other still follows the dead primary (on the old timeline, receiving
+/// nothing): it gets no reads, so what is written on the new primary is
+/// what every read sees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_left_on_the_old_timeline_gets_no_reads() {
+    let _turn = shared().await;
+    let (mut primary, r1) = primary_and_replica().await;
+    let r2 = PgNode::start_replica_of(&primary).await.expect("replica 2");
+    let proxy = proxy_over(&[&primary, &r1, &r2], true, "5s").await;
+    wait_for_roles(&proxy, &[Role::Primary, Role::Replica, Role::Replica]).await;
+    let (writer, _hw) = connect(&app_url(&proxy)).await;
+    writer.batch_execute("CREATE TABLE t(x int)").await.unwrap();
+    primary.kill9().await;
+    r1.promote().await.expect("promote r1");
+    wait_for_roles(&proxy, &[Role::Down, Role::Primary, Role::Replica]).await;
+    writer
+        .batch_execute("INSERT INTO t SELECT generate_series(1, 3)")
+        .await
+        .expect("written on the new primary");
+    let (reader, _hr) = connect(&app_url(&proxy)).await;
+    reads_see(&reader, "3").await;
+    let node = proxy.app.target("app").unwrap().cluster.snapshot().nodes[2].clone();
+    assert!(!node.streaming, "{node:?}");
+}

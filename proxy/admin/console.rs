@@ -301,18 +301,23 @@ fn nodes(app: &App) -> Table {
         "lsn",
         "lag_bytes",
         "replay_lag_seconds",
+        "timeline",
+        "streaming",
         "consecutive_failures",
         "next_retry_seconds",
         "last_error",
     ]);
     for (name, target) in app.targets() {
         let topology = target.cluster.snapshot();
-        let primary_lsn = topology.primary().map(|p| p.lsn);
         for n in &topology.nodes {
             let up = matches!(n.role, Role::Primary | Role::Replica);
-            let lag_bytes = match (n.role, primary_lsn) {
-                (Role::Replica, Some(p)) => p.saturating_sub(n.lsn).to_string(),
+            let lag_bytes = match (n.role, n.lag_bytes) {
+                (Role::Replica, Some(b)) => b.to_string(),
                 (Role::Primary, _) => "0".to_string(),
+                _ => String::new(),
+            };
+            let streaming = match n.role {
+                Role::Replica => n.streaming.to_string(),
                 _ => String::new(),
             };
             let retry = n
@@ -332,6 +337,8 @@ fn nodes(app: &App) -> Table {
                 format!("{:X}/{:X}", n.lsn >> 32, n.lsn & 0xffff_ffff),
                 lag_bytes,
                 format!("{:.3}", n.replay_lag.as_secs_f64()),
+                n.timeline.map(|t| t.to_string()).unwrap_or_default(),
+                streaming,
                 n.failures.to_string(),
                 retry,
                 n.last_error.clone().unwrap_or_default(),

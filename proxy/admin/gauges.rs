@@ -50,6 +50,7 @@ fn pools(app: &App, m: &Metrics) {
 fn nodes(app: &App, m: &Metrics) {
     m.node_up.clear();
     m.node_lag_seconds.clear();
+    m.node_lag_bytes.clear();
     m.node_role.clear();
     m.failovers.clear();
     for (database, target) in app.targets() {
@@ -64,6 +65,11 @@ fn nodes(app: &App, m: &Metrics) {
             m.node_lag_seconds
                 .get_or_create(&node)
                 .set(n.replay_lag.as_secs_f64());
+            if let Some(bytes) = n.lag_bytes {
+                m.node_lag_bytes
+                    .get_or_create(&node)
+                    .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+            }
             for role in [Role::Primary, Role::Replica, Role::Down, Role::Unknown] {
                 let labels = RoleLabels {
                     database: database.clone(),

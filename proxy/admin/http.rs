@@ -105,6 +105,9 @@ async fn status(State(app): State<Arc<App>>) -> Response {
                     "role": n.role.as_str(),
                     "lsn": n.lsn,
                     "replay_lag_seconds": n.replay_lag.as_secs_f64(),
+                    "lag_bytes": n.lag_bytes,
+                    "timeline": n.timeline,
+                    "streaming": n.streaming,
                     "consecutive_failures": n.failures,
                     "last_error": n.last_error,
                 })

@@ -202,6 +202,10 @@ fn database_diff(a: &Database, b: &Database) -> Vec<&'static str> {
     check("min_idle", a.min_idle == b.min_idle);
     check("read_routing", a.read_routing == b.read_routing);
     check("max_replica_lag", a.max_replica_lag == b.max_replica_lag);
+    check(
+        "max_replica_lag_bytes",
+        a.max_replica_lag_bytes == b.max_replica_lag_bytes,
+    );
     check("tls", a.tls.mode == b.tls.mode);
     check("tls_ca", a.tls == b.tls || a.tls.mode != b.tls.mode);
     out

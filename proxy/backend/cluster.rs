@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex, Weak};
 
 use tokio::sync::watch;
 
+use super::freshness::Samples;
 use super::health::NodeProbe;
 use crate::sync::lock;
 
@@ -86,10 +87,16 @@ impl Topology {
     }
 }
 
+/// The topology and the primary's recent WAL positions it is freshened by.
+struct State {
+    topology: Topology,
+    samples: Samples,
+}
+
 /// One database's nodes and the topology they publish.
 pub struct Cluster {
     pub database: String,
-    state: Mutex<Topology>,
+    state: Mutex<State>,
     publish: watch::Sender<Arc<Topology>>,
     /// One per node, in configuration order; empty without credentials.
     probes: Vec<Arc<NodeProbe>>,
@@ -118,7 +125,10 @@ impl Cluster {
         }
         let cluster = Arc::new(Cluster {
             database: database.to_string(),
-            state: Mutex::new(topology),
+            state: Mutex::new(State {
+                topology,
+                samples: Samples::default(),
+            }),
             publish,
             probes,
             failovers: Default::default(),
@@ -140,7 +150,7 @@ impl Cluster {
     /// probe it now rather than at the next interval.
     pub fn nudge(&self, addr: &str) {
         let state = lock(&self.state);
-        if let Some(i) = state.nodes.iter().position(|n| &*n.addr == addr) {
+        if let Some(i) = state.topology.nodes.iter().position(|n| &*n.addr == addr) {
             if let Some(probe) = self.probes.get(i) {
                 probe.nudge();
             }
@@ -189,7 +199,11 @@ impl Cluster {
     }
 
     fn update(&self, index: usize, change: impl FnOnce(&mut NodeStatus)) {
-        let mut state = lock(&self.state);
+        let mut guard = lock(&self.state);
+        let State {
+            topology: state,
+            samples,
+        } = &mut *guard;
         let mode_before = state.mode();
         let Some(node) = state.nodes.get_mut(index) else {
             return;
@@ -214,8 +228,9 @@ impl Cluster {
         if mode_before != state.mode() {
             tracing::warn!(database = %self.database, from = %mode_before, to = %state.mode(), "database mode changed");
         }
+        samples.freshen(&mut state.nodes);
         let snapshot = Arc::new(state.clone());
-        drop(state);
+        drop(guard);
         if before != after {
             self.publish.send_replace(snapshot);
         } else {

@@ -49,9 +49,21 @@ pub struct NodeStatus {
     pub probed_at: Option<Instant>,
     /// When the last probe ended, successful or not.
     pub checked_at: Option<Instant>,
-    /// A replica's replay delay: zero when it has replayed all it received,
-    /// else the age of the last transaction it replayed.
+    /// How stale a replica is: the larger of its replay delay (what it
+    /// received but has not replayed) and how long ago the primary wrote
+    /// WAL it has not replayed (see `Cluster`). Zero for a primary.
     pub replay_lag: Duration,
+    /// The probe's replay delay alone: zero when a replica has replayed all
+    /// it received, else the age of the last transaction it replayed.
+    pub replay_delay: Duration,
+    /// How many bytes of WAL the primary had, at its last probe before this
+    /// replica's, that the replica has not replayed (`None`: no primary).
+    pub lag_bytes: Option<u64>,
+    /// The timeline a primary writes, or a replica streams (`None` when
+    /// the health user may not see it: pg_read_all_stats, or no stream).
+    pub timeline: Option<u32>,
+    /// A replica has a WAL receiver (it streams from some primary).
+    pub streaming: bool,
     pub last_error: Option<String>,
     /// When a failing node is probed next (after backoff).
     pub retry_at: Option<Instant>,
@@ -68,6 +80,10 @@ impl NodeStatus {
             probed_at: None,
             checked_at: None,
             replay_lag: Duration::ZERO,
+            replay_delay: Duration::ZERO,
+            lag_bytes: None,
+            timeline: None,
+            streaming: false,
             last_error: None,
             retry_at: None,
         }
@@ -245,13 +261,18 @@ struct Found {
     role: Role,
     lsn: u64,
     lag: Duration,
+    timeline: Option<u32>,
+    streaming: bool,
 }
 
 impl Found {
     fn apply(&self, n: &mut NodeStatus, started: Instant) {
         n.role = self.role;
         n.lsn = self.lsn;
+        n.replay_delay = self.lag;
         n.replay_lag = self.lag;
+        n.timeline = self.timeline;
+        n.streaming = self.streaming;
         n.probed_at = Some(started);
         n.checked_at = Some(Instant::now());
         n.failures = 0;
@@ -260,10 +281,17 @@ impl Found {
     }
 }
 
+/// Role, WAL position, replay delay, timeline (a primary's from its WAL
+/// file name; a replica's from its WAL receiver, visible with
+/// pg_read_all_stats) and whether a replica has a WAL receiver (visible to
+/// anyone). Everything else needs no privilege.
 const PROBE: &str = "SELECT pg_is_in_recovery(), \
     CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END, \
     CASE WHEN NOT pg_is_in_recovery() OR pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0 \
-         ELSE COALESCE(EXTRACT(EPOCH FROM now() - pg_last_xact_replay_timestamp()), 0) END";
+         ELSE COALESCE(EXTRACT(EPOCH FROM now() - pg_last_xact_replay_timestamp()), 0) END, \
+    CASE WHEN pg_is_in_recovery() THEN (SELECT received_tli FROM pg_stat_wal_receiver) \
+         ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int END, \
+    EXISTS (SELECT 1 FROM pg_stat_wal_receiver)";
 
 /// One probe. A kept connection that fails (an administrator ended it, a
 /// restart in between) is replaced at once: only a fresh connection's
@@ -309,7 +337,18 @@ async fn ask(c: &mut ServerConn, spec: &ConnectSpec) -> Result<Found, UpstreamEr
         .and_then(|v| v.parse::<f64>().ok())
         .filter(|s| s.is_finite() && *s >= 0.0)
         .map_or(Duration::ZERO, |s| Duration::from_secs_f64(s.min(1e9)));
-    Ok(Found { role, lsn, lag })
+    let timeline = row
+        .get(3)
+        .and_then(|v| v.as_deref())
+        .and_then(|v| v.parse::<u32>().ok());
+    let streaming = row.get(4).and_then(|v| v.as_deref()) == Some("t");
+    Ok(Found {
+        role,
+        lsn,
+        lag,
+        timeline,
+        streaming,
+    })
 }
 
 /// `16/B374D848` as a number.

@@ -5,6 +5,7 @@
 pub mod cluster;
 pub mod conn;
 pub mod error;
+pub mod freshness;
 pub mod health;
 pub mod params;
 pub mod pool;

@@ -3,7 +3,7 @@
 
 pub use pgheal_protocol::intent::{intent, sql_intent, Intent};
 
-use super::cluster::{Role, Topology};
+use super::cluster::{NodeStatus, Role, Topology};
 
 /// How fresh a replica must be to serve a read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -12,13 +12,32 @@ pub struct ReplicaFit {
     pub min_lsn: u64,
     /// `max_replica_lag`.
     pub max_lag: std::time::Duration,
+    /// `max_replica_lag_bytes`.
+    pub max_bytes: u64,
+    /// Streams from a primary, on the primary's timeline when the probe
+    /// can see it.
+    pub streaming: bool,
 }
 
 impl ReplicaFit {
     pub const ANY: ReplicaFit = ReplicaFit {
         min_lsn: 0,
         max_lag: std::time::Duration::MAX,
+        max_bytes: u64::MAX,
+        streaming: false,
     };
+
+    /// Whether replica `n` fits, with the primary on `timeline`.
+    pub fn fits(&self, n: &NodeStatus, timeline: Option<u32>) -> bool {
+        let current = !self.streaming
+            || (n.streaming
+                && (timeline.is_none() || n.timeline.is_none() || n.timeline == timeline));
+        n.role == Role::Replica
+            && current
+            && n.lsn >= self.min_lsn
+            && n.replay_lag <= self.max_lag
+            && n.lag_bytes.unwrap_or(0) <= self.max_bytes
+    }
 }
 
 /// Where to run, by node index, or that nothing fits now.
@@ -48,12 +67,10 @@ pub fn decide(
     } else {
         ReplicaFit::ANY
     };
+    let timeline = topology.primary().and_then(|p| p.timeline);
     let replica = || {
         (0..topology.nodes.len())
-            .filter(|&i| {
-                let n = &topology.nodes[i];
-                n.role == Role::Replica && n.lsn >= fit.min_lsn && n.replay_lag <= fit.max_lag
-            })
+            .filter(|&i| fit.fits(&topology.nodes[i], timeline))
             .min_by_key(|&i| busy(i))
     };
     if intent.reads_only() && (read_routing || primary.is_none()) {
@@ -154,6 +171,37 @@ mod tests {
         assert_eq!(
             decide(&down, Intent::Read, true, ReplicaFit::ANY, busy),
             Decision::NoNode
+        );
+    }
+
+    #[test]
+    fn a_replica_fits_only_while_it_follows_the_primary() {
+        let fit = ReplicaFit {
+            min_lsn: 0,
+            max_lag: std::time::Duration::from_secs(1),
+            max_bytes: 1000,
+            streaming: true,
+        };
+        let mut n = NodeStatus::new("r", Role::Replica);
+        n.streaming = true;
+        assert!(
+            fit.fits(&n, Some(2)),
+            "timeline not visible: the LSNs decide"
+        );
+        n.timeline = Some(2);
+        assert!(fit.fits(&n, Some(2)));
+        assert!(!fit.fits(&n, Some(3)), "a replica on another timeline");
+        n.lag_bytes = Some(1001);
+        assert!(!fit.fits(&n, Some(2)), "too many bytes behind");
+        n.lag_bytes = Some(10);
+        n.replay_lag = std::time::Duration::from_secs(2);
+        assert!(!fit.fits(&n, Some(2)), "too long behind");
+        n.replay_lag = std::time::Duration::ZERO;
+        n.streaming = false;
+        assert!(!fit.fits(&n, Some(2)), "streams from nobody");
+        assert!(
+            ReplicaFit::ANY.fits(&n, Some(3)),
+            "without a primary anything up serves reads"
         );
     }
 }

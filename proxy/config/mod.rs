@@ -20,6 +20,9 @@ use crate::net::tls::{ClientMode, ClientTls, ClientTlsConfig, UpstreamMode, Upst
 /// The database name that opens the admin console.
 pub const ADMIN_DATABASE: &str = "pgheal";
 
+/// `max_replica_lag_bytes` unless set: one WAL segment.
+pub const DEFAULT_MAX_LAG_BYTES: u64 = 16 * 1024 * 1024;
+
 /// The whole configuration, validated.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -257,6 +260,8 @@ pub struct Database {
     pub read_routing: bool,
     /// A replica further behind than this gets no reads.
     pub max_replica_lag: Duration,
+    /// A replica more WAL bytes behind the primary than this gets no reads.
+    pub max_replica_lag_bytes: u64,
     /// TLS to this database's servers (health checks included).
     pub tls: UpstreamTls,
     /// `"*"` only: how many database names it serves at once.
@@ -276,6 +281,7 @@ impl Database {
             min_idle: 0,
             read_routing: false,
             max_replica_lag: Duration::ZERO,
+            max_replica_lag_bytes: 0,
             tls: UpstreamTls::default(),
             max_databases: 0,
         }
@@ -830,6 +836,7 @@ fn read_database(r: &mut Reader, name: &str, t: &Table, p: &str) -> Database {
         "min_idle",
         "read_routing",
         "max_replica_lag",
+        "max_replica_lag_bytes",
         "tls",
         "tls_ca",
         "max_databases",
@@ -869,6 +876,12 @@ fn read_database(r: &mut Reader, name: &str, t: &Table, p: &str) -> Database {
         password: r.opt(t, p, "password"),
         read_routing: r.get(t, p, "read_routing", false),
         max_replica_lag: r.get(t, p, "max_replica_lag", Duration::from_secs(1)),
+        max_replica_lag_bytes: r.get(
+            t,
+            p,
+            "max_replica_lag_bytes",
+            DEFAULT_MAX_LAG_BYTES as usize,
+        ) as u64,
         tls: read_upstream_tls(r, t, p),
         nodes,
         pool_size,

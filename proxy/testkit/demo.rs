@@ -42,6 +42,7 @@ pub fn demo_config(listen: SocketAddr, nodes: &[String]) -> Config {
             min_idle: 0,
             read_routing: false,
             max_replica_lag: Duration::from_secs(1),
+            max_replica_lag_bytes: crate::config::DEFAULT_MAX_LAG_BYTES,
             tls: Default::default(),
             max_databases: 0,
         },

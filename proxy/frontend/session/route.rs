@@ -144,6 +144,8 @@ impl Session {
             let fit = router::ReplicaFit {
                 min_lsn: floor.unwrap_or(0),
                 max_lag: self.target.database.max_replica_lag,
+                max_bytes: self.target.database.max_replica_lag_bytes,
+                streaming: true,
             };
             let decide =
                 |t: &Topology| router::decide(t, intent, read_routing, fit, |i| self.busy(i));
