@@ -699,3 +699,35 @@ async fn a_replica_left_on_the_old_timeline_gets_no_reads() {
     let node = proxy.app.target("app").unwrap().cluster.snapshot().nodes[2].clone();
     assert!(!node.streaming, "{node:?}");
 }
+
+/// While a database has no primary, a failing node is retried every
+/// interval, not after its growing backoff: a primary that comes back
+/// (restarted in place) takes writes again within one interval.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_primary_the_down_nodes_are_retried_every_interval() {
+    let _turn = shared().await;
+    let (mut primary, replica) = primary_and_replica().await;
+    let proxy = proxy_over(&[&primary, &replica], false, "2s").await;
+    wait_for_roles(&proxy, &[Role::Primary, Role::Replica]).await;
+    primary.kill9().await;
+    let cluster = proxy.app.target("app").unwrap().cluster.clone();
+    // Six failures in a row: the backoff alone would be 1.6 to 3.2 s.
+    eventually(Duration::from_secs(30), "six failed probes", || async {
+        cluster.snapshot().nodes[0].failures >= 6
+    })
+    .await;
+    let node = cluster.snapshot().nodes[0].clone();
+    let gap = node.retry_at.unwrap() - node.checked_at.unwrap();
+    // The interval (200 ms), read from two clock readings.
+    assert!(
+        gap < Duration::from_millis(300),
+        "next probe in {gap:?}: {node:?}"
+    );
+    primary.start().await.expect("restart in place");
+    wait_for_roles(&proxy, &[Role::Primary, Role::Replica]).await;
+    let (client, _h) = connect(&app_url(&proxy)).await;
+    client
+        .batch_execute("CREATE TABLE back (x int)")
+        .await
+        .expect("writes resume");
+}

@@ -91,6 +91,8 @@ impl Topology {
 struct State {
     topology: Topology,
     samples: Samples,
+    /// The nodes' probes were told to hurry (no usable primary).
+    hurrying: bool,
 }
 
 /// One database's nodes and the topology they publish.
@@ -128,6 +130,7 @@ impl Cluster {
             state: Mutex::new(State {
                 topology,
                 samples: Samples::default(),
+                hurrying: false,
             }),
             publish,
             probes,
@@ -203,6 +206,7 @@ impl Cluster {
         let State {
             topology: state,
             samples,
+            hurrying,
         } = &mut *guard;
         let mode_before = state.mode();
         let Some(node) = state.nodes.get_mut(index) else {
@@ -229,6 +233,13 @@ impl Cluster {
             tracing::warn!(database = %self.database, from = %mode_before, to = %state.mode(), "database mode changed");
         }
         samples.freshen(&mut state.nodes);
+        let hurry = state.primary().is_none();
+        if hurry != *hurrying {
+            *hurrying = hurry;
+            for probe in &self.probes {
+                probe.hurry(hurry);
+            }
+        }
         let snapshot = Arc::new(state.clone());
         drop(guard);
         if before != after {
@@ -239,6 +250,18 @@ impl Cluster {
                 *current = snapshot;
                 false
             });
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // A database going away (reload) no longer hurries its nodes.
+        let hurrying = std::mem::take(&mut lock(&self.state).hurrying);
+        if hurrying {
+            for probe in &self.probes {
+                probe.hurry(false);
+            }
         }
     }
 }

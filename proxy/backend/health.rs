@@ -6,6 +6,7 @@
 //! watch it (a `DROP DATABASE` or `CREATE DATABASE ... TEMPLATE` of it
 //! works), and a database created after pgheal started is served at once.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -131,12 +132,32 @@ pub fn health_spec(config: &Config, addr: &str) -> Option<ConnectSpec> {
 pub struct NodeProbe {
     status: watch::Sender<NodeStatus>,
     wake: Arc<Notify>,
+    /// Databases on this node with no usable primary now: while any, a
+    /// failing node is retried every interval, without backoff, so writes
+    /// resume within one interval of a primary answering.
+    hurry: AtomicUsize,
 }
 
 impl NodeProbe {
     /// Probe now rather than at the next interval.
     pub fn nudge(&self) {
         self.wake.notify_one();
+    }
+
+    /// A database on this node lost (`true`) or regained its primary.
+    pub fn hurry(&self, on: bool) {
+        if on {
+            self.hurry.fetch_add(1, Ordering::AcqRel);
+            self.nudge();
+        } else {
+            let _ = self
+                .hurry
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+        }
+    }
+
+    fn in_hurry(&self) -> bool {
+        self.hurry.load(Ordering::Acquire) > 0
     }
 
     pub fn subscribe(&self) -> watch::Receiver<NodeStatus> {
@@ -195,6 +216,7 @@ impl Probes {
         let probe = Arc::new(NodeProbe {
             status: watch::Sender::new(NodeStatus::new(&key.spec.addr, Role::Unknown)),
             wake: wake.clone(),
+            hurry: AtomicUsize::new(0),
         });
         running.push((key.clone(), Arc::downgrade(&probe)));
         tokio::spawn(node_loop(
@@ -237,7 +259,10 @@ async fn node_loop(
             Err(e) => {
                 conn = None;
                 failures = failures.saturating_add(1);
-                let wait = backoff(&health, failures);
+                let mut wait = backoff(&health, failures);
+                if probe.in_hurry() {
+                    wait = wait.min(health.interval);
+                }
                 probe.status.send_modify(|n| {
                     n.checked_at = Some(Instant::now());
                     n.role = Role::Down;
