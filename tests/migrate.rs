@@ -287,3 +287,87 @@ async fn two_serving_instances_started_together_migrate_once() {
         Some("2")
     );
 }
+
+/// After startup migrations, replicas serve reads only once they have
+/// replayed them: a replica that has not (its replay paused here, but
+/// current by every other measure) gets no reads, so the first query of
+/// the new table never meets "relation does not exist".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_get_reads_only_once_they_have_the_migrations() {
+    let primary = app_node().await;
+    let replica = PgNode::start_replica_of(&primary).await.expect("replica");
+    let (paused, _hp) = connect(&format!(
+        "postgres://postgres:postgres@{}/app",
+        replica.addr()
+    ))
+    .await;
+    paused
+        .batch_execute("SELECT pg_wal_replay_pause()")
+        .await
+        .expect("pause replay");
+    let http = free_port();
+    let s = Setup::new(
+        &primary.addr(),
+        &format!("http_listen = \"127.0.0.1:{http}\"\n[health]\ninterval = \"200ms\""),
+        &[("0001_create.sql", CREATE), ("0003_more.sql", MORE)],
+    );
+    let config = std::fs::read_to_string(s.config()).expect("config");
+    let both = format!("nodes = [\"{}\", \"{}\"]", primary.addr(), replica.addr());
+    let config = config.replace(&format!("nodes = [\"{}\"]", primary.addr()), &both)
+        + "read_routing = true\nmax_replica_lag = \"1h\"\n";
+    std::fs::write(s.config(), config).expect("config");
+    let _pgheal = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgheal"))
+        .arg("--config")
+        .arg(s.config())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start pgheal");
+    let url = format!("postgres://app:{APP_PASSWORD}@127.0.0.1:{}/app", s.port);
+    wait_accepting(&url).await;
+    eventually(
+        Duration::from_secs(30),
+        "the replica to be known",
+        || async {
+            http_get(http, "/status")
+                .await
+                .contains("\"role\":\"replica\"")
+        },
+    )
+    .await;
+    let (reader, _hr) = connect(&url).await;
+    for _ in 0..3 {
+        assert_eq!(
+            first_value(&reader, "SELECT count(*) FROM items")
+                .await
+                .expect("items"),
+            "2"
+        );
+        assert_eq!(
+            first_value(&reader, "SELECT pg_is_in_recovery()::text")
+                .await
+                .unwrap(),
+            "false"
+        );
+    }
+    paused
+        .batch_execute("SELECT pg_wal_replay_resume()")
+        .await
+        .expect("resume replay");
+    eventually(
+        Duration::from_secs(30),
+        "the replica to serve reads",
+        || async {
+            first_value(&reader, "SELECT pg_is_in_recovery()::text")
+                .await
+                .unwrap()
+                == "true"
+        },
+    )
+    .await;
+    assert_eq!(
+        first_value(&reader, "SELECT count(*) FROM items")
+            .await
+            .unwrap(),
+        "2"
+    );
+}

@@ -104,6 +104,9 @@ pub struct Cluster {
     probes: Vec<Arc<NodeProbe>>,
     /// Times a node became primary after having another role.
     failovers: std::sync::atomic::AtomicU64,
+    /// Replicas serve reads only once replayed this far (the primary's
+    /// position after startup migrations).
+    floor: std::sync::atomic::AtomicU64,
 }
 
 impl Cluster {
@@ -135,6 +138,7 @@ impl Cluster {
             publish,
             probes,
             failovers: Default::default(),
+            floor: Default::default(),
         });
         for (index, probe) in cluster.probes.iter().enumerate() {
             tokio::spawn(follow(Arc::downgrade(&cluster), index, probe.subscribe()));
@@ -182,6 +186,17 @@ impl Cluster {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
         None
+    }
+
+    /// No replica serves reads before it has replayed up to `lsn`.
+    pub fn set_floor(&self, lsn: u64) {
+        self.floor
+            .fetch_max(lsn, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// See [`Cluster::set_floor`]; 0 when none was set.
+    pub fn floor(&self) -> u64 {
+        self.floor.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn failovers(&self) -> u64 {

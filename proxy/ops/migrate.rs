@@ -38,6 +38,10 @@ pub struct Report {
     pub already: usize,
     /// Status only: files not applied yet.
     pub pending: Vec<String>,
+    /// The primary's WAL position once the migrations are in (applied by
+    /// this instance or found applied): replicas serve reads of the new
+    /// schema only past it.
+    pub lsn: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -291,6 +295,12 @@ async fn locked(
         tracing::info!(file = %f.file, took = ?started.elapsed(), "migration applied");
         report.applied.push(f.file.clone());
     }
+    let lsn = conn.query_rows("SELECT pg_current_wal_lsn()").await?;
+    report.lsn = lsn
+        .first()
+        .and_then(|r| r.first())
+        .and_then(|v| v.as_deref())
+        .and_then(crate::backend::health::parse_lsn);
     Ok(report)
 }
 

@@ -13,8 +13,8 @@ use crate::frontend::App;
 /// Runs pgheal until SIGTERM/SIGINT, then drains and exits.
 pub async fn serve(config: Config, path: Option<PathBuf>) -> ExitCode {
     let config = config.relative_to(path.as_deref());
-    let migration_failure = match startup_migrations(&config).await {
-        Ok(failure) => failure,
+    let (migration_failure, fence) = match startup_migrations(&config).await {
+        Ok(outcome) => outcome,
         Err(code) => return code,
     };
     let listen = config.proxy.listen;
@@ -29,6 +29,12 @@ pub async fn serve(config: Config, path: Option<PathBuf>) -> ExitCode {
     let app = running.app.clone();
     if let Some(failure) = migration_failure {
         app.set_migration_failure(failure);
+    }
+    if let Some((database, lsn)) = fence {
+        // Replicas serve reads only once they have the new schema.
+        if let Some(target) = app.target(&database) {
+            target.cluster.set_floor(lsn);
+        }
     }
     if let Some(path) = path {
         app.set_config_path(path.clone());
@@ -77,11 +83,15 @@ async fn drain(app: &App) {
     }
 }
 
-/// Startup migrations: `Err` stops pgheal (on_error = "exit"); with
-/// on_error = "serve" the failure is returned for /readyz and the console.
-async fn startup_migrations(config: &Config) -> Result<Option<String>, ExitCode> {
+/// What startup migrations leave: why they failed (on_error = "serve",
+/// for /readyz and the console), and the database with the primary's WAL
+/// position once they were in.
+type Migrated = (Option<String>, Option<(String, u64)>);
+
+/// Startup migrations: `Err` stops pgheal (on_error = "exit").
+async fn startup_migrations(config: &Config) -> Result<Migrated, ExitCode> {
     let Some(m) = config.migrations.clone() else {
-        return Ok(None);
+        return Ok((None, None));
     };
     match crate::ops::migrate::run(config, &m, true).await {
         Ok(report) => {
@@ -90,11 +100,12 @@ async fn startup_migrations(config: &Config) -> Result<Option<String>, ExitCode>
                 already = report.already,
                 "migrations done"
             );
-            Ok(None)
+            let database = crate::ops::migrate::database(config, &m).map(|d| d.name.clone());
+            Ok((None, database.zip(report.lsn)))
         }
         Err(e) if m.serve_on_error => {
             tracing::error!(error = %e, "migrations failed; serving anyway (on_error = \"serve\")");
-            Ok(Some(e.to_string()))
+            Ok((Some(e.to_string()), None))
         }
         Err(e) => {
             tracing::error!(error = %e, "migrations failed; not serving");

@@ -142,7 +142,7 @@ impl Session {
                 self.fence = None;
             }
             let fit = router::ReplicaFit {
-                min_lsn: floor.unwrap_or(0),
+                min_lsn: floor.unwrap_or(0).max(self.target.cluster.floor()),
                 max_lag: self.target.database.max_replica_lag,
                 max_bytes: self.target.database.max_replica_lag_bytes,
                 streaming: true,
