@@ -180,7 +180,7 @@ run() { # name target-port args...
         -l --log-prefix="$log" "$@" app 2>&1) || {
         # PgBouncer before 1.21 cannot run -M prepared in transaction mode.
         echo "pgbench failed ($name, port $port): $(grep -m1 -o 'ERROR: .*' <<<"$out")" >&2
-        tps[$name]=nan; lat[$name]=nan; return 0; }
+        tps[$name]=nan; lat[$name]=nan; p99[$name]=nan; return 0; }
     local t l f
     t=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' <<<"$out")
     l=$(sed -n 's/^latency average = \([0-9.]*\) ms/\1/p' <<<"$out")

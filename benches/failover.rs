@@ -1,8 +1,10 @@
 //! Failover run (a benchmark, not a test): steady reads and writes through
-//! pgheal, `kill -9` of the primary, promotion of the replica. Prints failed
-//! reads, rejected writes by SQLSTATE, time from the kill to the first
-//! 25006, time from the promotion to the first successful write, and
-//! client connections lost.
+//! pgheal, `kill -9` of the primary, promotion of the replica, then `kill
+//! -9` of the new primary and its restart in place. Prints failed reads,
+//! rejected writes by SQLSTATE, time from the kill to the first 25006, time
+//! from the promotion to the first successful write, time from the
+//! restarted primary being back to the first successful write, and client
+//! connections lost.
 //!
 //!     cargo bench --bench failover
 
@@ -103,7 +105,7 @@ async fn main() {
         .await
         .unwrap();
     primary.sql("app", "CREATE TABLE w(x int)").await.unwrap();
-    let replica = PgNode::start_replica_of(&primary).await.expect("replica");
+    let mut replica = PgNode::start_replica_of(&primary).await.expect("replica");
     let config = Config::parse(&format!(
         "[proxy]\nlisten = \"127.0.0.1:0\"\n[[users]]\nname = \"app\"\npassword = \"apppw\"\n\
          [databases.app]\nnodes = [\"{}\", \"{}\"]\nuser = \"app\"\npassword = \"apppw\"\nread_routing = true\n",
@@ -137,6 +139,13 @@ async fn main() {
     replica.promote().await.expect("promote");
     let promoted = Instant::now();
     tokio::time::sleep(Duration::from_secs(3)).await;
+    // The new primary crashes and comes back in place a few seconds later
+    // (what Patroni does with a postmaster that died).
+    replica.kill9().await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    replica.start().await.expect("restart in place");
+    let back = Instant::now();
+    tokio::time::sleep(Duration::from_secs(3)).await;
     stop_tx.send(true).unwrap();
     let mut lost = 0;
     for t in tasks {
@@ -161,5 +170,11 @@ async fn main() {
         log.first_25006.map(|t| t - killed)
     );
     println!("promotion done -> first successful write: {first_write_after:?}");
+    let first_write_back = log
+        .writes_ok_at
+        .iter()
+        .find(|t| **t > back)
+        .map(|t| *t - back);
+    println!("restarted primary back -> first successful write: {first_write_back:?}");
     println!("client connections lost: {lost}");
 }
