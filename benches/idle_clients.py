@@ -19,6 +19,7 @@ import struct
 import sys
 
 PER_SOURCE = 20_000
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 # What libpq-based drivers (psql, psycopg) send besides user and database.
 PARAMS = (("application_name", "idle_clients"), ("client_encoding", "UTF8"))
 QUERY = b"SELECT 1"
@@ -61,6 +62,9 @@ async def until_ready(reader):
 async def login(host, port, source, packet):
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setblocking(False)
+    # Linux: pick the port at connect(), per destination, so that ports of
+    # an earlier run still in TIME_WAIT do not make bind() fail.
+    sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
     sock.bind((source, 0))
     await asyncio.get_running_loop().sock_connect(sock, (host, port))
     reader, writer = await asyncio.open_connection(sock=sock)
