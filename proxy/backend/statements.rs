@@ -245,6 +245,14 @@ impl Epochs {
     /// Statement `base` at `epoch` is now described as `shape`: it moves
     /// on to an epoch of that shape. Returns that epoch.
     pub fn reshape(&self, base: ServerName, epoch: u32, shape: u64) -> u32 {
+        let now = self.advance(base, epoch);
+        lock(&self.shapes).insert(base.at_epoch(now), shape);
+        now
+    }
+
+    /// Moves `base` past `epoch` (once, however many say so); returns
+    /// its epoch now.
+    fn advance(&self, base: ServerName, epoch: u32) -> u32 {
         let now = {
             let mut by_base = lock(&self.by_base);
             if by_base.len() >= MAX_EPOCHS {
@@ -257,7 +265,6 @@ impl Epochs {
             *now
         };
         self.any.store(true, Ordering::Release);
-        lock(&self.shapes).insert(base.at_epoch(now), shape);
         now
     }
 
@@ -271,15 +278,7 @@ impl Epochs {
     /// `error` (an ErrorResponse, whole).
     pub fn bump(&self, base: ServerName, epoch: u32, error: &[u8]) {
         *lock(&self.error) = Some(bytes::Bytes::copy_from_slice(error));
-        let mut by_base = lock(&self.by_base);
-        if by_base.len() >= MAX_EPOCHS {
-            by_base.clear();
-        }
-        let now = by_base.entry(base).or_insert(0);
-        if *now == epoch {
-            *now = epoch.wrapping_add(1);
-        }
-        self.any.store(true, Ordering::Release);
+        self.advance(base, epoch);
     }
 }
 

@@ -91,15 +91,7 @@ impl Session {
             self.scratch_check(name, stmt, None);
             return Ready::Wait;
         }
-        self.make_room(conn);
-        build::parse(&mut self.wire.buf, stmt.server.as_bytes(), query, types);
-        conn.statements.add(stmt.server);
-        self.expect.push_back(Expect::Parse {
-            swallow: true,
-            server: Some(stmt.server),
-            client: None,
-            error: None,
-        });
+        self.parse_on(conn, stmt.server, query, types);
         build::describe(&mut self.wire.buf, STATEMENT, stmt.server.as_bytes());
         // A client that knows the statement waits for the comparison; one
         // that does not learns the shape of this very copy.

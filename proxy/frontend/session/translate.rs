@@ -319,9 +319,29 @@ impl Session {
         self.describe_check(p.name, &stmt);
     }
 
+    /// Prepares a client's protocol statement on `conn` under its server
+    /// name; the ParseComplete is pgheal's, not the client's.
+    pub(super) fn parse_on(
+        &mut self,
+        conn: &mut ServerConn,
+        server: ServerName,
+        query: &[u8],
+        types: &[u8],
+    ) {
+        self.make_room(conn);
+        build::parse(&mut self.wire.buf, server.as_bytes(), query, types);
+        conn.statements.add(server);
+        self.expect.push_back(Expect::Parse {
+            swallow: true,
+            server: Some(server),
+            client: None,
+            error: None,
+        });
+    }
+
     /// Closes the least recently used statement when `conn` holds as many
     /// as it may.
-    pub(super) fn make_room(&mut self, conn: &mut ServerConn) {
+    fn make_room(&mut self, conn: &mut ServerConn) {
         let max = self.app.config().pool.max_prepared_statements;
         if let Some(victim) = conn.statements.victim(max) {
             build::close(&mut self.wire.buf, STATEMENT, victim.as_bytes());
@@ -501,15 +521,7 @@ impl Session {
                 let Source::Protocol { query, types } = &stmt.source else {
                     continue;
                 };
-                self.make_room(conn);
-                build::parse(&mut self.wire.buf, stmt.server.as_bytes(), query, types);
-                conn.statements.add(stmt.server);
-                self.expect.push_back(Expect::Parse {
-                    swallow: true,
-                    server: Some(stmt.server),
-                    client: None,
-                    error: None,
-                });
+                self.parse_on(conn, stmt.server, query, types);
             }
             conn.statements.touch(&stmt.server);
             out.extend_from_slice(&sql[copied..at.start]);
