@@ -118,6 +118,13 @@ pub fn effects(sql: &[u8]) -> Effects {
 /// anyone else is connected to `x`, pooled idle connections included).
 /// Only the start of `sql` is needed.
 pub fn exclusive_database(sql: &[u8]) -> Option<String> {
+    // Every Query passes here: most leave after one token, allocating
+    // nothing.
+    let mut peek = Lexer::new(sql);
+    let lead = |t: Option<Token<'_>>, ks: &[&str]| matches!(t, Some(Token::Word(w)) if ks.iter().any(|k| is(w, k)));
+    if !lead(peek.next(), &["drop", "alter", "create"]) || !lead(peek.next(), &["database"]) {
+        return None;
+    }
     let mut lx = Lexer::new(sql);
     let word = |lx: &mut Lexer<'_>| match lx.next()? {
         Token::Word(w) => Some(String::from_utf8_lossy(w).to_lowercase()),
@@ -125,9 +132,8 @@ pub fn exclusive_database(sql: &[u8]) -> Option<String> {
         _ => None,
     };
     let first = word(&mut lx)?;
-    if !matches!(first.as_str(), "drop" | "alter" | "create") || word(&mut lx)? != "database" {
-        return None;
-    }
+    word(&mut lx)?; // DATABASE
+
     match first.as_str() {
         "drop" => {
             let name = word(&mut lx)?;
