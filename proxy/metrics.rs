@@ -90,6 +90,12 @@ pub struct Metrics {
     by_duration: [std::sync::atomic::AtomicU64; BUCKETS],
     pub rejected_writes: Family<Reason, Counter>,
     pub retried_reads: Family<Reason, Counter>,
+    /// Transactions run again, unseen, after their server was lost.
+    pub transactions_replayed: Counter,
+    /// Replays whose replies differed from what the client had seen.
+    pub replay_mismatches: Counter,
+    /// Transactions whose server was lost and that were not replayed.
+    pub replay_refused: Family<Reason, Counter>,
     pub auth_failures: Counter,
     pub tls_failures: Counter,
     pub(crate) clients: Family<StateLabels, Gauge>,
@@ -128,6 +134,29 @@ fn bucket(us: u64) -> usize {
         .unwrap_or(BUCKETS - 1)
 }
 
+/// Why a transaction whose server was lost was not replayed (README,
+/// "Transaction replay").
+pub const REPLAY_REFUSALS: [&str; 10] = [
+    "not_recorded",
+    "buffer",
+    "function",
+    "commit_sent",
+    "pinned",
+    "session_ended",
+    "message_cut",
+    "no_primary",
+    "replayed",
+    "replay_failed",
+];
+
+/// Sums a counter family over `reasons`.
+fn sum_of(family: &Family<Reason, Counter>, reasons: &[&'static str]) -> u64 {
+    reasons
+        .iter()
+        .map(|&reason| family.get_or_create(&Reason { reason }).get())
+        .sum()
+}
+
 /// Sums a counter family over the reasons pgheal uses.
 fn sum(family: &Family<Reason, Counter>) -> u64 {
     const REASONS: [&str; 7] = [
@@ -139,10 +168,7 @@ fn sum(family: &Family<Reason, Counter>) -> u64 {
         "stale_plan",
         "shared_statement_failed",
     ];
-    REASONS
-        .iter()
-        .map(|&reason| family.get_or_create(&Reason { reason }).get())
-        .sum()
+    sum_of(family, &REASONS)
 }
 
 impl Default for Metrics {
@@ -158,6 +184,9 @@ impl Default for Metrics {
             by_duration: Default::default(),
             rejected_writes: Family::default(),
             retried_reads: Family::default(),
+            transactions_replayed: Counter::default(),
+            replay_mismatches: Counter::default(),
+            replay_refused: Family::default(),
             auth_failures: Counter::default(),
             tls_failures: Counter::default(),
             clients: Family::default(),
@@ -215,6 +244,21 @@ impl Metrics {
             "retried_reads",
             "Autocommit reads run again unseen, by reason",
             self.retried_reads.clone(),
+        );
+        r.register(
+            "transactions_replayed",
+            "Transactions run again, unseen, on a new server after theirs was lost",
+            self.transactions_replayed.clone(),
+        );
+        r.register(
+            "replay_mismatches",
+            "Replayed transactions whose replies differed from what the client had seen (the client got 08006)",
+            self.replay_mismatches.clone(),
+        );
+        r.register(
+            "replay_refused",
+            "Transactions whose server was lost that were not replayed, by reason",
+            self.replay_refused.clone(),
         );
         r.register(
             "auth_failures",
@@ -328,6 +372,15 @@ impl Metrics {
 
     pub fn retried_total(&self) -> u64 {
         sum(&self.retried_reads)
+    }
+
+    pub fn replay_refused_total(&self) -> u64 {
+        sum_of(&self.replay_refused, &REPLAY_REFUSALS)
+    }
+
+    pub fn refuse_replay(&self, reason: &'static str) {
+        debug_assert!(REPLAY_REFUSALS.contains(&reason), "{reason}");
+        self.replay_refused.get_or_create(&Reason { reason }).inc();
     }
 
     /// Records a backup's outcome: its size when it succeeded.

@@ -58,6 +58,8 @@ sqlstates! {
     QUERY_CANCELED = "57014";
     /// 57P01
     ADMIN_SHUTDOWN = "57P01";
+    /// 57P02: the server ends sessions after another backend crashed.
+    CRASH_SHUTDOWN = "57P02";
     /// 57P03
     CANNOT_CONNECT_NOW = "57P03";
     /// F0000: the configuration file is wrong.

@@ -43,3 +43,62 @@ fn several_statements() {
     assert_eq!(c("SELECT 1; INSERT INTO t VALUES (1)"), Class::Write);
     assert_eq!(c("COMMIT;"), Class::Commit);
 }
+
+#[test]
+fn where_a_query_begins_and_ends_a_transaction() {
+    use pgheal_protocol::classify::{transaction_sql, TxSql};
+    let tx = |sql: &str| transaction_sql(sql.as_bytes());
+    let begins = TxSql {
+        begins: true,
+        ends: false,
+    };
+    assert_eq!(tx("BEGIN"), begins);
+    assert_eq!(tx("  begin isolation level serializable;"), begins);
+    assert_eq!(tx("START TRANSACTION READ WRITE"), begins);
+    assert_eq!(tx("/* c */ BEGIN; UPDATE t SET x = 1"), begins);
+    assert_eq!(tx("UPDATE t SET x = 1; BEGIN"), TxSql::default());
+    for ending in [
+        "COMMIT",
+        "end",
+        "ROLLBACK",
+        "abort",
+        "PREPARE TRANSACTION 'x'",
+        "BEGIN; INSERT INTO t VALUES (1); COMMIT",
+        "update t set x = 1; end;",
+    ] {
+        assert!(tx(ending).ends, "{ending}");
+    }
+    for not_ending in [
+        "ROLLBACK TO SAVEPOINT a",
+        "SELECT CASE WHEN x THEN 1 END FROM t",
+        "SELECT 'commit'",
+        "PREPARE p AS SELECT 1",
+        "SELECT 1 -- COMMIT",
+        "(SELECT 1)",
+        "",
+    ] {
+        assert!(!tx(not_ending).ends, "{not_ending}");
+    }
+}
+
+#[test]
+fn a_transaction_start_is_seen_from_the_first_words() {
+    use pgheal_protocol::classify::starts_transaction;
+    for yes in [
+        "BEGIN",
+        "begin;",
+        " /* x */ Start Transaction read only",
+        "BEGIN; SELECT 1",
+    ] {
+        assert!(starts_transaction(yes.as_bytes()), "{yes}");
+    }
+    for no in [
+        "SELECT 1; BEGIN",
+        "START",
+        "start replication",
+        "'begin'",
+        "",
+    ] {
+        assert!(!starts_transaction(no.as_bytes()), "{no}");
+    }
+}

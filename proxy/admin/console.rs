@@ -372,6 +372,12 @@ fn stats(app: &App) -> Table {
         ),
         ("rejected_writes", m.rejected_total().to_string()),
         ("retried_reads", m.retried_total().to_string()),
+        (
+            "transactions_replayed",
+            m.transactions_replayed.get().to_string(),
+        ),
+        ("replay_mismatches", m.replay_mismatches.get().to_string()),
+        ("replay_refused", m.replay_refused_total().to_string()),
         ("failovers", failovers.to_string()),
         ("auth_failures", m.auth_failures.get().to_string()),
         ("tls_failures", m.tls_failures.get().to_string()),
@@ -427,6 +433,11 @@ fn config(app: &App) -> Table {
     add(
         "failover.write_wait".into(),
         format!("{:?}", c.failover.write_wait),
+    );
+    add("failover.replay".into(), c.failover.replay.to_string());
+    add(
+        "failover.replay_timeout".into(),
+        format!("{:?}", c.failover.replay_timeout),
     );
     add("health.interval".into(), format!("{:?}", c.health.interval));
     for u in &c.users {

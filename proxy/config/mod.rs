@@ -167,7 +167,70 @@ pub struct PoolTimeouts {
 pub struct FailoverConfig {
     /// How long a write waits for a primary before it gets 25006.
     pub write_wait: Duration,
+    /// Transactions whose server died before their COMMIT was sent run
+    /// again, unseen, on the primary (see `frontend::session::replay`).
+    pub replay: bool,
+    /// The most client bytes one transaction may send and still replay.
+    pub replay_buffer: usize,
+    /// The most bytes all clients' replayable transactions may hold.
+    pub replay_memory: usize,
+    /// How long a replay may take to reproduce what the client already saw.
+    pub replay_timeout: Duration,
+    /// Functions whose effects outlive a rollback: a transaction whose SQL
+    /// names one is never replayed (added to [`NEVER_REPLAYED`]).
+    pub replay_never: Vec<String>,
+    /// Finds those names (and [`NEVER_REPLAYED`]) in SQL.
+    pub never_replayed: NeverReplayed,
 }
+
+/// Finds, case-insensitively and anywhere in a query (strings, comments
+/// and function bodies included, so a `DO` block counts too), the name of
+/// a function whose effects survive a rollback.
+#[derive(Debug, Clone)]
+pub struct NeverReplayed(Arc<aho_corasick::AhoCorasick>);
+
+impl NeverReplayed {
+    pub fn new(extra: &[String]) -> Result<NeverReplayed, String> {
+        if extra.iter().any(|n| n.trim().is_empty()) {
+            return Err("a function name must not be empty".into());
+        }
+        let names = NEVER_REPLAYED
+            .iter()
+            .map(|s| s.to_string())
+            .chain(extra.iter().cloned());
+        aho_corasick::AhoCorasick::builder()
+            .ascii_case_insensitive(true)
+            .build(names)
+            .map(|m| NeverReplayed(Arc::new(m)))
+            .map_err(|e| e.to_string())
+    }
+
+    /// True when `sql` names one of the functions.
+    pub fn found_in(&self, sql: &[u8]) -> bool {
+        self.0.is_match(sql)
+    }
+}
+
+impl Default for FailoverConfig {
+    fn default() -> Self {
+        let write_wait = Duration::from_secs(2);
+        FailoverConfig {
+            write_wait,
+            replay: true,
+            replay_buffer: 256 * 1024,
+            replay_memory: 64 * 1024 * 1024,
+            replay_timeout: write_wait,
+            replay_never: Vec::new(),
+            never_replayed: NeverReplayed::new(&[])
+                .unwrap_or_else(|e| unreachable!("the built-in function names always build: {e}")),
+        }
+    }
+}
+
+/// Functions whose effects survive a rollback, never replayed whatever
+/// the configuration says: `setval`, the `dblink` family (work done on
+/// another server), `pg_logical_emit_message` (non-transactional messages).
+pub const NEVER_REPLAYED: [&str; 3] = ["setval", "dblink", "pg_logical_emit_message"];
 
 /// How nodes are probed for health and role.
 #[derive(Clone, PartialEq)]
@@ -665,10 +728,35 @@ fn read_pool(r: &mut Reader, t: &Table) -> PoolTimeouts {
 }
 
 fn read_failover(r: &mut Reader, t: &Table) -> FailoverConfig {
-    r.known_keys(t, "failover", &["write_wait"]);
-    FailoverConfig {
-        write_wait: r.get(t, "failover", "write_wait", Duration::from_secs(2)),
+    let p = "failover";
+    r.known_keys(
+        t,
+        p,
+        &[
+            "write_wait",
+            "replay",
+            "replay_buffer",
+            "replay_memory",
+            "replay_timeout",
+            "replay_never_functions",
+        ],
+    );
+    let d = FailoverConfig::default();
+    let write_wait = r.get(t, p, "write_wait", d.write_wait);
+    let mut out = FailoverConfig {
+        write_wait,
+        replay: r.get(t, p, "replay", d.replay),
+        replay_buffer: r.get(t, p, "replay_buffer", Size(d.replay_buffer)).0,
+        replay_memory: r.get(t, p, "replay_memory", Size(d.replay_memory)).0,
+        replay_timeout: r.get(t, p, "replay_timeout", write_wait),
+        replay_never: r.get(t, p, "replay_never_functions", d.replay_never),
+        never_replayed: d.never_replayed,
+    };
+    match NeverReplayed::new(&out.replay_never) {
+        Ok(m) => out.never_replayed = m,
+        Err(e) => r.error("failover.replay_never_functions", &e),
     }
+    out
 }
 
 fn read_auth(r: &mut Reader, t: &Table) -> Option<AuthQuery> {
@@ -1030,6 +1118,49 @@ impl FromToml for usize {
     }
 }
 
+/// A size in bytes: an integer, or a string with a unit ("256KiB",
+/// "64MiB", "1GB"; kB/MB/GB are powers of 1000, KiB/MiB/GiB of 1024).
+struct Size(usize);
+
+impl FromToml for Size {
+    fn from_toml(v: &Value) -> Result<Self, String> {
+        if let Some(i) = v.as_integer() {
+            return usize::try_from(i)
+                .map(Size)
+                .map_err(|_| format!("must not be negative, found {i}"));
+        }
+        let s = v
+            .as_str()
+            .ok_or_else(|| expected("a size like 262144 or \"256KiB\"", v))?;
+        parse_size(s).map(Size)
+    }
+}
+
+fn parse_size(s: &str) -> Result<usize, String> {
+    let digits = s.trim().trim_end_matches(|c: char| c.is_ascii_alphabetic());
+    let unit = s.trim()[digits.len()..].trim_start();
+    let scale: usize = match unit {
+        "" | "B" => 1,
+        "kB" | "KB" => 1000,
+        "KiB" => 1 << 10,
+        "MB" => 1000 * 1000,
+        "MiB" => 1 << 20,
+        "GB" => 1000 * 1000 * 1000,
+        "GiB" => 1 << 30,
+        _ => {
+            return Err(format!(
+                "invalid size \"{s}\": unknown unit \"{unit}\" (B, kB, KiB, MB, MiB, GB, GiB)"
+            ))
+        }
+    };
+    let n: usize = digits
+        .trim()
+        .parse()
+        .map_err(|_| format!("invalid size \"{s}\": expected a whole number and a unit"))?;
+    n.checked_mul(scale)
+        .ok_or_else(|| format!("invalid size \"{s}\": too large"))
+}
+
 impl FromToml for f64 {
     fn from_toml(v: &Value) -> Result<Self, String> {
         match v {
@@ -1088,5 +1219,25 @@ impl FromToml for AuthMethod {
                 "unknown auth method \"{other}\" (expected \"scram-sha-256\", \"md5\" or \"trust\")"
             )),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_take_a_unit() {
+        assert_eq!(parse_size("256KiB"), Ok(256 * 1024));
+        assert_eq!(parse_size("64 MiB"), Ok(64 << 20));
+        assert_eq!(parse_size("1GB"), Ok(1_000_000_000));
+        assert_eq!(parse_size("512"), Ok(512));
+        assert!(parse_size("12 parsecs")
+            .unwrap_err()
+            .contains("unknown unit"));
+        assert!(parse_size("KiB").unwrap_err().contains("whole number"));
+        assert!(parse_size("99999999999999GiB")
+            .unwrap_err()
+            .contains("too large"));
     }
 }

@@ -44,6 +44,9 @@ pub struct App {
     pub auth_lookup: AuthLookup,
     /// The startup parameter sets of clients, shared between them.
     pub params: crate::backend::params::Interned,
+    /// Bytes held by all clients' replayable transactions (bounded by
+    /// `[failover] replay_memory`).
+    pub replay_memory: Arc<std::sync::atomic::AtomicUsize>,
     /// Startup migrations failed and on_error = "serve": why.
     migration_failure: Mutex<Option<String>>,
 }
@@ -141,6 +144,7 @@ impl App {
             epochs: Epochs::default(),
             auth_lookup: AuthLookup::default(),
             params: Default::default(),
+            replay_memory: Arc::default(),
             migration_failure: Mutex::new(None),
         });
         tokio::spawn(close_unused(Arc::downgrade(&app)));

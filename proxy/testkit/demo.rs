@@ -66,9 +66,7 @@ pub fn demo_config(listen: SocketAddr, nodes: &[String]) -> Config {
             max_prepared_statements: 512,
         },
         health: HealthConfig::default(),
-        failover: FailoverConfig {
-            write_wait: Duration::from_secs(2),
-        },
+        failover: FailoverConfig::default(),
         tls: None,
         migrations: None,
         backup: None,

@@ -69,7 +69,7 @@ impl Session {
             .iter()
             .any(|p| p.command == Prepared::Deallocate { name: None });
         if effects.discard_all || deallocate_all {
-            self.statements.clear();
+            self.statements_mut().clear();
         }
     }
 

@@ -235,7 +235,7 @@ impl Session {
         if same {
             let moved = stmt.at_epoch(epoch);
             moved.checked.store(true, Ordering::Relaxed);
-            self.statements.insert(check.client, Arc::new(moved));
+            self.statements_mut().insert(check.client, Arc::new(moved));
         }
     }
 

@@ -11,6 +11,8 @@ mod carry;
 mod check;
 mod lost;
 mod pump;
+mod record;
+mod replay;
 mod replies;
 mod route;
 mod translate;
@@ -102,6 +104,8 @@ struct InFlight {
     shared_fresh: bool,
     /// Translation waits for pgheal's Describe of a statement (`check`).
     checking: bool,
+    /// The running transaction, kept for a replay (see `record`).
+    record: Option<Box<record::TxRecord>>,
 }
 
 impl InFlight {
@@ -117,6 +121,7 @@ impl InFlight {
         known_shape: false,
         shared_fresh: false,
         checking: false,
+        record: None,
     };
 
     /// Nothing in flight: the client's requests are answered or forgotten.
@@ -156,6 +161,10 @@ enum PumpEnd {
     ServerLost(io::Error),
     /// pgheal is shutting down and the client's work is done.
     Closing,
+    /// A replay reproduced what the client had been passed.
+    Verified,
+    /// A replay's replies differed from what the client had been passed.
+    Mismatch,
 }
 
 pub struct Session {
@@ -223,6 +232,10 @@ pub struct Session {
     tx_started: Option<std::time::Instant>,
     /// This client's entry in SHOW CLIENTS.
     registered: Registered,
+    /// Transactions of this client are recorded for a replay.
+    replays: bool,
+    /// A replay runs and has not yet reproduced what the client saw.
+    verify: Option<Box<replay::Verify>>,
 }
 
 impl Session {
@@ -241,7 +254,10 @@ impl Session {
         up.buf = client.buf;
         let translating =
             mode == PoolMode::Transaction && app.config().pool.max_prepared_statements > 0;
+        let replays = translating && app.config().failover.replay;
         Session {
+            replays,
+            verify: None,
             translating,
             wire: Flow::new(usize::MAX),
             xl: Scanner::new(usize::MAX),
@@ -397,6 +413,9 @@ impl Session {
             PumpEnd::ServerLost(e) if self.mode == PoolMode::Session || self.pinned.is_some() => {
                 let addr = lease.pool().shared_addr().clone();
                 *held = None;
+                if self.flight.tx != TxStatus::Idle && self.app.config().failover.replay {
+                    self.app.metrics.refuse_replay("pinned");
+                }
                 self.end_session(&addr, e).await
             }
             PumpEnd::ServerLost(e) if self.replay.is_some() => {
@@ -427,12 +446,39 @@ impl Session {
                 self.detach(held.take(), false);
                 Err(e)
             }
+            PumpEnd::ServerLost(e) if self.flight.record.is_some() => {
+                let addr = lease.pool().shared_addr().clone();
+                let pid = lease.server_key().pid;
+                tracing::warn!(server = %addr, error = %e, "server lost in a transaction; replaying it");
+                self.target.cluster.nudge(&addr);
+                self.cancel.slot.detach();
+                *held = None;
+                match self.replay(&addr, pid).await? {
+                    Some(lease) => *held = Some(Box::new(lease)),
+                    None => self.report_server_lost(e).await?,
+                }
+                Ok(Attachment::Detached)
+            }
+            // Only inside a replay, which waits for them itself.
+            PumpEnd::Verified | PumpEnd::Mismatch => {
+                self.detach(held.take(), false);
+                Ok(Attachment::Detached)
+            }
             PumpEnd::ServerLost(e) => {
                 tracing::warn!(server = %lease.pool().addr(), error = %e, "server connection lost");
                 self.target.cluster.nudge(lease.pool().addr());
                 self.cancel.slot.detach();
                 // Dropping the lease closes the dead connection.
                 *held = None;
+                if self.replays && self.flight.owed {
+                    // Begun without BEGIN, or pipelined after another.
+                    let outcome_unknown = self.flight.tx == TxStatus::Idle;
+                    self.app.metrics.refuse_replay(if outcome_unknown {
+                        "commit_sent"
+                    } else {
+                        "not_recorded"
+                    });
+                }
                 self.report_server_lost(e).await?;
                 Ok(Attachment::Detached)
             }
@@ -734,20 +780,29 @@ impl Session {
         lease.release();
     }
 
+    /// Forgets the server message the loss cut off when nothing of it
+    /// reached the client (it is then as if the server died between
+    /// messages); false when part of it did.
+    fn drop_cut_reply(&mut self) -> bool {
+        if self.down.scanner.at_boundary() {
+            return true;
+        }
+        let partial = self.down.scanner.scanned_of_current();
+        if partial > self.down.scanned {
+            return false;
+        }
+        self.down.scanned -= partial;
+        self.down.buf.truncate(self.down.scanned);
+        self.down.scanner = server_scanner();
+        true
+    }
+
     /// The server died under the client. Between messages the client hears
     /// 08006 and keeps its connection; in the middle of one it cannot.
     async fn report_server_lost(&mut self, e: io::Error) -> Result<(), ClientError> {
-        if !self.down.scanner.at_boundary() {
-            let partial = self.down.scanner.scanned_of_current();
-            if partial > self.down.scanned {
-                tracing::warn!(server_bytes_sent = partial - self.down.scanned, "the server went away in the middle of a message part of which the client has; closing the client");
-                return Err(ClientError::ServerLost(e));
-            }
-            // Nothing of the cut message reached the client: forget it
-            // and answer as between messages.
-            self.down.scanned -= partial;
-            self.down.buf.truncate(self.down.scanned);
-            self.down.scanner = server_scanner();
+        if !self.drop_cut_reply() {
+            tracing::warn!("the server went away in the middle of a message part of which the client has; closing the client");
+            return Err(ClientError::ServerLost(e));
         }
         let mut out = BytesMut::new();
         out.extend_from_slice(&self.down.buf[..self.down.scanned]);

@@ -81,6 +81,7 @@ impl Session {
                     return Ok(());
                 }
                 Step::Header { tag, .. } | Step::Whole { tag, .. } => {
+                    self.record_up(step);
                     if self.tx_started.is_none() {
                         self.tx_started = Some(std::time::Instant::now());
                     }
@@ -104,7 +105,7 @@ impl Session {
                     self.flight.owed = true;
                     self.flight.awaiting = true;
                 }
-                _ => {}
+                _ => self.record_up(step),
             }
             self.up.scanned += step.consumed();
         }
@@ -144,6 +145,7 @@ impl Session {
                     Reply::Replace(with) => {
                         self.splice_down(start, len, &with);
                         self.down.scanned += with.len();
+                        self.record_replaced(&with);
                         continue;
                     }
                 }
@@ -156,6 +158,16 @@ impl Session {
                 _ => {}
             }
             self.down.scanned += step.consumed();
+            if self.flight.record.is_some() {
+                let ready = matches!(
+                    step,
+                    Step::Whole {
+                        tag: backend::READY_FOR_QUERY,
+                        ..
+                    }
+                );
+                self.record_down(start, step.consumed(), ready);
+            }
         }
     }
 
@@ -360,6 +372,9 @@ impl Session {
                 Ok(p) => progress |= p,
                 Err(end) => return Poll::Ready(end),
             }
+            if let Some(end) = self.check_replay() {
+                return Poll::Ready(end);
+            }
             if self.rerun.is_some() && self.flight.pending == 0 {
                 return Poll::Ready(PumpEnd::Rerun);
             }
@@ -397,7 +412,11 @@ impl Session {
 
     pub(super) fn poll_client_read(&mut self, cx: &mut Context<'_>) -> Result<bool, PumpEnd> {
         let backlog = self.up.scanned + self.wire.buf.len();
-        if self.terminated || self.client_eof || self.flight.server_dying || backlog >= MAX_PENDING
+        if self.terminated
+            || self.client_eof
+            || self.flight.server_dying
+            || backlog >= MAX_PENDING
+            || self.verify.is_some()
         {
             return Ok(false);
         }

@@ -222,7 +222,7 @@ impl Session {
                     conn.statements.remove(&server);
                 }
                 if let Some(client) = client {
-                    self.statements.remove(&client);
+                    self.statements_mut().remove(&client);
                 }
             }
             Expect::Close {

@@ -124,7 +124,7 @@ impl Session {
                 let (kind, name) = frontend::target(body).map_err(|_| malformed("Close"))?;
                 if kind == STATEMENT && !name.is_empty() {
                     // The server keeps it for others; the client forgets it.
-                    self.statements.remove(name);
+                    self.statements_mut().remove(name);
                     build::close(&mut self.wire.buf, STATEMENT, NONE);
                 } else {
                     self.wire.buf.extend_from_slice(msg);
@@ -169,7 +169,7 @@ impl Session {
             types: p.types.into(),
         };
         let stmt = Arc::new(Statement::new(server, base, epoch, source));
-        self.statements.insert(p.name.into(), stmt.clone());
+        self.statements_mut().insert(p.name.into(), stmt.clone());
         self.flight.fresh.push(p.name.into());
         Ok(stmt)
     }
@@ -218,7 +218,7 @@ impl Session {
     /// run again from the client's bytes.
     pub(super) fn forget_fresh(&mut self) {
         for name in std::mem::take(&mut self.flight.fresh) {
-            self.statements.remove(&name);
+            self.statements_mut().remove(&name);
         }
     }
 
@@ -445,12 +445,12 @@ impl Session {
                     {
                         // The server keeps it for others; the client
                         // hears DEALLOCATE from a throwaway statement.
-                        self.statements.remove(name.as_bytes());
+                        self.statements_mut().remove(name.as_bytes());
                         out.sql.extend_from_slice(b"DEALLOCATE \"pgheal-tmp\"");
                         copied = p.span.end;
                     }
                 }
-                Prepared::Deallocate { name: None } => self.statements.clear(),
+                Prepared::Deallocate { name: None } => self.statements_mut().clear(),
             }
         }
         out.sql.extend_from_slice(&sql[copied..]);
