@@ -15,6 +15,8 @@
 # Columns: TPS (mean of the rounds), average latency, p99 latency (from
 # pgbench's per-transaction log), and the proxy's own CPU (user + system)
 # per transaction, which does not depend on how the cores are shared.
+# The tpcb rows also run through a second pgheal with transaction replay
+# off ([failover] replay = false): what recording transactions costs.
 #
 # Needs: PostgreSQL server binaries, pgbench, pgbouncer, python3. Runs
 # PostgreSQL and PgBouncer as the postgres user when started as root.
@@ -46,6 +48,7 @@ cleanup() {
 trap cleanup EXIT
 
 pg_port=$(free_port); heal_port=$(free_port); bouncer_port=$(free_port); bsession_port=$(free_port)
+noreplay_port=$(free_port)
 # One self-signed certificate for the TLS rows, served by all three.
 openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=localhost \
     -keyout "$work/tls.key" -out "$work/tls.crt" >/dev/null 2>&1
@@ -95,6 +98,10 @@ fi
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 RUST_LOG=warn "${pin[@]}" target/release/pgheal --config "$work/pgheal.toml" >"$work/pgheal.log" 2>&1 &
 heal_pid=$!; pids+=("$heal_pid")
+sed "s/^listen = .*/listen = \"127.0.0.1:$noreplay_port\"/" "$work/pgheal.toml" > "$work/noreplay.toml"
+printf '[failover]\nreplay = false\n' >> "$work/noreplay.toml"
+RUST_LOG=warn "${pin[@]}" target/release/pgheal --config "$work/noreplay.toml" >"$work/noreplay.log" 2>&1 &
+noreplay_pid=$!; pids+=("$noreplay_pid")
 
 cat > "$work/userlist.txt" <<TXT
 "app" "apppw"
@@ -170,6 +177,7 @@ run() { # name target-port args...
         "$heal_port") proxy_pid=$heal_pid;;
         "$bouncer_port") proxy_pid=$bouncer_pid;;
         "$bsession_port") proxy_pid=$bsession_pid;;
+        "$noreplay_port") proxy_pid=$noreplay_pid;;
     esac
     [ -n "$proxy_pid" ] && before=$(cpu_of "$proxy_pid")
     local sslmode=disable
@@ -222,8 +230,10 @@ for round in $(seq "$ROUNDS"); do
         name=${c%%|*}; args=${c#*|}
         # Alternate the order of targets from round to round.
         if [ $((round % 2)) = 1 ]; then order="direct pgheal pgbouncer"; else order="pgbouncer pgheal direct"; fi
+        [[ $name == tpcb* ]] && order="$order noreplay"
         for target in $order; do
-            case $target in direct) port=$pg_port;; pgheal) port=$heal_port;; pgbouncer) port=$bouncer_port;; esac
+            case $target in direct) port=$pg_port;; pgheal) port=$heal_port;; pgbouncer) port=$bouncer_port;;
+                noreplay) port=$noreplay_port;; esac
             [[ $target == pgbouncer && $args == *prepared* ]] && port=$bsession_port
             # shellcheck disable=SC2086
             run "$name/$target" "$port" $args
@@ -247,6 +257,17 @@ ratio = lambda a, b: "fails" if b != b else f"{a / b:.2f}"  # nan: pgbench faile
 lat = f"{ld:.3f}/{lh:.3f}/{lb:.3f}"
 p99 = f"{pd:.2f}/{ph:.2f}/{pb:.2f}"
 print(f"{name:<16} {d:12.0f} {h:12.0f} {b:12.0f} {ratio(h, b):>9} {ratio(h, d):>9}   {lat:<24} {p99:<24} {ch:.1f}/{cb:.1f}")
+PY
+done
+
+for c in "${cases[@]}"; do
+    name=${c%%|*}
+    [[ $name == tpcb* ]] || continue
+    python3 - "$name" "$ROUNDS" "${cpu[$name/pgheal]}" "${cpu[$name/noreplay]}" "${tps[$name/pgheal]}" "${tps[$name/noreplay]}" <<'PY'
+import sys
+name, rounds = sys.argv[1], int(sys.argv[2])
+on, off, tps_on, tps_off = (float(x) / rounds for x in sys.argv[3:7])
+print(f"{name}: pgheal CPU us/tx with replay {on:.1f}, without {off:.1f} ({(on / off - 1) * 100:+.1f}%); TPS with/without {tps_on / tps_off:.2f}")
 PY
 done
 

@@ -4,7 +4,10 @@
 //! rejected writes by SQLSTATE, time from the kill to the first 25006, time
 //! from the promotion to the first successful write, time from the
 //! restarted primary being back to the first successful write, and client
-//! connections lost.
+//! connections lost. Transaction clients (`BEGIN; INSERT; pause; UPDATE;
+//! COMMIT`) run alongside: for the kill and promotion, the errors they saw,
+//! the transactions pgheal replayed, and the longest a statement of theirs
+//! waited.
 //!
 //!     cargo bench --bench failover
 
@@ -17,6 +20,57 @@ use pgheal::config::Config;
 use pgheal::testkit::localpg::PgNode;
 
 const CLIENTS: usize = 8;
+const TX_CLIENTS: usize = 4;
+
+/// What the transaction clients saw.
+#[derive(Default)]
+struct TxLog {
+    committed: u64,
+    errors: BTreeMap<String, u64>,
+    longest_stall: Duration,
+}
+
+/// Runs `sql`, noting how long it took.
+async fn timed(
+    client: &tokio_postgres::Client,
+    sql: &str,
+    log: &Mutex<TxLog>,
+) -> Result<(), tokio_postgres::Error> {
+    let start = Instant::now();
+    let result = client.batch_execute(sql).await;
+    let mut log = log.lock().unwrap();
+    log.longest_stall = log.longest_stall.max(start.elapsed());
+    result
+}
+
+async fn tx_client(
+    url: String,
+    me: usize,
+    log: Arc<Mutex<TxLog>>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(conn);
+    while !*stop.borrow() {
+        let result = async {
+            timed(&client, "BEGIN; INSERT INTO w VALUES (2)", &log).await?;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let update = format!("UPDATE t SET n = n + 1 WHERE id = {me}; COMMIT");
+            timed(&client, &update, &log).await
+        }
+        .await;
+        match result {
+            Ok(()) => log.lock().unwrap().committed += 1,
+            Err(e) => {
+                let code = e.code().map_or("none".into(), |c| c.code().to_string());
+                *log.lock().unwrap().errors.entry(code).or_default() += 1;
+                let _ = client.batch_execute("ROLLBACK").await;
+            }
+        }
+    }
+}
 
 #[derive(Default)]
 struct Log {
@@ -104,10 +158,18 @@ async fn main() {
         .sql("postgres", "CREATE DATABASE app OWNER app")
         .await
         .unwrap();
-    primary.sql("app", "CREATE TABLE w(x int)").await.unwrap();
+    primary
+        .sql(
+            "app",
+            "CREATE TABLE w(x int); CREATE TABLE t(id int, n int);\
+             INSERT INTO t SELECT g, 0 FROM generate_series(0, 9) g",
+        )
+        .await
+        .unwrap();
     let mut replica = PgNode::start_replica_of(&primary).await.expect("replica");
     let config = Config::parse(&format!(
         "[proxy]\nlisten = \"127.0.0.1:0\"\n[[users]]\nname = \"app\"\npassword = \"apppw\"\n\
+         [failover]\nwrite_wait = \"5s\"\n\
          [databases.app]\nnodes = [\"{}\", \"{}\"]\nuser = \"app\"\npassword = \"apppw\"\nread_routing = true\n",
         primary.addr(),
         replica.addr()
@@ -129,13 +191,17 @@ async fn main() {
             ))
         })
         .collect();
+    let tx_log = Arc::new(Mutex::new(TxLog::default()));
+    let tx_tasks: Vec<_> = (0..TX_CLIENTS)
+        .map(|i| tokio::spawn(tx_client(url.clone(), i, tx_log.clone(), stop_rx.clone())))
+        .collect();
     tokio::time::sleep(Duration::from_secs(3)).await;
 
     let killed = Instant::now();
     primary.kill9().await;
     wait_roles(&proxy, &[Role::Down, Role::Replica]).await;
     let detected = Instant::now();
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
     replica.promote().await.expect("promote");
     let promoted = Instant::now();
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -147,6 +213,16 @@ async fn main() {
         let log = log.lock().unwrap();
         (log.reads_failed.clone(), log.writes_failed.clone())
     };
+    let tx_phase = {
+        let t = tx_log.lock().unwrap();
+        (t.committed, t.errors.clone(), t.longest_stall)
+    };
+    let m = &proxy.app.metrics;
+    let replays = (
+        m.transactions_replayed.get(),
+        m.replay_mismatches.get(),
+        m.replay_refused_total(),
+    );
     replica.kill9().await;
     tokio::time::sleep(Duration::from_secs(4)).await;
     replica.start().await.expect("restart in place");
@@ -157,6 +233,9 @@ async fn main() {
     for t in tasks {
         lost += usize::from(t.await.unwrap());
     }
+    for t in tx_tasks {
+        t.await.unwrap();
+    }
 
     let log = log.lock().unwrap();
     let first_write_after = log
@@ -164,7 +243,7 @@ async fn main() {
         .iter()
         .find(|t| **t > promoted)
         .map(|t| *t - promoted);
-    println!("failover run: {CLIENTS} clients (half readers, half writers), read_routing on, defaults otherwise");
+    println!("failover run: {CLIENTS} clients (half readers, half writers) and {TX_CLIENTS} transaction clients, read_routing on, write_wait 5s, promotion 1 s after the kill is seen, defaults otherwise");
     println!(
         "failover (kill, promotion): reads failed {:?}, writes rejected {:?}",
         failover_phase.0, failover_phase.1
@@ -179,6 +258,10 @@ async fn main() {
         log.first_25006.map(|t| t - killed)
     );
     println!("promotion done -> first successful write: {first_write_after:?}");
+    println!(
+        "transactions through the kill and promotion: committed {}, errors seen by clients {:?}, replayed {}, replay mismatches {}, not replayed {}, longest statement wait {:?}",
+        tx_phase.0, tx_phase.1, replays.0, replays.1, replays.2, tx_phase.2
+    );
     let first_write_back = log
         .writes_ok_at
         .iter()

@@ -112,9 +112,12 @@ pub fn transaction_sql(sql: &[u8]) -> TxSql {
     }
 }
 
+/// A statement's first word and the word after it.
+type Head<'a> = (&'a [u8], Option<&'a [u8]>);
+
 /// The first two words of the next statement (`None` for an empty one),
 /// and whether a `;` followed.
-fn statement_head<'a>(lx: &mut Lexer<'a>) -> (Option<(&'a [u8], Option<&'a [u8]>)>, bool) {
+fn statement_head<'a>(lx: &mut Lexer<'a>) -> (Option<Head<'a>>, bool) {
     let mut first: Option<&[u8]> = None;
     let mut second: Option<&[u8]> = None;
     let mut depth = 0u32;

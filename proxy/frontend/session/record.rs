@@ -40,8 +40,11 @@ impl Drop for Charge {
 pub(super) struct TxRecord {
     /// The client's messages since the `BEGIN`, as the client sent them.
     pub(super) log: BytesMut,
-    /// Where in `log` each request (Query, Sync, FunctionCall) ends.
+    /// Where in `log` each request (Query, Sync, FunctionCall) not yet
+    /// answered ends.
     ends: VecDeque<usize>,
+    /// Where the last request recorded ends.
+    last_end: usize,
     /// A digest of every byte passed to the client in this transaction.
     hash: Xxh3,
     pub(super) delivered: u64,
@@ -83,6 +86,7 @@ impl TxRecord {
         TxRecord {
             log: spare::take(),
             ends: VecDeque::new(),
+            last_end: 0,
             hash: Xxh3::new(),
             delivered: 0,
             refused: None,
@@ -129,7 +133,7 @@ impl TxRecord {
 
     /// True when the last message recorded ends a request.
     pub(super) fn ends_with_request(&self) -> bool {
-        self.ends.back() == Some(&self.log.len())
+        self.last_end == self.log.len()
     }
 
     /// The digest of what the client was passed so far.
@@ -170,7 +174,8 @@ impl Session {
                 tag,
                 frontend::QUERY | frontend::SYNC | frontend::FUNCTION_CALL
             ) {
-                r.ends.push_back(r.log.len() + len);
+                r.last_end = r.log.len() + len;
+                r.ends.push_back(r.last_end);
             }
             if tag == frontend::FUNCTION_CALL {
                 // A function called by OID: what it does is not known.
@@ -279,5 +284,49 @@ fn bound_sql<'a>(statements: &'a ClientStatements, bind_body: &[u8]) -> Option<&
     match &statements.get(bind.statement)?.source {
         Source::Protocol { query, .. } => Some(query),
         Source::Sql { body } => Some(body),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(total: &Arc<AtomicUsize>, per_client: usize, all: usize) -> TxRecord {
+        let never = NeverReplayed::new(&["audit_me".into()]).expect("names");
+        TxRecord::new(total.clone(), (per_client, all), never)
+    }
+
+    #[test]
+    fn a_transaction_beyond_either_budget_lets_its_bytes_go() {
+        let total = Arc::new(AtomicUsize::new(0));
+        let mut a = record(&total, 200, 300);
+        a.append(&[1; 100]);
+        assert_eq!((a.log.len(), a.refused), (100, None));
+        a.append(&[2; 150]);
+        assert_eq!((a.log.len(), a.refused), (0, Some("buffer")));
+        // The whole process's budget: `a` still holds its 250 bytes.
+        let mut b = record(&total, 200, 300);
+        b.append(&[3; 100]);
+        assert_eq!(b.refused, Some("buffer"));
+        drop(a);
+        drop(b);
+        assert_eq!(total.load(Ordering::Relaxed), 0, "every byte given back");
+        let mut c = record(&total, 200, 300);
+        c.append(&[4; 100]);
+        assert_eq!(c.refused, None);
+    }
+
+    #[test]
+    fn sql_that_ends_the_transaction_or_calls_a_listed_function_is_noted() {
+        let total = Arc::new(AtomicUsize::new(0));
+        let mut r = record(&total, 1000, 1000);
+        r.inspect_sql(b"UPDATE t SET x = 1");
+        assert!(!r.ending && r.refused.is_none());
+        r.inspect_sql(b"DO $$BEGIN PERFORM Audit_Me(); END$$");
+        assert_eq!(r.refused, Some("function"));
+        r.inspect_sql(b"SELECT SETVAL('s', 1)");
+        assert_eq!(r.refused, Some("function"), "the first reason stays");
+        r.inspect_sql(b"COMMIT");
+        assert!(r.ending);
     }
 }

@@ -239,31 +239,35 @@ impl Session {
     }
 
     /// A server of the primary for the replay, waiting up to `write_wait`
-    /// for one. On the lost connection's own node, only once its old
-    /// backend (and the locks it held) is gone.
+    /// for one. The lost connection's own node only once a probe since the
+    /// loss found it primary, and its old backend (and the locks it held)
+    /// is gone.
     async fn replay_server(
         &mut self,
         lost: &Arc<str>,
         lost_pid: i32,
     ) -> Result<Lease, &'static str> {
+        let since = std::time::Instant::now();
         let deadline = Instant::now() + self.app.config().failover.write_wait;
+        self.target.cluster.nudge(lost);
         loop {
-            self.intent = Intent::Write;
-            let pool = self
-                .route(Some(&Rerun::OnPrimary))
-                .await
-                .map_err(|_| "no_primary")?;
-            match self.checkout(&pool).await {
-                Ok(mut lease) if pool.shared_addr() == lost => {
-                    if backend_gone(&mut lease, lost_pid, deadline).await {
-                        return Ok(lease);
+            if self.probed_since(lost, since) {
+                self.intent = Intent::Write;
+                let pool = self
+                    .route(Some(&Rerun::OnPrimary))
+                    .await
+                    .map_err(|_| "no_primary")?;
+                match self.checkout(&pool).await {
+                    Ok(mut lease) if pool.shared_addr() == lost => {
+                        if backend_gone(&mut lease, lost_pid, deadline).await {
+                            return Ok(lease);
+                        }
                     }
-                    return Err("no_primary");
-                }
-                Ok(lease) => return Ok(lease),
-                Err(e) => {
-                    tracing::debug!(server = %pool.addr(), error = %e, "no server for the replay yet");
-                    self.target.cluster.nudge(pool.addr());
+                    Ok(lease) => return Ok(lease),
+                    Err(e) => {
+                        tracing::debug!(server = %pool.addr(), error = %e, "no server for the replay yet");
+                        self.target.cluster.nudge(pool.addr());
+                    }
                 }
             }
             if Instant::now() >= deadline {
@@ -278,6 +282,14 @@ impl Session {
             })
             .await;
         }
+    }
+
+    /// Whether a probe of `node` ended after `since` (its role then says
+    /// what became of it).
+    fn probed_since(&self, node: &str, since: std::time::Instant) -> bool {
+        let topology = self.target.cluster.snapshot();
+        let status = topology.nodes.iter().find(|n| &*n.addr == node);
+        status.is_none_or(|n| n.checked_at.is_some_and(|at| at > since))
     }
 
     /// While a replay runs: takes the replies that cover what the client
