@@ -146,6 +146,13 @@ async fn main() {
     if std::env::args().any(|a| a == "--list" || a == "--test") {
         return; // `cargo test --benches` and the bench listing
     }
+    // pgheal's own log on stderr when RUST_LOG asks for it.
+    if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_default_env() {
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let mut primary = PgNode::start_new().await.expect("primary");
     primary
         .sql(
@@ -218,10 +225,23 @@ async fn main() {
         (t.committed, t.errors.clone(), t.longest_stall)
     };
     let m = &proxy.app.metrics;
+    let refused: Vec<String> = pgheal::metrics::REPLAY_REFUSALS
+        .iter()
+        .map(|&reason| {
+            (
+                reason,
+                m.replay_refused
+                    .get_or_create(&pgheal::metrics::Reason { reason })
+                    .get(),
+            )
+        })
+        .filter(|(_, n)| *n > 0)
+        .map(|(reason, n)| format!("{reason}: {n}"))
+        .collect();
     let replays = (
         m.transactions_replayed.get(),
         m.replay_mismatches.get(),
-        m.replay_refused_total(),
+        refused.join(", "),
     );
     replica.kill9().await;
     tokio::time::sleep(Duration::from_secs(4)).await;
@@ -259,7 +279,7 @@ async fn main() {
     );
     println!("promotion done -> first successful write: {first_write_after:?}");
     println!(
-        "transactions through the kill and promotion: committed {}, errors seen by clients {:?}, replayed {}, replay mismatches {}, not replayed {}, longest statement wait {:?}",
+        "transactions through the kill and promotion: committed {}, errors seen by clients {:?}, replayed {}, replay mismatches {}, not replayed (autocommit writes included) {{{}}}, longest statement wait {:?}",
         tx_phase.0, tx_phase.1, replays.0, replays.1, replays.2, tx_phase.2
     );
     let first_write_back = log
