@@ -225,16 +225,9 @@ async fn main() {
         (t.committed, t.errors.clone(), t.longest_stall)
     };
     let m = &proxy.app.metrics;
-    let refused: Vec<String> = pgheal::metrics::REPLAY_REFUSALS
+    let refused: Vec<String> = pgheal::metrics::ReplayRefusal::ALL
         .iter()
-        .map(|&reason| {
-            (
-                reason,
-                m.replay_refused
-                    .get_or_create(&pgheal::metrics::Reason { reason })
-                    .get(),
-            )
-        })
+        .map(|&reason| (reason.as_str(), m.replay_refused(reason)))
         .filter(|(_, n)| *n > 0)
         .map(|(reason, n)| format!("{reason}: {n}"))
         .collect();

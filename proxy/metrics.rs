@@ -135,19 +135,61 @@ fn bucket(us: u64) -> usize {
 }
 
 /// Why a transaction whose server was lost was not replayed (README,
-/// "Transaction replay").
-pub const REPLAY_REFUSALS: [&str; 10] = [
-    "not_recorded",
-    "buffer",
-    "function",
-    "commit_sent",
-    "pinned",
-    "session_ended",
-    "message_cut",
-    "no_primary",
-    "replayed",
-    "replay_failed",
-];
+/// "Transaction replay"); the `reason` label of `pgheal_replay_refused`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplayRefusal {
+    /// Not opened by `BEGIN` at the start of a request (pipelined).
+    NotRecorded,
+    /// Beyond `replay_buffer` or `replay_memory`.
+    Buffer,
+    /// Names a function whose effects survive a rollback.
+    Function,
+    /// Its ending message was read from the client: the outcome is the
+    /// server's.
+    CommitSent,
+    /// Pinned, or session mode.
+    Pinned,
+    /// A node that stays up ended the session on purpose.
+    SessionEnded,
+    /// The server died in the middle of a reply part of which the client had.
+    MessageCut,
+    /// No primary within `write_wait`.
+    NoPrimary,
+    /// A replay whose server was lost too.
+    Replayed,
+    /// The replay's server was lost, or it took longer than `replay_timeout`.
+    ReplayFailed,
+}
+
+impl ReplayRefusal {
+    pub const ALL: [ReplayRefusal; 10] = [
+        ReplayRefusal::NotRecorded,
+        ReplayRefusal::Buffer,
+        ReplayRefusal::Function,
+        ReplayRefusal::CommitSent,
+        ReplayRefusal::Pinned,
+        ReplayRefusal::SessionEnded,
+        ReplayRefusal::MessageCut,
+        ReplayRefusal::NoPrimary,
+        ReplayRefusal::Replayed,
+        ReplayRefusal::ReplayFailed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReplayRefusal::NotRecorded => "not_recorded",
+            ReplayRefusal::Buffer => "buffer",
+            ReplayRefusal::Function => "function",
+            ReplayRefusal::CommitSent => "commit_sent",
+            ReplayRefusal::Pinned => "pinned",
+            ReplayRefusal::SessionEnded => "session_ended",
+            ReplayRefusal::MessageCut => "message_cut",
+            ReplayRefusal::NoPrimary => "no_primary",
+            ReplayRefusal::Replayed => "replayed",
+            ReplayRefusal::ReplayFailed => "replay_failed",
+        }
+    }
+}
 
 /// Sums a counter family over `reasons`.
 fn sum_of(family: &Family<Reason, Counter>, reasons: &[&'static str]) -> u64 {
@@ -375,11 +417,18 @@ impl Metrics {
     }
 
     pub fn replay_refused_total(&self) -> u64 {
-        sum_of(&self.replay_refused, &REPLAY_REFUSALS)
+        let reasons = ReplayRefusal::ALL.map(ReplayRefusal::as_str);
+        sum_of(&self.replay_refused, &reasons)
     }
 
-    pub fn refuse_replay(&self, reason: &'static str) {
-        debug_assert!(REPLAY_REFUSALS.contains(&reason), "{reason}");
+    /// The transactions not replayed for `reason`.
+    pub fn replay_refused(&self, reason: ReplayRefusal) -> u64 {
+        let reason = reason.as_str();
+        self.replay_refused.get_or_create(&Reason { reason }).get()
+    }
+
+    pub fn refuse_replay(&self, reason: ReplayRefusal) {
+        let reason = reason.as_str();
         self.replay_refused.get_or_create(&Reason { reason }).inc();
     }
 

@@ -64,18 +64,6 @@ pub fn classify(sql: &[u8]) -> Class {
     }
 }
 
-/// What a query string means for a transaction pgheal may have to run
-/// again (see [`transaction_sql`]).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct TxSql {
-    /// Its first statement is `BEGIN` / `START TRANSACTION`.
-    pub begins: bool,
-    /// A statement ends the transaction or hands its outcome elsewhere:
-    /// `COMMIT`/`END`, `ROLLBACK`/`ABORT` (not `ROLLBACK TO`), `PREPARE
-    /// TRANSACTION`.
-    pub ends: bool,
-}
-
 /// True when `sql` starts with `BEGIN` or `START TRANSACTION` (reads two
 /// words at most).
 pub fn starts_transaction(sql: &[u8]) -> bool {
@@ -86,55 +74,6 @@ pub fn starts_transaction(sql: &[u8]) -> bool {
         t if is(t, "start") => is(lx.next(), "transaction"),
         _ => false,
     }
-}
-
-/// Finds where `sql` begins or ends a transaction, statement by statement.
-pub fn transaction_sql(sql: &[u8]) -> TxSql {
-    let mut lx = Lexer::new(sql);
-    let mut out = TxSql::default();
-    let mut index = 0;
-    loop {
-        let (head, more) = statement_head(&mut lx);
-        if let Some((first, second)) = head {
-            let is = |w: &[u8], k: &str| w.eq_ignore_ascii_case(k.as_bytes());
-            let second_is = |k: &str| second.is_some_and(|s| is(s, k));
-            let begins = is(first, "begin") || (is(first, "start") && second_is("transaction"));
-            out.begins |= index == 0 && begins;
-            out.ends |= is(first, "commit")
-                || is(first, "end")
-                || ((is(first, "rollback") || is(first, "abort")) && !second_is("to"))
-                || (is(first, "prepare") && second_is("transaction"));
-            index += 1;
-        }
-        if !more {
-            return out;
-        }
-    }
-}
-
-/// A statement's first word and the word after it.
-type Head<'a> = (&'a [u8], Option<&'a [u8]>);
-
-/// The first two words of the next statement (`None` for an empty one),
-/// and whether a `;` followed.
-fn statement_head<'a>(lx: &mut Lexer<'a>) -> (Option<Head<'a>>, bool) {
-    let mut first: Option<&[u8]> = None;
-    let mut second: Option<&[u8]> = None;
-    let mut depth = 0u32;
-    let mut seen = false;
-    let more = loop {
-        let Some(tok) = lx.next() else { break false };
-        match tok {
-            Token::Semicolon if depth == 0 => break true,
-            Token::Open => depth += 1,
-            Token::Close => depth = depth.saturating_sub(1),
-            Token::Word(w) if first.is_none() && !seen => first = Some(w),
-            Token::Word(w) if second.is_none() && first.is_some() => second = Some(w),
-            _ => {}
-        }
-        seen = true;
-    };
-    (first.map(|f| (f, second)), more)
 }
 
 /// Classifies the next statement; returns `None` for an empty one, and

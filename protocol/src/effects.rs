@@ -70,6 +70,10 @@ pub struct Effects {
     pub prepared: Vec<PreparedAt>,
     /// Non-empty statements in the string.
     pub statements: usize,
+    /// A statement ends the running transaction or hands its outcome on:
+    /// `COMMIT`/`END`, `ROLLBACK`/`ABORT` (not `ROLLBACK TO`), `PREPARE
+    /// TRANSACTION`. (Outlives nothing: not part of `is_empty`.)
+    pub ends_transaction: bool,
 }
 
 impl Effects {
@@ -261,6 +265,7 @@ impl Statement<'_> {
 
     fn apply(&self, sql: &[u8], index: usize, out: &mut Effects) {
         let first = self.word(0).unwrap_or_default();
+        out.ends_transaction |= self.ends_transaction(first);
         if self.advisory {
             out.pin = Some(Pin::AdvisoryLock);
         }
@@ -286,6 +291,14 @@ impl Statement<'_> {
                 command,
             });
         }
+    }
+
+    fn ends_transaction(&self, first: &[u8]) -> bool {
+        let rolls_back = (is(first, "rollback") || is(first, "abort")) && !self.word_is(1, "to");
+        is(first, "commit")
+            || is(first, "end")
+            || rolls_back
+            || (is(first, "prepare") && self.word_is(1, "transaction"))
     }
 
     /// `CREATE [OR REPLACE] [GLOBAL | LOCAL] TEMP[ORARY] ...`.

@@ -46,17 +46,8 @@ fn several_statements() {
 
 #[test]
 fn where_a_query_begins_and_ends_a_transaction() {
-    use pgheal_protocol::classify::{transaction_sql, TxSql};
-    let tx = |sql: &str| transaction_sql(sql.as_bytes());
-    let begins = TxSql {
-        begins: true,
-        ends: false,
-    };
-    assert_eq!(tx("BEGIN"), begins);
-    assert_eq!(tx("  begin isolation level serializable;"), begins);
-    assert_eq!(tx("START TRANSACTION READ WRITE"), begins);
-    assert_eq!(tx("/* c */ BEGIN; UPDATE t SET x = 1"), begins);
-    assert_eq!(tx("UPDATE t SET x = 1; BEGIN"), TxSql::default());
+    use pgheal_protocol::effects::effects;
+    let ends = |sql: &str| effects(sql.as_bytes()).ends_transaction;
     for ending in [
         "COMMIT",
         "end",
@@ -66,10 +57,11 @@ fn where_a_query_begins_and_ends_a_transaction() {
         "BEGIN; INSERT INTO t VALUES (1); COMMIT",
         "update t set x = 1; end;",
     ] {
-        assert!(tx(ending).ends, "{ending}");
+        assert!(ends(ending), "{ending}");
     }
     for not_ending in [
         "ROLLBACK TO SAVEPOINT a",
+        "BEGIN; UPDATE t SET x = 1",
         "SELECT CASE WHEN x THEN 1 END FROM t",
         "SELECT 'commit'",
         "PREPARE p AS SELECT 1",
@@ -77,7 +69,7 @@ fn where_a_query_begins_and_ends_a_transaction() {
         "(SELECT 1)",
         "",
     ] {
-        assert!(!tx(not_ending).ends, "{not_ending}");
+        assert!(!ends(not_ending), "{not_ending}");
     }
 }
 

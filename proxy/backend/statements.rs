@@ -118,6 +118,8 @@ pub struct Statement {
     pub source: Source,
     /// Where a request that starts by running it may go.
     pub intent: Intent,
+    /// Running it ends the transaction (`COMMIT`, `ROLLBACK`, ...).
+    pub ends_transaction: bool,
     /// A description made after the client prepared it was compared with
     /// the one recorded for its server name (see [`Epochs::compare_shape`]).
     pub checked: AtomicBool,
@@ -128,9 +130,12 @@ pub struct Statement {
 
 impl Statement {
     pub fn new(server: ServerName, base: ServerName, epoch: u32, source: Source) -> Statement {
-        let intent = match &source {
-            Source::Protocol { query, .. } => crate::backend::router::sql_intent(query),
-            Source::Sql { .. } => Intent::Write,
+        let (intent, ends_transaction) = match &source {
+            Source::Protocol { query, .. } => (
+                crate::backend::router::sql_intent(query),
+                pgheal_protocol::effects::effects(query).ends_transaction,
+            ),
+            Source::Sql { .. } => (Intent::Write, false),
         };
         Statement {
             server,
@@ -139,6 +144,7 @@ impl Statement {
             shared: server == base.at_epoch(epoch),
             source,
             intent,
+            ends_transaction,
             checked: AtomicBool::new(false),
             stale: AtomicBool::new(false),
         }

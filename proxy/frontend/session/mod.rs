@@ -49,6 +49,7 @@ use crate::frontend::clients::{ClientState, Registered};
 use crate::frontend::error::ClientError;
 use crate::frontend::login::LoggedIn;
 use crate::frontend::{App, Target};
+use crate::metrics::ReplayRefusal;
 use crate::net::flow::Flow;
 use tokio::sync::watch;
 
@@ -414,7 +415,7 @@ impl Session {
                 let addr = lease.pool().shared_addr().clone();
                 *held = None;
                 if self.flight.tx != TxStatus::Idle && self.app.config().failover.replay {
-                    self.app.metrics.refuse_replay("pinned");
+                    self.app.metrics.refuse_replay(ReplayRefusal::Pinned);
                 }
                 self.end_session(&addr, e).await
             }
@@ -474,9 +475,9 @@ impl Session {
                     // Begun without BEGIN, or pipelined after another.
                     let outcome_unknown = self.flight.tx == TxStatus::Idle;
                     self.app.metrics.refuse_replay(if outcome_unknown {
-                        "commit_sent"
+                        ReplayRefusal::CommitSent
                     } else {
-                        "not_recorded"
+                        ReplayRefusal::NotRecorded
                     });
                 }
                 self.report_server_lost(e).await?;

@@ -14,14 +14,16 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 use pgheal_protocol::backend::TxStatus;
-use pgheal_protocol::classify::{starts_transaction, transaction_sql};
+use pgheal_protocol::classify::starts_transaction;
+use pgheal_protocol::effects::Effects;
 use pgheal_protocol::frame::{Step, HEADER_LEN};
 use pgheal_protocol::frontend;
 use xxhash_rust::xxh3::Xxh3;
 
 use super::Session;
-use crate::backend::statements::{ClientStatements, Source};
+use crate::backend::statements::{ClientStatements, Source, Statement};
 use crate::config::NeverReplayed;
+use crate::metrics::ReplayRefusal;
 use crate::net::flow::spare;
 
 /// Bytes taken from the process-wide replay budget, given back on drop.
@@ -49,7 +51,7 @@ pub(super) struct TxRecord {
     hash: Xxh3,
     pub(super) delivered: u64,
     /// Why this transaction cannot be replayed, once that is known.
-    pub(super) refused: Option<&'static str>,
+    pub(super) refused: Option<ReplayRefusal>,
     /// A message that ends the transaction was read: its outcome is the
     /// server's alone.
     pub(super) ending: bool,
@@ -110,24 +112,24 @@ impl TxRecord {
         let before = self.charge.total.fetch_add(n, Ordering::Relaxed);
         self.charge.bytes += n;
         if self.charge.bytes > per_client || before + n > all {
-            self.refuse("buffer");
+            self.refuse(ReplayRefusal::Buffer);
             return;
         }
         self.log.extend_from_slice(bytes);
     }
 
     /// The transaction cannot be replayed: its bytes go at once.
-    pub(super) fn refuse(&mut self, reason: &'static str) {
+    pub(super) fn refuse(&mut self, reason: ReplayRefusal) {
         self.refused.get_or_insert(reason);
         spare::give(std::mem::take(&mut self.log));
         self.ends.clear();
     }
 
-    /// Notes what one statement's SQL means for a replay.
-    fn inspect_sql(&mut self, sql: &[u8]) {
-        self.ending |= transaction_sql(sql).ends;
+    /// Notes what SQL about to run means for a replay.
+    fn note_sql(&mut self, sql: &[u8], ends_transaction: bool) {
+        self.ending |= ends_transaction;
         if self.never.found_in(sql) {
-            self.refuse("function");
+            self.refuse(ReplayRefusal::Function);
         }
     }
 
@@ -164,9 +166,6 @@ impl Session {
             if !self.flight.owed && self.replays {
                 self.start_record(tag, step, body);
             }
-            if matches!(step, Step::Whole { .. }) {
-                self.inspect_client_message(tag, body);
-            }
             let Some(r) = self.flight.record.as_mut() else {
                 return;
             };
@@ -179,7 +178,7 @@ impl Session {
             }
             if tag == frontend::FUNCTION_CALL {
                 // A function called by OID: what it does is not known.
-                r.refuse("function");
+                r.refuse(ReplayRefusal::Function);
             }
         }
         if let Some(r) = self.flight.record.as_mut() {
@@ -211,19 +210,21 @@ impl Session {
         )));
     }
 
-    /// Looks at a whole client message of a recorded transaction.
-    fn inspect_client_message(&mut self, tag: u8, body: &[u8]) {
-        let Some(r) = self.flight.record.as_mut() else {
-            return;
-        };
-        let sql = match tag {
-            frontend::QUERY => frontend::query(body).ok(),
-            frontend::PARSE => frontend::parse(body).ok().map(|p| p.query),
-            frontend::BIND => bound_sql(&self.statements, body),
-            _ => None,
-        };
-        if let Some(sql) = sql {
-            r.inspect_sql(sql);
+    /// SQL about to go to the server in a recorded transaction.
+    pub(super) fn note_sql(&mut self, sql: &[u8], effects: &Effects) {
+        if let Some(r) = self.flight.record.as_mut() {
+            r.note_sql(sql, effects.ends_transaction);
+        }
+    }
+
+    /// A client's statement about to run in a recorded transaction.
+    pub(super) fn note_statement(&mut self, stmt: &Statement) {
+        if let Some(r) = self.flight.record.as_mut() {
+            let sql = match &stmt.source {
+                Source::Protocol { query, .. } => query,
+                Source::Sql { body } => body,
+            };
+            r.note_sql(sql, stmt.ends_transaction);
         }
     }
 
@@ -303,11 +304,11 @@ mod tests {
         a.append(&[1; 100]);
         assert_eq!((a.log.len(), a.refused), (100, None));
         a.append(&[2; 150]);
-        assert_eq!((a.log.len(), a.refused), (0, Some("buffer")));
+        assert_eq!((a.log.len(), a.refused), (0, Some(ReplayRefusal::Buffer)));
         // The whole process's budget: `a` still holds its 250 bytes.
         let mut b = record(&total, 200, 300);
         b.append(&[3; 100]);
-        assert_eq!(b.refused, Some("buffer"));
+        assert_eq!(b.refused, Some(ReplayRefusal::Buffer));
         drop(a);
         drop(b);
         assert_eq!(total.load(Ordering::Relaxed), 0, "every byte given back");
@@ -320,13 +321,15 @@ mod tests {
     fn sql_that_ends_the_transaction_or_calls_a_listed_function_is_noted() {
         let total = Arc::new(AtomicUsize::new(0));
         let mut r = record(&total, 1000, 1000);
-        r.inspect_sql(b"UPDATE t SET x = 1");
+        r.note_sql(b"UPDATE t SET x = 1", false);
         assert!(!r.ending && r.refused.is_none());
-        r.inspect_sql(b"DO $$BEGIN PERFORM Audit_Me(); END$$");
-        assert_eq!(r.refused, Some("function"));
-        r.inspect_sql(b"SELECT SETVAL('s', 1)");
-        assert_eq!(r.refused, Some("function"), "the first reason stays");
-        r.inspect_sql(b"COMMIT");
+        r.note_sql(b"DO $$BEGIN PERFORM Audit_Me(); END$$", false);
+        assert_eq!(r.refused, Some(ReplayRefusal::Function));
+        r.append(&[0; 10]);
+        assert!(r.log.is_empty(), "a refused transaction keeps nothing");
+        r.note_sql(b"SELECT SETVAL('s', 1)", false);
+        assert_eq!(r.refused, Some(ReplayRefusal::Function));
+        r.note_sql(b"COMMIT", true);
         assert!(r.ending);
     }
 }

@@ -32,6 +32,15 @@ use crate::backend::pool::Lease;
 use crate::backend::router::Intent;
 use crate::backend::statements::ClientStatements;
 use crate::frontend::error::ClientError;
+use crate::metrics::ReplayRefusal;
+
+/// Why a replay did not carry the client on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Failed {
+    /// Its replies differed from what the client had been passed.
+    Mismatch,
+    Refused(ReplayRefusal),
+}
 
 /// What a replay must reproduce before the client sees anything of it.
 pub(super) struct Verify {
@@ -75,7 +84,7 @@ impl Session {
             None => self.ended_on_purpose_by(lost).await,
         };
         if let Some(reason) = refusal {
-            tracing::info!(server = %lost, reason, "transaction not replayed");
+            tracing::info!(server = %lost, reason = reason.as_str(), "transaction not replayed");
             self.app.metrics.refuse_replay(reason);
             self.flight.record = None;
             return Ok(None);
@@ -90,12 +99,13 @@ impl Session {
                 self.app.metrics.transactions_replayed.inc();
                 Ok(Some(lease))
             }
-            Err(reason) => {
-                tracing::warn!(server = %lost, reason, "transaction replay failed");
-                if reason == "mismatch" {
-                    self.app.metrics.replay_mismatches.inc();
-                } else {
-                    self.app.metrics.refuse_replay(reason);
+            Err(failed) => {
+                tracing::warn!(server = %lost, ?failed, "transaction replay failed");
+                match failed {
+                    Failed::Mismatch => {
+                        self.app.metrics.replay_mismatches.inc();
+                    }
+                    Failed::Refused(reason) => self.app.metrics.refuse_replay(reason),
                 }
                 self.restore(before);
                 Ok(None)
@@ -105,32 +115,34 @@ impl Session {
 
     /// Why the transaction running when the server was lost cannot be
     /// replayed, known without asking anyone.
-    fn replay_refusal(&self) -> Option<&'static str> {
+    fn replay_refusal(&self) -> Option<ReplayRefusal> {
         let record = self.flight.record.as_ref()?;
         if let Some(reason) = record.refused {
             return Some(reason);
         }
         if record.replayed {
-            return Some("replayed");
+            return Some(ReplayRefusal::Replayed);
         }
         if record.ending || self.dropping {
-            return Some("commit_sent");
+            return Some(ReplayRefusal::CommitSent);
         }
         let partial = self.down.scanner.scanned_of_current();
-        (partial > self.down.scanned).then_some("message_cut")
+        (partial > self.down.scanned).then_some(ReplayRefusal::MessageCut)
     }
 
     /// A FATAL before the loss: replayed when the node crashed, or a probe
     /// finds it down, shutting down or in another role; not when the node
     /// stays up and ended this one session on purpose.
-    async fn ended_on_purpose_by(&mut self, lost: &str) -> Option<&'static str> {
+    async fn ended_on_purpose_by(&mut self, lost: &str) -> Option<ReplayRefusal> {
         let fatal = self.flight.fatal.clone()?;
         let crashed = ErrorFields::parse(fatal.get(5..).unwrap_or_default())
             .is_ok_and(|f| f.code == sqlstate::CRASH_SHUTDOWN.code().as_bytes());
         if crashed {
             return None;
         }
-        self.ended_on_purpose(lost).await.map(|_| "session_ended")
+        self.ended_on_purpose(lost)
+            .await
+            .map(|_| ReplayRefusal::SessionEnded)
     }
 
     /// Sends the client the whole messages the lost server answered with.
@@ -213,8 +225,9 @@ impl Session {
         lost: &Arc<str>,
         lost_pid: i32,
         verify: Option<Box<Verify>>,
-    ) -> Result<Lease, &'static str> {
-        self.scan_up().map_err(|_| "replay_failed")?;
+    ) -> Result<Lease, Failed> {
+        let failed = Failed::Refused(ReplayRefusal::ReplayFailed);
+        self.scan_up().map_err(|_| failed)?;
         if let Some(r) = self.flight.record.as_mut() {
             r.replayed = true;
         }
@@ -229,12 +242,12 @@ impl Session {
         self.verify = None;
         match end {
             Ok(PumpEnd::Verified) => Ok(lease),
-            Ok(PumpEnd::Mismatch) => Err("mismatch"),
+            Ok(PumpEnd::Mismatch) => Err(Failed::Mismatch),
             Ok(other) => {
                 tracing::warn!(end = ?other, "the replay's server connection ended");
-                Err("replay_failed")
+                Err(failed)
             }
-            Err(_) => Err("replay_failed"),
+            Err(_) => Err(failed),
         }
     }
 
@@ -242,11 +255,8 @@ impl Session {
     /// for one. The lost connection's own node only once a probe since the
     /// loss found it primary, and its old backend (and the locks it held)
     /// is gone.
-    async fn replay_server(
-        &mut self,
-        lost: &Arc<str>,
-        lost_pid: i32,
-    ) -> Result<Lease, &'static str> {
+    async fn replay_server(&mut self, lost: &Arc<str>, lost_pid: i32) -> Result<Lease, Failed> {
+        let no_primary = Failed::Refused(ReplayRefusal::NoPrimary);
         let since = std::time::Instant::now();
         let deadline = Instant::now() + self.app.config().failover.write_wait;
         self.target.cluster.nudge(lost);
@@ -256,7 +266,7 @@ impl Session {
                 let pool = self
                     .route(Some(&Rerun::OnPrimary))
                     .await
-                    .map_err(|_| "no_primary")?;
+                    .map_err(|_| no_primary)?;
                 match self.checkout(&pool).await {
                     Ok(mut lease) if pool.shared_addr() == lost => {
                         if backend_gone(&mut lease, lost_pid, deadline).await {
@@ -271,7 +281,7 @@ impl Session {
                 }
             }
             if Instant::now() >= deadline {
-                return Err("no_primary");
+                return Err(no_primary);
             }
             let wait = tokio::time::sleep(Duration::from_millis(50));
             let _ = tokio::time::timeout_at(deadline, async {

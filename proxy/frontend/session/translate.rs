@@ -92,6 +92,7 @@ impl Session {
                     Some(stmt) if self.app.epochs.is_stale(&stmt) => self.refuse_stale(),
                     Some(stmt) => {
                         self.note_use(bind.statement, &stmt);
+                        self.note_statement(&stmt);
                         if self.prepare_on(conn, bind.statement, &stmt) == Ready::Wait {
                             return Ok(Ready::Wait);
                         }
@@ -155,7 +156,9 @@ impl Session {
             );
             return Err(error);
         }
-        self.take_effects(&effects::effects(p.query));
+        let effects = effects::effects(p.query);
+        self.take_effects(&effects);
+        self.note_sql(p.query, &effects);
         let search_path = self.params.get("search_path").unwrap_or_default();
         let base = ServerName::protocol(p.query, p.types, search_path.as_bytes());
         let epoch = self.app.epochs.current(&base);
@@ -281,6 +284,7 @@ impl Session {
         if p.name.is_empty() {
             let effects = effects::effects(p.query);
             self.take_effects(&effects);
+            self.note_sql(p.query, &effects);
             match self.rename_executes(conn, p.query, &effects) {
                 Some(query) => build::parse(&mut self.wire.buf, b"", &query, p.types),
                 None => self.wire.buf.extend_from_slice(msg),
@@ -357,6 +361,7 @@ impl Session {
         tracing::debug!(server = %conn.addr, sql = %String::from_utf8_lossy(sql), "query");
         let effects = effects::effects(sql);
         self.take_effects(&effects);
+        self.note_sql(sql, &effects);
         if effects.prepared.is_empty() {
             self.wire.buf.extend_from_slice(msg);
             self.expect.push_back(Expect::ready());
@@ -425,6 +430,7 @@ impl Session {
                     let Some(stmt) = self.statements.get(name.as_bytes()).cloned() else {
                         continue;
                     };
+                    self.note_statement(&stmt);
                     if !conn.statements.contains(&stmt.server) {
                         if let Some(prepare) = prepare_sql(&stmt) {
                             if !out.add(p.index, &prepare) {
@@ -517,6 +523,7 @@ impl Session {
             let Some(stmt) = self.statements.get(name.as_bytes()).cloned() else {
                 continue;
             };
+            self.note_statement(&stmt);
             if !conn.statements.contains(&stmt.server) {
                 let Source::Protocol { query, types } = &stmt.source else {
                     continue;
