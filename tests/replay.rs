@@ -283,7 +283,14 @@ struct Told {
 
 /// Transactions of two statements with a pause between them, until
 /// `stop`: a uniquely numbered ledger row, then the client's tally.
-async fn ledger_client(url: String, me: i64, stop: tokio::sync::watch::Receiver<bool>) -> Told {
+/// `pausing` counts the clients inside the pause.
+async fn ledger_client(
+    url: String,
+    me: i64,
+    pausing: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Told {
+    use std::sync::atomic::Ordering::SeqCst;
     let (client, _h) = connect(&url).await;
     let mut told = Told::default();
     for k in 0.. {
@@ -295,7 +302,9 @@ async fn ledger_client(url: String, me: i64, stop: tokio::sync::watch::Receiver<
             client
                 .batch_execute(&format!("BEGIN; INSERT INTO ledger VALUES ({id}, {me})"))
                 .await?;
+            pausing.fetch_add(1, SeqCst);
             tokio::time::sleep(Duration::from_millis(300)).await;
+            pausing.fetch_sub(1, SeqCst);
             client
                 .batch_execute(&format!(
                     "UPDATE tally SET n = n + 1 WHERE client = {me}; COMMIT"
@@ -328,13 +337,25 @@ async fn with_synchronous_replication_no_transaction_is_lost_or_applied_twice() 
         .await
         .unwrap();
     let (stop, stopped) = tokio::sync::watch::channel(false);
+    let pausing = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let clients: Vec<_> = (0..8)
-        .map(|me| tokio::spawn(ledger_client(url.clone(), me, stopped.clone())))
+        .map(|me| {
+            let client = ledger_client(url.clone(), me, pausing.clone(), stopped.clone());
+            tokio::spawn(client)
+        })
         .collect();
     eventually(
         Duration::from_secs(60),
         "every client committing",
         || async { column(&primary, "SELECT count(*) FROM tally WHERE n > 0").await == ["8"] },
+    )
+    .await;
+    // The kill comes while every client sits between its two statements
+    // (one may leave its pause meanwhile: its COMMIT may be in flight).
+    eventually(
+        Duration::from_secs(60),
+        "all clients inside a transaction",
+        || async { pausing.load(std::sync::atomic::Ordering::SeqCst) == 8 },
     )
     .await;
     fail_over(&mut primary, &replica).await;
@@ -385,11 +406,12 @@ fn pgbench_run(proxy: &Running, mode: &str) -> tokio::task::JoinHandle<std::proc
     tokio::spawn(async move { run("pgbench", args, None).await })
 }
 
-/// The pgbench clients that aborted on an error.
+/// The pgbench clients that aborted on an error ("client 3 script 0
+/// aborted in command 7 ...", not the closing "Run was aborted").
 fn aborted(out: &std::process::Output) -> usize {
     text(&out.stderr)
         .lines()
-        .filter(|l| l.contains("aborted"))
+        .filter(|l| l.contains("error: client ") && l.contains(" aborted"))
         .count()
 }
 

@@ -120,6 +120,9 @@ pub struct Statement {
     pub intent: Intent,
     /// Running it ends the transaction (`COMMIT`, `ROLLBACK`, ...).
     pub ends_transaction: bool,
+    /// Whether its SQL names a function that is never replayed, for the
+    /// list it was last checked against (see `NeverReplayed`).
+    pub never_replayed: std::sync::atomic::AtomicUsize,
     /// A description made after the client prepared it was compared with
     /// the one recorded for its server name (see [`Epochs::compare_shape`]).
     pub checked: AtomicBool,
@@ -145,6 +148,7 @@ impl Statement {
             source,
             intent,
             ends_transaction,
+            never_replayed: Default::default(),
             checked: AtomicBool::new(false),
             stale: AtomicBool::new(false),
         }

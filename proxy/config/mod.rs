@@ -187,7 +187,15 @@ pub struct FailoverConfig {
 /// and function bodies included, so a `DO` block counts too), the name of
 /// a function whose effects survive a rollback.
 #[derive(Debug, Clone)]
-pub struct NeverReplayed(Arc<aho_corasick::AhoCorasick>);
+pub struct NeverReplayed {
+    names: Arc<aho_corasick::AhoCorasick>,
+    /// Tells this list from every other one built in this process, for
+    /// answers cached per statement.
+    generation: usize,
+}
+
+/// Lists of function names built so far.
+static GENERATIONS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(1);
 
 impl NeverReplayed {
     pub fn new(extra: &[String]) -> Result<NeverReplayed, String> {
@@ -201,13 +209,29 @@ impl NeverReplayed {
         aho_corasick::AhoCorasick::builder()
             .ascii_case_insensitive(true)
             .build(names)
-            .map(|m| NeverReplayed(Arc::new(m)))
+            .map(|m| NeverReplayed {
+                names: Arc::new(m),
+                generation: GENERATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            })
             .map_err(|e| e.to_string())
     }
 
     /// True when `sql` names one of the functions.
     pub fn found_in(&self, sql: &[u8]) -> bool {
-        self.0.is_match(sql)
+        self.names.is_match(sql)
+    }
+
+    /// [`NeverReplayed::found_in`] for a statement's SQL, remembered in
+    /// `cache` (0, or this list's generation with the answer in bit 0).
+    pub fn found_in_cached(&self, sql: &[u8], cache: &std::sync::atomic::AtomicUsize) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        let known = cache.load(Relaxed);
+        if known >> 1 == self.generation {
+            return known & 1 == 1;
+        }
+        let found = self.found_in(sql);
+        cache.store(self.generation << 1 | usize::from(found), Relaxed);
+        found
     }
 }
 
@@ -1224,7 +1248,21 @@ impl FromToml for AuthMethod {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_size;
+    use super::{parse_size, NeverReplayed};
+
+    #[test]
+    fn a_cached_answer_holds_for_its_own_list_only() {
+        let cache = std::sync::atomic::AtomicUsize::new(0);
+        let sql = b"SELECT audit('x'), 1";
+        let builtin = NeverReplayed::new(&[]).expect("built-in names");
+        assert!(!builtin.found_in_cached(sql, &cache));
+        assert!(!builtin.found_in_cached(sql, &cache), "cached");
+        // A reload that lists `audit` is not fooled by the cached answer.
+        let reloaded = NeverReplayed::new(&["AUDIT".into()]).expect("names");
+        assert!(reloaded.found_in_cached(sql, &cache));
+        assert!(reloaded.found_in_cached(sql, &cache));
+        assert!(NeverReplayed::new(&[" ".into()]).is_err());
+    }
 
     #[test]
     fn sizes_take_a_unit() {

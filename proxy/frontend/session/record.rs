@@ -26,6 +26,9 @@ use crate::config::NeverReplayed;
 use crate::metrics::ReplayRefusal;
 use crate::net::flow::spare;
 
+/// How much of the process-wide budget a record takes at a time.
+const CHARGE_STEP: usize = 4096;
+
 /// Bytes taken from the process-wide replay budget, given back on drop.
 struct Charge {
     total: Arc<AtomicUsize>,
@@ -108,12 +111,20 @@ impl TxRecord {
             return;
         }
         let (per_client, all) = self.limits;
-        let n = bytes.len();
-        let before = self.charge.total.fetch_add(n, Ordering::Relaxed);
-        self.charge.bytes += n;
-        if self.charge.bytes > per_client || before + n > all {
+        let wanted = self.log.len() + bytes.len();
+        if wanted > per_client {
             self.refuse(ReplayRefusal::Buffer);
             return;
+        }
+        if wanted > self.charge.bytes {
+            // Taken from the process-wide budget a chunk at a time.
+            let n = (wanted - self.charge.bytes).max(CHARGE_STEP);
+            let before = self.charge.total.fetch_add(n, Ordering::Relaxed);
+            self.charge.bytes += n;
+            if before + n > all {
+                self.refuse(ReplayRefusal::Buffer);
+                return;
+            }
         }
         self.log.extend_from_slice(bytes);
     }
@@ -122,6 +133,8 @@ impl TxRecord {
     pub(super) fn refuse(&mut self, reason: ReplayRefusal) {
         self.refused.get_or_insert(reason);
         spare::give(std::mem::take(&mut self.log));
+        let held = std::mem::take(&mut self.charge.bytes);
+        self.charge.total.fetch_sub(held, Ordering::Relaxed);
         self.ends.clear();
     }
 
@@ -129,6 +142,18 @@ impl TxRecord {
     fn note_sql(&mut self, sql: &[u8], ends_transaction: bool) {
         self.ending |= ends_transaction;
         if self.never.found_in(sql) {
+            self.refuse(ReplayRefusal::Function);
+        }
+    }
+
+    /// Notes what running a client's statement means for a replay.
+    fn note_statement(&mut self, stmt: &Statement) {
+        self.ending |= stmt.ends_transaction;
+        let sql = match &stmt.source {
+            Source::Protocol { query, .. } => query,
+            Source::Sql { body } => body,
+        };
+        if self.never.found_in_cached(sql, &stmt.never_replayed) {
             self.refuse(ReplayRefusal::Function);
         }
     }
@@ -220,11 +245,7 @@ impl Session {
     /// A client's statement about to run in a recorded transaction.
     pub(super) fn note_statement(&mut self, stmt: &Statement) {
         if let Some(r) = self.flight.record.as_mut() {
-            let sql = match &stmt.source {
-                Source::Protocol { query, .. } => query,
-                Source::Sql { body } => body,
-            };
-            r.note_sql(sql, stmt.ends_transaction);
+            r.note_statement(stmt);
         }
     }
 
@@ -300,21 +321,28 @@ mod tests {
     #[test]
     fn a_transaction_beyond_either_budget_lets_its_bytes_go() {
         let total = Arc::new(AtomicUsize::new(0));
-        let mut a = record(&total, 200, 300);
+        let mut a = record(&total, 200, 3 * CHARGE_STEP);
         a.append(&[1; 100]);
         assert_eq!((a.log.len(), a.refused), (100, None));
         a.append(&[2; 150]);
         assert_eq!((a.log.len(), a.refused), (0, Some(ReplayRefusal::Buffer)));
-        // The whole process's budget: `a` still holds its 250 bytes.
-        let mut b = record(&total, 200, 300);
-        b.append(&[3; 100]);
+        assert_eq!(
+            total.load(Ordering::Relaxed),
+            0,
+            "a refused record holds nothing"
+        );
+        // The whole process's budget: `h` holds one step, and `b` wants
+        // more than the two steps left.
+        let mut h = record(&total, 4 * CHARGE_STEP, 3 * CHARGE_STEP);
+        h.append(&[3; 100]);
+        let mut b = record(&total, 4 * CHARGE_STEP, 3 * CHARGE_STEP);
+        b.append(&vec![4; 2 * CHARGE_STEP]);
+        assert_eq!(b.refused, None);
+        b.append(&[4; 10]);
         assert_eq!(b.refused, Some(ReplayRefusal::Buffer));
-        drop(a);
-        drop(b);
+        assert_eq!(h.refused, None);
+        drop((a, b, h));
         assert_eq!(total.load(Ordering::Relaxed), 0, "every byte given back");
-        let mut c = record(&total, 200, 300);
-        c.append(&[4; 100]);
-        assert_eq!(c.refused, None);
     }
 
     #[test]
