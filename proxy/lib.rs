@@ -4,8 +4,8 @@
 //! Modules form layers; each uses only those listed before it (checked by
 //! `tests/architecture.rs`):
 //!
-//! 1. `sync`, `auth`, `metrics`, `net`: lock helpers, SCRAM/md5, counters,
-//!    the byte stream (plain or TLS);
+//! 1. `sync`, `auth`, `metrics`, `events`, `net`: lock helpers, SCRAM/md5,
+//!    counters, the event ring, the byte stream (plain or TLS);
 //! 2. `config`: the TOML file read into a validated type;
 //! 3. `backend`: one server connection, pools, session parameters,
 //!    prepared statements, cluster health and topology, the router;
@@ -23,6 +23,7 @@
 pub(crate) mod sync;
 
 pub mod auth;
+pub mod events;
 pub mod metrics;
 pub mod net;
 

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 /// Top-level modules of `proxy/`, lowest layer first. A module may use
 /// its own layer's helpers only when listed before it on the same line.
 const LAYERS: &[&[&str]] = &[
-    &["sync", "auth", "metrics", "net"],
+    &["sync", "auth", "metrics", "events", "net"],
     &["config"],
     &["backend"],
     &["frontend"],

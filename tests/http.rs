@@ -11,10 +11,15 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// GET over a plain HTTP/1.0 connection: (status code, body).
 async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+    get_with(addr, path, "").await
+}
+
+/// GET with extra header lines (each ending in \r\n).
+async fn get_with(addr: SocketAddr, path: &str, headers: &str) -> (u16, String) {
     let mut s = tokio::net::TcpStream::connect(addr)
         .await
         .expect("connect HTTP");
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n{headers}\r\n").as_bytes())
         .await
         .expect("request");
     let mut raw = Vec::new();
@@ -118,4 +123,126 @@ async fn metrics_move_under_load_and_readyz_follows_the_node() {
 
 fn url_with(proxy: &pgheal::server::Running, password: &str) -> String {
     url(proxy, "app", password, "app")
+}
+
+/// The events after `since`, as (seq, event, details).
+async fn events(http: SocketAddr, since: u64) -> Vec<(u64, String, String)> {
+    let (code, body) = get(http, &format!("/events?since={since}")).await;
+    assert_eq!(code, 200, "{body}");
+    let json: serde_json::Value = serde_json::from_str(&body).expect("events JSON");
+    json["events"]
+        .as_array()
+        .expect("an events array")
+        .iter()
+        .map(|e| {
+            let field = |k: &str| e[k].as_str().unwrap_or_default().to_string();
+            (
+                e["seq"].as_u64().unwrap_or(0),
+                field("event"),
+                field("details"),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_event_timeline_follows_a_node_down_and_back_and_an_operator() {
+    let mut node = app_node().await;
+    let proxy = start(&format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\nhttp_listen = \"127.0.0.1:0\"\n\
+         [health]\ninterval = \"100ms\"\ntimeout = \"1s\"\n\
+         [[users]]\nname = \"app\"\npassword = \"{APP_PASSWORD}\"\n\
+         [[users]]\nname = \"ops\"\npassword = \"opspw\"\nadmin = true\n\
+         [databases.app]\nnodes = [\"{}\"]\nuser = \"app\"\npassword = \"{APP_PASSWORD}\"\n",
+        node.addr()
+    ))
+    .await;
+    let http = proxy.http_addr.expect("HTTP address");
+    let has = |all: &[(u64, String, String)], event: &str, details: &str| {
+        all.iter()
+            .any(|(_, e, d)| e == event && d.contains(details))
+    };
+    eventually(Duration::from_secs(10), "the node seen up", || async {
+        has(&events(http, 0).await, "mode changed", "down -> read-write")
+    })
+    .await;
+    let all = events(http, 0).await;
+    assert!(has(&all, "node up", "unknown -> primary"), "{all:?}");
+    let seen = all.last().map_or(0, |e| e.0);
+
+    node.stop().await;
+    eventually(Duration::from_secs(15), "the node seen down", || async {
+        let newer = events(http, seen).await;
+        has(&newer, "node down", "primary -> down")
+            && has(&newer, "mode changed", "read-write -> down")
+    })
+    .await;
+    node.start().await.expect("start node");
+    eventually(Duration::from_secs(20), "the node seen back", || async {
+        has(
+            &events(http, seen).await,
+            "mode changed",
+            "down -> read-write",
+        )
+    })
+    .await;
+    // A cursor past everything gives nothing; a bad one is refused.
+    let last = events(http, 0).await.last().map_or(0, |e| e.0);
+    assert!(events(http, last).await.is_empty());
+    assert_eq!(get(http, "/events?since=x").await.0, 400);
+
+    // What an operator does is there too, and in SHOW EVENTS.
+    let console = url(&proxy, "ops", "opspw", "pgheal");
+    for command in ["PAUSE app", "RESUME app"] {
+        let out = psql(&console, &["-c", command], None).await;
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    let newer = events(http, last).await;
+    assert!(has(&newer, "paused", "wait until RESUME"), "{newer:?}");
+    assert!(has(&newer, "resumed", ""), "{newer:?}");
+    let out = psql(&console, &["-c", "SHOW EVENTS"], None).await;
+    let shown = text(&out.stdout);
+    let first = shown.lines().next().unwrap_or_default();
+    assert!(first.contains("|resumed|app|"), "newest first: {shown}");
+    assert!(
+        shown.contains("|mode changed|app||read-write -> down"),
+        "{shown}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_auth_asks_for_the_token_except_on_probes() {
+    let node = app_node().await;
+    std::env::set_var("PGHEAL_TEST_HTTP_TOKEN", "s3cret-token");
+    let proxy = start(&format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\nhttp_listen = \"127.0.0.1:0\"\n\
+         http_auth = \"bearer:${{PGHEAL_TEST_HTTP_TOKEN}}\"\n\
+         [[users]]\nname = \"app\"\npassword = \"{APP_PASSWORD}\"\n\
+         [databases.app]\nnodes = [\"{}\"]\nuser = \"app\"\npassword = \"{APP_PASSWORD}\"\n",
+        node.addr()
+    ))
+    .await;
+    let http = proxy.http_addr.expect("HTTP address");
+    for path in ["/status", "/events", "/metrics"] {
+        let (code, body) = get(http, path).await;
+        assert_eq!(code, 401, "{path}: {body}");
+        assert!(!body.contains("s3cret"), "{body}");
+        let wrong = get_with(http, path, "Authorization: Bearer nope\r\n").await;
+        assert_eq!(wrong.0, 401, "{path}");
+        let right = get_with(http, path, "Authorization: Bearer s3cret-token\r\n").await;
+        assert_eq!(right.0, 200, "{path}: {}", right.1);
+    }
+    assert_eq!(get(http, "/healthz").await.0, 200);
+    eventually(
+        Duration::from_secs(10),
+        "/readyz open and ready",
+        || async { get(http, "/readyz").await.0 == 200 },
+    )
+    .await;
+    let bad = pgheal::config::Config::parse(
+        "[proxy]\nhttp_auth = \"token\"\n[[users]]\nname = \"a\"\npassword = \"b\"\n\
+         [databases.app]\nnodes = [\"127.0.0.1:5432\"]\n",
+    )
+    .expect_err("not bearer:");
+    assert!(bad.to_string().contains("proxy.http_auth"), "{bad}");
 }

@@ -168,6 +168,17 @@ async fn transactions_cut_by_a_failover_carry_on_or_fail_as_before() {
         column(&replica, "SELECT id || ':' || note FROM ledger ORDER BY id").await,
         ["0:before", "1:plain", "2:plain"]
     );
+    // The timeline tells the story: the old primary down, the promoted
+    // node primary, how long writes waited.
+    eventually(Duration::from_secs(30), "the failover event", || async {
+        let events = proxy.app.events.since(0);
+        let kinds: Vec<_> = events.iter().map(|e| e.kind.as_str()).collect();
+        kinds.contains(&"node down")
+            && events.iter().any(|e| {
+                e.kind.as_str() == "failover" && e.details.contains("writes were unavailable for")
+            })
+    })
+    .await;
     // The clients that failed go on as usual.
     for client in [&clock, &sequence] {
         assert_eq!(

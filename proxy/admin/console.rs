@@ -14,13 +14,15 @@ use pgheal_protocol::{frame, frontend};
 use tokio::io::AsyncReadExt;
 
 use crate::backend::cluster::Role;
+use crate::events::{At, Kind, Level};
 use crate::frontend::clients::ClientState;
 use crate::frontend::error::ClientError;
 use crate::frontend::login::LoggedIn;
 use crate::frontend::App;
 
 const COMMANDS: &str = "SHOW POOLS, SHOW NODES, SHOW CLIENTS, SHOW SERVERS, SHOW STATS, \
-                        SHOW BACKUPS, SHOW CONFIG, SHOW VERSION, SHOW HELP, RELOAD, PAUSE [db], RESUME [db]";
+                        SHOW BACKUPS, SHOW EVENTS, SHOW CONFIG, SHOW VERSION, SHOW HELP, RELOAD, \
+                        PAUSE [db], RESUME [db]";
 
 pub async fn serve(app: Arc<App>, client: Box<LoggedIn>) -> Result<(), ClientError> {
     let LoggedIn {
@@ -118,6 +120,7 @@ async fn answer(app: &Arc<App>, sql: &str, out: &mut BytesMut) {
         },
         ["show", "clients"] => clients(app),
         ["show", "backups"] => backups(app).await,
+        ["show", "events"] => events(app),
         ["show", "servers"] => servers(app),
         _ => {
             let message = format!("unknown admin command \"{}\"; try SHOW HELP", sql.trim());
@@ -145,7 +148,16 @@ fn pause(app: &App, on: bool, database: Option<&str>, out: &mut BytesMut) {
             &format!("database \"{d}\" does not exist"),
         ),
         _ => {
-            tracing::warn!(database = database.unwrap_or("(all)"), "{command}");
+            let kind = if on { Kind::Paused } else { Kind::Resumed };
+            let at = At {
+                database,
+                node: None,
+            };
+            let details = match on {
+                true => "new transactions wait until RESUME",
+                false => "new transactions run again",
+            };
+            app.events.record(Level::Warn, kind, at, details);
             build::command_complete(out, command);
         }
     }
@@ -237,6 +249,25 @@ async fn backups(app: &App) -> Table {
             backup.taken_at,
             backup.size.to_string(),
             backup.path.display().to_string(),
+        ]);
+    }
+    t
+}
+
+/// The event timeline, newest first.
+fn events(app: &App) -> Table {
+    let mut t = Table::new(&[
+        "seq", "time", "level", "event", "database", "node", "details",
+    ]);
+    for e in app.events.since(0).into_iter().rev() {
+        t = t.row(vec![
+            e.seq.to_string(),
+            e.time(),
+            format!("{:?}", e.level).to_lowercase(),
+            e.kind.as_str().to_string(),
+            e.database.unwrap_or_default(),
+            e.node.unwrap_or_default(),
+            e.details,
         ]);
     }
     t

@@ -1,17 +1,21 @@
 //! HTTP on `[proxy] http_listen`: `/metrics` (Prometheus text),
 //! `/healthz` (the process answers), `/readyz` (200 when every database
 //! can serve reads, else 503 with the reason), `/status` (JSON topology and
-//! mode of each database).
+//! mode of each database), `/events` (the event timeline, JSON). With
+//! `[proxy] http_auth` every path but `/healthz` and `/readyz` needs the
+//! bearer token.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::extract::State;
+use axum::extract::{RawQuery, Request, State};
 use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use serde_json::json;
+use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 
 use crate::backend::cluster::Mode;
@@ -22,11 +26,14 @@ pub async fn start(app: Arc<App>, addr: SocketAddr) -> std::io::Result<SocketAdd
     let listener = TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     let shutdown = app.shutdown.clone();
-    let router = Router::new()
+    let guarded = Router::new()
         .route("/metrics", get(metrics))
+        .route("/status", get(status))
+        .route("/events", get(events))
+        .route_layer(middleware::from_fn_with_state(app.clone(), authorized));
+    let router = guarded
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .route("/status", get(status))
         .with_state(app);
     tokio::spawn(async move {
         let served = axum::serve(listener, router)
@@ -38,6 +45,31 @@ pub async fn start(app: Arc<App>, addr: SocketAddr) -> std::io::Result<SocketAdd
     });
     tracing::info!(addr = %bound, "HTTP endpoints listening");
     Ok(bound)
+}
+
+/// With `[proxy] http_auth`, only requests with the bearer token pass.
+async fn authorized(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
+    let Some(token) = app.config().proxy.http_token.clone() else {
+        return next.run(request).await;
+    };
+    let given = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    if bool::from(given.as_bytes().ct_eq(token.as_bytes())) {
+        return next.run(request).await;
+    }
+    let mut denied = json_response(
+        StatusCode::UNAUTHORIZED,
+        json!({"error": "this endpoint needs Authorization: Bearer <token> ([proxy] http_auth)"}),
+    );
+    let challenge = header::HeaderValue::from_static("Bearer");
+    denied
+        .headers_mut()
+        .insert(header::WWW_AUTHENTICATE, challenge);
+    denied
 }
 
 async fn metrics(State(app): State<Arc<App>>) -> Response {
@@ -90,6 +122,32 @@ async fn readyz(State(app): State<Arc<App>>) -> Response {
         StatusCode::SERVICE_UNAVAILABLE,
         json!({"ready": false, "reason": reason}),
     )
+}
+
+/// The event timeline as JSON, oldest first: all kept events, or with
+/// `?since=N` those after event N (poll with the last `seq` seen).
+async fn events(State(app): State<Arc<App>>, RawQuery(query): RawQuery) -> Response {
+    let since = query.as_deref().map_or(Ok(0), since);
+    let Ok(since) = since else {
+        let error = "expected ?since=N, N the seq of the last event seen";
+        return json_response(StatusCode::BAD_REQUEST, json!({ "error": error }));
+    };
+    let events: Vec<_> = app
+        .events
+        .since(since)
+        .iter()
+        .map(|e| e.to_json())
+        .collect();
+    let last = app.events.last();
+    json_response(StatusCode::OK, json!({ "last": last, "events": events }))
+}
+
+/// `since=N` from a query string (other parameters are ignored).
+fn since(query: &str) -> Result<u64, std::num::ParseIntError> {
+    query
+        .split('&')
+        .find_map(|p| p.strip_prefix("since="))
+        .map_or(Ok(0), str::parse)
 }
 
 async fn status(State(app): State<Arc<App>>) -> Response {

@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use crate::config::ANY_DATABASE;
 use crate::config::{Config, ConfigErrors, Database, User};
+use crate::events::{At, Kind, Level};
 use crate::frontend::App;
 
 /// One thing a reload changed.
@@ -74,17 +75,21 @@ impl App {
     /// it; logs what changed, or every error when the file is refused.
     pub fn reload(&self) -> Result<Vec<Change>, ReloadError> {
         let result = self.reload_quietly();
+        let at = At::default();
         match &result {
             Ok(changes) => {
                 let changes: Vec<String> = changes.iter().map(ToString::to_string).collect();
-                tracing::warn!(?changes, "configuration reloaded");
+                let details = match changes.is_empty() {
+                    true => "nothing changed".to_string(),
+                    false => changes.join("; "),
+                };
+                self.events
+                    .record(Level::Warn, Kind::ReloadApplied, at, details);
             }
-            Err(ReloadError::Invalid(errors)) => {
-                for e in &errors.0 {
-                    tracing::error!(error = %e, "configuration not reloaded");
-                }
+            Err(e) => {
+                self.events
+                    .record(Level::Error, Kind::ReloadRefused, at, e.to_string());
             }
-            Err(e) => tracing::error!(error = %e, "configuration not reloaded"),
         }
         result
     }

@@ -9,6 +9,8 @@ use tokio::sync::watch;
 
 use super::freshness::Samples;
 use super::health::NodeProbe;
+use super::router::ReplicaFit;
+use crate::events::{At, Events, Kind, Level};
 use crate::sync::lock;
 
 pub use super::health::{NodeStatus, Role, HEALTH_APPLICATION_NAME};
@@ -93,6 +95,10 @@ struct State {
     samples: Samples,
     /// The nodes' probes were told to hurry (no usable primary).
     hurrying: bool,
+    /// Since when the database has had no primary.
+    no_primary_since: Option<std::time::Instant>,
+    /// Replicas taken out of reads for lag, by node index.
+    excluded: Vec<bool>,
 }
 
 /// One database's nodes and the topology they publish.
@@ -107,13 +113,23 @@ pub struct Cluster {
     /// Replicas serve reads only once replayed this far (the primary's
     /// position after startup migrations).
     floor: std::sync::atomic::AtomicU64,
+    /// How stale a replica may be (its database's `max_replica_lag` and
+    /// `max_replica_lag_bytes`), for the exclusion events.
+    fit: ReplicaFit,
+    events: Arc<Events>,
 }
 
 impl Cluster {
     /// Follows the health loops of `nodes` (`probes`, one per node in the
     /// same order; none when there are no credentials to probe with: the
     /// topology then stays unknown).
-    pub fn start(database: &str, nodes: &[String], probes: Vec<Arc<NodeProbe>>) -> Arc<Cluster> {
+    pub fn start(
+        database: &str,
+        nodes: &[String],
+        probes: Vec<Arc<NodeProbe>>,
+        fit: ReplicaFit,
+        events: Arc<Events>,
+    ) -> Arc<Cluster> {
         let topology = Topology {
             nodes: nodes
                 .iter()
@@ -134,11 +150,15 @@ impl Cluster {
                 topology,
                 samples: Samples::default(),
                 hurrying: false,
+                no_primary_since: Some(std::time::Instant::now()),
+                excluded: vec![false; nodes.len()],
             }),
             publish,
             probes,
             failovers: Default::default(),
             floor: Default::default(),
+            fit,
+            events,
         });
         for (index, probe) in cluster.probes.iter().enumerate() {
             tokio::spawn(follow(Arc::downgrade(&cluster), index, probe.subscribe()));
@@ -218,44 +238,32 @@ impl Cluster {
 
     fn update(&self, index: usize, change: impl FnOnce(&mut NodeStatus)) {
         let mut guard = lock(&self.state);
-        let State {
-            topology: state,
-            samples,
-            hurrying,
-        } = &mut *guard;
-        let mode_before = state.mode();
-        let Some(node) = state.nodes.get_mut(index) else {
+        let state = &mut *guard;
+        let mode_before = state.topology.mode();
+        let primaries_before = state.topology.count(Role::Primary);
+        let Some(node) = state.topology.nodes.get_mut(index) else {
             return;
         };
         let before = node.role;
         change(node);
-        let after = node.role;
-
+        let (after, addr) = (node.role, node.addr.clone());
         if before != after {
-            tracing::warn!(database = %self.database, node = %node.addr, from = ?before, to = ?after, "node role changed");
-            if after == Role::Primary && before != Role::Unknown {
-                self.failovers
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            }
-            if state.count(Role::Primary) > 1 {
-                tracing::error!(
-                    database = %self.database,
-                    "more than one node claims to be primary: no writes until exactly one remains"
-                );
-            }
+            self.role_changed(state, &addr, before, after, primaries_before);
         }
-        if mode_before != state.mode() {
-            tracing::warn!(database = %self.database, from = %mode_before, to = %state.mode(), "database mode changed");
+        let mode = state.topology.mode();
+        if mode_before != mode {
+            self.mode_changed(state, mode_before, mode);
         }
-        samples.freshen(&mut state.nodes);
-        let hurry = state.primary().is_none();
-        if hurry != *hurrying {
-            *hurrying = hurry;
+        state.samples.freshen(&mut state.topology.nodes);
+        self.note_exclusions(state);
+        let hurry = state.topology.primary().is_none();
+        if hurry != state.hurrying {
+            state.hurrying = hurry;
             for probe in &self.probes {
                 probe.hurry(hurry);
             }
         }
-        let snapshot = Arc::new(state.clone());
+        let snapshot = Arc::new(state.topology.clone());
         drop(guard);
         if before != after {
             self.publish.send_replace(snapshot);
@@ -265,6 +273,103 @@ impl Cluster {
                 *current = snapshot;
                 false
             });
+        }
+    }
+
+    /// Records a node's change of role (up, down, promoted, fenced).
+    fn role_changed(
+        &self,
+        state: &mut State,
+        addr: &str,
+        before: Role,
+        after: Role,
+        primaries: usize,
+    ) {
+        let at = At::node(&self.database, addr);
+        let (level, kind) = match (before, after) {
+            (_, Role::Down) => (Level::Error, Kind::NodeDown),
+            (Role::Down | Role::Unknown, _) => (Level::Info, Kind::NodeUp),
+            _ => (Level::Warn, Kind::RoleChanged),
+        };
+        let details = format!("{} -> {}", before.as_str(), after.as_str());
+        self.events.record(level, kind, at, details);
+        if after == Role::Primary && before != Role::Unknown {
+            self.failovers
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let waited = state.no_primary_since.map(|t| t.elapsed());
+            let details = match waited {
+                Some(w) => format!(
+                    "{addr} is primary now; writes were unavailable for {:.1} s",
+                    w.as_secs_f64()
+                ),
+                None => format!("{addr} is primary now"),
+            };
+            self.events.record(Level::Warn, Kind::Failover, at, details);
+        }
+        let primaries_now = state.topology.count(Role::Primary);
+        let at = At::database(&self.database);
+        if primaries_now > 1 && primaries <= 1 {
+            let details =
+                "more than one node claims to be primary: no writes until exactly one remains";
+            self.events
+                .record(Level::Error, Kind::SplitBrain, at, details);
+        } else if primaries_now <= 1 && primaries > 1 {
+            let details = format!("{primaries_now} node(s) claim to be primary now");
+            self.events
+                .record(Level::Warn, Kind::SplitBrainOver, at, details);
+        }
+    }
+
+    fn mode_changed(&self, state: &mut State, before: Mode, after: Mode) {
+        if after == Mode::ReadWrite {
+            state.no_primary_since = None;
+        } else if before == Mode::ReadWrite {
+            state.no_primary_since = Some(std::time::Instant::now());
+        }
+        let why = match after {
+            Mode::ReadWrite => String::new(),
+            Mode::ReadOnly if state.topology.count(Role::Primary) > 1 => {
+                ": more than one node claims to be primary".into()
+            }
+            Mode::ReadOnly => ": no primary is reachable".into(),
+            Mode::Down => ": no node is up".into(),
+        };
+        let level = if after == Mode::ReadWrite {
+            Level::Info
+        } else {
+            Level::Warn
+        };
+        let details = format!("{before} -> {after}{why}");
+        let at = At::database(&self.database);
+        self.events.record(level, Kind::ModeChanged, at, details);
+    }
+
+    /// Records replicas leaving and rejoining reads for lag.
+    fn note_exclusions(&self, state: &mut State) {
+        let timeline = state.topology.primary().and_then(|p| p.timeline);
+        for (i, n) in state.topology.nodes.iter().enumerate() {
+            let excluded = n.role == Role::Replica && !self.fit.fits(n, timeline);
+            let Some(was) = state.excluded.get_mut(i) else {
+                continue;
+            };
+            if excluded == *was || (n.role != Role::Replica && !*was) {
+                continue;
+            }
+            *was = excluded;
+            let at = At::node(&self.database, &n.addr);
+            if excluded {
+                let details = format!(
+                    "replay lag {:.1} s, {} bytes behind, streaming {}",
+                    n.replay_lag.as_secs_f64(),
+                    n.lag_bytes.unwrap_or(0),
+                    n.streaming
+                );
+                self.events
+                    .record(Level::Warn, Kind::ReplicaExcluded, at, details);
+            } else {
+                self.events
+                    .record(Level::Info, Kind::ReplicaReadmitted, at, "caught up");
+            }
         }
     }
 }

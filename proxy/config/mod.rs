@@ -139,6 +139,9 @@ pub struct ProxyConfig {
     pub shutdown_timeout: Duration,
     /// Where /metrics, /healthz, /readyz and /status are served, if set.
     pub http_listen: Option<SocketAddr>,
+    /// `http_auth = "bearer:<token>"`: the token every HTTP request but
+    /// /healthz and /readyz must carry (`Authorization: Bearer <token>`).
+    pub http_token: Option<String>,
     /// Reload when the configuration file's content changes (a mounted
     /// Kubernetes ConfigMap), as SIGHUP does.
     pub watch_config: bool,
@@ -712,6 +715,7 @@ fn read_proxy(r: &mut Reader, t: &Table) -> ProxyConfig {
             "max_client_connections",
             "shutdown_timeout",
             "http_listen",
+            "http_auth",
             "watch_config",
         ],
     );
@@ -728,7 +732,21 @@ fn read_proxy(r: &mut Reader, t: &Table) -> ProxyConfig {
         max_client_connections: r.get(t, p, "max_client_connections", 10_000usize),
         shutdown_timeout: r.get(t, p, "shutdown_timeout", Duration::from_secs(30)),
         http_listen: r.opt(t, p, "http_listen"),
+        http_token: read_http_auth(r, t),
         watch_config: r.get(t, p, "watch_config", false),
+    }
+}
+
+/// `[proxy] http_auth = "bearer:<token>"`.
+fn read_http_auth(r: &mut Reader, t: &Table) -> Option<String> {
+    let value: String = r.opt(t, "proxy", "http_auth")?;
+    match value.strip_prefix("bearer:") {
+        Some(token) if !token.trim().is_empty() => Some(token.to_string()),
+        _ => {
+            let message = "expected \"bearer:<token>\" with a token that is not empty";
+            r.error("proxy.http_auth", message);
+            None
+        }
     }
 }
 

@@ -15,9 +15,11 @@ use crate::backend::cluster::{self, Cluster};
 use crate::backend::conn::ConnectSpec;
 use crate::backend::health::{self, Probes};
 use crate::backend::pool::{Pool, PoolLimits, Pools};
+use crate::backend::router::ReplicaFit;
 use crate::backend::statements::Epochs;
 use crate::config::ANY_DATABASE;
 use crate::config::{Config, Database};
+use crate::events::Events;
 use crate::frontend::auth_query::AuthLookup;
 use crate::frontend::error::ClientError;
 use crate::metrics::Metrics;
@@ -44,6 +46,8 @@ pub struct App {
     pub auth_lookup: AuthLookup,
     /// The startup parameter sets of clients, shared between them.
     pub params: crate::backend::params::Interned,
+    /// What happened lately (SHOW EVENTS, `/events`).
+    pub events: Arc<Events>,
     /// Bytes held by all clients' replayable transactions (bounded by
     /// `[failover] replay_memory`).
     pub replay_memory: Arc<std::sync::atomic::AtomicUsize>,
@@ -78,7 +82,13 @@ pub struct Target {
 impl Target {
     /// A database's target, following the health loops of its nodes
     /// (started when no other database runs them).
-    pub fn start(config: &Config, db: &Database, paused: bool, probes: &Probes) -> Arc<Target> {
+    pub fn start(
+        config: &Config,
+        db: &Database,
+        paused: bool,
+        probes: &Probes,
+        events: &Arc<Events>,
+    ) -> Arc<Target> {
         let specs: Option<Vec<_>> = db
             .nodes
             .iter()
@@ -89,7 +99,13 @@ impl Target {
             .into_iter()
             .map(|spec| probes.get(spec, &config.health))
             .collect();
-        let cluster = Cluster::start(&db.name, &db.nodes, node_probes);
+        let fit = ReplicaFit {
+            min_lsn: 0,
+            max_lag: db.max_replica_lag,
+            max_bytes: db.max_replica_lag_bytes,
+            streaming: true,
+        };
+        let cluster = Cluster::start(&db.name, &db.nodes, node_probes, fit, events.clone());
         Arc::new(Target {
             database: db.clone(),
             cluster,
@@ -123,12 +139,16 @@ impl App {
     /// runtime.
     pub fn new(config: Config) -> Arc<App> {
         let probes = Probes::default();
+        let events = Arc::new(Events::default());
         // "*" gets a target of its own too: its nodes' health and the
         // [auth] lookups for databases it serves.
         let targets = config
             .databases
             .iter()
-            .map(|(name, db)| (name.clone(), Target::start(&config, db, false, &probes)))
+            .map(|(name, db)| {
+                let target = Target::start(&config, db, false, &probes, &events);
+                (name.clone(), target)
+            })
             .collect();
         let app = Arc::new(App {
             config: RwLock::new(Arc::new(config)),
@@ -145,6 +165,7 @@ impl App {
             auth_lookup: AuthLookup::default(),
             params: Default::default(),
             replay_memory: Arc::default(),
+            events,
             migration_failure: Mutex::new(None),
         });
         tokio::spawn(close_unused(Arc::downgrade(&app)));
@@ -174,7 +195,7 @@ impl App {
                 return Err(ClientError::TooManyDatabases(any.max_databases));
             }
             tracing::info!(database = %db.name, "serving a database through \"*\"");
-            let t = Target::start(&config, db, false, &self.probes);
+            let t = Target::start(&config, db, false, &self.probes, &self.events);
             targets.insert(db.name.clone(), t.clone());
             Ok(t)
         })
@@ -224,7 +245,7 @@ impl App {
 
     /// A fresh target for `db` (RELOAD).
     pub fn start_target(&self, config: &Config, db: &Database, paused: bool) -> Arc<Target> {
-        Target::start(config, db, paused, &self.probes)
+        Target::start(config, db, paused, &self.probes, &self.events)
     }
 
     /// Changes the set of targets (RELOAD) under the write lock.

@@ -14,6 +14,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::backend::conn::{ConnectSpec, ServerConn, UpstreamError};
 use crate::config::{BackupConfig, Config, Database, Schedule};
+use crate::events::{At, Events, Kind, Level};
 
 /// Why a backup was not taken.
 #[derive(Debug, thiserror::Error)]
@@ -425,13 +426,29 @@ pub async fn schedule(app: std::sync::Arc<crate::frontend::App>) {
         for o in run_all(&config, &b).await {
             let size = o.result.as_ref().ok().map(|b| b.size);
             app.metrics.backup_done(&o.database, size);
-            match &o.result {
-                Ok(done) => {
-                    tracing::info!(database = %o.database, file = %done.path.display(), size = done.size, source = ?o.source, removed = o.removed.len(), "backup taken")
-                }
-                Err(e) => tracing::error!(database = %o.database, error = %e, "backup failed"),
-            }
+            record_events(&app.events, &o);
         }
+    }
+}
+
+/// A scheduled backup's outcome, in the event timeline (and the log).
+fn record_events(events: &Events, o: &Outcome) {
+    let at = At::database(&o.database);
+    match &o.result {
+        Ok(done) => {
+            let details = format!(
+                "{} ({} bytes, from {:?})",
+                done.path.display(),
+                done.size,
+                o.source
+            );
+            events.record(Level::Info, Kind::BackupTaken, at, details);
+        }
+        Err(e) => events.record(Level::Error, Kind::BackupFailed, at, e.to_string()),
+    }
+    for path in &o.removed {
+        let details = format!("{} (retention)", path.display());
+        events.record(Level::Info, Kind::BackupPruned, at, details);
     }
 }
 

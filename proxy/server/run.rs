@@ -8,12 +8,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::Config;
+use crate::events::{At, Kind, Level};
 use crate::frontend::App;
 
 /// Runs pgheal until SIGTERM/SIGINT, then drains and exits.
 pub async fn serve(config: Config, path: Option<PathBuf>) -> ExitCode {
     let config = config.relative_to(path.as_deref());
-    let (migration_failure, fence) = match startup_migrations(&config).await {
+    let migrated = match startup_migrations(&config).await {
         Ok(outcome) => outcome,
         Err(code) => return code,
     };
@@ -27,10 +28,21 @@ pub async fn serve(config: Config, path: Option<PathBuf>) -> ExitCode {
         }
     };
     let app = running.app.clone();
-    if let Some(failure) = migration_failure {
+    let at = At {
+        database: migrated.database.as_deref(),
+        node: None,
+    };
+    if let Some(applied) = migrated.applied {
+        app.events
+            .record(Level::Info, Kind::MigrationsApplied, at, applied);
+    }
+    if let Some(failure) = migrated.failure {
+        let details = format!("{failure} (serving anyway: on_error = \"serve\")");
+        app.events
+            .record(Level::Error, Kind::MigrationsFailed, at, details);
         app.set_migration_failure(failure);
     }
-    if let Some((database, lsn)) = fence {
+    if let (Some(database), Some(lsn)) = (migrated.database, migrated.lsn) {
         // Replicas serve reads only once they have the new schema.
         if let Some(target) = app.target(&database) {
             target.cluster.set_floor(lsn);
@@ -56,6 +68,9 @@ pub async fn serve(config: Config, path: Option<PathBuf>) -> ExitCode {
 /// `shutdown_timeout` (a second signal cuts it short), closes idle servers.
 async fn shut_down(app: &App) {
     let timeout = app.config().proxy.shutdown_timeout;
+    let details = format!("running transactions get up to {timeout:?}");
+    app.events
+        .record(Level::Warn, Kind::ShutdownStarted, At::default(), details);
     tracing::info!(
         ?timeout,
         "shutting down: idle clients are told 57P01, running transactions may finish"
@@ -83,30 +98,47 @@ async fn drain(app: &App) {
     }
 }
 
-/// What startup migrations leave: why they failed (on_error = "serve",
-/// for /readyz and the console), and the database with the primary's WAL
-/// position once they were in.
-type Migrated = (Option<String>, Option<(String, u64)>);
+/// What startup migrations leave for the running pgheal: why they failed
+/// (on_error = "serve", for /readyz and the console), what they applied
+/// (for the events), and the database with the primary's WAL position once
+/// they were in (the replicas' read fence).
+#[derive(Default)]
+struct Migrated {
+    /// Why they failed (on_error = "serve").
+    failure: Option<String>,
+    /// What they applied.
+    applied: Option<String>,
+    /// The database they ran on, and the primary's LSN after them.
+    database: Option<String>,
+    lsn: Option<u64>,
+}
 
 /// Startup migrations: `Err` stops pgheal (on_error = "exit").
 async fn startup_migrations(config: &Config) -> Result<Migrated, ExitCode> {
     let Some(m) = config.migrations.clone() else {
-        return Ok((None, None));
+        return Ok(Migrated::default());
     };
+    let database = crate::ops::migrate::database(config, &m).map(|d| d.name.clone());
     match crate::ops::migrate::run(config, &m, true).await {
         Ok(report) => {
-            tracing::info!(
-                applied = report.applied.len(),
-                already = report.already,
-                "migrations done"
+            let applied = format!(
+                "{} applied ({}), {} already applied",
+                report.applied.len(),
+                report.applied.join(", "),
+                report.already
             );
-            let database = crate::ops::migrate::database(config, &m).map(|d| d.name.clone());
-            Ok((None, database.zip(report.lsn)))
+            Ok(Migrated {
+                applied: Some(applied),
+                database,
+                lsn: report.lsn,
+                ..Migrated::default()
+            })
         }
-        Err(e) if m.serve_on_error => {
-            tracing::error!(error = %e, "migrations failed; serving anyway (on_error = \"serve\")");
-            Ok((Some(e.to_string()), None))
-        }
+        Err(e) if m.serve_on_error => Ok(Migrated {
+            failure: Some(e.to_string()),
+            database,
+            ..Migrated::default()
+        }),
         Err(e) => {
             tracing::error!(error = %e, "migrations failed; not serving");
             eprintln!("migrations: {e}");

@@ -56,6 +56,7 @@ pub fn demo_config(listen: SocketAddr, nodes: &[String]) -> Config {
             max_client_connections: 10_000,
             shutdown_timeout: Duration::from_secs(30),
             http_listen: None,
+            http_token: None,
             watch_config: false,
         },
         pool: PoolTimeouts {

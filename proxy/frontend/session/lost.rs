@@ -1,5 +1,8 @@
-//! A transaction whose server was lost: pgheal answers for it, as
-//! PostgreSQL answers in a failed transaction, until the client ends it.
+//! A server lost under a client: the session ends with it (session mode,
+//! pinned), a held read runs again, a recorded transaction is replayed
+//! (`replay`), or the client hears 08006; and a transaction whose server
+//! was lost and not replayed: pgheal answers for it, as PostgreSQL answers
+//! in a failed transaction, until the client ends it.
 
 use std::future::poll_fn;
 use std::io;
@@ -11,8 +14,12 @@ use pgheal_protocol::classify::{classify, Class};
 use pgheal_protocol::frame::{self, Scanner, Step};
 use pgheal_protocol::frontend;
 
-use super::Session;
+use super::route::Rerun;
+use super::{Attachment, Session};
+use crate::backend::pool::Lease;
+use crate::config::PoolMode;
 use crate::frontend::error::ClientError;
+use crate::metrics::ReplayRefusal;
 
 /// Where a client stands in a transaction whose server was lost.
 #[derive(Debug, Default, Clone, Copy)]
@@ -77,6 +84,74 @@ impl Session {
                 Err(e) => return Err(ClientError::ClientIo(e)),
             }
         }
+    }
+}
+
+impl Session {
+    /// The server under the client's requests was lost: the session ends
+    /// with it (session mode, pinned), a held read runs again elsewhere, a
+    /// recorded transaction is replayed, or the client hears 08006.
+    pub(super) async fn server_lost(
+        &mut self,
+        e: std::io::Error,
+        held: &mut Option<Box<Lease>>,
+    ) -> Result<Attachment, ClientError> {
+        let Some(lease) = held.as_mut() else {
+            return Ok(Attachment::Detached);
+        };
+        if self.mode == PoolMode::Session || self.pinned.is_some() {
+            let addr = lease.pool().shared_addr().clone();
+            *held = None;
+            if self.flight.tx != TxStatus::Idle && self.app.config().failover.replay {
+                self.app.metrics.refuse_replay(ReplayRefusal::Pinned);
+            }
+            return self.end_session(&addr, e).await;
+        }
+        if self.replay.is_some() {
+            let addr = lease.pool().shared_addr().clone();
+            *held = None;
+            if let Some(ended) = self.ended_on_purpose(&addr).await {
+                return self.answer_terminated_read(ended).await;
+            }
+            tracing::warn!(server = %addr, error = %e, "server lost before answering a read; running it elsewhere");
+            self.app.metrics.retry("server_lost");
+            self.target.cluster.nudge(&addr);
+            self.rerun = Some(Rerun::Elsewhere(addr));
+            *held = None;
+            self.forget_fresh();
+            self.detach(None, false);
+            self.restore_replay()?;
+            return Ok(Attachment::Detached);
+        }
+        if self.flight.record.is_some() {
+            let addr = lease.pool().shared_addr().clone();
+            let pid = lease.server_key().pid;
+            tracing::warn!(server = %addr, error = %e, "server lost in a transaction; replaying it");
+            self.target.cluster.nudge(&addr);
+            self.cancel.slot.detach();
+            *held = None;
+            match self.replay(&addr, pid).await? {
+                Some(lease) => *held = Some(Box::new(lease)),
+                None => self.report_server_lost(e).await?,
+            }
+            return Ok(Attachment::Detached);
+        }
+        tracing::warn!(server = %lease.pool().addr(), error = %e, "server connection lost");
+        self.target.cluster.nudge(lease.pool().addr());
+        self.cancel.slot.detach();
+        // Dropping the lease closes the dead connection.
+        *held = None;
+        if self.replays && self.flight.owed {
+            // Begun without BEGIN, or pipelined after another.
+            let outcome_unknown = self.flight.tx == TxStatus::Idle;
+            self.app.metrics.refuse_replay(if outcome_unknown {
+                ReplayRefusal::CommitSent
+            } else {
+                ReplayRefusal::NotRecorded
+            });
+        }
+        self.report_server_lost(e).await?;
+        Ok(Attachment::Detached)
     }
 }
 

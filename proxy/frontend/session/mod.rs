@@ -5,7 +5,8 @@
 //! headers are scanned, except ReadyForQuery, ParameterStatus and
 //! ErrorResponse from the server, which are read whole; DataRow bodies are
 //! never looked at. `route` picks the node, `pump` moves the bytes, `lost`
-//! answers for a transaction whose server died.
+//! answers for a server that died, `record` keeps the running transaction
+//! and `replay` runs it again on the primary.
 
 mod carry;
 mod check;
@@ -49,7 +50,6 @@ use crate::frontend::clients::{ClientState, Registered};
 use crate::frontend::error::ClientError;
 use crate::frontend::login::LoggedIn;
 use crate::frontend::{App, Target};
-use crate::metrics::ReplayRefusal;
 use crate::net::flow::Flow;
 use tokio::sync::watch;
 
@@ -411,30 +411,6 @@ impl Session {
                 self.run_again(lease)?;
                 Ok(Attachment::Detached)
             }
-            PumpEnd::ServerLost(e) if self.mode == PoolMode::Session || self.pinned.is_some() => {
-                let addr = lease.pool().shared_addr().clone();
-                *held = None;
-                if self.flight.tx != TxStatus::Idle && self.app.config().failover.replay {
-                    self.app.metrics.refuse_replay(ReplayRefusal::Pinned);
-                }
-                self.end_session(&addr, e).await
-            }
-            PumpEnd::ServerLost(e) if self.replay.is_some() => {
-                let addr = lease.pool().shared_addr().clone();
-                *held = None;
-                if let Some(ended) = self.ended_on_purpose(&addr).await {
-                    return self.answer_terminated_read(ended).await;
-                }
-                tracing::warn!(server = %addr, error = %e, "server lost before answering a read; running it elsewhere");
-                self.app.metrics.retry("server_lost");
-                self.target.cluster.nudge(&addr);
-                self.rerun = Some(Rerun::Elsewhere(addr));
-                *held = None;
-                self.forget_fresh();
-                self.detach(None, false);
-                self.restore_replay()?;
-                Ok(Attachment::Detached)
-            }
             PumpEnd::ClientGone => {
                 self.leave(held.take()).await;
                 Ok(Attachment::ClientGone)
@@ -447,42 +423,12 @@ impl Session {
                 self.detach(held.take(), false);
                 Err(e)
             }
-            PumpEnd::ServerLost(e) if self.flight.record.is_some() => {
-                let addr = lease.pool().shared_addr().clone();
-                let pid = lease.server_key().pid;
-                tracing::warn!(server = %addr, error = %e, "server lost in a transaction; replaying it");
-                self.target.cluster.nudge(&addr);
-                self.cancel.slot.detach();
-                *held = None;
-                match self.replay(&addr, pid).await? {
-                    Some(lease) => *held = Some(Box::new(lease)),
-                    None => self.report_server_lost(e).await?,
-                }
-                Ok(Attachment::Detached)
-            }
             // Only inside a replay, which waits for them itself.
             PumpEnd::Verified | PumpEnd::Mismatch => {
                 self.detach(held.take(), false);
                 Ok(Attachment::Detached)
             }
-            PumpEnd::ServerLost(e) => {
-                tracing::warn!(server = %lease.pool().addr(), error = %e, "server connection lost");
-                self.target.cluster.nudge(lease.pool().addr());
-                self.cancel.slot.detach();
-                // Dropping the lease closes the dead connection.
-                *held = None;
-                if self.replays && self.flight.owed {
-                    // Begun without BEGIN, or pipelined after another.
-                    let outcome_unknown = self.flight.tx == TxStatus::Idle;
-                    self.app.metrics.refuse_replay(if outcome_unknown {
-                        ReplayRefusal::CommitSent
-                    } else {
-                        ReplayRefusal::NotRecorded
-                    });
-                }
-                self.report_server_lost(e).await?;
-                Ok(Attachment::Detached)
-            }
+            PumpEnd::ServerLost(e) => self.server_lost(e, held).await,
         }
     }
 
