@@ -71,6 +71,24 @@ pub(crate) struct DbLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct ModeLabels {
+    pub(crate) database: String,
+    pub(crate) mode: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct PoolWaitLabels {
+    pub(crate) database: String,
+    pub(crate) node: String,
+    pub(crate) user: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct CertLabels {
+    pub(crate) file: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct StateLabels {
     pub(crate) state: &'static str,
 }
@@ -108,6 +126,18 @@ pub struct Metrics {
     pub(crate) backup_last_success: Family<DbLabels, Gauge>,
     pub(crate) backup_last_failure: Family<DbLabels, Gauge>,
     pub(crate) backup_last_size: Family<DbLabels, Gauge>,
+    /// 1 for each database's current mode (read-write, read-only, down).
+    pub(crate) database_mode: Family<ModeLabels, Gauge>,
+    /// Each database's `max_replica_lag`, seconds.
+    pub(crate) max_replica_lag: Family<DbLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    /// Clients waiting for a server, per pool.
+    pub(crate) pool_waiting: Family<PoolWaitLabels, Gauge>,
+    /// How often backups are due, per database (`[backup] schedule`).
+    pub(crate) backup_interval: Family<DbLabels, Gauge>,
+    /// 1 while startup migrations failed and pgheal serves anyway.
+    pub(crate) migrations_failed: Gauge,
+    /// When the `[tls]` certificate expires, Unix seconds.
+    pub(crate) tls_cert_expiry: Family<CertLabels, Gauge>,
     /// Each database's last backup outcomes, written into the backup
     /// families at scrape time for the databases still configured.
     backups: Mutex<BTreeMap<String, BackupStats>>,
@@ -241,6 +271,12 @@ impl Default for Metrics {
             backup_last_success: Family::default(),
             backup_last_failure: Family::default(),
             backup_last_size: Family::default(),
+            database_mode: Family::default(),
+            max_replica_lag: Family::default(),
+            pool_waiting: Family::default(),
+            backup_interval: Family::default(),
+            migrations_failed: Gauge::default(),
+            tls_cert_expiry: Family::default(),
             backups: Mutex::default(),
             registry: Registry::default(),
         };
@@ -366,6 +402,42 @@ impl Metrics {
             "backup_last_size_bytes",
             "Size of the last good backup",
             self.backup_last_size.clone(),
+        );
+        self.register_setup_gauges(r);
+    }
+
+    /// Modes, bounds, backups, migrations and the certificate: what the
+    /// alert rules in deploy/prometheus watch besides the nodes.
+    fn register_setup_gauges(&self, r: &mut Registry) {
+        r.register(
+            "database_mode",
+            "1 for the database's current mode: read-write, read-only or down",
+            self.database_mode.clone(),
+        );
+        r.register(
+            "max_replica_lag_seconds",
+            "The database's max_replica_lag: replicas further behind get no reads",
+            self.max_replica_lag.clone(),
+        );
+        r.register(
+            "pool_waiting_clients",
+            "Clients waiting for a server connection of the pool",
+            self.pool_waiting.clone(),
+        );
+        r.register(
+            "backup_interval_seconds",
+            "How often a backup is due ([backup] schedule)",
+            self.backup_interval.clone(),
+        );
+        r.register(
+            "migrations_failed",
+            "1 while startup migrations failed and pgheal serves anyway",
+            self.migrations_failed.clone(),
+        );
+        r.register(
+            "tls_certificate_expiry_timestamp_seconds",
+            "When the [tls] certificate expires (Unix time)",
+            self.tls_cert_expiry.clone(),
         );
     }
 

@@ -152,6 +152,16 @@ async fn retention_keeps_exactly_keep_last_across_runs() {
         .expect("scheduler task");
     let kept = dumps(&backups);
     assert_eq!(kept.len(), 2, "keep_last = 2: {kept:?}");
+    // The timeline has them; the schedule is exported for alerts.
+    let events = proxy.app.events.since(0);
+    let count = |kind: &str| events.iter().filter(|e| e.kind.as_str() == kind).count();
+    let (taken, pruned) = (count("backup taken"), count("backup pruned"));
+    assert!(pruned >= 1 && taken == pruned + kept.len(), "{events:?}");
+    let metrics = pgheal::admin::gauges::render(&proxy.app);
+    assert!(
+        metrics.contains("pgheal_backup_interval_seconds{database=\"app\"} 1\n"),
+        "{metrics}"
+    );
     let all: Vec<&String> = seen.iter().collect();
     assert!(kept.iter().all(|k| !k.starts_with('.')), "{kept:?}");
     assert!(all.len() >= 5);

@@ -217,6 +217,18 @@ async fn on_error_serve_serves_and_reports_in_readyz() {
         body.contains("migrations failed") && body.contains("0001_bad.sql"),
         "{body}"
     );
+    // For alerts and for the operator's timeline.
+    let metrics = http_get(http, "/metrics").await;
+    assert!(
+        metrics.contains("\npgheal_migrations_failed 1\n"),
+        "{metrics}"
+    );
+    let events = http_get(http, "/events").await;
+    assert!(
+        events.contains("\"event\":\"migrations failed\""),
+        "{events}"
+    );
+    assert!(events.contains("0001_bad.sql"), "{events}");
     let _ = child.start_kill();
 }
 

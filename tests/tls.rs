@@ -48,6 +48,19 @@ async fn psql_over_tls_require_and_verify_full() {
     let out = psql_conninfo(&conninfo(&proxy, "sslmode=disable"), "SELECT 3").await;
     assert_eq!(text(&out.stdout).trim(), "3", "{}", text(&out.stderr));
 
+    // The certificate's expiry is exported for alerts.
+    let metrics = pgheal::admin::gauges::render(&proxy.app);
+    let line = metrics
+        .lines()
+        .find(|l| l.starts_with("pgheal_tls_certificate_expiry_timestamp_seconds{"))
+        .unwrap_or_else(|| panic!("no expiry in {metrics}"));
+    let expiry: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(expiry > now + 365.0 * 86400.0, "{line}");
+
     // A CA that did not sign pgheal's certificate is refused by psql.
     let other = TestCa::new();
     let wrong = format!("sslmode=verify-full sslrootcert={}", other.path("ca.pem"));

@@ -4,9 +4,12 @@
 
 use std::sync::atomic::Ordering;
 
-use crate::backend::cluster::Role;
+use crate::backend::cluster::{Mode, Role};
 use crate::frontend::App;
-use crate::metrics::{DbLabels, Metrics, NodeLabels, PoolLabels, RoleLabels, StateLabels};
+use crate::metrics::{
+    CertLabels, DbLabels, Metrics, ModeLabels, NodeLabels, PoolLabels, PoolWaitLabels, RoleLabels,
+    StateLabels,
+};
 
 /// The Prometheus text exposition with every gauge read now.
 pub fn render(app: &App) -> String {
@@ -15,7 +18,24 @@ pub fn render(app: &App) -> String {
     pools(app, m);
     nodes(app, m);
     backups(app, m);
+    health_of_setup(app, m);
     m.encode()
+}
+
+/// Migrations that failed, and the TLS certificate's expiry.
+fn health_of_setup(app: &App, m: &Metrics) {
+    m.migrations_failed
+        .set(i64::from(app.migration_failure().is_some()));
+    m.tls_cert_expiry.clear();
+    let config = app.config();
+    if let Some(tls) = &config.tls {
+        if let Some(at) = tls.not_after {
+            let file = tls.config.cert.display().to_string();
+            m.tls_cert_expiry
+                .get_or_create(&CertLabels { file })
+                .set(at);
+        }
+    }
 }
 
 fn clients(app: &App, m: &Metrics) {
@@ -33,7 +53,16 @@ fn clients(app: &App, m: &Metrics) {
 
 fn pools(app: &App, m: &Metrics) {
     m.pool_servers.clear();
+    m.pool_waiting.clear();
     for pool in app.pools() {
+        let labels = PoolWaitLabels {
+            database: pool.database.clone(),
+            node: pool.addr().to_string(),
+            user: pool.user().to_string(),
+        };
+        m.pool_waiting
+            .get_or_create(&labels)
+            .set(pool.waiting() as i64);
         let (idle, busy) = pool.counts();
         for (state, v) in [("idle", idle), ("busy", busy)] {
             let labels = PoolLabels {
@@ -53,8 +82,23 @@ fn nodes(app: &App, m: &Metrics) {
     m.node_lag_bytes.clear();
     m.node_role.clear();
     m.failovers.clear();
+    m.database_mode.clear();
+    m.max_replica_lag.clear();
     for (database, target) in app.targets() {
         let topology = target.cluster.snapshot();
+        for mode in [Mode::ReadWrite, Mode::ReadOnly, Mode::Down] {
+            let labels = ModeLabels {
+                database: database.clone(),
+                mode: mode.as_str(),
+            };
+            let current = i64::from(topology.mode() == mode);
+            m.database_mode.get_or_create(&labels).set(current);
+        }
+        let labels = DbLabels {
+            database: database.clone(),
+        };
+        let bound = target.database.max_replica_lag.as_secs_f64();
+        m.max_replica_lag.get_or_create(&labels).set(bound);
         for n in &topology.nodes {
             let node = NodeLabels {
                 database: database.clone(),
@@ -91,7 +135,20 @@ fn backups(app: &App, m: &Metrics) {
     m.backup_last_success.clear();
     m.backup_last_failure.clear();
     m.backup_last_size.clear();
+    m.backup_interval.clear();
     let config = app.config();
+    if let Some(b) = &config.backup {
+        let every = match b.schedule {
+            crate::config::Schedule::Every(d) => d.as_secs(),
+            crate::config::Schedule::DailyAt { .. } => 24 * 3600,
+        };
+        for db in config.named_databases() {
+            let labels = DbLabels {
+                database: db.name.clone(),
+            };
+            m.backup_interval.get_or_create(&labels).set(every as i64);
+        }
+    }
     for (database, stats) in m.backups() {
         if !config.databases.contains_key(&database) {
             continue;

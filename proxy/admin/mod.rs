@@ -2,6 +2,6 @@
 //! (metrics, health, status) and configuration reload.
 
 pub mod console;
-mod gauges;
+pub mod gauges;
 pub mod http;
 pub mod reload;

@@ -82,6 +82,8 @@ pub struct ClientTlsConfig {
 /// The client-facing acceptor.
 pub struct ClientTls {
     pub config: ClientTlsConfig,
+    /// When the certificate (the first in its file) expires, Unix seconds.
+    pub not_after: Option<i64>,
     acceptor: TlsAcceptor,
 }
 
@@ -96,8 +98,10 @@ impl fmt::Debug for ClientTls {
 impl ClientTls {
     pub fn load(config: &ClientTlsConfig) -> Result<ClientTls, TlsError> {
         let acceptor = TlsAcceptor::from(Arc::new(server_config(config)?));
+        let not_after = read_certs(&config.cert)?.first().and_then(not_after);
         Ok(ClientTls {
             config: config.clone(),
+            not_after,
             acceptor,
         })
     }
@@ -111,6 +115,14 @@ impl ClientTls {
         let stream = self.acceptor.accept(tcp).await?;
         Ok(Stream::Accepted(Box::new(stream)))
     }
+}
+
+/// A certificate's notAfter, Unix seconds (`None` when it does not parse).
+fn not_after(cert: &CertificateDer<'_>) -> Option<i64> {
+    use x509_cert::der::Decode;
+    let cert = x509_cert::Certificate::from_der(cert.as_ref()).ok()?;
+    let at = cert.tbs_certificate.validity.not_after.to_unix_duration();
+    i64::try_from(at.as_secs()).ok()
 }
 
 fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
