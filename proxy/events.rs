@@ -56,7 +56,7 @@ impl Kind {
             Kind::SplitBrain => "split brain: writes fenced",
             Kind::SplitBrainOver => "split brain over",
             Kind::Failover => "failover",
-            Kind::ReplicaExcluded => "replica excluded for lag",
+            Kind::ReplicaExcluded => "replica excluded from reads",
             Kind::ReplicaReadmitted => "replica readmitted",
             Kind::ReloadApplied => "reload applied",
             Kind::ReloadRefused => "reload refused",

@@ -223,7 +223,7 @@ async fn http_auth_asks_for_the_token_except_on_probes() {
     ))
     .await;
     let http = proxy.http_addr.expect("HTTP address");
-    for path in ["/status", "/events", "/metrics"] {
+    for path in ["/", "/status", "/events", "/metrics"] {
         let (code, body) = get(http, path).await;
         assert_eq!(code, 401, "{path}: {body}");
         assert!(!body.contains("s3cret"), "{body}");

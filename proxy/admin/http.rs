@@ -1,4 +1,5 @@
-//! HTTP on `[proxy] http_listen`: `/metrics` (Prometheus text),
+//! HTTP on `[proxy] http_listen`: `/` (the status page, see `page`),
+//! `/metrics` (Prometheus text),
 //! `/healthz` (the process answers), `/readyz` (200 when every database
 //! can serve reads, else 503 with the reason), `/status` (JSON topology and
 //! mode of each database), `/events` (the event timeline, JSON). With
@@ -8,7 +9,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::extract::{RawQuery, Request, State};
+use axum::extract::{FromRef, RawQuery, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -18,6 +19,7 @@ use serde_json::json;
 use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 
+use super::samples::Samples;
 use crate::backend::cluster::Mode;
 use crate::frontend::App;
 
@@ -26,15 +28,23 @@ pub async fn start(app: Arc<App>, addr: SocketAddr) -> std::io::Result<SocketAdd
     let listener = TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     let shutdown = app.shutdown.clone();
+    let state = Http {
+        samples: Samples::start(&app),
+        app,
+    };
     let guarded = Router::new()
+        .route("/", get(page))
         .route("/metrics", get(metrics))
         .route("/status", get(status))
         .route("/events", get(events))
-        .route_layer(middleware::from_fn_with_state(app.clone(), authorized));
+        .route_layer(middleware::from_fn_with_state(
+            state.app.clone(),
+            authorized,
+        ));
     let router = guarded
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .with_state(app);
+        .with_state(state);
     tokio::spawn(async move {
         let served = axum::serve(listener, router)
             .with_graceful_shutdown(async move { shutdown.cancelled().await })
@@ -45,6 +55,32 @@ pub async fn start(app: Arc<App>, addr: SocketAddr) -> std::io::Result<SocketAdd
     });
     tracing::info!(addr = %bound, "HTTP endpoints listening");
     Ok(bound)
+}
+
+/// What the handlers share.
+#[derive(Clone)]
+struct Http {
+    app: Arc<App>,
+    samples: Arc<Samples>,
+}
+
+impl FromRef<Http> for Arc<App> {
+    fn from_ref(http: &Http) -> Arc<App> {
+        http.app.clone()
+    }
+}
+
+/// The status page (see `page`).
+async fn page(State(http): State<Http>) -> Response {
+    let body = super::page::render(&http.app, &http.samples.all());
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        body,
+    )
+        .into_response()
 }
 
 /// With `[proxy] http_auth`, only requests with the bearer token pass.

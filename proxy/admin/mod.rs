@@ -1,7 +1,9 @@
 //! What operators use: the psql admin console, the HTTP endpoints
-//! (metrics, health, status) and configuration reload.
+//! (status page, metrics, health, status, events) and configuration reload.
 
 pub mod console;
 pub mod gauges;
 pub mod http;
+mod page;
 pub mod reload;
+mod samples;

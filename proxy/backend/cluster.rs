@@ -358,12 +358,15 @@ impl Cluster {
             *was = excluded;
             let at = At::node(&self.database, &n.addr);
             if excluded {
-                let details = format!(
-                    "replay lag {:.1} s, {} bytes behind, streaming {}",
-                    n.replay_lag.as_secs_f64(),
-                    n.lag_bytes.unwrap_or(0),
-                    n.streaming
-                );
+                let details = if n.streaming {
+                    format!(
+                        "too far behind: replay lag {:.1} s, {} bytes behind the primary",
+                        n.replay_lag.as_secs_f64(),
+                        n.lag_bytes.unwrap_or(0)
+                    )
+                } else {
+                    "not streaming from the current primary".to_string()
+                };
                 self.events
                     .record(Level::Warn, Kind::ReplicaExcluded, at, details);
             } else {
