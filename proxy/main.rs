@@ -1,5 +1,8 @@
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
+
+mod progress;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use pgheal::config::Config;
@@ -164,7 +167,13 @@ async fn backup_command(config: Config, action: &str) -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let mut failed = false;
-    for o in pgheal::ops::backup::run_all(&config, &b).await {
+    let started = std::time::Instant::now();
+    let progress = std::io::stdout()
+        .is_terminal()
+        .then(|| progress::BackupProgress::start(b.dir.clone()));
+    let outcomes = pgheal::ops::backup::run_all(&config, &b).await;
+    drop(progress);
+    for o in outcomes {
         match &o.result {
             Ok(done) => println!(
                 "backup {} from {}: {} ({} bytes); removed {}",
@@ -180,6 +189,9 @@ async fn backup_command(config: Config, action: &str) -> ExitCode {
             }
         }
     }
+    if std::io::stdout().is_terminal() {
+        println!("took {:.1} s", started.elapsed().as_secs_f64());
+    }
     if failed {
         ExitCode::FAILURE
     } else {
@@ -193,9 +205,25 @@ async fn migrate_command(config: Config, path: Option<PathBuf>, apply: bool) -> 
         eprintln!("no [migrations] section in the configuration");
         return ExitCode::from(2);
     };
-    match pgheal::ops::migrate::run(&config, &m, apply).await {
+    // On a terminal each file is shown as it runs, with its duration.
+    let terminal = std::io::stdout().is_terminal();
+    let show = |p: pgheal::ops::migrate::Progress<'_>| {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        let _ = match p {
+            pgheal::ops::migrate::Progress::Applying(f) => write!(out, "applying {f} ... "),
+            pgheal::ops::migrate::Progress::Applied(_, took) => {
+                writeln!(out, "done in {:.3} s", took.as_secs_f64())
+            }
+        };
+        let _ = out.flush();
+    };
+    let quiet = |_: pgheal::ops::migrate::Progress<'_>| {};
+    let progress: &(dyn Fn(pgheal::ops::migrate::Progress<'_>) + Sync) =
+        if terminal && apply { &show } else { &quiet };
+    match pgheal::ops::migrate::run_with(&config, &m, apply, progress).await {
         Ok(report) => {
-            for f in &report.applied {
+            for f in report.applied.iter().filter(|_| !terminal) {
                 println!("applied  {f}");
             }
             for f in &report.pending {

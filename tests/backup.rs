@@ -83,6 +83,11 @@ async fn a_backup_from_the_replica_restores_with_its_rows() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     let said = text(&out.stdout);
     assert!(said.contains(&format!("from {}", replica.addr())), "{said}");
+    // Piped: no progress line.
+    assert!(
+        !said.contains('\r') && !said.contains("written"),
+        "{said:?}"
+    );
     let files = dumps(&backups);
     assert_eq!(files.len(), 1, "{files:?}");
     assert!(
@@ -212,4 +217,37 @@ async fn a_failed_dump_leaves_no_file_and_is_reported() {
         text(&out.stderr)
     );
     assert!(dumps(&backups).is_empty(), "{:?}", dumps(&backups));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_now_shows_progress_and_the_size_on_a_terminal() {
+    let node = app_node().await;
+    // Enough rows for the dump to take a few progress ticks.
+    node.sql(
+        "app",
+        "CREATE TABLE big AS SELECT g, md5(g::text) FROM generate_series(1, 300000) g; \
+         ALTER TABLE big OWNER TO app",
+    )
+    .await
+    .expect("rows");
+    let dir = tempfile::tempdir().expect("dir");
+    let backups = dir.path().join("backups");
+    let config = dir.path().join("pgheal.toml");
+    std::fs::write(
+        &config,
+        config_text(&[&node], &backups, APP_PASSWORD, "every = \"1h\""),
+    )
+    .expect("config");
+    let args = ["backup", "now", "--config", &config.display().to_string()].map(String::from);
+    let out = pgheal_on_a_terminal(&args[..]).await;
+    let shown = text(&out.stdout);
+    assert!(out.status.success(), "{shown}");
+    assert!(shown.contains("backup: "), "no progress line: {shown:?}");
+    let file = dumps(&backups).pop().expect("a dump");
+    let size = std::fs::metadata(backups.join(&file)).expect("dump").len();
+    assert!(
+        shown.contains(&format!("({size} bytes)")),
+        "final size: {shown:?}"
+    );
+    assert!(shown.contains("took "), "{shown:?}");
 }

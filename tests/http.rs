@@ -246,3 +246,70 @@ async fn http_auth_asks_for_the_token_except_on_probes() {
     .expect_err("not bearer:");
     assert!(bad.to_string().contains("proxy.http_auth"), "{bad}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_tls_serves_the_endpoints_over_tls_only() {
+    let node = app_node().await;
+    let ca = TestCa::new();
+    let proxy = start(&format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\nhttp_listen = \"127.0.0.1:0\"\nhttp_tls = true\n\
+         http_auth = \"bearer:t0ken\"\n{}\n\
+         [[users]]\nname = \"app\"\npassword = \"{APP_PASSWORD}\"\n\
+         [databases.app]\nnodes = [\"{}\"]\nuser = \"app\"\npassword = \"{APP_PASSWORD}\"\n",
+        ca.section("prefer"),
+        node.addr()
+    ))
+    .await;
+    let http = proxy.http_addr.expect("HTTP address");
+    let mut roots = rustls::RootCertStore::empty();
+    use rustls::pki_types::pem::PemObject;
+    for cert in rustls::pki_types::CertificateDer::pem_file_iter(ca.path("ca.pem")).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let get_tls = |path: &'static str, token: &'static str| {
+        let (connector, name) = (connector.clone(), name.clone());
+        async move {
+            let tcp = tokio::net::TcpStream::connect(http).await.expect("connect");
+            let mut tls = connector.connect(name, tcp).await.expect("TLS handshake");
+            let auth = format!("Authorization: Bearer {token}\r\n");
+            let request = format!("GET {path} HTTP/1.0\r\nHost: x\r\n{auth}\r\n");
+            tls.write_all(request.as_bytes()).await.expect("request");
+            let mut raw = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(30), tls.read_to_end(&mut raw)).await;
+            text(&raw)
+        }
+    };
+    let healthz = get_tls("/healthz", "").await;
+    assert!(healthz.starts_with("HTTP/1.0 200"), "{healthz}");
+    let status = get_tls("/status", "t0ken").await;
+    assert!(
+        status.starts_with("HTTP/1.0 200") && status.contains("\"databases\""),
+        "{status}"
+    );
+    assert!(get_tls("/status", "wrong")
+        .await
+        .starts_with("HTTP/1.0 401"));
+    // Plain HTTP gets no answer.
+    let mut plain = tokio::net::TcpStream::connect(http).await.expect("connect");
+    plain
+        .write_all(b"GET /healthz HTTP/1.0\r\n\r\n")
+        .await
+        .expect("request");
+    let mut raw = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(15), plain.read_to_end(&mut raw)).await;
+    assert!(!text(&raw).contains("200"), "{}", text(&raw));
+    let bad = pgheal::config::Config::parse(
+        "[proxy]\nhttp_tls = true\n[[users]]\nname = \"a\"\npassword = \"b\"\n\
+         [databases.app]\nnodes = [\"127.0.0.1:5432\"]\n",
+    )
+    .expect_err("http_tls without [tls]");
+    assert!(bad.to_string().contains("proxy.http_tls"), "{bad}");
+}

@@ -383,3 +383,27 @@ async fn replicas_get_reads_only_once_they_have_the_migrations() {
         "2"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_shows_each_file_as_it_runs_on_a_terminal_only() {
+    let node = app_node().await;
+    let s = Setup::new(
+        &node.addr(),
+        "",
+        &[("0001_create.sql", CREATE), ("0002_more.sql", MORE)],
+    );
+    let config = s.config().display().to_string();
+    let args = ["migrate", "--config", &config].map(String::from);
+    let shown = text(&pgheal_on_a_terminal(&args[..]).await.stdout);
+    for file in ["0001_create.sql", "0002_more.sql"] {
+        let line = shown.lines().find(|l| l.contains(file)).unwrap_or_default();
+        assert!(
+            line.contains(&format!("applying {file} ... done in ")),
+            "{shown}"
+        );
+    }
+    // Piped: the summary only.
+    let piped = text(&s.pgheal(&["migrate"]).await.stdout);
+    assert!(!piped.contains("applying"), "{piped}");
+    assert!(piped.contains("2 already applied"), "{piped}");
+}

@@ -4,7 +4,7 @@
 //! can serve reads, else 503 with the reason), `/status` (JSON topology and
 //! mode of each database), `/events` (the event timeline, JSON). With
 //! `[proxy] http_auth` every path but `/healthz` and `/readyz` needs the
-//! bearer token.
+//! bearer token; with `http_tls` all of them are served over TLS.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -28,6 +28,7 @@ pub async fn start(app: Arc<App>, addr: SocketAddr) -> std::io::Result<SocketAdd
     let listener = TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     let shutdown = app.shutdown.clone();
+    let state_tls = app.config().proxy.http_tls.then(|| app.clone());
     let state = Http {
         samples: Samples::start(&app),
         app,
@@ -45,10 +46,23 @@ pub async fn start(app: Arc<App>, addr: SocketAddr) -> std::io::Result<SocketAdd
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .with_state(state);
+    let tls = state_tls;
     tokio::spawn(async move {
-        let served = axum::serve(listener, router)
-            .with_graceful_shutdown(async move { shutdown.cancelled().await })
-            .await;
+        let served = match tls {
+            Some(app) => match super::https::TlsListener::new(listener, app) {
+                Ok(tls) => {
+                    axum::serve(tls, router)
+                        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+                        .await
+                }
+                Err(e) => Err(e),
+            },
+            None => {
+                axum::serve(listener, router)
+                    .with_graceful_shutdown(async move { shutdown.cancelled().await })
+                    .await
+            }
+        };
         if let Err(e) = served {
             tracing::error!(error = %e, "HTTP server stopped");
         }

@@ -4,6 +4,7 @@
 pub mod console;
 pub mod gauges;
 pub mod http;
+mod https;
 mod page;
 pub mod reload;
 mod samples;

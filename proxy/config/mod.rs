@@ -142,6 +142,8 @@ pub struct ProxyConfig {
     /// `http_auth = "bearer:<token>"`: the token every HTTP request but
     /// /healthz and /readyz must carry (`Authorization: Bearer <token>`).
     pub http_token: Option<String>,
+    /// Serve the HTTP endpoints over TLS with the `[tls]` certificate.
+    pub http_tls: bool,
     /// Reload when the configuration file's content changes (a mounted
     /// Kubernetes ConfigMap), as SIGHUP does.
     pub watch_config: bool,
@@ -536,6 +538,9 @@ fn read_config(r: &mut Reader, root: &Table) -> Config {
     if config.databases.is_empty() {
         r.error("databases", "at least one database must be configured");
     }
+    if config.proxy.http_tls && config.tls.is_none() {
+        r.error("proxy.http_tls", "needs a [tls] section with cert and key");
+    }
     check_node_tls(r, &config.databases);
     config
 }
@@ -716,6 +721,7 @@ fn read_proxy(r: &mut Reader, t: &Table) -> ProxyConfig {
             "shutdown_timeout",
             "http_listen",
             "http_auth",
+            "http_tls",
             "watch_config",
         ],
     );
@@ -733,6 +739,7 @@ fn read_proxy(r: &mut Reader, t: &Table) -> ProxyConfig {
         shutdown_timeout: r.get(t, p, "shutdown_timeout", Duration::from_secs(30)),
         http_listen: r.opt(t, p, "http_listen"),
         http_token: read_http_auth(r, t),
+        http_tls: r.get(t, p, "http_tls", false),
         watch_config: r.get(t, p, "watch_config", false),
     }
 }

@@ -110,6 +110,11 @@ impl ClientTls {
         self.config.mode == ClientMode::Require
     }
 
+    /// The acceptor, for another listener (HTTPS) with the same certificate.
+    pub fn acceptor(&self) -> TlsAcceptor {
+        self.acceptor.clone()
+    }
+
     /// TLS handshake with a client that sent SSLRequest and heard `S`.
     pub async fn accept(&self, tcp: TcpStream) -> std::io::Result<Stream> {
         let stream = self.acceptor.accept(tcp).await?;

@@ -197,17 +197,34 @@ const TABLE: &str = "CREATE TABLE IF NOT EXISTS pgheal_schema_migrations (\
     applied_at timestamptz NOT NULL DEFAULT now(), duration_ms bigint NOT NULL)";
 
 /// Applies what is pending (or, with `apply` false, only reports).
+/// A migration file starting or done (for a terminal's progress).
+#[derive(Debug, Clone, Copy)]
+pub enum Progress<'a> {
+    Applying(&'a str),
+    Applied(&'a str, std::time::Duration),
+}
+
 pub async fn run(
     config: &Config,
     m: &MigrationsConfig,
     apply: bool,
+) -> Result<Report, MigrateError> {
+    run_with(config, m, apply, &|_| {}).await
+}
+
+/// [`run`], telling `progress` about each file as it is applied.
+pub async fn run_with(
+    config: &Config,
+    m: &MigrationsConfig,
+    apply: bool,
+    progress: &(dyn Fn(Progress<'_>) + Sync),
 ) -> Result<Report, MigrateError> {
     let files = read_dir(&m.dir)?;
     let db = database(config, m)
         .ok_or_else(|| MigrateError::Files("[migrations] names no configured database".into()))?;
     let mut conn = primary(config, db, m.wait).await?;
     take_lock(&mut conn).await?;
-    let result = locked(&mut conn, &files, apply).await;
+    let result = locked(&mut conn, &files, apply, progress).await;
     let _ = conn
         .run_quietly(&format!("SELECT pg_advisory_unlock({LOCK_KEY})"))
         .await;
@@ -245,6 +262,7 @@ async fn locked(
     conn: &mut ServerConn,
     files: &[Migration],
     apply: bool,
+    progress: &(dyn Fn(Progress<'_>) + Sync),
 ) -> Result<Report, MigrateError> {
     if let Some(e) = conn.run_quietly(TABLE).await? {
         return Err(e.into());
@@ -291,8 +309,11 @@ async fn locked(
             continue;
         }
         let started = Instant::now();
+        progress(Progress::Applying(&f.file));
         apply_one(conn, f).await?;
-        tracing::info!(file = %f.file, took = ?started.elapsed(), "migration applied");
+        let took = started.elapsed();
+        progress(Progress::Applied(&f.file, took));
+        tracing::info!(file = %f.file, ?took, "migration applied");
         report.applied.push(f.file.clone());
     }
     let lsn = conn.query_rows("SELECT pg_current_wal_lsn()").await?;

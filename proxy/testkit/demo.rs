@@ -57,6 +57,7 @@ pub fn demo_config(listen: SocketAddr, nodes: &[String]) -> Config {
             shutdown_timeout: Duration::from_secs(30),
             http_listen: None,
             http_token: None,
+            http_tls: false,
             watch_config: false,
         },
         pool: PoolTimeouts {

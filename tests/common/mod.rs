@@ -511,3 +511,16 @@ pub async fn wait_accepting(url: &str) {
     })
     .await;
 }
+
+/// Runs pgheal with `args` on a pseudo-terminal (util-linux `script`), as a
+/// person at a terminal would: what it printed there.
+pub async fn pgheal_on_a_terminal(args: &[String]) -> Output {
+    let line = std::iter::once(env!("CARGO_BIN_EXE_pgheal").to_string())
+        .chain(args.iter().cloned())
+        .map(|a| format!("'{}'", a.replace('\'', "'\\''")))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let mut cmd = Command::new("script");
+    cmd.args(["-qefc", &line, "/dev/null"]);
+    output_async(cmd, None, SUBPROCESS_DEADLINE).await
+}
