@@ -2,8 +2,6 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-mod progress;
-
 use clap::{Parser, Subcommand, ValueEnum};
 use pgheal::config::Config;
 
@@ -170,7 +168,7 @@ async fn backup_command(config: Config, action: &str) -> ExitCode {
     let started = std::time::Instant::now();
     let progress = std::io::stdout()
         .is_terminal()
-        .then(|| progress::BackupProgress::start(b.dir.clone()));
+        .then(|| pgheal::ops::progress::BackupProgress::start(b.dir.clone()));
     let outcomes = pgheal::ops::backup::run_all(&config, &b).await;
     drop(progress);
     for o in outcomes {

@@ -1,8 +1,9 @@
 //! Work pgheal does on the databases themselves: schema migrations before
-//! serving, and scheduled backups.
+//! serving, and scheduled backups (with `progress` for the command line).
 
 pub mod backup;
 pub mod migrate;
+pub mod progress;
 
 use std::path::PathBuf;
 

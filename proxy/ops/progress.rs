@@ -1,5 +1,6 @@
-//! Progress lines for the command line's long work, on a terminal only:
-//! a backup's bytes written and time so far, redrawn in place.
+//! Progress lines for the command line's long work (`pgheal backup now`),
+//! shown on a terminal only: a backup's bytes written and time so far,
+//! redrawn in place.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
