@@ -352,7 +352,12 @@ impl Cluster {
             let Some(was) = state.excluded.get_mut(i) else {
                 continue;
             };
-            if excluded == *was || (n.role != Role::Replica && !*was) {
+            if n.role != Role::Replica {
+                // Down or promoted: its role change is the event.
+                *was = false;
+                continue;
+            }
+            if excluded == *was {
                 continue;
             }
             *was = excluded;

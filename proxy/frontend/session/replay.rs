@@ -27,6 +27,7 @@ use pgheal_protocol::sqlstate;
 use tokio::time::Instant;
 use xxhash_rust::xxh3::Xxh3;
 
+use super::record::TxRecord;
 use super::{PumpEnd, Rerun, Session};
 use crate::backend::pool::Lease;
 use crate::backend::router::Intent;
@@ -89,11 +90,13 @@ impl Session {
             self.flight.record = None;
             return Ok(None);
         }
+        let Some(record) = self.flight.record.take() else {
+            return Ok(None);
+        };
         // What the lost server said before it died is the client's.
         self.deliver_answered().await?;
-        let before = self.rewind();
-        let expected = self.verify.take();
-        match self.rerun_transaction(lost, lost_pid, expected).await {
+        let (before, verify) = self.rewind(record);
+        match self.rerun_transaction(lost, lost_pid, verify).await {
             Ok(lease) => {
                 tracing::info!(server = %lease.pool().addr(), "transaction replayed");
                 self.app.metrics.transactions_replayed.inc();
@@ -159,11 +162,8 @@ impl Session {
 
     /// Puts the transaction's messages back as if the client had just sent
     /// them (and then whatever it sent after), and notes what the replay
-    /// must reproduce. Returns the session as it was.
-    fn rewind(&mut self) -> Before {
-        let Some(mut record) = self.flight.record.take() else {
-            unreachable!("rewind is only called for a recorded transaction")
-        };
+    /// must reproduce. Returns the session as it was, and what to check.
+    fn rewind(&mut self, mut record: Box<TxRecord>) -> (Before, Box<Verify>) {
         let log = std::mem::take(&mut record.log);
         let settled = record.ends_with_request();
         // The statements as the transaction found them, for it to change
@@ -188,14 +188,14 @@ impl Session {
         self.up.buf = again;
         self.up.scanned = 0;
         self.up.scanner = Scanner::new(self.app.config().proxy.max_message_size);
-        self.verify = Some(Box::new(Verify {
+        let verify = Box::new(Verify {
             remaining: record.delivered,
             hash: Xxh3::new(),
             expected: record.digest(),
             unanswered: before.pending,
             settled,
-        }));
-        before
+        });
+        (before, verify)
     }
 
     /// The session as the loss left it, the replay forgotten.
@@ -224,7 +224,7 @@ impl Session {
         &mut self,
         lost: &Arc<str>,
         lost_pid: i32,
-        verify: Option<Box<Verify>>,
+        verify: Box<Verify>,
     ) -> Result<Lease, Failed> {
         let failed = Failed::Refused(ReplayRefusal::ReplayFailed);
         self.scan_up().map_err(|_| failed)?;
@@ -232,10 +232,10 @@ impl Session {
             r.replayed = true;
         }
         let mut lease = self.replay_server(lost, lost_pid).await?;
-        let Some(verify) = verify.filter(|v| v.remaining > 0) else {
+        if verify.remaining == 0 {
             // The client had nothing of this transaction yet.
             return Ok(lease);
-        };
+        }
         self.verify = Some(verify);
         let limit = self.app.config().failover.replay_timeout;
         let end = tokio::time::timeout(limit, poll_fn(|cx| self.poll_pump(cx, lease.conn()))).await;
