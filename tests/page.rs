@@ -199,14 +199,45 @@ async fn the_status_page_follows_a_failover_without_a_reload() {
         mode == "read-write" && text.contains(&primary_addr) && text.contains(&replica_addr)
     })
     .await;
+    // The database's transactions chart moves while a client works.
+    let working = tokio::spawn(async move {
+        loop {
+            if client
+                .batch_execute("INSERT INTO t VALUES (1)")
+                .await
+                .is_err()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    waits_for(&browser, "transactions on the chart", |text, _| {
+        let max = text
+            .split("transactions/s (max ")
+            .nth(1)
+            .and_then(|rest| rest.split(')').next())
+            .and_then(|v| v.parse::<f64>().ok());
+        max.is_some_and(|m| m > 0.0)
+    })
+    .await;
+    working.abort();
     browser.screenshot("1-read-write").await;
 
     primary.kill9().await;
-    waits_for(&browser, "read-only and the node down", |text, mode| {
-        mode == "read-only"
-            && text.contains("node down")
-            && text.contains("no primary is reachable")
-    })
+    waits_for(
+        &browser,
+        "read-only, the node down and its next retry",
+        |text, mode| {
+            let retry = text.lines().any(|l| {
+                l.contains(&primary_addr) && l.contains("\tdown\t") && l.contains("\tin ")
+            });
+            mode == "read-only"
+                && retry
+                && text.contains("node down")
+                && text.contains("no primary is reachable")
+        },
+    )
     .await;
     browser.screenshot("2-read-only").await;
 

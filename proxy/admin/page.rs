@@ -1,6 +1,6 @@
 //! The status page at `GET /`: one HTML document with the current state
-//! rendered in (modes, nodes, pools, clients, charts of the last 15 minutes
-//! as inline SVG, the event timeline), and a few lines of script that fetch
+//! rendered in (per database: mode, nodes, pools, charts of its last 15
+//! minutes as inline SVG; clients; the event timeline), and a few lines of script that fetch
 //! the page again every 1.5 s and swap its content in. No build step, no
 //! external resource: it works in an air-gapped cluster. Nothing secret is
 //! on it (no passwords, no tokens, no client addresses).
@@ -11,7 +11,7 @@ use std::time::SystemTime;
 
 use html_escape::encode_text as esc;
 
-use super::samples::Sample;
+use super::samples::{DbSample, Sample};
 use crate::backend::cluster::{Mode, Role, Topology};
 use crate::events::{Event, Kind};
 use crate::frontend::{App, Target};
@@ -44,9 +44,9 @@ pub fn render(app: &App, samples: &[Sample]) -> String {
     let events = app.events.since(0);
     for (name, target) in app.targets() {
         database(&mut out, app, &name, &target);
+        charts(&mut out, &name, samples, &events);
     }
     clients(&mut out, app);
-    charts(&mut out, samples, &events);
     timeline(&mut out, &events);
     let _ = write!(out, "</div><script>{SCRIPT}</script></body></html>");
     out
@@ -64,23 +64,31 @@ fn database(out: &mut String, app: &App, name: &str, target: &Target) {
     );
     out.push_str(
         "<table><tr><th>node</th><th>role</th><th>up</th><th>lag</th><th>behind</th>\
-                  <th>failures</th><th>last checked</th></tr>",
+                  <th>failures</th><th>last checked</th><th>next retry</th></tr>",
     );
     for n in &topology.nodes {
         let up = matches!(n.role, Role::Primary | Role::Replica);
         let checked = n.checked_at.map_or("never".into(), |t| {
             format!("{:.1} s ago", t.elapsed().as_secs_f64())
         });
+        let retry = match n.retry_at {
+            Some(at) if !up => {
+                let wait = at.saturating_duration_since(std::time::Instant::now());
+                format!("in {:.1} s", wait.as_secs_f64())
+            }
+            _ => String::new(),
+        };
         let _ = write!(
             out,
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{:.1} s</td><td>{} bytes</td><td>{}</td><td>{}</td></tr>",
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{:.1} s</td><td>{} bytes</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             esc(&n.addr),
             n.role.as_str(),
             if up { "yes" } else { "no" },
             n.replay_lag.as_secs_f64(),
             n.lag_bytes.unwrap_or(0),
             n.failures,
-            checked
+            checked,
+            retry
         );
     }
     out.push_str("</table>");
@@ -139,17 +147,20 @@ fn clients(out: &mut String, app: &App) {
     );
 }
 
-/// One line per chart; `marks` are the failovers' positions.
-fn charts(out: &mut String, samples: &[Sample], events: &[Event]) {
+/// A database's charts; failovers of it are marked.
+fn charts(out: &mut String, database: &str, samples: &[Sample], events: &[Event]) {
     let start = samples.first().and_then(|s| s.at);
     let marks: Vec<f64> = events
         .iter()
-        .filter(|e| e.kind == Kind::Failover)
+        .filter(|e| e.kind == Kind::Failover && e.database.as_deref() == Some(database))
         .filter_map(|e| e.at.duration_since(start?).ok())
         .map(|d| d.as_secs_f64() / super::samples::KEPT as f64)
         .collect();
-    out.push_str("<h2>Last 15 minutes</h2><div class=\"charts\">");
-    let series = |f: &dyn Fn(&Sample) -> f64| samples.iter().map(f).collect::<Vec<_>>();
+    let db: Vec<Option<&DbSample>> = samples.iter().map(|s| s.databases.get(database)).collect();
+    let series = |f: &dyn Fn(&DbSample) -> f64| -> Vec<f64> {
+        db.iter().map(|s| s.map_or(0.0, f)).collect()
+    };
+    out.push_str("<div class=\"charts\">");
     chart(
         out,
         "transactions/s",
@@ -168,39 +179,27 @@ fn charts(out: &mut String, samples: &[Sample], events: &[Event]) {
         &[("", series(&|s| s.retried))],
         &marks,
     );
-    let keys = |f: &dyn Fn(&Sample) -> Vec<String>| {
-        let mut k: Vec<String> = samples.iter().flat_map(f).collect();
-        k.sort();
-        k.dedup();
-        k
-    };
-    let waiting: Vec<_> = keys(&|s| s.waiting.keys().cloned().collect())
-        .into_iter()
-        .map(|db| {
-            let v = series(&|s| s.waiting.get(&db).copied().unwrap_or(0.0));
-            (db, v)
-        })
-        .collect();
-    chart(out, "waiting clients", &named(&waiting), &marks);
-    let lag: Vec<_> = samples
+    chart(
+        out,
+        "waiting clients",
+        &[("", series(&|s| s.waiting))],
+        &marks,
+    );
+    let nodes: Vec<String> = db
         .last()
-        .map(|s| s.lag.keys().cloned().collect::<Vec<_>>())
-        .unwrap_or_default()
-        .into_iter()
-        .map(|k| {
-            let v = series(&|s| s.lag.get(&k).copied().unwrap_or(0.0));
-            (format!("{} {}", k.0, k.1), v)
+        .copied()
+        .flatten()
+        .map(|s| s.lag.keys().cloned().collect())
+        .unwrap_or_default();
+    let lag: Vec<(&str, Vec<f64>)> = nodes
+        .iter()
+        .map(|n| {
+            let v = series(&|s| s.lag.get(n).copied().unwrap_or(0.0));
+            (n.as_str(), v)
         })
         .collect();
-    chart(out, "replica lag (s)", &named(&lag), &marks);
+    chart(out, "replica lag (s)", &lag, &marks);
     out.push_str("</div>");
-}
-
-fn named(series: &[(String, Vec<f64>)]) -> Vec<(&str, Vec<f64>)> {
-    series
-        .iter()
-        .map(|(n, v)| (n.as_str(), v.clone()))
-        .collect()
 }
 
 const COLORS: [&str; 6] = ["#47a", "#c33", "#2a7", "#d80", "#85c", "#555"];

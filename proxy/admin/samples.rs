@@ -1,32 +1,39 @@
 //! A ring of per-second samples for the status page's charts: the last 15
-//! minutes of transactions, rejected writes, retried reads, waiting clients
-//! (per database) and replica lag (per node), taken by one task while the
+//! minutes of each database's transactions, rejected writes, retried reads,
+//! waiting clients and replica lag per node, taken by one task while the
 //! HTTP listener runs.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime};
 
-use crate::frontend::App;
+use crate::frontend::{App, TargetStats};
 use crate::sync::lock;
 
 /// Samples kept: 15 minutes, one a second.
 pub const KEPT: usize = 15 * 60;
 
-/// One second of the whole process.
+/// One second of one database.
 #[derive(Debug, Clone, Default)]
-pub struct Sample {
-    pub at: Option<SystemTime>,
+pub struct DbSample {
     pub transactions: f64,
     pub rejected: f64,
     pub retried: f64,
-    /// Clients waiting for a server, by database.
-    pub waiting: BTreeMap<String, f64>,
-    /// Replay lag in seconds, by database and node.
-    pub lag: BTreeMap<(String, String), f64>,
+    /// Clients waiting for a server.
+    pub waiting: f64,
+    /// Replay lag in seconds, by node.
+    pub lag: BTreeMap<String, f64>,
 }
 
-/// The ring, and the counters at the last sample (rates are differences).
+/// One second, every database.
+#[derive(Debug, Clone, Default)]
+pub struct Sample {
+    pub at: Option<SystemTime>,
+    pub databases: BTreeMap<String, DbSample>,
+}
+
+/// The ring, and each database's counters at the last sample (rates are
+/// differences).
 #[derive(Debug, Default)]
 pub struct Samples {
     ring: Mutex<Ring>,
@@ -35,7 +42,7 @@ pub struct Samples {
 #[derive(Debug, Default)]
 struct Ring {
     samples: VecDeque<Sample>,
-    last: Option<(u64, u64, u64)>,
+    last: BTreeMap<String, [u64; 3]>,
 }
 
 impl Samples {
@@ -52,28 +59,37 @@ impl Samples {
     }
 
     fn take(&self, app: &App) {
-        let m = &app.metrics;
-        let now = (m.transactions.get(), m.rejected_total(), m.retried_total());
         let mut sample = Sample {
             at: Some(SystemTime::now()),
             ..Sample::default()
         };
-        for pool in app.pools() {
-            *sample.waiting.entry(pool.database.clone()).or_default() += pool.waiting() as f64;
-        }
+        let mut counts = BTreeMap::new();
         for (database, target) in app.targets() {
+            let s = &target.stats;
+            let now = [&s.transactions, &s.rejected, &s.retried].map(TargetStats::get);
+            counts.insert(database.clone(), now);
+            let db = sample.databases.entry(database).or_default();
             for n in &target.cluster.snapshot().nodes {
-                let key = (database.clone(), n.addr.to_string());
-                sample.lag.insert(key, n.replay_lag.as_secs_f64());
+                db.lag
+                    .insert(n.addr.to_string(), n.replay_lag.as_secs_f64());
+            }
+        }
+        for pool in app.pools() {
+            if let Some(db) = sample.databases.get_mut(&pool.database) {
+                db.waiting += pool.waiting() as f64;
             }
         }
         let mut ring = lock(&self.ring);
-        if let Some(before) = ring.last {
-            sample.transactions = now.0.saturating_sub(before.0) as f64;
-            sample.rejected = now.1.saturating_sub(before.1) as f64;
-            sample.retried = now.2.saturating_sub(before.2) as f64;
+        for (database, now) in &counts {
+            let (Some(before), Some(db)) =
+                (ring.last.get(database), sample.databases.get_mut(database))
+            else {
+                continue;
+            };
+            let rate = |i: usize| now[i].saturating_sub(before[i]) as f64;
+            (db.transactions, db.rejected, db.retried) = (rate(0), rate(1), rate(2));
         }
-        ring.last = Some(now);
+        ring.last = counts;
         if ring.samples.len() == KEPT {
             ring.samples.pop_front();
         }

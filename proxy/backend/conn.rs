@@ -165,7 +165,11 @@ impl ServerConn {
         }
     }
 
-    /// Reads one whole message; `buf` keeps what was read beyond it.
+    /// Reads one whole message, and not a byte more: what the server sends
+    /// after it (a FATAL right after pgheal's own query's ReadyForQuery,
+    /// say) is the data path's to read, whole. Reading ahead into a buffer
+    /// that is then dropped would cut such a message in two and hand the
+    /// client its tail as garbage.
     async fn read_message(&mut self, buf: &mut BytesMut) -> Result<(u8, Bytes), UpstreamError> {
         loop {
             match frame::message(buf, MAX_SERVER_MESSAGE) {
@@ -177,9 +181,18 @@ impl ServerConn {
                 Ok(None) => {}
                 Err(e) => return Err(self.protocol(e.to_string())),
             }
-            let n = self.stream.read_buf(buf).await.map_err(|e| self.io(e))?;
-            if n == 0 {
-                return Err(self.io(io::ErrorKind::UnexpectedEof.into()));
+            // Exactly the header, then exactly the rest of the message.
+            let want = match frame::header(buf, MAX_SERVER_MESSAGE) {
+                Ok(Some((_, len))) => len,
+                Ok(None) => frame::HEADER_LEN,
+                Err(e) => return Err(self.protocol(e.to_string())),
+            };
+            let start = buf.len();
+            buf.resize(want.max(start), 0);
+            let read = self.stream.read_exact(&mut buf[start..]).await;
+            if let Err(e) = read {
+                buf.truncate(start);
+                return Err(self.io(e));
             }
         }
     }
@@ -500,4 +513,73 @@ pub fn direct_credentials(config: &Config, db: &Database) -> (String, Option<Str
             .and_then(|u| u.password.clone())
     });
     (user, password)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pgheal_protocol::build;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A scripted peer: trusts the login, answers the one query with its
+    /// ReadyForQuery and, in the same write, a FATAL (what a backend does
+    /// when its postmaster dies right after answering).
+    async fn dying_server(listener: tokio::net::TcpListener) {
+        let (mut s, _) = listener.accept().await.expect("accept");
+        let mut startup = [0u8; 4];
+        s.read_exact(&mut startup).await.expect("startup length");
+        let mut rest = vec![0u8; u32::from_be_bytes(startup) as usize - 4];
+        s.read_exact(&mut rest).await.expect("startup");
+        let mut out = BytesMut::new();
+        out.extend_from_slice(&[b'R', 0, 0, 0, 8, 0, 0, 0, 0]);
+        build::backend_key_data(&mut out, CancelKey { pid: 7, secret: 7 });
+        build::ready_for_query(&mut out, TxStatus::Idle);
+        s.write_all(&out).await.expect("welcome");
+        let mut query = [0u8; 5];
+        s.read_exact(&mut query).await.expect("query header");
+        let len = u32::from_be_bytes([query[1], query[2], query[3], query[4]]) as usize;
+        let mut sql = vec![0u8; len - 4];
+        s.read_exact(&mut sql).await.expect("query");
+        let mut out = BytesMut::new();
+        build::command_complete(&mut out, "SET");
+        build::ready_for_query(&mut out, TxStatus::Idle);
+        let fatal = "terminating connection due to unexpected postmaster exit";
+        let code = pgheal_protocol::sqlstate::ADMIN_SHUTDOWN;
+        build::error_response(&mut out, build::Severity::Fatal, code, fatal, None);
+        s.write_all(&out).await.expect("answer");
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest).await;
+    }
+
+    #[tokio::test]
+    async fn pgheals_own_query_leaves_what_follows_its_answer_whole() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        tokio::spawn(dying_server(listener));
+        let spec = ConnectSpec {
+            addr,
+            user: "app".into(),
+            password: None,
+            database: "app".into(),
+            connect_timeout: Duration::from_secs(5),
+            application_name: None,
+            tls: UpstreamTls::default(),
+            scram_keys: None,
+        };
+        let mut conn = ServerConn::connect(&spec).await.expect("login");
+        assert!(conn
+            .run_quietly("SET x = 1")
+            .await
+            .expect("answered")
+            .is_none());
+        // The FATAL is still on the socket, from its first byte.
+        let mut header = [0u8; 5];
+        conn.stream
+            .read_exact(&mut header)
+            .await
+            .expect("the FATAL");
+        assert_eq!(header[0], pgheal_protocol::backend::ERROR_RESPONSE);
+    }
 }

@@ -77,6 +77,26 @@ pub struct Target {
     /// When a client last used it (served through `"*"`: closed after
     /// `[pool] idle_timeout` without clients).
     last_used: Mutex<std::time::Instant>,
+    /// What its clients did, for the status page's charts.
+    pub stats: TargetStats,
+}
+
+/// Counters of one database (the process-wide ones are in `Metrics`).
+#[derive(Debug, Default)]
+pub struct TargetStats {
+    pub transactions: std::sync::atomic::AtomicU64,
+    pub rejected: std::sync::atomic::AtomicU64,
+    pub retried: std::sync::atomic::AtomicU64,
+}
+
+impl TargetStats {
+    pub fn add(counter: &std::sync::atomic::AtomicU64) {
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn get(counter: &std::sync::atomic::AtomicU64) -> u64 {
+        counter.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 impl Target {
@@ -111,6 +131,7 @@ impl Target {
             cluster,
             paused: tokio::sync::watch::Sender::new(paused),
             last_used: Mutex::new(std::time::Instant::now()),
+            stats: TargetStats::default(),
         })
     }
 

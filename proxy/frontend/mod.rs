@@ -10,4 +10,4 @@ pub mod error;
 pub mod login;
 pub mod session;
 
-pub use app::{App, Counters, Target};
+pub use app::{App, Counters, Target, TargetStats};

@@ -114,7 +114,7 @@ impl Session {
                 return self.answer_terminated_read(ended).await;
             }
             tracing::warn!(server = %addr, error = %e, "server lost before answering a read; running it elsewhere");
-            self.app.metrics.retry("server_lost");
+            self.retried("server_lost");
             self.target.cluster.nudge(&addr);
             self.rerun = Some(Rerun::Elsewhere(addr));
             *held = None;

@@ -435,7 +435,7 @@ impl Session {
     /// Puts a held read back to run it again (see `Rerun`); the server it
     /// ran on is given back.
     fn run_again(&mut self, lease: Option<Box<Lease>>) -> Result<(), ClientError> {
-        self.app.metrics.retry(match self.rerun {
+        self.retried(match self.rerun {
             Some(Rerun::OnPrimary) => "replica_refused_write",
             Some(Rerun::Replan) => "stale_plan",
             Some(Rerun::Unshared) => "shared_statement_failed",
@@ -650,8 +650,8 @@ impl Session {
     async fn refuse_request(&mut self, e: ClientError) -> Result<(), ClientError> {
         tracing::warn!(error = %e, "request refused");
         match &e {
-            ClientError::NoPrimary { .. } => self.app.metrics.reject("no_primary"),
-            ClientError::NoNode(_) => self.app.metrics.reject("no_node"),
+            ClientError::NoPrimary { .. } => self.rejected("no_primary"),
+            ClientError::NoNode(_) => self.rejected("no_node"),
             _ => {}
         }
         let mut out = BytesMut::new();
@@ -748,7 +748,11 @@ impl Session {
     /// 08006 and keeps its connection; in the middle of one it cannot.
     async fn report_server_lost(&mut self, e: io::Error) -> Result<(), ClientError> {
         if !self.drop_cut_reply() {
-            tracing::warn!("the server went away in the middle of a message part of which the client has; closing the client");
+            tracing::warn!(
+                bytes_of_it_sent = self.down.scanner.scanned_of_current() - self.down.scanned,
+                buffered = self.down.buf.len(),
+                "the server went away in the middle of a message part of which the client has; closing the client"
+            );
             return Err(ClientError::ServerLost(e));
         }
         let mut out = BytesMut::new();

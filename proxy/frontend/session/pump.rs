@@ -17,6 +17,7 @@ use super::replies::{self, Reply};
 use super::{translate, PumpEnd, Rerun, Session};
 use crate::backend::conn::ServerConn;
 use crate::config::PoolMode;
+use crate::frontend::TargetStats;
 use crate::net::flow::{write_some, MAX_PENDING};
 use crate::net::stream::Stream;
 use tokio::io::AsyncWrite;
@@ -271,6 +272,7 @@ impl Session {
         metrics.queries.inc();
         if self.flight.pending == 0 && self.flight.tx == TxStatus::Idle {
             metrics.transactions.inc();
+            TargetStats::add(&self.target.stats.transactions);
             if let Some(start) = self.tx_started.take() {
                 metrics.transaction_took(start.elapsed());
             }

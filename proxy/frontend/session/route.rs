@@ -12,6 +12,7 @@ use crate::backend::pool::{Lease, Pool};
 use crate::backend::router::{self, Decision, Intent};
 use crate::config::PoolMode;
 use crate::frontend::error::ClientError;
+use crate::frontend::TargetStats;
 
 /// A client's last write: when it ended, and the primary's WAL position at
 /// the first health probe after that (at or past the write's commit).
@@ -98,7 +99,7 @@ impl Session {
                 return Err(e.into());
             }
             tracing::warn!(server = %pool.addr(), error = %e, "node unreachable; routing again without it");
-            self.app.metrics.retry("node_unreachable");
+            self.retried("node_unreachable");
             rerun = Some(Rerun::Unreachable(pool.shared_addr().clone()));
         }
     }
@@ -188,6 +189,18 @@ impl Session {
             }
         }
         router::intent(buf)
+    }
+
+    /// A request ran again unseen, for `reason` (metrics and the page).
+    pub(super) fn retried(&self, reason: &'static str) {
+        self.app.metrics.retry(reason);
+        TargetStats::add(&self.target.stats.retried);
+    }
+
+    /// A request was refused, for `reason`.
+    pub(super) fn rejected(&self, reason: &'static str) {
+        self.app.metrics.reject(reason);
+        TargetStats::add(&self.target.stats.rejected);
     }
 
     pub(super) fn busy(&self, node: usize) -> usize {
