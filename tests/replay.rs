@@ -292,13 +292,21 @@ struct Told {
     errors: Vec<String>,
 }
 
+/// Where the ledger clients are: how many sit between their two
+/// statements, and whether they are to stay there (held) for a while.
+#[derive(Default)]
+struct Pause {
+    inside: std::sync::atomic::AtomicUsize,
+    hold: std::sync::atomic::AtomicBool,
+}
+
 /// Transactions of two statements with a pause between them, until
-/// `stop`: a uniquely numbered ledger row, then the client's tally.
-/// `pausing` counts the clients inside the pause.
+/// `stop`: a uniquely numbered ledger row, then the client's tally. While
+/// `pause.hold` is set, the pause lasts until it is cleared.
 async fn ledger_client(
     url: String,
     me: i64,
-    pausing: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    pause: std::sync::Arc<Pause>,
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> Told {
     use std::sync::atomic::Ordering::SeqCst;
@@ -313,9 +321,13 @@ async fn ledger_client(
             client
                 .batch_execute(&format!("BEGIN; INSERT INTO ledger VALUES ({id}, {me})"))
                 .await?;
-            pausing.fetch_add(1, SeqCst);
+            pause.inside.fetch_add(1, SeqCst);
             tokio::time::sleep(Duration::from_millis(300)).await;
-            pausing.fetch_sub(1, SeqCst);
+            let held_until = tokio::time::Instant::now() + Duration::from_secs(120);
+            while pause.hold.load(SeqCst) && tokio::time::Instant::now() < held_until {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            pause.inside.fetch_sub(1, SeqCst);
             client
                 .batch_execute(&format!(
                     "UPDATE tally SET n = n + 1 WHERE client = {me}; COMMIT"
@@ -348,10 +360,10 @@ async fn with_synchronous_replication_no_transaction_is_lost_or_applied_twice() 
         .await
         .unwrap();
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let pausing = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let pause = std::sync::Arc::new(Pause::default());
     let clients: Vec<_> = (0..8)
         .map(|me| {
-            let client = ledger_client(url.clone(), me, pausing.clone(), stopped.clone());
+            let client = ledger_client(url.clone(), me, pause.clone(), stopped.clone());
             tokio::spawn(client)
         })
         .collect();
@@ -361,15 +373,19 @@ async fn with_synchronous_replication_no_transaction_is_lost_or_applied_twice() 
         || async { column(&primary, "SELECT count(*) FROM tally WHERE n > 0").await == ["8"] },
     )
     .await;
-    // The kill comes while every client sits between its two statements
-    // (one may leave its pause meanwhile: its COMMIT may be in flight).
+    // The kill comes while every client sits between its two statements:
+    // they are held there until the replica is promoted (on 2 busy cores a
+    // dying backend can take long enough to exit that a client leaving
+    // its pause would send its COMMIT into it, which is never replayed).
+    pause.hold.store(true, std::sync::atomic::Ordering::SeqCst);
     eventually(
         Duration::from_secs(60),
         "all clients inside a transaction",
-        || async { pausing.load(std::sync::atomic::Ordering::SeqCst) == 8 },
+        || async { pause.inside.load(std::sync::atomic::Ordering::SeqCst) == 8 },
     )
     .await;
     fail_over(&mut primary, &replica).await;
+    pause.hold.store(false, std::sync::atomic::Ordering::SeqCst);
     let after = proxy.app.metrics.transactions.get() + 16;
     eventually(
         Duration::from_secs(60),

@@ -346,10 +346,24 @@ impl Session {
         conn: &mut ServerConn,
     ) -> Poll<PumpEnd> {
         loop {
-            let mut progress = match self.poll_client_read(cx) {
+            // The server first: when it died while this task waited its
+            // turn, the loss is seen before the client's next message (a
+            // COMMIT, say) is read and sent into it, so the transaction
+            // can still run again elsewhere (`replay`).
+            let mut progress = match self.poll_server_read(cx, conn) {
                 Ok(p) => p,
                 Err(end) => return Poll::Ready(end),
             };
+            if let Some(end) = self.check_replay() {
+                return Poll::Ready(end);
+            }
+            if self.rerun.is_some() && self.flight.pending == 0 {
+                return Poll::Ready(PumpEnd::Rerun);
+            }
+            match self.poll_client_read(cx) {
+                Ok(p) => progress |= p,
+                Err(end) => return Poll::Ready(end),
+            }
             if self.client_eof || (self.terminated && self.up.buf.is_empty()) {
                 return Poll::Ready(PumpEnd::ClientGone);
             }
@@ -369,16 +383,6 @@ impl Session {
                     Poll::Ready(Err(e)) => return Poll::Ready(PumpEnd::ServerLost(e)),
                     Poll::Pending => {}
                 }
-            }
-            match self.poll_server_read(cx, conn) {
-                Ok(p) => progress |= p,
-                Err(end) => return Poll::Ready(end),
-            }
-            if let Some(end) = self.check_replay() {
-                return Poll::Ready(end);
-            }
-            if self.rerun.is_some() && self.flight.pending == 0 {
-                return Poll::Ready(PumpEnd::Rerun);
             }
             if !self.holding {
                 match write_some(cx, &mut self.client, &mut self.down) {
