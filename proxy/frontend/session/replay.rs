@@ -164,8 +164,8 @@ impl Session {
     /// them (and then whatever it sent after), and notes what the replay
     /// must reproduce. Returns the session as it was, and what to check.
     fn rewind(&mut self, mut record: Box<TxRecord>) -> (Before, Box<Verify>) {
-        let log = std::mem::take(&mut record.log);
         let settled = record.ends_with_request();
+        let log = std::mem::take(&mut record.log);
         // The statements as the transaction found them, for it to change
         // them again.
         let statements = record
@@ -232,6 +232,7 @@ impl Session {
             r.replayed = true;
         }
         let mut lease = self.replay_server(lost, lost_pid).await?;
+        tracing::debug!(server = %lease.pool().addr(), to_check = verify.remaining, "replaying");
         if verify.remaining == 0 {
             // The client had nothing of this transaction yet.
             return Ok(lease);
@@ -307,6 +308,12 @@ impl Session {
     pub(super) fn check_replay(&mut self) -> Option<PumpEnd> {
         let v = self.verify.as_mut()?;
         let n = (v.remaining.min(self.down.scanned as u64)) as usize;
+        tracing::trace!(
+            n,
+            remaining = v.remaining,
+            pending = self.flight.pending,
+            "replay replies"
+        );
         v.hash.update(&self.down.buf[..n]);
         self.down.advance(n);
         v.remaining -= n as u64;
