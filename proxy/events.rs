@@ -22,6 +22,16 @@ pub enum Level {
     Error,
 }
 
+impl Level {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Level::Info => "info",
+            Level::Warn => "warn",
+            Level::Error => "error",
+        }
+    }
+}
+
 /// What kind of thing happened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -95,7 +105,7 @@ impl Event {
         json!({
             "seq": self.seq,
             "time": self.time(),
-            "level": format!("{:?}", self.level).to_lowercase(),
+            "level": self.level.as_str(),
             "event": self.kind.as_str(),
             "database": self.database,
             "node": self.node,

@@ -263,7 +263,7 @@ fn events(app: &App) -> Table {
         t = t.row(vec![
             e.seq.to_string(),
             e.time(),
-            format!("{:?}", e.level).to_lowercase(),
+            e.level.as_str().to_string(),
             e.kind.as_str().to_string(),
             e.database.unwrap_or_default(),
             e.node.unwrap_or_default(),

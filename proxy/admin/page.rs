@@ -95,16 +95,15 @@ fn database(out: &mut String, app: &App, name: &str, target: &Target) {
     pools(out, app, name);
 }
 
-/// Why a database is not read-write, in words.
-fn why(topology: &Topology, mode: Mode) -> &'static str {
-    match mode {
-        Mode::ReadWrite => "",
-        Mode::ReadOnly if topology.count(Role::Primary) > 1 => {
-            "more than one node claims to be primary: writes are refused"
-        }
-        Mode::ReadOnly => "no primary is reachable: reads work, writes get 25006",
-        Mode::Down => "no node is up",
-    }
+/// Why a database is not read-write, and what clients meet meanwhile.
+fn why(topology: &Topology, mode: Mode) -> String {
+    let what = match mode {
+        Mode::ReadWrite => return String::new(),
+        Mode::ReadOnly if topology.count(Role::Primary) > 1 => "writes are refused",
+        Mode::ReadOnly => "reads work, writes get 25006",
+        Mode::Down => return topology.reason().unwrap_or_default().to_string(),
+    };
+    format!("{}: {what}", topology.reason().unwrap_or_default())
 }
 
 fn pools(out: &mut String, app: &App, database: &str) {
@@ -247,11 +246,8 @@ fn timeline(out: &mut String, events: &[Event]) {
                   <th>database</th><th>node</th><th>details</th></tr>",
     );
     for e in events.iter().rev().take(LISTED) {
-        let class = match e.level {
-            crate::events::Level::Error => "error",
-            crate::events::Level::Warn => "warn",
-            crate::events::Level::Info => "",
-        };
+        // The stylesheet colours warn and error rows.
+        let class = e.level.as_str();
         let _ = write!(
             out,
             "<tr class=\"{class}\"><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",

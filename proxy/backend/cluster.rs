@@ -65,6 +65,18 @@ impl Topology {
         }
     }
 
+    /// Why the database is in its mode, when it is not read-write.
+    pub fn reason(&self) -> Option<&'static str> {
+        match self.mode() {
+            Mode::ReadWrite => None,
+            Mode::ReadOnly if self.count(Role::Primary) > 1 => {
+                Some("more than one node claims to be primary")
+            }
+            Mode::ReadOnly => Some("no primary is reachable"),
+            Mode::Down => Some("no node is up"),
+        }
+    }
+
     /// The node to write to: the one node claiming to be primary. Two or
     /// more claimants (split brain) give none.
     pub fn primary(&self) -> Option<&NodeStatus> {
@@ -326,14 +338,10 @@ impl Cluster {
         } else if before == Mode::ReadWrite {
             state.no_primary_since = Some(std::time::Instant::now());
         }
-        let why = match after {
-            Mode::ReadWrite => String::new(),
-            Mode::ReadOnly if state.topology.count(Role::Primary) > 1 => {
-                ": more than one node claims to be primary".into()
-            }
-            Mode::ReadOnly => ": no primary is reachable".into(),
-            Mode::Down => ": no node is up".into(),
-        };
+        let why = state
+            .topology
+            .reason()
+            .map_or(String::new(), |r| format!(": {r}"));
         let level = if after == Mode::ReadWrite {
             Level::Info
         } else {
