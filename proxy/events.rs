@@ -53,6 +53,8 @@ pub enum Kind {
     BackupTaken,
     BackupFailed,
     BackupPruned,
+    RestoreChecked,
+    RestoreCheckFailed,
     ShutdownStarted,
 }
 
@@ -77,6 +79,8 @@ impl Kind {
             Kind::BackupTaken => "backup taken",
             Kind::BackupFailed => "backup failed",
             Kind::BackupPruned => "backup pruned",
+            Kind::RestoreChecked => "restore check passed",
+            Kind::RestoreCheckFailed => "restore check failed",
             Kind::ShutdownStarted => "shutdown started",
         }
     }

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use pgheal::config::Config;
 
+
 /// A PostgreSQL proxy that pools connections and heals around failed nodes.
 #[derive(Parser)]
 #[command(version, about)]
@@ -38,10 +39,11 @@ enum Command {
         #[arg(value_parser = ["status"])]
         action: Option<String>,
     },
-    /// Take a backup of every database now ([backup]), or list them.
+    /// Take a backup of every database now ([backup]), list them, or
+    /// restore one.
     Backup {
-        #[arg(value_parser = ["now", "list"])]
-        action: String,
+        #[command(subcommand)]
+        action: BackupAction,
     },
     /// Start a throwaway local PostgreSQL with pgheal in front of it.
     #[cfg(feature = "testkit")]
@@ -50,6 +52,39 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:6432")]
         listen: std::net::SocketAddr,
     },
+}
+
+#[derive(Subcommand)]
+enum BackupAction {
+    /// Take a backup of every database now.
+    Now,
+    /// List the backups: database, size, last restore check, file.
+    List,
+    /// Restore a dump into a new database on the current primary, and
+    /// compare its rows with the counts recorded when it was taken.
+    Restore(RestoreArgs),
+}
+
+#[derive(clap::Args)]
+struct RestoreArgs {
+    /// The dump file (NAME-YYYYMMDDTHHMMSSZ.dump).
+    #[arg(required_unless_present = "latest", conflicts_with = "latest")]
+    file: Option<PathBuf>,
+    /// Restore the newest dump of this configured database instead.
+    #[arg(long, value_name = "DB")]
+    latest: Option<String>,
+    /// The database to create (it must not exist, unless --replace).
+    #[arg(long, value_name = "NAME")]
+    database: String,
+    /// Drop an existing database of that name first (asks on a terminal).
+    #[arg(long)]
+    replace: bool,
+    /// Replace without asking (needed when not on a terminal).
+    #[arg(long)]
+    yes: bool,
+    /// Keep the database when the restore fails, to look at it.
+    #[arg(long)]
+    keep_failed: bool,
 }
 
 fn init_logging(format: LogFormat) {
@@ -146,30 +181,60 @@ fn main() -> ExitCode {
     }
 }
 
-async fn backup_command(config: Config, action: &str) -> ExitCode {
+async fn backup_command(config: Config, action: &BackupAction) -> ExitCode {
     let Some(b) = config.backup.clone() else {
         eprintln!("no [backup] section in the configuration");
         return ExitCode::from(2);
     };
-    if action == "list" {
-        for name in config.named_databases().map(|d| &d.name) {
-            for backup in pgheal::ops::backup::list(&b.dir, name) {
-                println!(
-                    "{}\t{}\t{}",
-                    backup.database,
-                    backup.size,
-                    backup.path.display()
-                );
+    match action {
+        BackupAction::Now => backup_now(&config, &b).await,
+        BackupAction::Restore(args) => restore(&config, &b, args).await,
+        BackupAction::List => {
+            for name in config.named_databases().map(|d| &d.name) {
+                for backup in pgheal::ops::backup::list(&b.dir, name) {
+                    println!(
+                        "{}\t{}\t{}\t{}",
+                        backup.database,
+                        backup.size,
+                        pgheal::ops::backup::restore_checked(&backup),
+                        backup.path.display()
+                    );
+                }
             }
+            ExitCode::SUCCESS
         }
-        return ExitCode::SUCCESS;
     }
+}
+
+async fn restore(
+    config: &Config,
+    b: &pgheal::config::BackupConfig,
+    args: &RestoreArgs,
+) -> ExitCode {
+    let asked = pgheal::ops::recover::Asked {
+        file: args.file.clone(),
+        latest: args.latest.clone(),
+        database: args.database.clone(),
+        replace: args.replace,
+        yes: args.yes,
+        keep_failed: args.keep_failed,
+    };
+    match pgheal::ops::recover::command(config, b, &asked).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("restore failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn backup_now(config: &Config, b: &pgheal::config::BackupConfig) -> ExitCode {
     let mut failed = false;
     let started = std::time::Instant::now();
     let progress = std::io::stdout()
         .is_terminal()
         .then(|| pgheal::ops::progress::BackupProgress::start(b.dir.clone()));
-    let outcomes = pgheal::ops::backup::run_all(&config, &b).await;
+    let outcomes = pgheal::ops::backup::run_all(config, b).await;
     drop(progress);
     for o in outcomes {
         match &o.result {

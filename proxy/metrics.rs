@@ -126,6 +126,8 @@ pub struct Metrics {
     pub(crate) backup_last_success: Family<DbLabels, Gauge>,
     pub(crate) backup_last_failure: Family<DbLabels, Gauge>,
     pub(crate) backup_last_size: Family<DbLabels, Gauge>,
+    pub(crate) restore_check_last_success: Family<DbLabels, Gauge>,
+    pub(crate) restore_check_last_failure: Family<DbLabels, Gauge>,
     /// 1 for each database's current mode (read-write, read-only, down).
     pub(crate) database_mode: Family<ModeLabels, Gauge>,
     /// Each database's `max_replica_lag`, seconds.
@@ -149,6 +151,9 @@ pub struct BackupStats {
     pub last_success: Option<i64>,
     pub last_failure: Option<i64>,
     pub last_size: u64,
+    /// When a restore drill last proved (or failed to prove) a dump.
+    pub last_restore_check_success: Option<i64>,
+    pub last_restore_check_failure: Option<i64>,
 }
 
 const BUCKETS: usize = 24;
@@ -271,6 +276,8 @@ impl Default for Metrics {
             backup_last_success: Family::default(),
             backup_last_failure: Family::default(),
             backup_last_size: Family::default(),
+            restore_check_last_success: Family::default(),
+            restore_check_last_failure: Family::default(),
             database_mode: Family::default(),
             max_replica_lag: Family::default(),
             pool_waiting: Family::default(),
@@ -403,6 +410,16 @@ impl Metrics {
             "Size of the last good backup",
             self.backup_last_size.clone(),
         );
+        r.register(
+            "backup_last_restore_check_success_timestamp_seconds",
+            "When a restore drill last restored the newest dump with its recorded row counts",
+            self.restore_check_last_success.clone(),
+        );
+        r.register(
+            "backup_last_restore_check_failure_timestamp_seconds",
+            "When a restore drill last failed",
+            self.restore_check_last_failure.clone(),
+        );
         self.register_setup_gauges(r);
     }
 
@@ -521,6 +538,19 @@ impl Metrics {
     }
 
     /// The backup outcomes recorded so far, by database.
+    /// A restore drill of `database`'s newest dump ended.
+    pub fn restore_check_done(&self, database: &str, ok: bool) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        let mut all = lock(&self.backups);
+        let stats = all.entry(database.to_string()).or_default();
+        match ok {
+            true => stats.last_restore_check_success = Some(now),
+            false => stats.last_restore_check_failure = Some(now),
+        }
+    }
+
     pub fn backups(&self) -> BTreeMap<String, BackupStats> {
         lock(&self.backups).clone()
     }

@@ -22,7 +22,7 @@ use crate::frontend::App;
 
 const COMMANDS: &str = "SHOW POOLS, SHOW NODES, SHOW CLIENTS, SHOW SERVERS, SHOW STATS, \
                         SHOW BACKUPS, SHOW EVENTS, SHOW CONFIG, SHOW VERSION, SHOW HELP, RELOAD, \
-                        PAUSE [db], RESUME [db]";
+                        PAUSE [db], RESUME [db], RECONNECT [db]";
 
 pub async fn serve(app: Arc<App>, client: Box<LoggedIn>) -> Result<(), ClientError> {
     let LoggedIn {
@@ -109,6 +109,10 @@ async fn answer(app: &Arc<App>, sql: &str, out: &mut BytesMut) {
             pause(app, words[0] == "pause", rest.first().copied(), out);
             return;
         }
+        ["reconnect", rest @ ..] if rest.len() <= 1 => {
+            reconnect(app, rest.first().copied(), out);
+            return;
+        }
         ["reload"] => match crate::admin::reload::reload(app).await {
             Ok(changes) => changes
                 .iter()
@@ -159,6 +163,31 @@ fn pause(app: &App, on: bool, database: Option<&str>, out: &mut BytesMut) {
             };
             app.events.record(Level::Warn, kind, at, details);
             build::command_complete(out, command);
+        }
+    }
+}
+
+/// RECONNECT one database, or all: pgheal's server connections to it
+/// close, the idle ones now and the others as they are given back (for
+/// 5 s), as before a statement that needs the database to itself.
+fn reconnect(app: &App, database: Option<&str>, out: &mut BytesMut) {
+    let config = app.config();
+    let chosen: Vec<&str> = config
+        .named_databases()
+        .filter(|d| database.is_none_or(|name| name == d.name))
+        .map(|d| d.dbname.as_str())
+        .collect();
+    match (chosen.is_empty(), database) {
+        (true, Some(d)) => error(
+            out,
+            sqlstate::INVALID_CATALOG_NAME,
+            &format!("database \"{d}\" does not exist"),
+        ),
+        _ => {
+            for dbname in chosen {
+                app.release_database(dbname);
+            }
+            build::command_complete(out, "RECONNECT");
         }
     }
 }
@@ -238,16 +267,24 @@ fn pools(app: &App) -> Table {
 }
 
 async fn backups(app: &App) -> Table {
-    let mut t = Table::new(&["database", "taken_at", "size_bytes", "file"]);
+    let mut t = Table::new(&[
+        "database",
+        "taken_at",
+        "size_bytes",
+        "restore_checked",
+        "file",
+    ]);
     let config = app.config();
     let Some(b) = &config.backup else {
         return t;
     };
     for backup in crate::ops::backup::list_all(&config, &b.dir).await {
+        let checked = crate::ops::backup::restore_checked(&backup);
         t = t.row(vec![
             backup.database,
             backup.taken_at,
             backup.size.to_string(),
+            checked,
             backup.path.display().to_string(),
         ]);
     }

@@ -136,6 +136,8 @@ fn backups(app: &App, m: &Metrics) {
     m.backup_last_failure.clear();
     m.backup_last_size.clear();
     m.backup_interval.clear();
+    m.restore_check_last_success.clear();
+    m.restore_check_last_failure.clear();
     let config = app.config();
     if let Some(b) = &config.backup {
         let every = match b.schedule {
@@ -162,6 +164,12 @@ fn backups(app: &App, m: &Metrics) {
         }
         if let Some(at) = stats.last_failure {
             m.backup_last_failure.get_or_create(&labels).set(at);
+        }
+        if let Some(at) = stats.last_restore_check_success {
+            m.restore_check_last_success.get_or_create(&labels).set(at);
+        }
+        if let Some(at) = stats.last_restore_check_failure {
+            m.restore_check_last_failure.get_or_create(&labels).set(at);
         }
     }
 }

@@ -96,7 +96,8 @@ pub const HEALTH_APPLICATION_NAME: &str = "pgheal health check";
 
 /// How the health loop of the node at `addr` logs in: as `[health]` user
 /// when set, else as the first database listing the node (its upstream
-/// user, else the first `[[users]]` entry with a password), always to
+/// user, else the first `[[users]]` entry with a password; the password
+/// of the database section, else of that user's `[[users]]` entry), always to
 /// `[health] database`, with the TLS settings of the first database listing
 /// the node. `None` when there are no credentials to probe with.
 pub fn health_spec(config: &Config, addr: &str) -> Option<ConnectSpec> {
@@ -104,17 +105,15 @@ pub fn health_spec(config: &Config, addr: &str) -> Option<ConnectSpec> {
         .databases
         .values()
         .find(|d| d.nodes.iter().any(|n| n == addr))?;
-    let (user, password) = match (&config.health.user, &db.user) {
-        (Some(u), _) => (u.clone(), config.health.password.clone()),
-        (None, Some(u)) => (u.clone(), db.password.clone()),
-        (None, None) => {
-            let u = config.users.iter().find(|u| u.password.is_some())?;
-            (
-                u.name.clone(),
-                db.password.clone().or_else(|| u.password.clone()),
-            )
-        }
+    let (user, password) = match &config.health.user {
+        Some(u) => (u.clone(), config.health.password.clone()),
+        // The database's upstream user, with the password of its
+        // [[users]] entry when the database section gives none.
+        None => super::conn::direct_credentials(config, db),
     };
+    if user.is_empty() {
+        return None;
+    }
     Some(ConnectSpec {
         addr: addr.to_string(),
         user,

@@ -113,7 +113,36 @@ pub struct BackupConfig {
     /// pg_dump to run; `None`: found on PATH or under
     /// /usr/lib/postgresql when a backup runs.
     pub pg_dump: Option<std::path::PathBuf>,
+    /// Who dumps and restores; `None`: the database's own user.
+    pub user: Option<String>,
+    pub password: Option<String>,
+    /// The pg_restore options `pgheal backup restore` passes.
+    pub restore_args: Vec<String>,
+    /// Scheduled restore drills, off unless `restore_check_every` is set.
+    pub restore_check: Option<RestoreCheck>,
 }
+
+/// `[backup] restore_check_every` / `restore_target`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestoreCheck {
+    pub every: Duration,
+    pub target: RestoreTarget,
+}
+
+/// Where restore drills restore.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RestoreTarget {
+    /// The database's current primary (chosen explicitly only).
+    Primary,
+    /// A scratch server, `host:port`.
+    Server(String),
+}
+
+/// pg_restore options that pgheal sets itself and a configuration may not.
+const RESTORE_ARGS_OWN: &[&str] = &[
+    "-d", "--dbname", "-h", "--host", "-p", "--port", "-U", "--username", "-f", "--file",
+    "-l", "--list", "-C", "--create", "-c", "--clean", "-W", "--password",
+];
 
 /// Schema migrations applied before pgheal serves.
 #[derive(Debug, Clone)]
@@ -577,28 +606,14 @@ fn read_backup(r: &mut Reader, t: &Table) -> Option<BackupConfig> {
         "keep_last",
         "keep_days",
         "pg_dump",
+        "user",
+        "password",
+        "restore_args",
+        "restore_check_every",
+        "restore_target",
     ];
     r.known_keys(t, p, &keys);
-    let schedule = match (
-        r.opt::<String>(t, p, "schedule"),
-        r.opt::<Duration>(t, p, "every"),
-    ) {
-        (Some(s), None) => parse_daily(&s)
-            .map_err(|e| r.error("backup.schedule", e))
-            .ok()?,
-        (None, Some(d)) if !d.is_zero() => Schedule::Every(d),
-        (None, Some(_)) => {
-            r.error("backup.every", "must be more than 0");
-            return None;
-        }
-        _ => {
-            r.error(
-                p,
-                "needs exactly one of schedule = \"daily@HH:MM\" or every = \"6h\"",
-            );
-            return None;
-        }
-    };
+    let schedule = read_schedule(r, t)?;
     let from_replica = match r.get(t, p, "source", "replica".to_string()).as_str() {
         "replica" => true,
         "primary" => false,
@@ -616,6 +631,8 @@ fn read_backup(r: &mut Reader, t: &Table) -> Option<BackupConfig> {
     }
     let keep_days = r.get(t, p, "keep_days", 0usize);
     let pg_dump = r.opt::<String>(t, p, "pg_dump").map(Into::into);
+    let restore_args = read_restore_args(r, t);
+    let restore_check = read_restore_check(r, t);
     let Some(dir) = r.opt::<String>(t, p, "dir") else {
         r.error("backup.dir", "missing: where the dumps go");
         return None;
@@ -627,7 +644,101 @@ fn read_backup(r: &mut Reader, t: &Table) -> Option<BackupConfig> {
         keep_last,
         keep_days: u32::try_from(keep_days).unwrap_or(u32::MAX),
         pg_dump,
+        user: r.opt(t, p, "user"),
+        password: r.opt(t, p, "password"),
+        restore_args,
+        restore_check,
     })
+}
+
+fn read_schedule(r: &mut Reader, t: &Table) -> Option<Schedule> {
+    let p = "backup";
+    match (
+        r.opt::<String>(t, p, "schedule"),
+        r.opt::<Duration>(t, p, "every"),
+    ) {
+        (Some(s), None) => parse_daily(&s)
+            .map_err(|e| r.error("backup.schedule", e))
+            .ok(),
+        (None, Some(d)) if !d.is_zero() => Some(Schedule::Every(d)),
+        (None, Some(_)) => {
+            r.error("backup.every", "must be more than 0");
+            None
+        }
+        _ => {
+            r.error(
+                p,
+                "needs exactly one of schedule = \"daily@HH:MM\" or every = \"6h\"",
+            );
+            None
+        }
+    }
+}
+
+fn read_restore_args(r: &mut Reader, t: &Table) -> Vec<String> {
+    let default = vec!["--no-owner".to_string(), "--exit-on-error".to_string()];
+    let args = r.get(t, "backup", "restore_args", default);
+    for arg in &args {
+        let name = arg.split('=').next().unwrap_or(arg);
+        if !arg.starts_with('-') {
+            r.error(
+                "backup.restore_args",
+                format!("\"{arg}\" is not an option (options start with -)"),
+            );
+        } else if RESTORE_ARGS_OWN.contains(&name) {
+            r.error(
+                "backup.restore_args",
+                format!("\"{arg}\" is set by pgheal itself"),
+            );
+        }
+    }
+    args
+}
+
+fn read_restore_check(r: &mut Reader, t: &Table) -> Option<RestoreCheck> {
+    let p = "backup";
+    let every = r.opt::<Duration>(t, p, "restore_check_every");
+    let target = r.opt::<String>(t, p, "restore_target");
+    match (every, target) {
+        (None, None) => None,
+        (Some(d), _) if d.is_zero() => {
+            r.error("backup.restore_check_every", "must be more than 0");
+            None
+        }
+        (Some(every), Some(target)) => {
+            let target = match target.as_str() {
+                "primary" => RestoreTarget::Primary,
+                addr if addr.rsplit_once(':').is_some_and(|(h, port)| {
+                    !h.is_empty() && port.parse::<u16>().is_ok()
+                }) =>
+                {
+                    RestoreTarget::Server(addr.to_string())
+                }
+                other => {
+                    r.error(
+                        "backup.restore_target",
+                        format!("expected \"host:port\" of a scratch server or \"primary\", found \"{other}\""),
+                    );
+                    return None;
+                }
+            };
+            Some(RestoreCheck { every, target })
+        }
+        (Some(_), None) => {
+            r.error(
+                "backup.restore_target",
+                "missing: where restore drills restore (\"host:port\" of a scratch server, or \"primary\")",
+            );
+            None
+        }
+        (None, Some(_)) => {
+            r.error(
+                "backup.restore_check_every",
+                "missing: restore_target is set but no drill schedule (e.g. \"7d\")",
+            );
+            None
+        }
+    }
 }
 
 /// `daily@HH:MM` (UTC).

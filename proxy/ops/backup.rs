@@ -15,6 +15,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use crate::backend::conn::{ConnectSpec, ServerConn, UpstreamError};
 use crate::config::{BackupConfig, Config, Database, Schedule};
 use crate::events::{At, Events, Kind, Level};
+use crate::ops::manifest::{self, Manifest, RestoreCheckOutcome};
 
 /// Why a backup was not taken.
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +70,8 @@ pub struct Backup {
     pub path: PathBuf,
     pub taken_at: String,
     pub size: u64,
+    /// The last restore drill of this dump, from its manifest.
+    pub restore_check: Option<RestoreCheckOutcome>,
 }
 
 /// What one database's run produced.
@@ -136,7 +139,7 @@ async fn run_one(config: &Config, b: &BackupConfig, db: &Database) -> Outcome {
 }
 
 /// Each reachable node and whether it is in recovery.
-async fn classify(config: &Config, db: &Database) -> Vec<(String, bool)> {
+pub(crate) async fn classify(config: &Config, db: &Database) -> Vec<(String, bool)> {
     let mut out = Vec::new();
     for addr in &db.nodes {
         if let Ok(mut conn) = ServerConn::connect(&spec(config, db, addr)).await {
@@ -152,7 +155,28 @@ async fn classify(config: &Config, db: &Database) -> Vec<(String, bool)> {
 }
 
 fn spec(config: &Config, db: &Database, addr: &str) -> ConnectSpec {
-    crate::backend::conn::ConnectSpec::direct(config, db, addr, "pgheal backup")
+    let mut spec = ConnectSpec::direct(config, db, addr, "pgheal backup");
+    if let Some(b) = &config.backup {
+        (spec.user, spec.password) = credentials(config, b, db);
+    }
+    spec
+}
+
+/// Who dumps and restores: `[backup] user`/`password`, else the
+/// database's own user. A `[backup] user` without a password takes the
+/// password of the `[[users]]` entry of that name, if any.
+pub fn credentials(config: &Config, b: &BackupConfig, db: &Database) -> (String, Option<String>) {
+    let Some(user) = b.user.clone() else {
+        return crate::backend::conn::direct_credentials(config, db);
+    };
+    let password = b.password.clone().or_else(|| {
+        config
+            .users
+            .iter()
+            .find(|u| u.name == user)
+            .and_then(|u| u.password.clone())
+    });
+    (user, password)
 }
 
 /// Held while a backup runs: an advisory lock on the primary, else a lock
@@ -241,13 +265,21 @@ async fn dump(
     if result.is_err() {
         let _ = tokio::fs::remove_file(&tmp).await;
         let _ = tokio::fs::remove_file(&done).await;
+        let _ = tokio::fs::remove_file(manifest::path_of(&done)).await;
     }
-    let size = result?;
+    let (size, mut manifest) = result?;
+    manifest.taken_at = taken_at.clone();
+    let (path, written) = (done.clone(), manifest.clone());
+    if let Err(e) = blocking(move || written.write(&path).map_err(io("cannot write the manifest"))).await {
+        let _ = tokio::fs::remove_file(&done).await;
+        return Err(e);
+    }
     Ok(Backup {
         database: db.name.clone(),
         path: done,
         taken_at,
         size,
+        restore_check: None,
     })
 }
 
@@ -279,27 +311,25 @@ async fn dump_to(
     source: &str,
     tmp: &Path,
     done: &Path,
-) -> Result<u64, BackupError> {
-    let (host, port) = source.rsplit_once(':').unwrap_or((source, "5432"));
-    let (user, password) = crate::backend::conn::direct_credentials(config, db);
+) -> Result<(u64, Manifest), BackupError> {
     let program = pg_dump(b)?;
-    let out = tokio::process::Command::new(&program)
-        .args(["--format=custom", "--no-password", "-h", host, "-p", port])
-        .args(["-U", &user, "-d", &db.dbname, "-f"])
-        .arg(tmp)
-        .env("PGPASSWORD", password.unwrap_or_default())
-        .env("PGAPPNAME", "pgheal backup")
-        .kill_on_drop(true)
-        .output()
-        .await
-        .map_err(|source| BackupError::Spawn {
-            program: program.clone(),
-            source,
-        })?;
-    if !out.status.success() {
-        let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
-        return Err(BackupError::Dump(stderr));
-    }
+    // The rows are counted under the snapshot pg_dump dumps, exported by a
+    // transaction that stays open until pg_dump is done.
+    let mut snapshot = ServerConn::connect(&spec(config, db, source)).await?;
+    let exported = snapshot
+        .query_rows("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY; SELECT pg_export_snapshot()")
+        .await?;
+    let id = exported.first().and_then(|r| r.first()).cloned().flatten();
+    let id = id.ok_or_else(|| BackupError::Dump("no snapshot was exported".into()))?;
+    let (dumped, counted) = tokio::join!(
+        run_pg_dump(config, b, db, source, &program, &id, tmp),
+        manifest::count_rows(&mut snapshot)
+    );
+    let facts = describe(&mut snapshot).await;
+    snapshot.terminate().await;
+    dumped?;
+    let tables = counted?;
+    let (server_version, encoding) = facts?;
     let (tmp_path, done_path, dir) = (tmp.to_path_buf(), done.to_path_buf(), b.dir.clone());
     blocking(move || {
         File::open(&tmp_path)
@@ -313,8 +343,65 @@ async fn dump_to(
     })
     .await?;
     verify(&program.with_file_name("pg_restore"), done).await?;
+    let manifest = Manifest {
+        database: db.name.clone(),
+        dbname: db.dbname.clone(),
+        taken_at: String::new(),
+        source: source.to_string(),
+        server_version,
+        encoding,
+        tables,
+        restore_check: None,
+    };
     let size = tokio::fs::metadata(done).await.map_err(io("stat"))?.len();
-    Ok(size)
+    Ok((size, manifest))
+}
+
+/// The server's version and the database's encoding.
+async fn describe(conn: &mut ServerConn) -> Result<(String, String), BackupError> {
+    let rows = conn
+        .query_rows(
+            "SELECT current_setting('server_version'), pg_encoding_to_char(encoding) \
+               FROM pg_database WHERE datname = current_database()",
+        )
+        .await?;
+    match rows.first().map(Vec::as_slice) {
+        Some([Some(version), Some(encoding)]) => Ok((version.clone(), encoding.clone())),
+        _ => Err(BackupError::Dump("cannot read the database's encoding".into())),
+    }
+}
+
+async fn run_pg_dump(
+    config: &Config,
+    b: &BackupConfig,
+    db: &Database,
+    source: &str,
+    program: &Path,
+    snapshot: &str,
+    tmp: &Path,
+) -> Result<(), BackupError> {
+    let (host, port) = source.rsplit_once(':').unwrap_or((source, "5432"));
+    let (user, password) = credentials(config, b, db);
+    let out = tokio::process::Command::new(program)
+        .args(["--format=custom", "--no-password", "-h", host, "-p", port])
+        .args(["-U", &user, "-d", &db.dbname])
+        .arg(format!("--snapshot={snapshot}"))
+        .arg("-f")
+        .arg(tmp)
+        .env("PGPASSWORD", password.unwrap_or_default())
+        .env("PGAPPNAME", "pgheal backup")
+        .kill_on_drop(true)
+        .output()
+        .await
+        .map_err(|source| BackupError::Spawn {
+            program: program.to_path_buf(),
+            source,
+        })?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        return Err(BackupError::Dump(stderr));
+    }
+    Ok(())
 }
 
 /// `pg_restore --list`: the file is a readable custom-format dump.
@@ -354,6 +441,7 @@ pub fn list(dir: &Path, database: &str) -> Vec<Backup> {
             well_formed.then(|| Backup {
                 database: database.to_string(),
                 size: e.metadata().map_or(0, |m| m.len()),
+                restore_check: Manifest::read(&e.path()).and_then(|m| m.restore_check),
                 path: e.path(),
                 taken_at,
             })
@@ -361,6 +449,18 @@ pub fn list(dir: &Path, database: &str) -> Vec<Backup> {
         .collect();
     out.sort_by(|a, b| a.taken_at.cmp(&b.taken_at));
     out
+}
+
+/// The last restore drill of a backup, as `SHOW BACKUPS` and `pgheal
+/// backup list` show it: "-" when none ran.
+pub fn restore_checked(backup: &Backup) -> String {
+    match &backup.restore_check {
+        None => "-".to_string(),
+        Some(c) => match &c.error {
+            None => format!("ok at {} on {}", c.at, c.target),
+            Some(e) => format!("failed at {} on {}: {e}", c.at, c.target),
+        },
+    }
 }
 
 /// Removes the oldest beyond `keep_last` and those older than `keep_days`,
@@ -376,6 +476,7 @@ fn retain(b: &BackupConfig, database: &str) -> Vec<PathBuf> {
         let too_many = i < keep_from;
         let too_old = cutoff.as_ref().is_some_and(|c| backup.taken_at < *c);
         if !newest && (too_many || too_old) && std::fs::remove_file(&backup.path).is_ok() {
+            let _ = std::fs::remove_file(manifest::path_of(&backup.path));
             removed.push(backup.path.clone());
         }
     }

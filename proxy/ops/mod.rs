@@ -1,9 +1,14 @@
 //! Work pgheal does on the databases themselves: schema migrations before
-//! serving, and scheduled backups (with `progress` for the command line).
+//! serving, scheduled backups with their manifests, restores and restore
+//! drills (with `progress` for the command line).
 
 pub mod backup;
+pub mod drill;
+pub mod manifest;
 pub mod migrate;
 pub mod progress;
+pub mod recover;
+pub mod restore;
 
 use std::path::PathBuf;
 

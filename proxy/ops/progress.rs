@@ -58,3 +58,50 @@ fn status(dir: &Path, elapsed: Duration) -> Option<String> {
     };
     Some(format!("backup: {what}, {:.1} s", elapsed.as_secs_f64()))
 }
+
+/// Redraws "restore: N objects, T s: OBJECT" as pg_restore goes, at most
+/// every 100 ms; shows nothing when not on a terminal.
+pub struct RestoreLine {
+    on: bool,
+    started: Instant,
+    last: std::sync::Mutex<Option<Instant>>,
+}
+
+impl RestoreLine {
+    pub fn new(on: bool) -> RestoreLine {
+        RestoreLine {
+            on,
+            started: Instant::now(),
+            last: std::sync::Mutex::new(None),
+        }
+    }
+
+    pub fn show(&self, objects: usize, current: &str) {
+        if !self.on {
+            return;
+        }
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        if last.is_some_and(|t| t.elapsed() < Duration::from_millis(100)) {
+            return;
+        }
+        *last = Some(Instant::now());
+        let elapsed = self.started.elapsed().as_secs_f64();
+        let current: String = current.chars().take(60).collect();
+        let mut out = std::io::stdout().lock();
+        let _ = write!(
+            out,
+            "\r\x1b[Krestore: {objects} objects, {elapsed:.1} s: {current}"
+        );
+        let _ = out.flush();
+    }
+}
+
+impl Drop for RestoreLine {
+    fn drop(&mut self) {
+        if self.on {
+            let mut out = std::io::stdout().lock();
+            let _ = write!(out, "\r\x1b[K");
+            let _ = out.flush();
+        }
+    }
+}

@@ -56,6 +56,7 @@ pub async fn serve(config: Config, path: Option<PathBuf>) -> ExitCode {
     }
     tokio::spawn(reload_on_hangup(app.clone()));
     tokio::spawn(crate::ops::backup::schedule(app.clone()));
+    tokio::spawn(crate::ops::drill::schedule(app.clone()));
     tokio::select! {
         _ = running.wait() => return ExitCode::SUCCESS,
         _ = shutdown_signal() => {}
