@@ -5,7 +5,6 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use pgheal::config::Config;
 
-
 /// A PostgreSQL proxy that pools connections and heals around failed nodes.
 #[derive(Parser)]
 #[command(version, about)]

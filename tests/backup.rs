@@ -28,7 +28,8 @@ async fn pgheal_backup(config: &Path, action: &str) -> std::process::Output {
     output_async(cmd, None, SUBPROCESS_DEADLINE).await
 }
 
-fn dumps(dir: &Path) -> Vec<String> {
+/// Every file in the backup directory but the lock files.
+fn files(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
         .map(|d| {
             d.flatten()
@@ -39,6 +40,23 @@ fn dumps(dir: &Path) -> Vec<String> {
     names.retain(|n| !n.starts_with(".pgheal-backup-"));
     names.sort();
     names
+}
+
+/// The dumps, each checked to have its manifest beside it.
+fn dumps(dir: &Path) -> Vec<String> {
+    let all = files(dir);
+    let dumps: Vec<String> = all
+        .iter()
+        .filter(|n| !n.ends_with(".dump.json"))
+        .cloned()
+        .collect();
+    for d in dumps.iter().filter(|d| !d.starts_with('.')) {
+        assert!(
+            all.contains(&format!("{d}.json")),
+            "no manifest beside {d}: {all:?}"
+        );
+    }
+    dumps
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -157,6 +175,11 @@ async fn retention_keeps_exactly_keep_last_across_runs() {
         .expect("scheduler task");
     let kept = dumps(&backups);
     assert_eq!(kept.len(), 2, "keep_last = 2: {kept:?}");
+    assert_eq!(
+        files(&backups).len(),
+        4,
+        "the pruned dumps' manifests go too"
+    );
     // The timeline has them; the schedule is exported for alerts.
     let events = proxy.app.events.since(0);
     let count = |kind: &str| events.iter().filter(|e| e.kind.as_str() == kind).count();
@@ -196,7 +219,7 @@ async fn a_failed_dump_leaves_no_file_and_is_reported() {
         "{}",
         text(&out.stderr)
     );
-    assert!(dumps(&backups).is_empty(), "{:?}", dumps(&backups));
+    assert!(files(&backups).is_empty(), "{:?}", files(&backups));
 
     // pg_dump itself failing half way.
     let fake = dir.path().join("pg_dump");
@@ -216,7 +239,7 @@ async fn a_failed_dump_leaves_no_file_and_is_reported() {
         "{}",
         text(&out.stderr)
     );
-    assert!(dumps(&backups).is_empty(), "{:?}", dumps(&backups));
+    assert!(files(&backups).is_empty(), "{:?}", files(&backups));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

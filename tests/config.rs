@@ -218,3 +218,42 @@ nodes = ["db1:5432"]
         assert!(out.contains(expected), "missing `{expected}` in:\n{out}");
     }
 }
+
+#[test]
+fn restore_settings_are_checked() {
+    let base = "[[users]]\nname = \"app\"\npassword = \"pw\"\n\
+                [databases.app]\nnodes = [\"127.0.0.1:5432\"]\n\
+                [backup]\ndir = \"/tmp/b\"\nevery = \"1h\"\n";
+    let (ok, out) = check(&format!(
+        "{base}restore_args = [\"--no-owner\", \"-d\", \"--dbname=x\", \"oops\"]\n\
+         restore_check_every = \"7d\"\n"
+    ));
+    assert!(!ok, "{out}");
+    for expected in [
+        "backup.restore_args: \"-d\" is set by pgheal itself",
+        "backup.restore_args: \"--dbname=x\" is set by pgheal itself",
+        "backup.restore_args: \"oops\" is not an option",
+        "backup.restore_target: missing",
+    ] {
+        assert!(out.contains(expected), "missing `{expected}` in:\n{out}");
+    }
+    let (ok, out) = check(&format!("{base}restore_target = \"scratch\"\n"));
+    assert!(
+        !ok && out.contains("backup.restore_check_every: missing"),
+        "{out}"
+    );
+    let (ok, out) = check(&format!(
+        "{base}restore_check_every = \"7d\"\nrestore_target = \"scratch\"\n"
+    ));
+    assert!(
+        !ok && out.contains("backup.restore_target: expected \"host:port\""),
+        "{out}"
+    );
+    for target in ["primary", "scratch.internal:5433"] {
+        let (ok, out) = check(&format!(
+            "{base}restore_check_every = \"7d\"\nrestore_target = \"{target}\"\n\
+             user = \"restorer\"\npassword = \"x\"\n"
+        ));
+        assert!(ok, "{target}: {out}");
+    }
+}

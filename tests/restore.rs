@@ -66,15 +66,21 @@ async fn backed_up() -> (PgNode, PgNode, tempfile::TempDir, PathBuf, u16) {
         )
         .await
         .expect("data");
-    eventually(Duration::from_secs(30), "the replica to have the rows", || async {
-        count(&replica, "app", "kept").await.as_deref() == Some("500")
-    })
+    eventually(
+        Duration::from_secs(30),
+        "the replica to have the rows",
+        || async { count(&replica, "app", "kept").await.as_deref() == Some("500") },
+    )
     .await;
     let dir = tempfile::tempdir().expect("dir");
     let config = dir.path().join("pgheal.toml");
     let port = free_port();
     let backups = dir.path().join("backups");
-    std::fs::write(&config, config_text(&[&primary, &replica], &backups, port, "")).expect("config");
+    std::fs::write(
+        &config,
+        config_text(&[&primary, &replica], &backups, port, ""),
+    )
+    .expect("config");
     let out = pgheal(&config, &["backup", "now"]).await;
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(text(&out.stdout).contains(&format!("from {}", replica.addr())));
@@ -104,24 +110,49 @@ async fn a_dropped_table_comes_back_with_its_rows() {
     assert_eq!(rows("kept"), Some(500.into()), "{json}");
     assert_eq!(rows("Odd Name"), Some(3.into()), "{json}");
 
-    primary.sql("app", "DROP TABLE kept").await.expect("lose it");
+    primary
+        .sql("app", "DROP TABLE kept")
+        .await
+        .expect("lose it");
     // app may not create databases: a clear error, nothing made.
-    let args = ["backup", "restore", "--latest", "app", "--database", "recovered"];
+    let args = [
+        "backup",
+        "restore",
+        "--latest",
+        "app",
+        "--database",
+        "recovered",
+    ];
     let out = pgheal(&config, &args).await;
     assert!(!out.status.success());
-    assert!(text(&out.stderr).contains("needs CREATEDB"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("needs CREATEDB"),
+        "{}",
+        text(&out.stderr)
+    );
     assert!(!database_exists(&primary, "recovered").await);
 
-    primary.sql("postgres", "ALTER ROLE app CREATEDB").await.expect("grant");
+    primary
+        .sql("postgres", "ALTER ROLE app CREATEDB")
+        .await
+        .expect("grant");
     let out = pgheal(&config, &args).await;
     let said = text(&out.stdout);
     assert!(out.status.success(), "{said}{}", text(&out.stderr));
-    assert!(said.contains("public.kept: 500 rows (500 when dumped)"), "{said}");
+    assert!(
+        said.contains("public.kept: 500 rows (500 when dumped)"),
+        "{said}"
+    );
     assert!(said.contains("row counts match"), "{said}");
     assert!(!said.contains('\r'), "piped: no progress line: {said:?}");
-    assert_eq!(count(&primary, "recovered", "kept").await.as_deref(), Some("500"));
     assert_eq!(
-        count(&primary, "recovered", "\"Odd Name\"").await.as_deref(),
+        count(&primary, "recovered", "kept").await.as_deref(),
+        Some("500")
+    );
+    assert_eq!(
+        count(&primary, "recovered", "\"Odd Name\"")
+            .await
+            .as_deref(),
         Some("3")
     );
     // The restored table is the user's to copy back.
@@ -138,24 +169,76 @@ async fn a_dropped_table_comes_back_with_its_rows() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_existing_database_is_replaced_only_when_told() {
     let (primary, _replica, _dir, config, port) = backed_up().await;
-    primary.sql("postgres", "ALTER ROLE app CREATEDB").await.expect("grant");
+    primary
+        .sql("postgres", "ALTER ROLE app CREATEDB")
+        .await
+        .expect("grant");
     primary
         .sql("postgres", "CREATE DATABASE recovered OWNER app")
         .await
         .expect("createdb");
     primary
-        .sql("recovered", "CREATE TABLE precious (v int); INSERT INTO precious VALUES (7)")
+        .sql(
+            "recovered",
+            "CREATE TABLE precious (v int); INSERT INTO precious VALUES (7)",
+        )
         .await
         .expect("precious");
-    let restore = ["backup", "restore", "--latest", "app", "--database", "recovered"];
+    let restore = [
+        "backup",
+        "restore",
+        "--latest",
+        "app",
+        "--database",
+        "recovered",
+    ];
     let out = pgheal(&config, &restore).await;
     assert!(!out.status.success());
-    assert!(text(&out.stderr).contains("already exists"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("already exists"),
+        "{}",
+        text(&out.stderr)
+    );
     // --replace off a terminal needs --yes.
     let out = pgheal(&config, &[&restore[..], &["--replace"]].concat()).await;
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("--yes"), "{}", text(&out.stderr));
-    assert_eq!(count(&primary, "recovered", "precious").await.as_deref(), Some("1"));
+    assert_eq!(
+        count(&primary, "recovered", "precious").await.as_deref(),
+        Some("1")
+    );
+    // On a terminal it asks for the database's name.
+    let on_terminal: Vec<String> = [&restore[..], &["--replace", "--config"]]
+        .concat()
+        .into_iter()
+        .map(String::from)
+        .chain([config.display().to_string()])
+        .collect();
+    let out = pgheal_on_a_terminal_typing(&on_terminal, Some(b"app\n")).await;
+    let shown = text(&out.stdout);
+    assert!(!out.status.success(), "{shown}");
+    assert!(shown.contains("type its name"), "{shown}");
+    assert!(
+        shown.contains("not replaced: the name typed was not its name"),
+        "{shown}"
+    );
+    assert_eq!(
+        count(&primary, "recovered", "precious").await.as_deref(),
+        Some("1")
+    );
+    let out = pgheal_on_a_terminal_typing(&on_terminal, Some(b"recovered\n")).await;
+    let shown = text(&out.stdout);
+    assert!(out.status.success(), "{shown}");
+    assert!(
+        shown.contains("restore: "),
+        "progress on a terminal: {shown:?}"
+    );
+    assert!(shown.contains("public.kept: 500 rows"), "{shown}");
+    assert_eq!(count(&primary, "recovered", "precious").await, None);
+    primary
+        .sql("recovered", "CREATE TABLE precious (v int)")
+        .await
+        .expect("precious again");
 
     // pgheal serves the database being replaced: its client waits while the
     // restore runs and carries on with the restored database afterwards.
@@ -168,16 +251,21 @@ async fn an_existing_database_is_replaced_only_when_told() {
     let proxy = start(&toml).await;
     assert_eq!(proxy.addr.port(), port);
     let (client, _c) = connect(&url(&proxy, "app", APP_PASSWORD, "recovered")).await;
-    eventually(Duration::from_secs(30), "pgheal to serve recovered", || async {
-        client.simple_query("SELECT 1").await.is_ok()
-    })
+    eventually(
+        Duration::from_secs(30),
+        "pgheal to serve recovered",
+        || async { client.simple_query("SELECT 1").await.is_ok() },
+    )
     .await;
     let out = pgheal(&config, &[&restore[..], &["--replace", "--yes"]].concat()).await;
     let said = text(&out.stdout);
     assert!(out.status.success(), "{said}{}", text(&out.stderr));
     assert!(said.contains("pgheal: paused recovered"), "{said}");
     assert_eq!(count(&primary, "recovered", "precious").await, None);
-    assert_eq!(count(&primary, "recovered", "kept").await.as_deref(), Some("500"));
+    assert_eq!(
+        count(&primary, "recovered", "kept").await.as_deref(),
+        Some("500")
+    );
     let rows = client
         .simple_query("SELECT count(*) FROM kept")
         .await
@@ -192,7 +280,10 @@ async fn an_existing_database_is_replaced_only_when_told() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_dump_fails_clearly_and_leaves_no_database() {
     let (primary, _replica, dir, config, _port) = backed_up().await;
-    primary.sql("postgres", "ALTER ROLE app CREATEDB").await.expect("grant");
+    primary
+        .sql("postgres", "ALTER ROLE app CREATEDB")
+        .await
+        .expect("grant");
     let backups = dir.path().join("backups");
     let dump = std::fs::read_dir(&backups)
         .expect("backups")
@@ -207,7 +298,11 @@ async fn a_bad_dump_fails_clearly_and_leaves_no_database() {
     let g = garbage.display().to_string();
     let out = pgheal(&config, &["backup", "restore", &g, "--database", "broken"]).await;
     assert!(!out.status.success());
-    assert!(text(&out.stderr).contains("is not a readable dump"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("is not a readable dump"),
+        "{}",
+        text(&out.stderr)
+    );
     assert!(!database_exists(&primary, "broken").await);
 
     // Cut in the middle of its data: fails while restoring, names the
@@ -219,25 +314,43 @@ async fn a_bad_dump_fails_clearly_and_leaves_no_database() {
     let out = pgheal(&config, &["backup", "restore", &c, "--database", "broken"]).await;
     assert!(!out.status.success());
     let err = text(&out.stderr);
-    assert!(err.contains("restore failed: "), "{err}");
+    // The object it was reading and pg_restore's own words.
+    assert!(err.contains("restore failed: restoring \"public."), "{err}");
+    assert!(err.contains("end of file"), "{err}");
     assert!(!database_exists(&primary, "broken").await, "{err}");
-    let keep = ["backup", "restore", &c, "--database", "broken", "--keep-failed"];
+    let keep = [
+        "backup",
+        "restore",
+        &c,
+        "--database",
+        "broken",
+        "--keep-failed",
+    ];
     let out = pgheal(&config, &keep).await;
     assert!(!out.status.success());
-    assert!(database_exists(&primary, "broken").await, "--keep-failed keeps it");
+    assert!(
+        database_exists(&primary, "broken").await,
+        "--keep-failed keeps it"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restore_drills_prove_the_newest_dump_on_schedule() {
     let (primary, replica, dir, _config, port) = backed_up().await;
-    primary.sql("postgres", "ALTER ROLE app CREATEDB").await.expect("grant");
+    primary
+        .sql("postgres", "ALTER ROLE app CREATEDB")
+        .await
+        .expect("grant");
     // A user database with the drill's name: never touched.
     primary
         .sql("postgres", "CREATE DATABASE pgheal_restore_check_app")
         .await
         .expect("createdb");
     primary
-        .sql("pgheal_restore_check_app", "CREATE TABLE mine (v int); INSERT INTO mine VALUES (1)")
+        .sql(
+            "pgheal_restore_check_app",
+            "CREATE TABLE mine (v int); INSERT INTO mine VALUES (1)",
+        )
         .await
         .expect("mine");
     let backups = dir.path().join("backups");
@@ -250,7 +363,9 @@ async fn restore_drills_prove_the_newest_dump_on_schedule() {
     eventually(Duration::from_secs(90), "a passed restore check", || {
         let metrics = pgheal::admin::gauges::render(&proxy.app);
         async move {
-            metrics.contains("pgheal_backup_last_restore_check_success_timestamp_seconds{database=\"app\"}")
+            metrics.contains(
+                "pgheal_backup_last_restore_check_success_timestamp_seconds{database=\"app\"}",
+            )
         }
     })
     .await;
@@ -264,20 +379,45 @@ async fn restore_drills_prove_the_newest_dump_on_schedule() {
         }
     })
     .await;
+    // A newest dump that does not restore: the drill fails, says so.
+    let garbage = backups.join("app-20991231T000000Z.dump");
+    std::fs::write(&garbage, b"not a dump").expect("garbage");
+    eventually(Duration::from_secs(90), "a failed restore check", || {
+        let metrics = pgheal::admin::gauges::render(&proxy.app);
+        async move {
+            metrics.contains(
+                "pgheal_backup_last_restore_check_failure_timestamp_seconds{database=\"app\"}",
+            )
+        }
+    })
+    .await;
+    let failed = proxy.app.events.since(0);
+    let failed = failed
+        .iter()
+        .find(|e| e.kind.as_str() == "restore check failed")
+        .expect("a failure event");
+    assert!(
+        failed.details.contains("is not a readable dump"),
+        "{failed:?}"
+    );
     proxy.app.shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(60), drills)
         .await
         .expect("the drills stop")
         .expect("drill task");
     assert_eq!(
-        count(&primary, "pgheal_restore_check_app", "mine").await.as_deref(),
+        count(&primary, "pgheal_restore_check_app", "mine")
+            .await
+            .as_deref(),
         Some("1"),
         "the user's database is untouched"
     );
     assert!(!database_exists(&primary, "pgheal_restore_check_app_1").await);
     let events = proxy.app.events.since(0);
     assert!(
-        events.iter().any(|e| e.kind.as_str() == "restore check passed"),
+        events
+            .iter()
+            .any(|e| e.kind.as_str() == "restore check passed"),
         "{events:?}"
     );
 }

@@ -400,6 +400,22 @@ mod tests {
     use super::*;
 
     #[test]
+    fn probes_log_in_with_the_users_password_when_the_database_names_only_the_user() {
+        let config = Config::parse(
+            "[[users]]\nname = \"other\"\npassword = \"o\"\n\
+             [[users]]\nname = \"app\"\npassword = \"a\"\n\
+             [databases.app]\nnodes = [\"127.0.0.1:5432\"]\nuser = \"app\"\n",
+        )
+        .expect("config");
+        let spec = health_spec(&config, "127.0.0.1:5432").expect("a spec");
+        assert_eq!(
+            (spec.user.as_str(), spec.password.as_deref()),
+            ("app", Some("a"))
+        );
+        assert!(health_spec(&config, "127.0.0.1:9").is_none());
+    }
+
+    #[test]
     fn lsn_parsing() {
         assert_eq!(parse_lsn("0/3000060"), Some(0x3000060));
         assert_eq!(parse_lsn("16/B374D848"), Some(0x16_B374_D848));

@@ -140,8 +140,24 @@ pub enum RestoreTarget {
 
 /// pg_restore options that pgheal sets itself and a configuration may not.
 const RESTORE_ARGS_OWN: &[&str] = &[
-    "-d", "--dbname", "-h", "--host", "-p", "--port", "-U", "--username", "-f", "--file",
-    "-l", "--list", "-C", "--create", "-c", "--clean", "-W", "--password",
+    "-d",
+    "--dbname",
+    "-h",
+    "--host",
+    "-p",
+    "--port",
+    "-U",
+    "--username",
+    "-f",
+    "--file",
+    "-l",
+    "--list",
+    "-C",
+    "--create",
+    "-c",
+    "--clean",
+    "-W",
+    "--password",
 ];
 
 /// Schema migrations applied before pgheal serves.
@@ -708,9 +724,9 @@ fn read_restore_check(r: &mut Reader, t: &Table) -> Option<RestoreCheck> {
         (Some(every), Some(target)) => {
             let target = match target.as_str() {
                 "primary" => RestoreTarget::Primary,
-                addr if addr.rsplit_once(':').is_some_and(|(h, port)| {
-                    !h.is_empty() && port.parse::<u16>().is_ok()
-                }) =>
+                addr if addr
+                    .rsplit_once(':')
+                    .is_some_and(|(h, port)| !h.is_empty() && port.parse::<u16>().is_ok()) =>
                 {
                     RestoreTarget::Server(addr.to_string())
                 }

@@ -261,19 +261,13 @@ async fn dump(
     let taken_at = stamp(SystemTime::now());
     let tmp = b.dir.join(format!(".{}-{taken_at}.dump.tmp", db.name));
     let done = b.dir.join(format!("{}-{taken_at}.dump", db.name));
-    let result = dump_to(config, b, db, source, &tmp, &done).await;
+    let result = dump_to(config, b, db, source, &taken_at, &tmp, &done).await;
     if result.is_err() {
         let _ = tokio::fs::remove_file(&tmp).await;
         let _ = tokio::fs::remove_file(&done).await;
         let _ = tokio::fs::remove_file(manifest::path_of(&done)).await;
     }
-    let (size, mut manifest) = result?;
-    manifest.taken_at = taken_at.clone();
-    let (path, written) = (done.clone(), manifest.clone());
-    if let Err(e) = blocking(move || written.write(&path).map_err(io("cannot write the manifest"))).await {
-        let _ = tokio::fs::remove_file(&done).await;
-        return Err(e);
-    }
+    let size = result?;
     Ok(Backup {
         database: db.name.clone(),
         path: done,
@@ -309,9 +303,10 @@ async fn dump_to(
     b: &BackupConfig,
     db: &Database,
     source: &str,
+    taken_at: &str,
     tmp: &Path,
     done: &Path,
-) -> Result<(u64, Manifest), BackupError> {
+) -> Result<u64, BackupError> {
     let program = pg_dump(b)?;
     // The rows are counted under the snapshot pg_dump dumps, exported by a
     // transaction that stays open until pg_dump is done.
@@ -330,11 +325,27 @@ async fn dump_to(
     dumped?;
     let tables = counted?;
     let (server_version, encoding) = facts?;
+    verify(&program.with_file_name("pg_restore"), tmp).await?;
+    let manifest = Manifest {
+        database: db.name.clone(),
+        dbname: db.dbname.clone(),
+        taken_at: taken_at.to_string(),
+        source: source.to_string(),
+        server_version,
+        encoding,
+        tables,
+        restore_check: None,
+    };
+    // The manifest first: a dump under its final name always has one.
     let (tmp_path, done_path, dir) = (tmp.to_path_buf(), done.to_path_buf(), b.dir.clone());
+    let written = manifest.clone();
     blocking(move || {
         File::open(&tmp_path)
             .and_then(|f| f.sync_all())
             .map_err(io("fsync"))?;
+        written
+            .write(&done_path)
+            .map_err(io("cannot write the manifest"))?;
         std::fs::rename(&tmp_path, &done_path).map_err(io("rename"))?;
         if let Ok(dir) = File::open(&dir) {
             let _ = dir.sync_all();
@@ -342,19 +353,8 @@ async fn dump_to(
         Ok(())
     })
     .await?;
-    verify(&program.with_file_name("pg_restore"), done).await?;
-    let manifest = Manifest {
-        database: db.name.clone(),
-        dbname: db.dbname.clone(),
-        taken_at: String::new(),
-        source: source.to_string(),
-        server_version,
-        encoding,
-        tables,
-        restore_check: None,
-    };
     let size = tokio::fs::metadata(done).await.map_err(io("stat"))?.len();
-    Ok((size, manifest))
+    Ok(size)
 }
 
 /// The server's version and the database's encoding.
@@ -367,7 +367,9 @@ async fn describe(conn: &mut ServerConn) -> Result<(String, String), BackupError
         .await?;
     match rows.first().map(Vec::as_slice) {
         Some([Some(version), Some(encoding)]) => Ok((version.clone(), encoding.clone())),
-        _ => Err(BackupError::Dump("cannot read the database's encoding".into())),
+        _ => Err(BackupError::Dump(
+            "cannot read the database's encoding".into(),
+        )),
     }
 }
 

@@ -163,12 +163,14 @@ pub async fn record(app: &crate::frontend::App, drill: &Drill) {
                 s.server,
                 s.took.as_secs_f64()
             );
-            app.events.record(Level::Info, Kind::RestoreChecked, at, details);
+            app.events
+                .record(Level::Info, Kind::RestoreChecked, at, details);
         }
         Err(e) => {
             tracing::error!(database = %drill.database, dump = %dump, error = %e, "restore check failed");
             let details = format!("{dump}: {e}");
-            app.events.record(Level::Error, Kind::RestoreCheckFailed, at, details);
+            app.events
+                .record(Level::Error, Kind::RestoreCheckFailed, at, details);
         }
     }
     write_outcome(drill).await;

@@ -83,7 +83,10 @@ impl Manifest {
 
     /// The recorded counts by `schema.name`.
     pub fn counts(&self) -> BTreeMap<String, Option<u64>> {
-        self.tables.iter().map(|t| (t.qualified(), t.rows)).collect()
+        self.tables
+            .iter()
+            .map(|t| (t.qualified(), t.rows))
+            .collect()
     }
 }
 
@@ -178,7 +181,11 @@ mod tests {
             ],
             restore_check: None,
         };
-        let restored = [table("a", Some(3)), table("b", Some(1)), table("extra", Some(9))];
+        let restored = [
+            table("a", Some(3)),
+            table("b", Some(1)),
+            table("extra", Some(9)),
+        ];
         assert_eq!(
             differences(&recorded, &restored),
             [

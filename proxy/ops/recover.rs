@@ -111,7 +111,10 @@ impl Console {
         if served.is_empty() {
             return Ok(None);
         }
-        let admin = config.users.iter().find(|u| u.admin && u.password.is_some());
+        let admin = config
+            .users
+            .iter()
+            .find(|u| u.admin && u.password.is_some());
         let admin = admin.ok_or("no [[users]] entry with admin = true and a password")?;
         let listen = config.proxy.listen;
         let host = match listen.ip() {
@@ -216,12 +219,14 @@ pub async fn command(config: &Config, b: &BackupConfig, asked: &Asked) -> Result
     if let Some(console) = console {
         console.resume().await;
     }
-    let summary = result.map_err(|e| {
-        if asked.keep_failed {
-            eprintln!("kept database {} as the restore left it", req.database);
-        }
-        e
-    })?;
+    let made = matches!(
+        result,
+        Err(RestoreError::Restore { .. } | RestoreError::Mismatch(_))
+    );
+    if made && asked.keep_failed {
+        eprintln!("kept database {} as the restore left it", req.database);
+    }
+    let summary = result?;
     print_summary(&summary);
     Ok(())
 }
@@ -229,13 +234,15 @@ pub async fn command(config: &Config, b: &BackupConfig, asked: &Asked) -> Result
 /// Asks on a terminal for the database's name; off one, `--yes` is the
 /// answer.
 fn confirm(req: &Request, yes: bool) -> Result<(), RestoreError> {
-    let refused = RestoreError::Exists(req.database.clone());
+    let refused = |why| RestoreError::NotConfirmed {
+        database: req.database.clone(),
+        why,
+    };
     if yes {
         return Ok(());
     }
     if !std::io::stdin().is_terminal() {
-        eprintln!("replacing database {} needs --yes when not on a terminal", req.database);
-        return Err(refused);
+        return Err(refused("not on a terminal, so it needs --yes"));
     }
     print!(
         "database {} on {} will be dropped (sessions on it ended) and replaced.\n\
@@ -247,7 +254,7 @@ fn confirm(req: &Request, yes: bool) -> Result<(), RestoreError> {
     let _ = std::io::stdin().read_line(&mut answer);
     match answer.trim() == req.database {
         true => Ok(()),
-        false => Err(refused),
+        false => Err(refused("the name typed was not its name")),
     }
 }
 

@@ -41,6 +41,8 @@ pub enum RestoreError {
     NoCreateDb { user: String },
     #[error("database {0} already exists (pass --replace to drop and replace it)")]
     Exists(String),
+    #[error("database {database} not replaced: {why}")]
+    NotConfirmed { database: String, why: &'static str },
     #[error("restoring {object}: {message}")]
     Restore { object: String, message: String },
     #[error("the restored rows differ from the dump's manifest: {}", .0.join("; "))]
@@ -201,7 +203,10 @@ pub(crate) async fn maintenance(server: &ConnectSpec) -> Result<ServerConn, Rest
 
 async fn one(conn: &mut ServerConn, sql: &str) -> Result<Option<String>, UpstreamError> {
     let rows = conn.query_rows(sql).await?;
-    Ok(rows.into_iter().next().and_then(|r| r.into_iter().next().flatten()))
+    Ok(rows
+        .into_iter()
+        .next()
+        .and_then(|r| r.into_iter().next().flatten()))
 }
 
 /// Checks the user may, drops the old database when replacing, creates it.
@@ -310,6 +315,8 @@ async fn run_pg_restore(req: &Request, progress: Progress<'_>) -> Result<usize, 
 #[derive(Default)]
 struct RestoreLog {
     objects: usize,
+    /// The object last started, for an error that names no TOC entry.
+    current: Option<String>,
     entry: Option<String>,
     error: Option<(String, String)>,
     ignored: Option<String>,
@@ -325,13 +332,18 @@ impl RestoreLog {
             .or_else(|| said.strip_prefix("processing data for table "))
         {
             self.objects += 1;
+            self.current = Some(object.to_string());
             progress(self.objects, object);
         } else if let Some(entry) = said.strip_prefix("from TOC entry ") {
             self.entry = Some(entry.to_string());
         } else if let Some(message) = said.strip_prefix("error: ") {
             if self.error.is_none() {
-                let entry = self.entry.take().unwrap_or_else(|| "the dump".into());
-                self.error = Some((entry, message.to_string()));
+                let object = match (self.entry.take(), &self.current) {
+                    (Some(entry), _) => format!("TOC entry {entry}"),
+                    (None, Some(current)) => current.clone(),
+                    (None, None) => "the dump".into(),
+                };
+                self.error = Some((object, message.to_string()));
             }
         } else if said.starts_with("warning: errors ignored on restore") {
             self.ignored = Some(said.trim_start_matches("warning: ").to_string());
@@ -343,10 +355,7 @@ impl RestoreLog {
         if let Some(ignored) = &self.ignored {
             message = format!("{message} ({ignored})");
         }
-        Some(RestoreError::Restore {
-            object: format!("TOC entry {object}"),
-            message,
-        })
+        Some(RestoreError::Restore { object, message })
     }
 }
 
@@ -379,5 +388,17 @@ mod tests {
              could not execute query: ERROR:  permission denied"
         );
         assert!(RestoreLog::default().failure().is_none());
+        // Data cut short: no TOC entry is named, the object being read is.
+        let mut log = RestoreLog::default();
+        for line in [
+            "pg_restore: processing data for table \"public.kept\"",
+            "pg_restore: error: could not read from input file: end of file",
+        ] {
+            log.read(line, &progress);
+        }
+        assert_eq!(
+            log.failure().expect("failed").to_string(),
+            "restoring \"public.kept\": could not read from input file: end of file"
+        );
     }
 }

@@ -515,6 +515,11 @@ pub async fn wait_accepting(url: &str) {
 /// Runs pgheal with `args` on a pseudo-terminal (util-linux `script`), as a
 /// person at a terminal would: what it printed there.
 pub async fn pgheal_on_a_terminal(args: &[String]) -> Output {
+    pgheal_on_a_terminal_typing(args, None).await
+}
+
+/// [`pgheal_on_a_terminal`], with `typed` as what the person types.
+pub async fn pgheal_on_a_terminal_typing(args: &[String], typed: Option<&[u8]>) -> Output {
     let line = std::iter::once(env!("CARGO_BIN_EXE_pgheal").to_string())
         .chain(args.iter().cloned())
         .map(|a| format!("'{}'", a.replace('\'', "'\\''")))
@@ -522,5 +527,5 @@ pub async fn pgheal_on_a_terminal(args: &[String]) -> Output {
         .join(" ");
     let mut cmd = Command::new("script");
     cmd.args(["-qefc", &line, "/dev/null"]);
-    output_async(cmd, None, SUBPROCESS_DEADLINE).await
+    output_async(cmd, typed.map(<[u8]>::to_vec), SUBPROCESS_DEADLINE).await
 }
