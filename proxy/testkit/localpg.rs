@@ -135,6 +135,25 @@ impl PgNode {
         Ok(node)
     }
 
+    /// Turns a stopped former primary into a replica of `source` with
+    /// `pg_rewind` (crash recovery first if it was killed; `-R` writes
+    /// standby.signal and a primary_conninfo naming `application_name`),
+    /// then starts it. Needs `wal_log_hints` (or data checksums).
+    pub async fn rewind_from(
+        &mut self,
+        source: &PgNode,
+        application_name: &str,
+    ) -> Result<(), LocalPgError> {
+        let mut cmd = self.command("pg_rewind");
+        cmd.arg("-D").arg(self.data_dir()).arg("-R").arg(format!(
+            "--source-server=host=127.0.0.1 port={} user={SUPERUSER} password={SUPERUSER_PASSWORD} \
+             dbname=postgres application_name={application_name}",
+            source.port
+        ));
+        self.run("pg_rewind", cmd).await?;
+        self.start().await
+    }
+
     /// Promotes a replica and waits until it accepts writes.
     pub async fn promote(&self) -> Result<(), LocalPgError> {
         self.sql("postgres", "SELECT pg_promote(true, 60)").await

@@ -310,10 +310,13 @@ where
 
 /// A TCP relay in front of a node that can stop forwarding without
 /// closing anything, as a blackholed network does, or cut every connection
-/// through it at once, as a broken network path does.
+/// through it at once, as a broken network path does. `hold` stops
+/// forwarding without losing bytes (they wait in the sockets' buffers, as
+/// TCP retransmits through a network outage) until `release`.
 pub struct Relay {
     pub port: u16,
     blackholed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    held: tokio::sync::watch::Sender<bool>,
     cuts: tokio::sync::watch::Sender<u64>,
     accept: tokio::task::JoinHandle<()>,
 }
@@ -326,27 +329,32 @@ impl Relay {
         let port = listener.local_addr().unwrap().port();
         let blackholed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (cuts, _) = tokio::sync::watch::channel(0u64);
+        let (held, _) = tokio::sync::watch::channel(false);
         let flag = blackholed.clone();
-        let cut = cuts.clone();
+        let (cut, hold) = (cuts.clone(), held.clone());
         let accept = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let flag = flag.clone();
                 let target = target.clone();
                 let (up_cut, down_cut) = (cut.subscribe(), cut.subscribe());
+                let (up_hold, down_hold) = (hold.subscribe(), hold.subscribe());
                 tokio::spawn(async move {
+                    let mut wait = down_hold.clone();
+                    let _ = wait.wait_for(|held| !held).await;
                     let Ok(server) = tokio::net::TcpStream::connect(&target).await else {
                         return;
                     };
                     let (cr, cw) = client.into_split();
                     let (sr, sw) = server.into_split();
-                    tokio::spawn(Relay::pipe(cr, sw, flag.clone(), up_cut));
-                    Relay::pipe(sr, cw, flag, down_cut).await;
+                    tokio::spawn(Relay::pipe(cr, sw, flag.clone(), up_cut, up_hold));
+                    Relay::pipe(sr, cw, flag, down_cut, down_hold).await;
                 });
             }
         });
         Relay {
             port,
             blackholed,
+            held,
             cuts,
             accept,
         }
@@ -357,10 +365,15 @@ impl Relay {
         mut to: tokio::net::tcp::OwnedWriteHalf,
         blackholed: std::sync::Arc<std::sync::atomic::AtomicBool>,
         mut cut: tokio::sync::watch::Receiver<u64>,
+        mut held: tokio::sync::watch::Receiver<bool>,
     ) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut buf = vec![0u8; 16 * 1024];
         loop {
+            tokio::select! {
+                _ = held.wait_for(|held| !held) => {}
+                _ = cut.changed() => return,
+            }
             let n = tokio::select! {
                 read = from.read(&mut buf) => match read {
                     Ok(0) | Err(_) => return,
@@ -385,6 +398,15 @@ impl Relay {
     pub fn blackhole(&self) {
         self.blackholed
             .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Stops forwarding, holding the bytes, until [`Relay::release`].
+    pub fn hold(&self) {
+        self.held.send_replace(true);
+    }
+
+    pub fn release(&self) {
+        self.held.send_replace(false);
     }
 
     /// Closes every connection through the relay; new ones still pass.

@@ -1,0 +1,240 @@
+//! The chaos soak: a primary and two synchronous replicas, pgheal in front
+//! of them, every kind of client at once, and faults on a schedule with
+//! jitter for `DURATION` (default 60s here; `benches/soak` runs 60m).
+//! Passes only when every invariant held (see check.rs); prints a summary
+//! and writes a per-second CSV and an SVG chart into `SOAK_OUT` (default
+//! target/soak).
+//!
+//! Traffic goes to 127.0.0.1 only; every process it starts is its own and
+//! is stopped at the end.
+
+#[path = "../common/mod.rs"]
+#[allow(dead_code)]
+mod common;
+
+mod check;
+mod cluster;
+mod faults;
+mod load;
+mod record;
+mod report;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::cluster::Cluster;
+use crate::common::{TestCa, APP_PASSWORD};
+use crate::load::Ctx;
+use crate::record::{Recorder, Sample};
+
+/// pgheal's pool per node, and the size a RELOAD fault switches to.
+pub const POOL: u64 = 12;
+pub const POOL_LOW: u64 = 8;
+pub const MIN_IDLE: u64 = 2;
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// pgheal, run as its own process (its RSS and descriptors are measured).
+pub struct Pgheal {
+    pub child: tokio::process::Child,
+    pub port: u16,
+    pub config: PathBuf,
+    pub log: PathBuf,
+    relays: Vec<String>,
+    ca: TestCa,
+    /// (time, pool_size) from the start and at each RELOAD.
+    pub pool_sizes: Mutex<Vec<(f64, u64)>>,
+}
+
+impl Pgheal {
+    fn config_text(&self, pool: u64) -> String {
+        let nodes: Vec<String> = self.relays.iter().map(|r| format!("\"{r}\"")).collect();
+        format!(
+            "[proxy]\nlisten = \"127.0.0.1:{}\"\npool_mode = \"transaction\"\n\
+             max_client_connections = 5000\nshutdown_timeout = \"{}s\"\nlogin_timeout = \"3s\"\n\
+             [pool]\ncheckout_timeout = \"30s\"\nidle_timeout = \"{}s\"\nconnect_timeout = \"3s\"\n\
+             [health]\ntimeout = \"2s\"\n[failover]\nwrite_wait = \"10s\"\n{}\
+             [[users]]\nname = \"app\"\npassword = \"{APP_PASSWORD}\"\n\
+             [[users]]\nname = \"ops\"\npassword = \"opspw\"\nadmin = true\n\
+             [databases.app]\nnodes = [{}]\npool_size = {pool}\nmin_idle = {MIN_IDLE}\n\
+             read_routing = true\n",
+            self.port,
+            SHUTDOWN_TIMEOUT.as_secs(),
+            IDLE_TIMEOUT.as_secs(),
+            self.ca.section("prefer"),
+            nodes.join(", ")
+        )
+    }
+
+    async fn start(relays: Vec<String>, dir: &std::path::Path) -> Pgheal {
+        let port = common::free_port();
+        let config = dir.join("pgheal.toml");
+        let log = dir.join("pgheal.log");
+        let mut p = Pgheal {
+            child: tokio::process::Command::new("true").spawn().expect("true"),
+            port,
+            config: config.clone(),
+            log: log.clone(),
+            relays,
+            ca: TestCa::new(),
+            pool_sizes: Mutex::new(vec![(0.0, POOL)]),
+        };
+        std::fs::write(&config, p.config_text(POOL)).expect("config");
+        p.child = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgheal"))
+            .arg("--config")
+            .arg(&config)
+            .env("RUST_LOG", "pgheal=info")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log"))
+            .kill_on_drop(true)
+            .spawn()
+            .expect("pgheal");
+        p
+    }
+
+    pub fn ca(&self) -> &TestCa {
+        &self.ca
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id().unwrap_or(0)
+    }
+
+    /// Rewrites the configuration with another pool_size and sends SIGHUP.
+    pub fn reload(&self, pool: u64, at: f64) {
+        std::fs::write(&self.config, self.config_text(pool)).expect("config");
+        self.pool_sizes.lock().unwrap().push((at, pool));
+        let pid = nix::unistd::Pid::from_raw(self.pid() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP);
+    }
+
+    /// RSS (KiB) and open descriptors, from /proc.
+    pub fn usage(&self) -> (u64, u64) {
+        usage(self.pid())
+    }
+}
+
+/// A process's RSS (KiB) and open descriptors, from /proc.
+pub fn usage(pid: u32) -> (u64, u64) {
+    {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let rss = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0);
+        let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count() as u64);
+        (rss, fds)
+    }
+}
+
+fn duration() -> Duration {
+    let text = std::env::var("DURATION").unwrap_or_else(|_| "60s".into());
+    humantime::parse_duration(&text).expect("DURATION, e.g. 90s or 60m")
+}
+
+/// Lets this process (and pgheal, its child) hold every client's socket.
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn soak() {
+    raise_fd_limit();
+    let duration = duration();
+    let out_dir = std::env::var("SOAK_OUT").map_or_else(
+        |_| PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("../soak"),
+        PathBuf::from,
+    );
+    std::fs::create_dir_all(&out_dir).expect("output directory");
+    let rec = Arc::new(Recorder::new());
+    let mut cluster = Cluster::start().await;
+    faults::prepare_schema(&cluster).await;
+    let work = tempfile::tempdir().expect("dir");
+    let relays = cluster.relays.iter().map(|r| r.addr()).collect();
+    let pgheal = Pgheal::start(relays, work.path()).await;
+    faults::wait_writable(pgheal.port, Duration::from_secs(60)).await;
+    let ctx = Arc::new(Ctx {
+        port: pgheal.port,
+        password: APP_PASSWORD.into(),
+        tls: faults::tls_client(&pgheal),
+        rec: rec.clone(),
+        stop: CancellationToken::new(),
+        acked: Mutex::default(),
+        unknown: Mutex::default(),
+        notified: Default::default(),
+        notifications: Default::default(),
+        pgbench_transactions: Default::default(),
+    });
+    let idle_count: usize = std::env::var("SOAK_IDLE").map_or(1000, |v| v.parse().unwrap_or(1000));
+    let idle = load::idle_clients(&ctx, idle_count).await;
+    let load = faults::start_load(&ctx);
+    let primary = Arc::new(AtomicUsize::new(0));
+    let ports: Vec<u16> = cluster.nodes.iter().map(|n| n.port).collect();
+    let sampler = tokio::spawn(sample(
+        rec.clone(),
+        pgheal.pid(),
+        ports,
+        primary.clone(),
+        ctx.stop.clone(),
+    ));
+    let mut schedule = faults::Schedule::new(rec.clone(), primary.clone());
+    let cycles = schedule.run(&mut cluster, &pgheal, duration).await;
+    ctx.stop.cancel();
+    for task in load {
+        let _ = tokio::time::timeout(Duration::from_secs(120), task).await;
+    }
+    let _ = sampler.await;
+    let checked = check::after(&cluster, &pgheal, &ctx, &idle, &cycles).await;
+    let seen = rec.snapshot();
+    let summary = report::write(&out_dir, &seen, &ctx, &cycles, &checked);
+    println!("{summary}");
+    let mut broken = seen.violations.clone();
+    broken.extend(check::during(&seen, &pgheal.pool_sizes.lock().unwrap()));
+    broken.extend(checked.broken.iter().cloned());
+    assert!(
+        broken.is_empty(),
+        "the soak broke {} invariant(s):\n  {}\n(pgheal's log: {})",
+        broken.len(),
+        broken.join("\n  "),
+        pgheal.log.display()
+    );
+}
+
+/// Once a second: pgheal's RSS and descriptors, the replicas' lag, and
+/// pgheal's pooled connections on each node.
+async fn sample(
+    rec: Arc<Recorder>,
+    pid: u32,
+    ports: Vec<u16>,
+    primary: Arc<AtomicUsize>,
+    stop: CancellationToken,
+) {
+    while !stop.is_cancelled() {
+        let t = rec.now();
+        let (rss_kib, fds) = usage(pid);
+        let mut conns = [0u64; 3];
+        for (i, port) in ports.iter().enumerate() {
+            conns[i] = cluster::pooled_on(*port).await;
+        }
+        let lag_bytes = cluster::lag_on(ports[primary.load(Ordering::Relaxed)]).await;
+        rec.sample(Sample {
+            t,
+            rss_kib,
+            fds,
+            lag_bytes,
+            conns,
+        });
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = stop.cancelled() => {}
+        }
+    }
+}
