@@ -255,3 +255,94 @@ async fn metrics_text(addr: std::net::SocketAddr) -> String {
         .expect("read");
     text(&raw)
 }
+
+/// pgheal's pooled connections on the node, as the node counts them.
+async fn pooled(node: &pgheal::testkit::PgNode) -> u64 {
+    let mut conn = node.superuser_conn("postgres").await.expect("node");
+    let rows = conn
+        .query_rows(
+            "SELECT count(*) FROM pg_stat_activity WHERE usename = 'app' \
+             AND backend_type = 'client backend' AND application_name NOT LIKE 'pgheal %'",
+        )
+        .await
+        .expect("pg_stat_activity");
+    rows[0][0]
+        .as_deref()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Found by the soak: a RELOAD that lowered pool_size made a new pool
+/// beside the old one, which the connected clients kept using, so the node
+/// saw both pools' connections. Now the pool is resized in place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lowered_pool_size_bounds_the_connections_of_clients_already_connected() {
+    let node = app_node().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("pgheal.toml");
+    let file = |size: u32| {
+        format!(
+            "[proxy]\nlisten = \"127.0.0.1:0\"\n[health]\ntimeout = \"5s\"\n\
+             [[users]]\nname = \"app\"\npassword = \"{APP_PASSWORD}\"\n\
+             [databases.app]\nnodes = [\"{}\"]\npool_size = {size}\n",
+            node.addr()
+        )
+    };
+    std::fs::write(&path, file(6)).expect("write");
+    let config = pgheal::config::Config::load(&path).expect("valid");
+    let proxy = pgheal::server::start(config).await.expect("start");
+    proxy.app.set_config_path(path.clone());
+    let mut clients = Vec::new();
+    for _ in 0..6 {
+        clients.push(connect(&app_url(&proxy)).await);
+    }
+    // Six transactions at once: six server connections.
+    for (c, _) in &clients {
+        c.batch_execute("BEGIN; SELECT 1").await.expect("begin");
+    }
+    assert_eq!(pooled(&node).await, 6);
+    std::fs::write(&path, file(2)).expect("write");
+    let changes: Vec<String> = proxy
+        .app
+        .reload()
+        .expect("reload")
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert!(
+        changes.iter().any(|c| c.contains("pool_size")),
+        "{changes:?}"
+    );
+    for (c, _) in &clients {
+        c.batch_execute("COMMIT").await.expect("commit");
+    }
+    eventually(
+        Duration::from_secs(10),
+        "the pool to shrink to 2",
+        || async { pooled(&node).await <= 2 },
+    )
+    .await;
+    // The same clients, all at once: never more than two servers.
+    let mut running = Vec::new();
+    for (c, _) in &clients {
+        running.push(c.simple_query("SELECT pg_sleep(0.3)"));
+    }
+    let watcher = async {
+        let mut most = 0;
+        for _ in 0..10 {
+            most = most.max(pooled(&node).await);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        most
+    };
+    let (results, most) = tokio::join!(futures_util::future::join_all(running), watcher);
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    assert!(most <= 2, "{most} server connections with pool_size 2");
+    // Raised again: more run at once.
+    std::fs::write(&path, file(6)).expect("write");
+    proxy.app.reload().expect("reload");
+    for (c, _) in &clients {
+        c.batch_execute("BEGIN; SELECT 1").await.expect("begin");
+    }
+    assert_eq!(pooled(&node).await, 6);
+}

@@ -171,7 +171,17 @@ impl App {
                 }
                 let paused = targets.get(name).is_some_and(|t| *t.paused.borrow());
                 targets.insert(name.clone(), self.start_target(new, db, paused));
-                self.forget_pools(name);
+                // Only the limits changed: the pools stay, resized, so the
+                // connections of clients that keep the old settings count
+                // against the new pool_size too.
+                let limits_only = !fields.is_empty()
+                    && fields
+                        .iter()
+                        .all(|f| matches!(*f, "pool_size" | "min_idle"));
+                match limits_only {
+                    true => self.resize_pools(name, db.pool_size, db.min_idle),
+                    false => self.forget_pools(name),
+                }
                 changes.push(Change::Database {
                     name: name.clone(),
                     fields,

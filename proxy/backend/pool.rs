@@ -3,6 +3,7 @@
 //! connections kept warm.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, Weak};
 
 use crate::sync::lock;
@@ -36,8 +37,14 @@ pub struct Pool {
     addr: Arc<str>,
     spec: ConnectSpec,
     limits: PoolLimits,
+    /// `limits.size` and `limits.min_idle` as RELOAD last set them.
+    size: AtomicUsize,
+    min_idle: AtomicUsize,
     /// One permit per open connection, idle or in use.
     permits: Arc<Semaphore>,
+    /// Permits out on connections beyond a lowered size: each one given
+    /// back is forgotten (its connection closed) until none is owed.
+    owed: AtomicUsize,
     idle: Mutex<Vec<Idle>>,
     /// Connections out on lease: backend pid -> when the connection opened.
     active: Mutex<HashMap<i32, Instant>>,
@@ -71,6 +78,9 @@ impl Pool {
             database: database.to_string(),
             addr: Arc::from(spec.addr.as_str()),
             permits: Arc::new(Semaphore::new(limits.size)),
+            size: AtomicUsize::new(limits.size),
+            min_idle: AtomicUsize::new(limits.min_idle),
+            owed: AtomicUsize::new(0),
             spec,
             limits,
             idle: Mutex::new(Vec::new()),
@@ -91,10 +101,71 @@ impl Pool {
         &self.addr
     }
 
-    /// The node address, cheap to clone.
     /// The most connections this pool opens.
     pub fn size(&self) -> usize {
-        self.limits.size
+        self.size.load(Relaxed)
+    }
+
+    fn min_idle(&self) -> usize {
+        self.min_idle.load(Relaxed)
+    }
+
+    /// RELOAD changed the size or min_idle: a larger size opens more at
+    /// once; a smaller one closes idle connections now and, for the rest,
+    /// each connection given back until the pool is within it (running
+    /// transactions and pinned sessions keep theirs until then).
+    pub fn resize(&self, size: usize, min_idle: usize) {
+        self.min_idle.store(min_idle, Relaxed);
+        let old = self.size.swap(size, Relaxed);
+        if size > old {
+            let mut more = size - old;
+            while more > 0 && self.take_owed() {
+                more -= 1;
+            }
+            self.permits.add_permits(more);
+        } else if size < old {
+            let fewer = old - size;
+            let forgotten = self.permits.forget_permits(fewer);
+            self.owed.fetch_add(fewer - forgotten, Relaxed);
+            let closing: Vec<ServerConn> = {
+                let mut idle = lock(&self.idle);
+                let mut closing = Vec::new();
+                while self.owed.load(Relaxed) > 0 {
+                    let Some(i) = idle.pop() else { break };
+                    if self.take_owed() {
+                        i.permit.forget();
+                    }
+                    closing.push(i.conn);
+                }
+                closing
+            };
+            if !closing.is_empty() {
+                tokio::spawn(async move {
+                    for conn in closing {
+                        conn.terminate().await;
+                    }
+                });
+            }
+        }
+        self.returned.notify_waiters();
+    }
+
+    /// One owed permit paid, if any was owed.
+    fn take_owed(&self) -> bool {
+        self.owed
+            .fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1))
+            .is_ok()
+    }
+
+    /// A connection's permit, given back: forgotten while permits are
+    /// owed (true: close the connection), else returned.
+    fn give_back(&self, permit: OwnedSemaphorePermit) -> bool {
+        if self.take_owed() {
+            permit.forget();
+            return true;
+        }
+        drop(permit);
+        false
     }
 
     /// The user this pool's connections log in as.
@@ -113,7 +184,8 @@ impl Pool {
     /// Counts of (idle, in use) connections.
     pub fn counts(&self) -> (usize, usize) {
         let idle = lock(&self.idle).len();
-        let open = self.limits.size - self.permits.available_permits();
+        let open = (self.size() + self.owed.load(Relaxed))
+            .saturating_sub(self.permits.available_permits());
         (idle, open.saturating_sub(idle))
     }
 
@@ -138,7 +210,7 @@ impl Pool {
                 return Err(PoolError::Timeout {
                     database: self.database.clone(),
                     waited: self.limits.checkout_timeout,
-                    size: self.limits.size,
+                    size: self.size(),
                 });
             }
         }
@@ -153,7 +225,7 @@ impl Pool {
                 Ok(self.lease(conn, permit))
             }
             Err(e) => {
-                drop(permit);
+                self.give_back(permit);
                 self.returned.notify_one();
                 Err(e.into())
             }
@@ -199,8 +271,12 @@ impl Pool {
     }
 
     fn put_back(&self, conn: ServerConn, permit: OwnedSemaphorePermit) {
-        if conn.created.elapsed() >= self.limits.server_lifetime || self.is_draining() {
-            drop(permit);
+        // Past its lifetime, drained, or beyond a lowered pool_size: closed.
+        let retire = conn.created.elapsed() >= self.limits.server_lifetime
+            || self.is_draining()
+            || self.owed.load(Relaxed) > 0;
+        if retire {
+            self.give_back(permit);
         } else {
             lock(&self.idle).push(Idle {
                 conn,
@@ -224,7 +300,7 @@ impl Pool {
                 // Past its lifetime, or closed by a server that went away.
                 let dead =
                     i.conn.created.elapsed() >= self.limits.server_lifetime || i.conn.is_broken();
-                if dead || (old && keep.len() >= self.limits.min_idle) {
+                if dead || (old && keep.len() >= self.min_idle()) {
                     drop_list.push(i);
                 } else {
                     keep.push(i);
@@ -236,7 +312,7 @@ impl Pool {
         };
         for i in expired {
             i.conn.terminate().await;
-            drop(i.permit);
+            self.give_back(i.permit);
             self.returned.notify_one();
         }
         self.fill_min_idle().await;
@@ -279,7 +355,7 @@ impl Pool {
         if lock(&self.warm_after).is_some_and(|at| Instant::now() < at) {
             return;
         }
-        while lock(&self.idle).len() < self.limits.min_idle {
+        while lock(&self.idle).len() < self.min_idle() {
             let Ok(permit) = self.permits.clone().try_acquire_owned() else {
                 return;
             };
@@ -345,7 +421,9 @@ impl Drop for Lease {
     fn drop(&mut self) {
         if let Some(conn) = self.conn.take() {
             lock(&self.pool.active).remove(&conn.key.pid);
-            self.permit.take();
+            if let Some(permit) = self.permit.take() {
+                self.pool.give_back(permit);
+            }
             self.pool.returned.notify_one();
         }
     }
@@ -386,6 +464,14 @@ impl Pools {
     /// keep theirs until given back, then their connections close.
     pub fn forget(&self, database: &str) {
         lock(&self.map).retain(|(_, db, _), _| db != database);
+    }
+
+    /// RELOAD changed only a database's pool_size or min_idle: its pools
+    /// stay, with the new limits (see [`Pool::resize`]).
+    pub fn resize(&self, database: &str, size: usize, min_idle: usize) {
+        for pool in lock(&self.map).values().filter(|p| p.database == database) {
+            pool.resize(size, min_idle);
+        }
     }
 
     /// The pools whose connections are to database `dbname` on the servers.

@@ -325,6 +325,11 @@ impl App {
         });
     }
 
+    /// Sets a database's pools to a new pool_size and min_idle.
+    pub fn resize_pools(&self, database: &str, size: usize, min_idle: usize) {
+        self.pools.resize(database, size, min_idle);
+    }
+
     /// Drops the pools of a database whose settings changed.
     pub fn forget_pools(&self, database: &str) {
         self.pools.forget(database);

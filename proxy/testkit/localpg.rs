@@ -102,13 +102,22 @@ pub struct PgNode {
     dir: tempfile::TempDir,
     run_as: Option<RunAs>,
     child: Option<Child>,
+    /// `name=value` settings given at every start, after the defaults.
+    options: Vec<String>,
 }
 
 impl PgNode {
     /// initdb a new cluster (superuser `postgres`/`postgres`, SCRAM over
     /// TCP) and start it.
     pub async fn start_new() -> Result<PgNode, LocalPgError> {
+        Self::start_new_with(&[]).await
+    }
+
+    /// [`PgNode::start_new`] with `name=value` settings that override the
+    /// defaults (e.g. `full_page_writes=on`, which pg_rewind needs).
+    pub async fn start_new_with(options: &[&str]) -> Result<PgNode, LocalPgError> {
         let mut node = Self::create().await?;
+        node.options = options.iter().map(|o| o.to_string()).collect();
         node.initdb().await?;
         node.first_start().await?;
         Ok(node)
@@ -117,6 +126,7 @@ impl PgNode {
     /// A streaming replica of `primary`, made with `pg_basebackup -R`, started.
     pub async fn start_replica_of(primary: &PgNode) -> Result<PgNode, LocalPgError> {
         let mut node = Self::create().await?;
+        node.options = primary.options.clone();
         let mut cmd = node.command("pg_basebackup");
         cmd.args([
             "-h",
@@ -172,6 +182,7 @@ impl PgNode {
             dir,
             run_as,
             child: None,
+            options: Vec::new(),
         })
     }
 
@@ -269,6 +280,7 @@ impl PgNode {
             .args(["-c", "fsync=off", "-c", "full_page_writes=off"])
             .args(["-c", "max_connections=300", "-c", "shared_buffers=32MB"])
             .args(["-c", "wal_level=replica", "-c", "max_wal_senders=10"])
+            .args(self.options.iter().flat_map(|o| ["-c", o.as_str()]))
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(self.dir.path().join("postgres.log"))?);
         self.child = Some(cmd.spawn()?);

@@ -39,10 +39,16 @@ async fn one(node: &PgNode, sql: &str) -> Option<String> {
 
 impl Cluster {
     pub async fn start() -> Cluster {
-        let mut primary = PgNode::start_new().await.expect("primary");
+        // pg_rewind needs full page writes and hint bits in the WAL, and
+        // the target's WAL back to where the servers diverged. Hint bits
+        // and kept WAL go into the configuration file: pg_rewind's own
+        // crash recovery of a killed node reads only that.
+        let mut primary = PgNode::start_new_with(&["full_page_writes=on"])
+            .await
+            .expect("primary");
         for sql in [
             "ALTER SYSTEM SET wal_log_hints = on",
-            "ALTER SYSTEM SET wal_keep_size = '512MB'",
+            "ALTER SYSTEM SET wal_keep_size = '1GB'",
         ] {
             primary.sql("postgres", sql).await.expect(sql);
         }
@@ -92,6 +98,27 @@ impl Cluster {
         cluster
     }
 
+    /// Each node's role and, for the primary, who streams from it; the last
+    /// lines of each node's log: what a failed heal is reported with.
+    pub async fn describe(&self) -> String {
+        let mut out = String::new();
+        for (i, node) in self.nodes.iter().enumerate() {
+            let role = one(node, "SELECT pg_is_in_recovery()::text").await;
+            let streams = one(
+                node,
+                "SELECT string_agg(application_name || ':' || state, ',') FROM pg_stat_replication",
+            )
+            .await;
+            let log = std::fs::read_to_string(node.log_path()).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(6).collect();
+            out.push_str(&format!(
+                "\n    n{i} in_recovery={role:?} streaming_from_it={streams:?}\n      {}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n      ")
+            ));
+        }
+        out
+    }
+
     pub fn replicas(&self) -> Vec<usize> {
         (0..3).filter(|&i| i != self.primary).collect()
     }
@@ -123,10 +150,13 @@ impl Cluster {
     /// primary, not demoted) for `undemoted` while the new one serves.
     pub async fn fail_over(&mut self, split_brain: Option<Duration>, detect: Duration) -> String {
         let old = self.primary;
+        let started = std::time::Instant::now();
+        let step = |what: String| eprintln!("soak: failover +{:.1?}: {what}", started.elapsed());
         self.nodes[old].kill9().await;
         tokio::time::sleep(detect).await;
         let new = self.most_advanced_replica().await;
         self.nodes[new].promote().await.expect("promote");
+        step(format!("n{old} killed, n{new} promoted"));
         self.primary = new;
         for other in self.replicas().into_iter().filter(|&i| i != old) {
             follow(&self.nodes[other], &self.nodes[new], other).await;
@@ -136,14 +166,22 @@ impl Cluster {
                 .start()
                 .await
                 .expect("old primary, undemoted");
+            step(format!("n{old} back, undemoted"));
             tokio::time::sleep(undemoted).await;
             self.nodes[old].stop().await;
         }
+        // pg_rewind reads the source's timeline from its control file,
+        // which a promotion updates only at its next checkpoint.
+        self.nodes[new]
+            .sql("postgres", "CHECKPOINT")
+            .await
+            .expect("checkpoint");
         let (target, source) = two(&mut self.nodes, old, new);
         target
             .rewind_from(source, &name(old))
             .await
             .expect("pg_rewind the old primary");
+        step(format!("n{old} rewound and started"));
         format!("n{old} killed, n{new} promoted, n{old} rewound")
     }
 

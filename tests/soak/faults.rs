@@ -148,12 +148,23 @@ impl Schedule {
         tracing::info!(fault = kind.name(), at = start, "injecting");
         let detail = self.inject(kind, c, p).await;
         self.primary.store(c.primary, Ordering::Relaxed);
+        let injected = self.rec.now();
         let whole = c.wait_whole(Duration::from_secs(90)).await;
+        let healed = self.rec.now();
         let writable = wait_writable(p.port, Duration::from_secs(90)).await;
+        eprintln!(
+            "soak: {:.1}s {}: injected in {:.1}s, whole after {:.1}s more, writable after {:.1}s more",
+            start,
+            kind.name(),
+            injected - start,
+            healed - injected,
+            self.rec.now() - healed
+        );
         if !whole || !writable {
             self.rec.violation(format!(
-                "after {}: the cluster whole {whole}, writable through pgheal {writable}",
-                kind.name()
+                "after {}: the cluster whole {whole}, writable through pgheal {writable}:{}",
+                kind.name(),
+                c.describe().await
             ));
         }
         // Errors of the fault may reach clients a moment after it healed.

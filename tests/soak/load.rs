@@ -349,6 +349,10 @@ pub async fn pgbench(ctx: Arc<Ctx>, rate: u32) {
 }
 
 fn pgbench_line(rec: &Recorder, line: &str) {
+    if line.contains("Run was aborted") {
+        // The summary of the aborted clients reported line by line.
+        return;
+    }
     if let Some(rest) = line.strip_prefix("progress: ") {
         let tps = rest
             .split(", ")
@@ -388,7 +392,7 @@ pub async fn idle_clients(ctx: &Ctx, n: usize) -> Vec<Client> {
                 .expect("idle client's query");
             client
         });
-        if batch.len() == 50 || i + 1 == n {
+        if batch.len() == 25 || i + 1 == n {
             out.extend(futures_util::future::join_all(batch.drain(..)).await);
         }
     }

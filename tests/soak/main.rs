@@ -55,7 +55,7 @@ impl Pgheal {
         let nodes: Vec<String> = self.relays.iter().map(|r| format!("\"{r}\"")).collect();
         format!(
             "[proxy]\nlisten = \"127.0.0.1:{}\"\npool_mode = \"transaction\"\n\
-             max_client_connections = 5000\nshutdown_timeout = \"{}s\"\nlogin_timeout = \"3s\"\n\
+             max_client_connections = 5000\nshutdown_timeout = \"{}s\"\nlogin_timeout = \"10s\"\n\
              [pool]\ncheckout_timeout = \"30s\"\nidle_timeout = \"{}s\"\nconnect_timeout = \"3s\"\n\
              [health]\ntimeout = \"2s\"\n[failover]\nwrite_wait = \"10s\"\n{}\
              [[users]]\nname = \"app\"\npassword = \"{APP_PASSWORD}\"\n\
@@ -175,6 +175,7 @@ async fn soak() {
     });
     let idle_count: usize = std::env::var("SOAK_IDLE").map_or(1000, |v| v.parse().unwrap_or(1000));
     let idle = load::idle_clients(&ctx, idle_count).await;
+    rec.start_clock();
     let load = faults::start_load(&ctx);
     let primary = Arc::new(AtomicUsize::new(0));
     let ports: Vec<u16> = cluster.nodes.iter().map(|n| n.port).collect();

@@ -97,20 +97,26 @@ struct Inner {
 }
 
 pub struct Recorder {
-    start: Instant,
+    start: Mutex<Instant>,
     inner: Mutex<Inner>,
 }
 
 impl Recorder {
     pub fn new() -> Recorder {
         Recorder {
-            start: Instant::now(),
+            start: Mutex::new(Instant::now()),
             inner: Mutex::default(),
         }
     }
 
     pub fn now(&self) -> f64 {
-        self.start.elapsed().as_secs_f64()
+        let start = *self.start.lock().unwrap_or_else(|e| e.into_inner());
+        start.elapsed().as_secs_f64()
+    }
+
+    /// Time 0 is now: the load starts.
+    pub fn start_clock(&self) {
+        *self.start.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
     }
 
     fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
