@@ -128,7 +128,7 @@ impl Schedule {
         let until = self.rec.now() + duration.as_secs_f64();
         let mut cycles = Vec::new();
         while self.rec.now() < until {
-            tokio::time::sleep(jitter(Duration::from_secs(4))).await;
+            tokio::time::sleep(jitter(Duration::from_millis(2500))).await;
             let kind = FaultKind::CYCLE[self.injected % FaultKind::CYCLE.len()];
             self.one(kind, c, p).await;
             self.injected += 1;
@@ -168,7 +168,7 @@ impl Schedule {
             ));
         }
         // Errors of the fault may reach clients a moment after it healed.
-        tokio::time::sleep(Duration::from_secs(3)).await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
         let end = self.rec.now();
         self.rec.window(Window {
             kind,
@@ -183,24 +183,24 @@ impl Schedule {
         match kind {
             FaultKind::KillPrimary => c.fail_over(None, jitter(Duration::from_secs(1))).await,
             FaultKind::SplitBrain => {
-                let undemoted = jitter(Duration::from_secs(4));
+                let undemoted = jitter(Duration::from_secs(3));
                 c.fail_over(Some(undemoted), jitter(Duration::from_secs(1)))
                     .await
             }
             FaultKind::BlackholePrimary => {
-                let held = jitter(Duration::from_secs(8));
+                let held = jitter(Duration::from_secs(6));
                 c.relays[c.primary].hold();
                 tokio::time::sleep(held).await;
                 c.relays[c.primary].release();
                 format!("n{} held for {held:.1?}", c.primary)
             }
             FaultKind::KillReplica => {
-                c.kill_replica(replica, jitter(Duration::from_secs(2)))
+                c.kill_replica(replica, jitter(Duration::from_millis(1500)))
                     .await;
                 format!("n{replica}")
             }
             FaultKind::PauseReplay => {
-                let paused = jitter(Duration::from_secs(5));
+                let paused = jitter(Duration::from_secs(4));
                 c.pause_replay(replica, paused).await;
                 format!("n{replica} paused {paused:.1?}")
             }

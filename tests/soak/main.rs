@@ -9,7 +9,6 @@
 //! is stopped at the end.
 
 #[path = "../common/mod.rs"]
-#[allow(dead_code)]
 mod common;
 
 mod check;

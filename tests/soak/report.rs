@@ -181,8 +181,8 @@ fn peaks(out: &mut String, seen: &Recorded, cycles: &[CycleEnd]) {
     let max_fds = seen.samples.iter().map(|s| s.fds).max().unwrap_or(0);
     let mut max_conns = [0u64; 3];
     for s in &seen.samples {
-        for i in 0..3 {
-            max_conns[i] = max_conns[i].max(s.conns[i]);
+        for (most, now) in max_conns.iter_mut().zip(s.conns) {
+            *most = (*most).max(now);
         }
     }
     let _ = writeln!(
@@ -233,7 +233,8 @@ fn chart(per_second: &[Second], seen: &Recorded) -> String {
     const LEFT: f64 = 70.0;
     let n = per_second.len().max(2) as f64;
     let x = |t: f64| LEFT + t / n * (W - LEFT - 20.0);
-    let panels: [(&str, fn(&Second) -> f64); 4] = [
+    type Value = fn(&Second) -> f64;
+    let panels: [(&str, Value); 4] = [
         ("TPS (pgbench + clients)", |s| s.pgbench_tps + s.ops),
         ("errors / s", |s| s.errors),
         ("pgheal RSS MiB", |s| s.rss_mib),
