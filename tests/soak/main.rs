@@ -131,6 +131,22 @@ pub fn usage(pid: u32) -> (u64, u64) {
     }
 }
 
+/// The machine's (busy, total) CPU time so far, in ticks.
+fn cpu_times() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let total: u64 = ticks.iter().take(8).sum();
+    let idle = ticks.get(3).copied().unwrap_or(0) + ticks.get(4).copied().unwrap_or(0);
+    (total - idle, total)
+}
+
 fn duration() -> Duration {
     let text = std::env::var("DURATION").unwrap_or_else(|_| "60s".into());
     humantime::parse_duration(&text).expect("DURATION, e.g. 90s or 60m")
@@ -217,9 +233,13 @@ async fn sample(
     primary: Arc<AtomicUsize>,
     stop: CancellationToken,
 ) {
+    let mut cpu = cpu_times();
     while !stop.is_cancelled() {
         let t = rec.now();
         let (rss_kib, fds) = usage(pid);
+        let now = cpu_times();
+        let (busy, total) = (now.0 - cpu.0, (now.1 - cpu.1).max(1));
+        cpu = now;
         let mut conns = [0u64; 3];
         for (i, port) in ports.iter().enumerate() {
             conns[i] = cluster::pooled_on(*port).await;
@@ -231,6 +251,7 @@ async fn sample(
             fds,
             lag_bytes,
             conns,
+            cpu_busy: busy as f64 * 100.0 / total as f64,
         });
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}

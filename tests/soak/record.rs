@@ -84,6 +84,9 @@ pub struct Sample {
     pub lag_bytes: u64,
     /// pgheal's pooled connections on each node (pg_stat_activity).
     pub conns: [u64; 3],
+    /// The machine's CPU use since the previous sample, percent of all
+    /// cores (from /proc/stat).
+    pub cpu_busy: f64,
 }
 
 #[derive(Default)]

@@ -23,6 +23,7 @@ struct Second {
     fds: f64,
     lag_kib: f64,
     conns: [u64; 3],
+    cpu_busy: f64,
     fault: Option<&'static str>,
 }
 
@@ -53,6 +54,7 @@ fn seconds(seen: &Recorded) -> Vec<Second> {
             s.fds = smp.fds as f64;
             s.lag_kib = smp.lag_bytes as f64 / 1024.0;
             s.conns = smp.conns;
+            s.cpu_busy = smp.cpu_busy;
         }
     }
     for (i, s) in out.iter_mut().enumerate() {
@@ -79,12 +81,12 @@ pub fn write(
 ) -> String {
     let per_second = seconds(seen);
     let mut csv = String::from(
-        "second,client_ops,pgbench_tps,errors,rss_mib,fds,lag_kib,conns_n0,conns_n1,conns_n2,fault\n",
+        "second,client_ops,pgbench_tps,errors,rss_mib,fds,lag_kib,conns_n0,conns_n1,conns_n2,cpu_busy_pct,fault\n",
     );
     for (i, s) in per_second.iter().enumerate() {
         let _ = writeln!(
             csv,
-            "{i},{},{:.1},{},{:.1},{},{:.1},{},{},{},{}",
+            "{i},{},{:.1},{},{:.1},{},{:.1},{},{},{},{:.0},{}",
             s.ops,
             s.pgbench_tps,
             s.errors,
@@ -94,6 +96,7 @@ pub fn write(
             s.conns[0],
             s.conns[1],
             s.conns[2],
+            s.cpu_busy,
             s.fault.unwrap_or("")
         );
     }
@@ -203,6 +206,17 @@ fn peaks(out: &mut String, seen: &Recorded, cycles: &[CycleEnd]) {
         })
         .collect();
     let _ = writeln!(out, "at each cycle's end: {}", ends.join(", "));
+    let quiet: Vec<f64> = seen
+        .samples
+        .iter()
+        .filter(|s| seen.window_at(s.t).is_none())
+        .map(|s| s.cpu_busy)
+        .collect();
+    let _ = writeln!(
+        out,
+        "machine CPU busy outside faults (all cores, everything on it): {:.0}% on average",
+        quiet.iter().sum::<f64>() / quiet.len().max(1) as f64
+    );
 }
 
 fn latencies(out: &mut String, seen: &Recorded) {
