@@ -346,3 +346,55 @@ async fn a_lowered_pool_size_bounds_the_connections_of_clients_already_connected
     }
     assert_eq!(pooled(&node).await, 6);
 }
+
+/// A client connected before a RELOAD gets the reloaded settings from its
+/// next transaction on: here read routing turned on sends its reads to the
+/// replica, and the pools it used before are closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connected_clients_follow_a_reload_at_their_next_transaction() {
+    let primary = app_node().await;
+    let replica = pgheal::testkit::PgNode::start_replica_of(&primary)
+        .await
+        .expect("replica");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("pgheal.toml");
+    let file = |routing: bool| {
+        format!(
+            "[proxy]\nlisten = \"127.0.0.1:0\"\n[health]\ntimeout = \"5s\"\ninterval = \"200ms\"\n\
+             [[users]]\nname = \"app\"\npassword = \"{APP_PASSWORD}\"\n\
+             [databases.app]\nnodes = [\"{}\", \"{}\"]\nread_routing = {routing}\n",
+            primary.addr(),
+            replica.addr()
+        )
+    };
+    std::fs::write(&path, file(false)).expect("write");
+    let config = pgheal::config::Config::load(&path).expect("valid");
+    let proxy = pgheal::server::start(config).await.expect("start");
+    proxy.app.set_config_path(path.clone());
+    let (client, _c) = connect(&app_url(&proxy)).await;
+    let on_replica = || async {
+        first_value(&client, "SELECT pg_is_in_recovery()")
+            .await
+            .expect("query")
+            == "t"
+    };
+    for _ in 0..5 {
+        assert!(!on_replica().await, "read routing is off");
+    }
+    std::fs::write(&path, file(true)).expect("write");
+    proxy.app.reload().expect("reload");
+    eventually(
+        Duration::from_secs(20),
+        "the same client's reads on the replica",
+        || on_replica(),
+    )
+    .await;
+    // The old settings' pool closed its idle connection to the primary;
+    // the client reads on the replica now, so none is open there.
+    eventually(
+        Duration::from_secs(10),
+        "no pgheal connection left on the primary",
+        || async { pooled(&primary).await == 0 },
+    )
+    .await;
+}

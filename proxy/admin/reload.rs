@@ -170,7 +170,10 @@ impl App {
                     continue;
                 }
                 let paused = targets.get(name).is_some_and(|t| *t.paused.borrow());
-                targets.insert(name.clone(), self.start_target(new, db, paused));
+                let started = self.start_target(new, db, paused);
+                if let Some(old) = targets.insert(name.clone(), started) {
+                    old.retire();
+                }
                 // Only the limits changed: the pools stay, resized, so the
                 // connections of clients that keep the old settings count
                 // against the new pool_size too.

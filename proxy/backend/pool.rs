@@ -45,6 +45,9 @@ pub struct Pool {
     /// Permits out on connections beyond a lowered size: each one given
     /// back is forgotten (its connection closed) until none is owed.
     owed: AtomicUsize,
+    /// RELOAD replaced it: no warm connections, none kept idle; it serves
+    /// only the clients that still use it until they move on.
+    retired: std::sync::atomic::AtomicBool,
     idle: Mutex<Vec<Idle>>,
     /// Connections out on lease: backend pid -> when the connection opened.
     active: Mutex<HashMap<i32, Instant>>,
@@ -81,6 +84,7 @@ impl Pool {
             size: AtomicUsize::new(limits.size),
             min_idle: AtomicUsize::new(limits.min_idle),
             owed: AtomicUsize::new(0),
+            retired: Default::default(),
             spec,
             limits,
             idle: Mutex::new(Vec::new()),
@@ -173,6 +177,7 @@ impl Pool {
         &self.spec.user
     }
 
+    /// The node address, cheap to clone.
     pub fn shared_addr(&self) -> &Arc<str> {
         &self.addr
     }
@@ -274,7 +279,8 @@ impl Pool {
         // Past its lifetime, drained, or beyond a lowered pool_size: closed.
         let retire = conn.created.elapsed() >= self.limits.server_lifetime
             || self.is_draining()
-            || self.owed.load(Relaxed) > 0;
+            || self.owed.load(Relaxed) > 0
+            || self.retired.load(Relaxed);
         if retire {
             self.give_back(permit);
         } else {
@@ -351,7 +357,9 @@ impl Pool {
     }
 
     async fn fill_min_idle(self: &Arc<Self>) {
-        use std::sync::atomic::Ordering::Relaxed;
+        if self.retired.load(Relaxed) {
+            return;
+        }
         if lock(&self.warm_after).is_some_and(|at| Instant::now() < at) {
             return;
         }
@@ -460,10 +468,24 @@ impl Pools {
             .clone()
     }
 
-    /// Drops the pools of a database whose settings changed; leases out
-    /// keep theirs until given back, then their connections close.
+    /// Drops the pools of a database whose settings changed: their idle
+    /// connections close now; leases out keep theirs until given back,
+    /// then they close too.
     pub fn forget(&self, database: &str) {
-        lock(&self.map).retain(|(_, db, _), _| db != database);
+        let mut gone = Vec::new();
+        lock(&self.map).retain(|(_, db, _), pool| {
+            let keep = db != database;
+            if !keep {
+                gone.push(pool.clone());
+            }
+            keep
+        });
+        for pool in gone {
+            pool.retired.store(true, Relaxed);
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(async move { pool.close_idle().await });
+            }
+        }
     }
 
     /// RELOAD changed only a database's pool_size or min_idle: its pools

@@ -79,6 +79,9 @@ pub struct Target {
     last_used: Mutex<std::time::Instant>,
     /// What its clients did, for the status page's charts.
     pub stats: TargetStats,
+    /// RELOAD replaced it: its sessions move to the new one at their next
+    /// transaction (see `Session::follow_reload`).
+    retired: std::sync::atomic::AtomicBool,
 }
 
 /// Counters of one database (the process-wide ones are in `Metrics`).
@@ -132,7 +135,18 @@ impl Target {
             paused: tokio::sync::watch::Sender::new(paused),
             last_used: Mutex::new(std::time::Instant::now()),
             stats: TargetStats::default(),
+            retired: Default::default(),
         })
+    }
+
+    /// RELOAD replaced or removed it.
+    pub fn retire(&self) {
+        self.retired
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    pub fn is_retired(&self) -> bool {
+        self.retired.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Waits while the database is paused.

@@ -37,19 +37,14 @@ pub const MIN_IDLE: u64 = 2;
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// pgheal, run as its own process (its RSS and descriptors are measured).
-pub struct Pgheal {
-    pub child: tokio::process::Child,
-    pub port: u16,
-    pub config: PathBuf,
-    pub log: PathBuf,
+/// What pgheal's configuration is made of.
+struct Settings {
+    port: u16,
     relays: Vec<String>,
     ca: TestCa,
-    /// (time, pool_size) from the start and at each RELOAD.
-    pub pool_sizes: Mutex<Vec<(f64, u64)>>,
 }
 
-impl Pgheal {
+impl Settings {
     fn config_text(&self, pool: u64) -> String {
         let nodes: Vec<String> = self.relays.iter().map(|r| format!("\"{r}\"")).collect();
         format!(
@@ -68,22 +63,30 @@ impl Pgheal {
             nodes.join(", ")
         )
     }
+}
 
+/// pgheal, run as its own process (its RSS and descriptors are measured).
+pub struct Pgheal {
+    pub child: tokio::process::Child,
+    pub port: u16,
+    pub config: PathBuf,
+    pub log: PathBuf,
+    settings: Settings,
+    /// (time, pool_size) from the start and at each RELOAD.
+    pub pool_sizes: Mutex<Vec<(f64, u64)>>,
+}
+
+impl Pgheal {
     async fn start(relays: Vec<String>, dir: &std::path::Path) -> Pgheal {
-        let port = common::free_port();
-        let config = dir.join("pgheal.toml");
-        let log = dir.join("pgheal.log");
-        let mut p = Pgheal {
-            child: tokio::process::Command::new("true").spawn().expect("true"),
-            port,
-            config: config.clone(),
-            log: log.clone(),
+        let settings = Settings {
+            port: common::free_port(),
             relays,
             ca: TestCa::new(),
-            pool_sizes: Mutex::new(vec![(0.0, POOL)]),
         };
-        std::fs::write(&config, p.config_text(POOL)).expect("config");
-        p.child = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgheal"))
+        let config = dir.join("pgheal.toml");
+        let log = dir.join("pgheal.log");
+        std::fs::write(&config, settings.config_text(POOL)).expect("config");
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgheal"))
             .arg("--config")
             .arg(&config)
             .env("RUST_LOG", "pgheal=info")
@@ -92,11 +95,18 @@ impl Pgheal {
             .kill_on_drop(true)
             .spawn()
             .expect("pgheal");
-        p
+        Pgheal {
+            child,
+            port: settings.port,
+            config,
+            log,
+            settings,
+            pool_sizes: Mutex::new(vec![(0.0, POOL)]),
+        }
     }
 
     pub fn ca(&self) -> &TestCa {
-        &self.ca
+        &self.settings.ca
     }
 
     pub fn pid(&self) -> u32 {
@@ -105,7 +115,7 @@ impl Pgheal {
 
     /// Rewrites the configuration with another pool_size and sends SIGHUP.
     pub fn reload(&self, pool: u64, at: f64) {
-        std::fs::write(&self.config, self.config_text(pool)).expect("config");
+        std::fs::write(&self.config, self.settings.config_text(pool)).expect("config");
         self.pool_sizes.lock().unwrap().push((at, pool));
         let pid = nix::unistd::Pid::from_raw(self.pid() as i32);
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP);

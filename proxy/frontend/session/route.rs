@@ -71,6 +71,9 @@ impl Session {
     /// there. A write with no primary waits up to `write_wait` for one.
     pub(super) async fn route_and_checkout(&mut self) -> Result<Lease, ClientError> {
         let mut rerun = self.rerun.take();
+        if rerun.is_none() && self.target.is_retired() {
+            self.follow_reload();
+        }
         loop {
             let pool = self.route(rerun.as_ref()).await?;
             let e = match self.checkout(&pool).await {
@@ -208,6 +211,24 @@ impl Session {
             .get(node)
             .and_then(Option::as_ref)
             .map_or(0, |p| p.counts().1)
+    }
+
+    /// RELOAD replaced this client's database: from this transaction on,
+    /// the new settings and pools serve it (its own statements and
+    /// settings are the client's and go with it; a server prepares them
+    /// as any new one does).
+    fn follow_reload(&mut self) {
+        let Some(target) = self.app.target(&self.target.database.name) else {
+            return; // removed: this client keeps what it had
+        };
+        if Arc::ptr_eq(&target, &self.target) {
+            return;
+        }
+        tracing::debug!(database = %target.database.name, "client follows the reloaded settings");
+        self.topology = target.cluster.subscribe();
+        self.node_pools = vec![None; target.database.nodes.len()];
+        self.pool = self.app.pool_for(&target, &self.user);
+        self.target = target;
     }
 
     pub(super) fn node_pool(&mut self, node: usize) -> Arc<Pool> {
