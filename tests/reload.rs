@@ -386,7 +386,7 @@ async fn connected_clients_follow_a_reload_at_their_next_transaction() {
     eventually(
         Duration::from_secs(20),
         "the same client's reads on the replica",
-        || on_replica(),
+        on_replica,
     )
     .await;
     // The old settings' pool closed its idle connection to the primary;
