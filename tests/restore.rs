@@ -25,6 +25,16 @@ fn config_text(nodes: &[&PgNode], dir: &Path, listen_port: u16, extra: &str) -> 
     )
 }
 
+/// Restores app's newest dump into a new database `recovered`.
+const LATEST_INTO_RECOVERED: [&str; 6] = [
+    "backup",
+    "restore",
+    "--latest",
+    "app",
+    "--database",
+    "recovered",
+];
+
 async fn pgheal(config: &Path, args: &[&str]) -> std::process::Output {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_pgheal"));
     cmd.args(args).arg("--config").arg(config);
@@ -115,14 +125,7 @@ async fn a_dropped_table_comes_back_with_its_rows() {
         .await
         .expect("lose it");
     // app may not create databases: a clear error, nothing made.
-    let args = [
-        "backup",
-        "restore",
-        "--latest",
-        "app",
-        "--database",
-        "recovered",
-    ];
+    let args = LATEST_INTO_RECOVERED;
     let out = pgheal(&config, &args).await;
     assert!(!out.status.success());
     assert!(
@@ -184,14 +187,7 @@ async fn an_existing_database_is_replaced_only_when_told() {
         )
         .await
         .expect("precious");
-    let restore = [
-        "backup",
-        "restore",
-        "--latest",
-        "app",
-        "--database",
-        "recovered",
-    ];
+    let restore = LATEST_INTO_RECOVERED;
     let out = pgheal(&config, &restore).await;
     assert!(!out.status.success());
     assert!(

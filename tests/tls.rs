@@ -4,7 +4,6 @@
 mod common;
 use common::*;
 
-use std::sync::Arc;
 
 use pgheal::server::Running;
 use pgheal::testkit::localpg::PgNode;
@@ -89,21 +88,6 @@ async fn require_mode_refuses_plain_clients() {
     assert_eq!(text(&out.stdout).trim(), "1", "{}", text(&out.stderr));
 }
 
-fn rustls_client(ca_pem: &str) -> tokio_postgres_rustls::MakeRustlsConnect {
-    use rustls::pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
-        roots.add(cert.expect("CA PEM")).expect("CA certificate");
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .expect("versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    tokio_postgres_rustls::MakeRustlsConnect::new(config)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokio_postgres_over_tls_many_queries() {
     let ca = TestCa::new();
@@ -120,7 +104,7 @@ async fn tokio_postgres_over_tls_many_queries() {
     );
     let mut tasks = Vec::new();
     for k in 0..4i32 {
-        let (url, tls) = (url.clone(), rustls_client(&ca.ca_pem));
+        let (url, tls) = (url.clone(), ca.rustls_client());
         tasks.push(tokio::spawn(async move {
             let (client, conn) = tokio_postgres::connect(&url, tls)
                 .await

@@ -505,13 +505,10 @@ pub fn direct_credentials(config: &Config, db: &Database) -> (String, Option<Str
                 .map(|u| u.name.clone())
         })
         .unwrap_or_default();
-    let password = db.password.clone().or_else(|| {
-        config
-            .users
-            .iter()
-            .find(|u| u.name == user)
-            .and_then(|u| u.password.clone())
-    });
+    let password = db
+        .password
+        .clone()
+        .or_else(|| config.user(&user).and_then(|u| u.password.clone()));
     (user, password)
 }
 

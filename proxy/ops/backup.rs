@@ -169,13 +169,10 @@ pub fn credentials(config: &Config, b: &BackupConfig, db: &Database) -> (String,
     let Some(user) = b.user.clone() else {
         return crate::backend::conn::direct_credentials(config, db);
     };
-    let password = b.password.clone().or_else(|| {
-        config
-            .users
-            .iter()
-            .find(|u| u.name == user)
-            .and_then(|u| u.password.clone())
-    });
+    let password = b
+        .password
+        .clone()
+        .or_else(|| config.user(&user).and_then(|u| u.password.clone()));
     (user, password)
 }
 

@@ -495,6 +495,22 @@ impl TestCa {
         self.dir.path().join(name).display().to_string()
     }
 
+    /// A tokio-postgres TLS connector that trusts this CA.
+    pub fn rustls_client(&self) -> tokio_postgres_rustls::MakeRustlsConnect {
+        use rustls::pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls::pki_types::CertificateDer::pem_slice_iter(self.ca_pem.as_bytes()) {
+            roots.add(cert.expect("CA PEM")).expect("CA certificate");
+        }
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        tokio_postgres_rustls::MakeRustlsConnect::new(config)
+    }
+
     /// A `[tls]` section for pgheal with this certificate.
     pub fn section(&self, mode: &str) -> String {
         format!(

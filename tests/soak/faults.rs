@@ -61,21 +61,6 @@ pub async fn wait_writable(port: u16, within: Duration) -> bool {
     false
 }
 
-pub fn tls_client(p: &Pgheal) -> tokio_postgres_rustls::MakeRustlsConnect {
-    use rustls::pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(p.ca().ca_pem.as_bytes()) {
-        roots.add(cert.expect("CA PEM")).expect("CA certificate");
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .expect("versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    tokio_postgres_rustls::MakeRustlsConnect::new(config)
-}
-
 /// Every client of the soak, each its own task.
 pub fn start_load(ctx: &Arc<Ctx>) -> Vec<tokio::task::JoinHandle<()>> {
     let mut tasks = vec![

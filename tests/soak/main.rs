@@ -189,7 +189,7 @@ async fn soak() {
     let ctx = Arc::new(Ctx {
         port: pgheal.port,
         password: APP_PASSWORD.into(),
-        tls: faults::tls_client(&pgheal),
+        tls: pgheal.ca().rustls_client(),
         rec: rec.clone(),
         stop: CancellationToken::new(),
         acked: Mutex::default(),
