@@ -243,6 +243,35 @@ async fn pause_holds_new_transactions_and_resume_releases_them() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnect_closes_the_idle_server_connections_of_a_database() {
+    let node = app_node().await;
+    let proxy = proxy_with_admin(&node).await;
+    let (console, _c) = connect(&url_for(&proxy)).await;
+    let (client, _h) = connect(&app_url(&proxy)).await;
+    let before = backend_pid(&client).await;
+    assert_eq!(
+        backend_pid(&client).await,
+        before,
+        "the idle connection is reused"
+    );
+    console
+        .simple_query("RECONNECT app")
+        .await
+        .expect("RECONNECT");
+    eventually(
+        std::time::Duration::from_secs(10),
+        "a new server connection",
+        || async { backend_pid(&client).await != before },
+    )
+    .await;
+    let e = console
+        .simple_query("RECONNECT nosuchdb")
+        .await
+        .expect_err("unknown db");
+    assert_eq!(code(&e), "3D000");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_adds_a_node_and_refuses_a_broken_file() {
     let primary = app_node().await;
     let replica = pgheal::testkit::localpg::PgNode::start_replica_of(&primary)

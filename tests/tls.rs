@@ -4,7 +4,6 @@
 mod common;
 use common::*;
 
-
 use pgheal::server::Running;
 use pgheal::testkit::localpg::PgNode;
 
