@@ -396,6 +396,12 @@ async fn restore_drills_prove_the_newest_dump_on_schedule() {
         failed.details.contains("is not a readable dump"),
         "{failed:?}"
     );
+    let config = text(&psql(&admin, &["-c", "SHOW CONFIG"], None).await.stdout);
+    assert!(config.contains("backup.restore_check_every|1s"), "{config}");
+    assert!(
+        config.contains(&format!("backup.restore_target|{}", primary.addr())),
+        "{config}"
+    );
     proxy.app.shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(60), drills)
         .await

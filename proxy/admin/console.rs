@@ -535,5 +535,42 @@ fn config(app: &App) -> Table {
         );
         add(format!("databases.{name}.tls"), format!("{:?}", db.tls));
     }
+    if let Some(b) = &c.backup {
+        t.rows
+            .extend(backup_config(b).into_iter().map(|(k, v)| vec![k, v]));
+    }
     t
+}
+
+/// SHOW CONFIG's `[backup]` rows, the password masked.
+fn backup_config(b: &crate::config::BackupConfig) -> Vec<(String, String)> {
+    let schedule = match b.schedule {
+        crate::config::Schedule::Every(d) => format!("every {d:?}"),
+        crate::config::Schedule::DailyAt { hour, minute } => format!("daily@{hour:02}:{minute:02}"),
+    };
+    let (every, target) = match &b.restore_check {
+        Some(r) => (
+            format!("{:?}", r.every),
+            match &r.target {
+                crate::config::RestoreTarget::Primary => "primary".to_string(),
+                crate::config::RestoreTarget::Server(addr) => addr.clone(),
+            },
+        ),
+        None => (String::new(), String::new()),
+    };
+    let password = if b.password.is_some() { "********" } else { "" };
+    [
+        ("dir", b.dir.display().to_string()),
+        ("schedule", schedule),
+        ("keep_last", b.keep_last.to_string()),
+        ("keep_days", b.keep_days.to_string()),
+        ("user", b.user.clone().unwrap_or_default()),
+        ("password", password.to_string()),
+        ("restore_args", b.restore_args.join(" ")),
+        ("restore_check_every", every),
+        ("restore_target", target),
+    ]
+    .into_iter()
+    .map(|(k, v)| (format!("backup.{k}"), v))
+    .collect()
 }
