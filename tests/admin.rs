@@ -271,6 +271,36 @@ async fn reconnect_closes_the_idle_server_connections_of_a_database() {
     assert_eq!(code(&e), "3D000");
 }
 
+/// Database names keep their case in PAUSE, RESUME and RECONNECT (a name
+/// typed in another case still finds the one database it can mean).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_commands_find_a_database_named_with_capitals() {
+    let node = app_node().await;
+    let proxy = start(&format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\n\
+         [[users]]\nname = \"app\"\npassword = \"{APP_PASSWORD}\"\n\
+         [[users]]\nname = \"ops\"\npassword = \"opspw\"\nadmin = true\n\
+         [databases.Shop]\nnodes = [\"{}\"]\ndbname = \"app\"\nuser = \"app\"\n",
+        node.addr()
+    ))
+    .await;
+    let (console, _c) = connect(&url_for(&proxy)).await;
+    for command in [
+        "PAUSE Shop",
+        "RESUME Shop",
+        "RECONNECT Shop",
+        "PAUSE shop",
+        "RESUME SHOP",
+    ] {
+        console.simple_query(command).await.expect(command);
+    }
+    let shop = proxy.app.target("Shop").expect("Shop");
+    assert!(!*shop.paused.borrow(), "RESUME SHOP resumed Shop");
+    console.simple_query("PAUSE Shop").await.expect("pause");
+    assert!(*shop.paused.borrow());
+    console.simple_query("RESUME").await.expect("resume all");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_adds_a_node_and_refuses_a_broken_file() {
     let primary = app_node().await;

@@ -94,6 +94,11 @@ async fn answer(app: &Arc<App>, sql: &str, out: &mut BytesMut) {
         .map(str::to_ascii_lowercase)
         .collect();
     let words: Vec<&str> = words.iter().map(String::as_str).collect();
+    // A database name as typed: names are case-sensitive (see `named`).
+    let arg = sql
+        .split_whitespace()
+        .nth(1)
+        .map(|w| w.trim_end_matches(';'));
     let table = match words.as_slice() {
         [] => {
             build::empty_query_response(out);
@@ -106,11 +111,12 @@ async fn answer(app: &Arc<App>, sql: &str, out: &mut BytesMut) {
         ["show", "version"] => Table::new(&["version"]).row(vec![version()]),
         ["show", "help"] => Table::new(&["commands"]).row(vec![COMMANDS.to_string()]),
         ["pause" | "resume", rest @ ..] if rest.len() <= 1 => {
-            pause(app, words[0] == "pause", rest.first().copied(), out);
+            let database = arg.filter(|_| !rest.is_empty());
+            pause(app, words[0] == "pause", database, out);
             return;
         }
         ["reconnect", rest @ ..] if rest.len() <= 1 => {
-            reconnect(app, rest.first().copied(), out);
+            reconnect(app, arg.filter(|_| !rest.is_empty()), out);
             return;
         }
         ["reload"] => match crate::admin::reload::reload(app).await {
@@ -136,10 +142,19 @@ async fn answer(app: &Arc<App>, sql: &str, out: &mut BytesMut) {
 }
 
 /// PAUSE / RESUME one database, or all of them.
+/// Whether `name` is the one `typed` means: the same, or the same but
+/// for case when no database is named exactly as typed.
+fn named(app: &App, typed: &str, name: &str) -> bool {
+    name == typed
+        || (name.eq_ignore_ascii_case(typed)
+            && !app.config().databases.contains_key(typed)
+            && !app.targets().iter().any(|(n, _)| n == typed))
+}
+
 fn pause(app: &App, on: bool, database: Option<&str>, out: &mut BytesMut) {
     let mut found = false;
     for (name, target) in app.targets() {
-        if database.is_none() || database == Some(name.as_str()) {
+        if database.is_none_or(|typed| named(app, typed, &name)) {
             target.paused.send_replace(on);
             found = true;
         }
@@ -174,7 +189,7 @@ fn reconnect(app: &App, database: Option<&str>, out: &mut BytesMut) {
     let config = app.config();
     let chosen: Vec<&str> = config
         .named_databases()
-        .filter(|d| database.is_none_or(|name| name == d.name))
+        .filter(|d| database.is_none_or(|typed| named(app, typed, &d.name)))
         .map(|d| d.dbname.as_str())
         .collect();
     match (chosen.is_empty(), database) {
