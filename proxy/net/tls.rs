@@ -239,6 +239,16 @@ impl fmt::Debug for UpstreamTls {
 }
 
 impl UpstreamTls {
+    /// The same settings for libpq programs (pg_dump, pg_restore):
+    /// `PGSSLMODE` and, with a CA, `PGSSLROOTCERT`.
+    pub fn libpq_env(&self) -> Vec<(&'static str, std::ffi::OsString)> {
+        let mut env = vec![("PGSSLMODE", self.mode.as_str().into())];
+        if let Some((path, _)) = &self.ca {
+            env.push(("PGSSLROOTCERT", path.clone().into_os_string()));
+        }
+        env
+    }
+
     pub fn new(mode: UpstreamMode, ca: Option<&Path>) -> Result<UpstreamTls, TlsError> {
         let ca_content = ca.map(|path| {
             let pem: Arc<[u8]> = Arc::from(std::fs::read(path).unwrap_or_default());
@@ -357,5 +367,31 @@ impl ServerCertVerifier for Verifier {
         ring::default_provider()
             .signature_verification_algorithms
             .supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn libpq_programs_get_the_same_tls_settings() {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = params.self_signed(&key).expect("CA");
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("ca.pem");
+        std::fs::write(&path, ca.pem()).expect("write");
+        let tls = UpstreamTls::new(UpstreamMode::VerifyFull, Some(&path)).expect("tls");
+        assert_eq!(
+            tls.libpq_env(),
+            vec![
+                ("PGSSLMODE", "verify-full".into()),
+                ("PGSSLROOTCERT", path.into_os_string())
+            ]
+        );
+        let plain = UpstreamTls::default();
+        assert_eq!(plain.libpq_env(), vec![("PGSSLMODE", "disable".into())]);
     }
 }

@@ -389,6 +389,7 @@ async fn run_pg_dump(
         .arg(tmp)
         .env("PGPASSWORD", password.unwrap_or_default())
         .env("PGAPPNAME", "pgheal backup")
+        .envs(db.tls.libpq_env())
         .kill_on_drop(true)
         .output()
         .await

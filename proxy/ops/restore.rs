@@ -280,6 +280,7 @@ async fn run_pg_restore(req: &Request, progress: Progress<'_>) -> Result<usize, 
         .arg(&req.dump)
         .env("PGPASSWORD", s.password.clone().unwrap_or_default())
         .env("PGAPPNAME", "pgheal restore")
+        .envs(s.tls.libpq_env())
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
