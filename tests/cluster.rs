@@ -508,6 +508,61 @@ async fn a_blackholed_primary_is_found_by_timeouts_reads_go_on_and_writes_degrad
     assert!(!client.is_closed());
 }
 
+/// Found by the soak: while the primary's network held every byte (no
+/// answer, nothing closed), reads stalled too. A read running on it when
+/// its health checks fail runs again on the replica, and a driver's Close
+/// of a statement (sent on its own after a prepared query) no longer
+/// waits for a primary like a write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_go_on_while_the_primary_holds_every_byte() {
+    let _turn = shared().await;
+    let (primary, replica) = primary_and_replica().await;
+    let relay = Relay::start(primary.addr()).await;
+    let list = format!("\"{}\", \"{}\"", relay.addr(), replica.addr());
+    let proxy = start(&format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\n[health]\ntimeout = \"2s\"\n\
+         [failover]\nwrite_wait = \"60s\"\n\
+         [[users]]\nname = \"app\"\npassword = \"{APP_PASSWORD}\"\n\
+         [databases.app]\nnodes = [{list}]\nuser = \"app\"\npassword = \"{APP_PASSWORD}\"\nread_routing = true\n"
+    ))
+    .await;
+    wait_for_roles(&proxy, &[Role::Primary, Role::Replica]).await;
+    let (client, _h) = connect(&app_url(&proxy)).await;
+    client
+        .batch_execute("CREATE TABLE t(x int); INSERT INTO t VALUES (1)")
+        .await
+        .unwrap();
+    // Just after its write, the client's read runs on the primary
+    // (read-your-writes); the primary's network stops while it runs.
+    let read = client.simple_query("SELECT pg_sleep(1), pg_is_in_recovery()");
+    let hold = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        relay.hold();
+    };
+    let (rows, ()) = tokio::join!(tokio::time::timeout(Duration::from_secs(45), read), hold);
+    let rows = rows
+        .expect("the read ran elsewhere while the primary held it")
+        .unwrap();
+    let on = rows.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(r) => r.get(1).map(str::to_string),
+        _ => None,
+    });
+    assert_eq!(on.as_deref(), Some("t"), "run again on the replica");
+    // Prepared reads (Parse, then Bind/Execute, then Close on its own)
+    // run on the replica, the Close included.
+    for _ in 0..5 {
+        let row = tokio::time::timeout(
+            Duration::from_secs(45),
+            client.query_one("SELECT x FROM t WHERE x = $1", &[&1i32]),
+        )
+        .await
+        .expect("no part of a prepared read waits for the primary")
+        .unwrap();
+        assert_eq!(row.get::<_, i32>(0), 1);
+    }
+    relay.release();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_past_max_replica_lag_gets_no_reads() {
     let _turn = shared().await;

@@ -385,6 +385,11 @@ impl Relay {
             if blackholed.load(std::sync::atomic::Ordering::SeqCst) {
                 continue; // dropped on the floor, nothing closed
             }
+            // Read before a hold began: kept until it ends, like the rest.
+            tokio::select! {
+                _ = held.wait_for(|held| !held) => {}
+                _ = cut.changed() => return,
+            }
             if to.write_all(&buf[..n]).await.is_err() {
                 return;
             }

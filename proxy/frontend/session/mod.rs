@@ -367,12 +367,26 @@ impl Session {
         } else {
             ClientState::Active
         });
+        let mut nodes = self.target.cluster.subscribe();
+        let node = lease.pool().shared_addr().clone();
         let end = loop {
             tokio::select! {
                 biased;
                 end = poll_fn(|cx| self.poll_pump(cx, lease.conn())) => break end,
                 // Finish what runs, then end the client (see poll_pump).
                 _ = shutdown.cancelled(), if !self.closing => self.closing = true,
+                // A held read on a node the health checks now take for down
+                // (a blackholed network answers nothing and closes nothing)
+                // runs elsewhere instead of waiting on it.
+                Ok(()) = nodes.changed(), if self.replay.is_some() => {
+                    let down = nodes.borrow_and_update().nodes.iter().any(|n| {
+                        n.addr == node && n.role == crate::backend::cluster::Role::Down
+                    });
+                    if down && self.holding {
+                        let why = "its node was taken for down by the health checks";
+                        break PumpEnd::ServerLost(io::Error::new(io::ErrorKind::TimedOut, why));
+                    }
+                }
             }
         };
         tracing::debug!(?end, "detached from the server");

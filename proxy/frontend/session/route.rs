@@ -182,7 +182,24 @@ impl Session {
     /// What the buffered request intends: from its SQL, or for a Bind of
     /// a named statement, from the statement's SQL.
     fn request_intent(&self) -> Intent {
-        let buf = &self.up.buf[..];
+        use pgheal_protocol::frontend::{CLOSE, DESCRIBE, FLUSH, SYNC};
+        // Close, Describe and Flush change no data: what follows them
+        // decides, and a request of nothing else (a driver closing a
+        // statement it is done with) reads, so it runs on any node rather
+        // than wait for a primary.
+        let mut buf = &self.up.buf[..];
+        while let Some(&(CLOSE | DESCRIBE | FLUSH)) = buf.first() {
+            let len = buf
+                .get(1..5)
+                .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
+            match len.and_then(|l| buf.get(1 + l as usize..)) {
+                Some(rest) => buf = rest,
+                None => return Intent::Read,
+            }
+        }
+        if matches!(buf.first(), None | Some(&SYNC)) {
+            return Intent::Read;
+        }
         if buf.first() == Some(&pgheal_protocol::frontend::BIND) {
             let body = buf.get(5..).unwrap_or_default();
             if let Ok(bind) = pgheal_protocol::frontend::bind(body) {
