@@ -563,6 +563,45 @@ async fn reads_go_on_while_the_primary_holds_every_byte() {
     relay.release();
 }
 
+/// Found by the hour-long soak: a transaction whose server could not be
+/// reached (its primary restarting in place) avoided that node for the
+/// whole write_wait even after it was back, then began on a replica (its
+/// writes got 25006). Now the node is avoided only until a probe finds
+/// it up again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_waiting_out_a_primary_restart_runs_on_it_when_it_is_back() {
+    let _turn = shared().await;
+    let (mut primary, replica) = primary_and_replica().await;
+    let list = format!("\"{}\", \"{}\"", primary.addr(), replica.addr());
+    let proxy = start(&format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\n[health]\ntimeout = \"5s\"\n\
+         [failover]\nwrite_wait = \"60s\"\n\
+         [[users]]\nname = \"app\"\npassword = \"{APP_PASSWORD}\"\n\
+         [databases.app]\nnodes = [{list}]\nuser = \"app\"\npassword = \"{APP_PASSWORD}\"\nread_routing = true\n"
+    ))
+    .await;
+    wait_for_roles(&proxy, &[Role::Primary, Role::Replica]).await;
+    let (client, _h) = connect(&app_url(&proxy)).await;
+    client.batch_execute("CREATE TABLE t(x int)").await.unwrap();
+    primary.stop().await;
+    // Sent at once: its server connection is dead, the node refuses new
+    // ones, and the transaction waits for a primary.
+    let tx = tokio::spawn(async move {
+        let done = client
+            .batch_execute("BEGIN; INSERT INTO t VALUES (1); COMMIT")
+            .await;
+        (client, done)
+    });
+    wait_for_roles(&proxy, &[Role::Down, Role::Replica]).await;
+    primary.start().await.expect("restart in place");
+    let (client, done) = tokio::time::timeout(Duration::from_secs(45), tx)
+        .await
+        .expect("the transaction ran once the primary was back, within write_wait")
+        .expect("task");
+    done.expect("committed on the restarted primary");
+    assert_eq!(value(&client, "SELECT count(*) FROM t").await.unwrap(), "1");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_past_max_replica_lag_gets_no_reads() {
     let _turn = shared().await;

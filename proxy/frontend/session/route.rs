@@ -126,6 +126,9 @@ impl Session {
         let read_routing = self.target.database.read_routing;
         let waited = self.app.config().failover.write_wait;
         let deadline = tokio::time::Instant::now() + waited;
+        // A node just lost or found unreachable is avoided until a probe
+        // after this moment finds it up again (a restart in place).
+        let lost_at = std::time::Instant::now();
         loop {
             let topology = self.topology.borrow_and_update().clone();
             // After a lost server, prefer another node; the same node is
@@ -135,7 +138,7 @@ impl Session {
                     let mut t = (*topology).clone();
                     t.nodes
                         .iter_mut()
-                        .filter(|n| n.addr == *lost)
+                        .filter(|n| n.addr == *lost && n.probed_at.is_none_or(|p| p <= lost_at))
                         .for_each(|n| n.role = Role::Down);
                     Some(t)
                 }
