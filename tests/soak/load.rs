@@ -283,7 +283,11 @@ pub async fn listener(ctx: Arc<Ctx>) {
             None
         });
         if let Err(e) = client.batch_execute("LISTEN soak").await {
+            // Not listening: a new connection tries again.
             ctx.rec.error("listen", &classify(&e), e.to_string());
+            reader.abort();
+            pause(&ctx, Duration::from_millis(200)).await;
+            continue;
         }
         tokio::select! {
             ended = reader => {

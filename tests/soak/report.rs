@@ -57,6 +57,21 @@ fn seconds(seen: &Recorded) -> Vec<Second> {
             s.cpu_busy = smp.cpu_busy;
         }
     }
+    // A sample takes a moment (it asks every node): a second without one
+    // shows the one before it, not zero.
+    for i in 1..out.len() {
+        if out[i].fds == 0.0 {
+            let before = out[i - 1].clone();
+            let s = &mut out[i];
+            (s.rss_mib, s.fds, s.lag_kib, s.conns, s.cpu_busy) = (
+                before.rss_mib,
+                before.fds,
+                before.lag_kib,
+                before.conns,
+                before.cpu_busy,
+            );
+        }
+    }
     for (i, s) in out.iter_mut().enumerate() {
         s.fault = seen.window_at(i as f64 + 0.5).map(|w| w.kind.name());
     }
