@@ -367,7 +367,11 @@ mod tests {
     #[test]
     fn the_log_names_the_failed_object_and_counts_the_others() {
         let seen = std::sync::Mutex::new(Vec::new());
-        let progress = |n: usize, what: &str| seen.lock().unwrap().push((n, what.to_string()));
+        let progress = |n: usize, what: &str| {
+            seen.lock()
+                .expect("progress log")
+                .push((n, what.to_string()))
+        };
         let mut log = RestoreLog::default();
         for line in [
             "pg_restore: connecting to database for restore",
@@ -381,7 +385,7 @@ mod tests {
             log.read(line, &progress);
         }
         assert_eq!(log.objects, 2);
-        assert_eq!(seen.lock().unwrap()[1].1, "\"public.kept\"");
+        assert_eq!(seen.lock().expect("progress log")[1].1, "\"public.kept\"");
         let e = log.failure().expect("failed").to_string();
         assert_eq!(
             e,
