@@ -406,21 +406,13 @@ async fn run_pg_dump(
 
 /// `pg_restore --list`: the file is a readable custom-format dump.
 async fn verify(pg_restore: &Path, dump: &Path) -> Result<(), BackupError> {
-    let list = tokio::process::Command::new(pg_restore)
-        .arg("--list")
-        .arg(dump)
-        .kill_on_drop(true)
-        .output()
-        .await
-        .map_err(|source| BackupError::Spawn {
-            program: pg_restore.to_path_buf(),
-            source,
-        })?;
-    if !list.status.success() || list.stdout.is_empty() {
-        let stderr = String::from_utf8_lossy(&list.stderr).trim().to_string();
-        return Err(BackupError::Verify(stderr));
+    use crate::ops::restore::RestoreError;
+    match crate::ops::restore::list(pg_restore, dump).await {
+        Ok(_) => Ok(()),
+        Err(RestoreError::Spawn { program, source }) => Err(BackupError::Spawn { program, source }),
+        Err(RestoreError::Unreadable { message, .. }) => Err(BackupError::Verify(message)),
+        Err(other) => Err(BackupError::Verify(other.to_string())),
     }
-    Ok(())
 }
 
 /// The database's backups in `dir`, oldest first.

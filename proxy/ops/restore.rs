@@ -158,7 +158,10 @@ async fn fill_and_check(
 
 /// `pg_restore --list`: how many entries the dump has and, when the list
 /// names it, its encoding. Fails on a file pg_restore cannot read.
-async fn list(pg_restore: &Path, dump: &Path) -> Result<(usize, Option<String>), RestoreError> {
+pub(crate) async fn list(
+    pg_restore: &Path,
+    dump: &Path,
+) -> Result<(usize, Option<String>), RestoreError> {
     let out = tokio::process::Command::new(pg_restore)
         .arg("--list")
         .arg(dump)
