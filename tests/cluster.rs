@@ -602,6 +602,51 @@ async fn a_transaction_waiting_out_a_primary_restart_runs_on_it_when_it_is_back(
     assert_eq!(value(&client, "SELECT count(*) FROM t").await.unwrap(), "1");
 }
 
+/// A read a replica refuses because it writes (`pg_notify`) runs again on
+/// the primary. When that primary is restarting, refusing connections
+/// before any probe has seen it go, the read waits for it as a write
+/// would (within write_wait) instead of failing with the refusal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_a_replica_refuses_waits_out_a_primary_restart() {
+    let _turn = shared().await;
+    let (mut primary, replica) = primary_and_replica().await;
+    let list = format!("\"{}\", \"{}\"", primary.addr(), replica.addr());
+    // Probes only when nudged after discovery: the topology still says
+    // "primary" when the primary stops.
+    let proxy = start(&format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\n[health]\ninterval = \"60s\"\ntimeout = \"5s\"\n\
+         [failover]\nwrite_wait = \"60s\"\n\
+         [[users]]\nname = \"app\"\npassword = \"{APP_PASSWORD}\"\n\
+         [databases.app]\nnodes = [{list}]\nuser = \"app\"\npassword = \"{APP_PASSWORD}\"\nread_routing = true\n"
+    ))
+    .await;
+    wait_for_roles(&proxy, &[Role::Primary, Role::Replica]).await;
+    let (client, _h) = connect(&app_url(&proxy)).await;
+    assert_eq!(
+        in_recovery(&client).await.unwrap(),
+        "t",
+        "reads go to the replica"
+    );
+    primary.stop().await;
+    let notify = tokio::spawn(async move {
+        let done = client.simple_query("SELECT pg_notify('c', 'x')").await;
+        (client, done)
+    });
+    // The replica refused it and the primary refused a connection.
+    wait_for_roles(&proxy, &[Role::Down, Role::Replica]).await;
+    primary.start().await.expect("restart in place");
+    let (client, done) = tokio::time::timeout(Duration::from_secs(45), notify)
+        .await
+        .expect("the read ran once the primary was back, within write_wait")
+        .expect("task");
+    done.expect("pg_notify ran on the restarted primary");
+    assert_eq!(
+        value(&client, "SELECT 1").await.unwrap(),
+        "1",
+        "still usable"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_past_max_replica_lag_gets_no_reads() {
     let _turn = shared().await;

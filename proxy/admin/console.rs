@@ -253,11 +253,17 @@ fn pools(app: &App) -> Table {
         "server_idle",
         "pool_size",
     ]);
+    // Each client's state is read once, so a client moving from active to
+    // idle while the table is built is counted in one column, not two.
     let clients = app.clients.list();
+    let states: Vec<(&str, ClientState)> = clients
+        .iter()
+        .map(|c| (c.database.as_str(), c.state()))
+        .collect();
     let count = |db: &str, state: ClientState| {
-        clients
+        states
             .iter()
-            .filter(|c| c.database == db && c.state() == state)
+            .filter(|(d, s)| *d == db && *s == state)
             .count()
             .to_string()
     };

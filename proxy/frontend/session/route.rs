@@ -53,8 +53,10 @@ pub(super) enum Rerun {
     /// Its server was lost: run it on another node if there is one, else
     /// on the same node if it is still up (only that backend died).
     Elsewhere(Arc<str>),
-    /// Its node could not be reached at all: not there again.
-    Unreachable(Arc<str>),
+    /// Its node could not be reached at all: not there again until a probe
+    /// finds it up. `write` when it was already on its way to the primary
+    /// (a rerun `OnPrimary`): it waits for a primary like any other write.
+    Unreachable { node: Arc<str>, write: bool },
     /// A prepared statement's plan went stale after a schema change: run
     /// it again once the server's statements are prepared afresh.
     Replan,
@@ -97,13 +99,17 @@ impl Session {
             }
             self.target.cluster.nudge(pool.addr());
             // Nothing was sent: route again once without that node. A read
-            // goes elsewhere; a write waits for a primary like any other.
-            if rerun.is_some() {
-                return Err(e.into());
-            }
+            // goes elsewhere; a write (also a read a replica refused, such
+            // as `SELECT pg_notify(...)`) waits for a primary like any other.
+            let write = match rerun {
+                Some(Rerun::Unreachable { .. }) => return Err(e.into()),
+                Some(Rerun::OnPrimary) => true,
+                _ => false,
+            };
             tracing::warn!(server = %pool.addr(), error = %e, "node unreachable; routing again without it");
             self.retried("node_unreachable");
-            rerun = Some(Rerun::Unreachable(pool.shared_addr().clone()));
+            let node = pool.shared_addr().clone();
+            rerun = Some(Rerun::Unreachable { node, write });
         }
     }
 
@@ -119,7 +125,7 @@ impl Session {
             }
         }
         let intent = match rerun {
-            Some(Rerun::OnPrimary) => Intent::Write,
+            Some(Rerun::OnPrimary | Rerun::Unreachable { write: true, .. }) => Intent::Write,
             _ => self.request_intent(),
         };
         self.intent = intent;
@@ -134,7 +140,7 @@ impl Session {
             // After a lost server, prefer another node; the same node is
             // fine when it is still up (only that backend died).
             let avoided = match rerun {
-                Some(Rerun::Elsewhere(lost) | Rerun::Unreachable(lost)) => {
+                Some(Rerun::Elsewhere(lost) | Rerun::Unreachable { node: lost, .. }) => {
                     let mut t = (*topology).clone();
                     t.nodes
                         .iter_mut()
@@ -157,7 +163,7 @@ impl Session {
             let decide =
                 |t: &Topology| router::decide(t, intent, read_routing, fit, |i| self.busy(i));
             let decision = match (avoided.as_ref().map(decide), rerun) {
-                (Some(d), Some(Rerun::Unreachable(_))) => d,
+                (Some(d), Some(Rerun::Unreachable { .. })) => d,
                 (Some(Decision::Node(i)), _) => Decision::Node(i),
                 _ => decide(&topology),
             };
