@@ -67,6 +67,7 @@ psql -qX -h "$work" -p "$pg_port" -U postgres -c "CREATE ROLE app LOGIN SUPERUSE
     -c "CREATE ROLE idle LOGIN PASSWORD 'apppw'" -c "CREATE DATABASE app OWNER app"
 
 cargo build --release -q
+heal_bin=${CARGO_TARGET_DIR:-target}/release/pgheal
 cat > "$work/pgheal.toml" <<TOML
 [proxy]
 listen = "127.0.0.1:$heal_port"
@@ -96,11 +97,11 @@ fi
 # hard limit is the ceiling: raise it with `ulimit -Hn` as root, or
 # LimitNOFILE= under systemd).
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
-RUST_LOG=warn "${pin[@]}" target/release/pgheal --config "$work/pgheal.toml" >"$work/pgheal.log" 2>&1 &
+RUST_LOG=warn "${pin[@]}" "$heal_bin" --config "$work/pgheal.toml" >"$work/pgheal.log" 2>&1 &
 heal_pid=$!; pids+=("$heal_pid")
 sed "s/^listen = .*/listen = \"127.0.0.1:$noreplay_port\"/" "$work/pgheal.toml" > "$work/noreplay.toml"
 printf '[failover]\nreplay = false\n' >> "$work/noreplay.toml"
-RUST_LOG=warn "${pin[@]}" target/release/pgheal --config "$work/noreplay.toml" >"$work/noreplay.log" 2>&1 &
+RUST_LOG=warn "${pin[@]}" "$heal_bin" --config "$work/noreplay.toml" >"$work/noreplay.log" 2>&1 &
 noreplay_pid=$!; pids+=("$noreplay_pid")
 
 cat > "$work/userlist.txt" <<TXT

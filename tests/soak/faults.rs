@@ -84,6 +84,7 @@ pub fn start_load(ctx: &Arc<Ctx>) -> Vec<tokio::task::JoinHandle<()>> {
 pub struct CycleEnd {
     pub t: f64,
     pub rss_kib: u64,
+    pub anon_kib: u64,
     pub fds: u64,
 }
 
@@ -118,9 +119,13 @@ impl Schedule {
             self.one(kind, c, p).await;
             self.injected += 1;
             if self.injected % FaultKind::CYCLE.len() == 0 {
-                let (rss_kib, fds) = p.usage();
-                let t = self.rec.now();
-                cycles.push(CycleEnd { t, rss_kib, fds });
+                let u = p.usage();
+                cycles.push(CycleEnd {
+                    t: self.rec.now(),
+                    rss_kib: u.rss_kib,
+                    anon_kib: u.anon_kib,
+                    fds: u.fds,
+                });
             }
         }
         // A quiet stretch after the last fault, where no error may appear.

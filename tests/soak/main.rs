@@ -121,23 +121,37 @@ impl Pgheal {
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP);
     }
 
-    /// RSS (KiB) and open descriptors, from /proc.
-    pub fn usage(&self) -> (u64, u64) {
+    /// RSS, its anonymous part and open descriptors, from /proc.
+    pub fn usage(&self) -> Usage {
         usage(self.pid())
     }
 }
 
-/// A process's RSS (KiB) and open descriptors, from /proc.
-pub fn usage(pid: u32) -> (u64, u64) {
-    {
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-        let rss = status
+/// A process's memory and descriptors.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Usage {
+    /// VmRSS, KiB: everything resident, the executable's pages included.
+    pub rss_kib: u64,
+    /// RssAnon, KiB: the process's own memory (heap, stacks), where a leak
+    /// shows; the rest of RSS is pages of the executable and libraries.
+    pub anon_kib: u64,
+    pub fds: u64,
+}
+
+/// A process's RSS, RssAnon and open descriptors, from /proc.
+pub fn usage(pid: u32) -> Usage {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kib = |key: &str| {
+        status
             .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .find_map(|l| l.strip_prefix(key))
             .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .unwrap_or(0);
-        let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count() as u64);
-        (rss, fds)
+            .unwrap_or(0)
+    };
+    Usage {
+        rss_kib: kib("VmRSS:"),
+        anon_kib: kib("RssAnon:"),
+        fds: std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count() as u64),
     }
 }
 
@@ -246,7 +260,11 @@ async fn sample(
     let mut cpu = cpu_times();
     while !stop.is_cancelled() {
         let t = rec.now();
-        let (rss_kib, fds) = usage(pid);
+        let Usage {
+            rss_kib,
+            anon_kib,
+            fds,
+        } = usage(pid);
         let now = cpu_times();
         let (busy, total) = (now.0 - cpu.0, (now.1 - cpu.1).max(1));
         cpu = now;
@@ -258,6 +276,7 @@ async fn sample(
         rec.sample(Sample {
             t,
             rss_kib,
+            anon_kib,
             fds,
             lag_bytes,
             conns,

@@ -80,6 +80,7 @@ pub struct Seen {
 pub struct Sample {
     pub t: f64,
     pub rss_kib: u64,
+    pub anon_kib: u64,
     pub fds: u64,
     pub lag_bytes: u64,
     /// pgheal's pooled connections on each node (pg_stat_activity).

@@ -20,6 +20,7 @@ struct Second {
     pgbench_tps: f64,
     errors: f64,
     rss_mib: f64,
+    anon_mib: f64,
     fds: f64,
     lag_kib: f64,
     conns: [u64; 3],
@@ -51,6 +52,7 @@ fn seconds(seen: &Recorded) -> Vec<Second> {
     for smp in &seen.samples {
         if let Some(s) = out.get_mut(smp.t as usize) {
             s.rss_mib = smp.rss_kib as f64 / 1024.0;
+            s.anon_mib = smp.anon_kib as f64 / 1024.0;
             s.fds = smp.fds as f64;
             s.lag_kib = smp.lag_bytes as f64 / 1024.0;
             s.conns = smp.conns;
@@ -63,8 +65,9 @@ fn seconds(seen: &Recorded) -> Vec<Second> {
         if out[i].fds == 0.0 {
             let before = out[i - 1].clone();
             let s = &mut out[i];
-            (s.rss_mib, s.fds, s.lag_kib, s.conns, s.cpu_busy) = (
+            (s.rss_mib, s.anon_mib, s.fds, s.lag_kib, s.conns, s.cpu_busy) = (
                 before.rss_mib,
+                before.anon_mib,
                 before.fds,
                 before.lag_kib,
                 before.conns,
@@ -96,16 +99,17 @@ pub fn write(
 ) -> String {
     let per_second = seconds(seen);
     let mut csv = String::from(
-        "second,client_ops,pgbench_tps,errors,rss_mib,fds,lag_kib,conns_n0,conns_n1,conns_n2,cpu_busy_pct,fault\n",
+        "second,client_ops,pgbench_tps,errors,rss_mib,rss_anon_mib,fds,lag_kib,conns_n0,conns_n1,conns_n2,cpu_busy_pct,fault\n",
     );
     for (i, s) in per_second.iter().enumerate() {
         let _ = writeln!(
             csv,
-            "{i},{},{:.1},{},{:.1},{},{:.1},{},{},{},{:.0},{}",
+            "{i},{},{:.1},{},{:.1},{:.1},{},{:.1},{},{},{},{:.0},{}",
             s.ops,
             s.pgbench_tps,
             s.errors,
             s.rss_mib,
+            s.anon_mib,
             s.fds,
             s.lag_kib,
             s.conns[0],
@@ -213,9 +217,10 @@ fn peaks(out: &mut String, seen: &Recorded, cycles: &[CycleEnd]) {
         .iter()
         .map(|c| {
             format!(
-                "{:.0}s {:.1} MiB/{} fds",
+                "{:.0}s {:.1} MiB ({:.1} anonymous)/{} fds",
                 c.t,
                 c.rss_kib as f64 / 1024.0,
+                c.anon_kib as f64 / 1024.0,
                 c.fds
             )
         })
