@@ -602,14 +602,29 @@ async fn a_transaction_waiting_out_a_primary_restart_runs_on_it_when_it_is_back(
     assert_eq!(value(&client, "SELECT count(*) FROM t").await.unwrap(), "1");
 }
 
-/// A read a replica refuses because it writes (`pg_notify`) runs again on
-/// the primary. When that primary is restarting, refusing connections
-/// before any probe has seen it go, the read waits for it as a write
-/// would (within write_wait) instead of failing with the refusal.
+/// A "read" a replica refuses because it writes (a function that inserts)
+/// runs again on the primary. When that primary is restarting, refusing
+/// connections before any probe has seen it go, the read waits for it as
+/// a write would (within write_wait) instead of failing with the refusal.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_a_replica_refuses_waits_out_a_primary_restart() {
     let _turn = shared().await;
     let (mut primary, replica) = primary_and_replica().await;
+    primary
+        .sql(
+            "app",
+            "CREATE TABLE t(x int); ALTER TABLE t OWNER TO app; \
+             CREATE FUNCTION bump() RETURNS int LANGUAGE sql AS 'INSERT INTO t VALUES (1) RETURNING 1'",
+        )
+        .await
+        .expect("schema");
+    eventually(Duration::from_secs(20), "bump() on the replica", || async {
+        replica
+            .sql("app", "SELECT 'bump()'::regprocedure")
+            .await
+            .is_ok()
+    })
+    .await;
     let list = format!("\"{}\", \"{}\"", primary.addr(), replica.addr());
     // Probes only when nudged after discovery: the topology still says
     // "primary" when the primary stops.
@@ -628,22 +643,148 @@ async fn a_read_a_replica_refuses_waits_out_a_primary_restart() {
         "reads go to the replica"
     );
     primary.stop().await;
-    let notify = tokio::spawn(async move {
-        let done = client.simple_query("SELECT pg_notify('c', 'x')").await;
+    let bump = tokio::spawn(async move {
+        let done = value(&client, "SELECT bump()").await;
         (client, done)
     });
     // The replica refused it and the primary refused a connection.
     wait_for_roles(&proxy, &[Role::Down, Role::Replica]).await;
     primary.start().await.expect("restart in place");
-    let (client, done) = tokio::time::timeout(Duration::from_secs(45), notify)
+    let (client, done) = tokio::time::timeout(Duration::from_secs(45), bump)
         .await
         .expect("the read ran once the primary was back, within write_wait")
         .expect("task");
-    done.expect("pg_notify ran on the restarted primary");
+    assert_eq!(done.expect("bump() ran on the restarted primary"), "1");
     assert_eq!(
         value(&client, "SELECT 1").await.unwrap(),
         "1",
         "still usable"
+    );
+    primary
+        .sql(
+            "app",
+            "DO $$ BEGIN ASSERT (SELECT count(*) FROM t) = 1; END $$",
+        )
+        .await
+        .expect("one row, on the primary");
+}
+
+/// A primary and a replica whose replay is paused after it created `t`;
+/// pgheal in front (read routing on, health probes every 200 ms); a
+/// client of pgheal and a superuser connection to the replica.
+async fn paused_replica_behind(
+    write_wait: &str,
+) -> (
+    PgNode,
+    PgNode,
+    pgheal::server::Running,
+    tokio_postgres::Client,
+    tokio_postgres::Client,
+) {
+    let (primary, replica) = primary_and_replica().await;
+    let proxy = proxy_over(&[&primary, &replica], true, write_wait).await;
+    wait_for_roles(&proxy, &[Role::Primary, Role::Replica]).await;
+    let (client, _h) = connect(&app_url(&proxy)).await;
+    client.batch_execute("CREATE TABLE t(x int)").await.unwrap();
+    let (direct, _hd) = connect(&format!(
+        "postgres://postgres:postgres@{}/app",
+        replica.addr()
+    ))
+    .await;
+    eventually(Duration::from_secs(20), "t on the replica", || async {
+        direct.simple_query("SELECT 1 FROM t").await.is_ok()
+    })
+    .await;
+    direct
+        .batch_execute("SELECT pg_wal_replay_pause()")
+        .await
+        .unwrap();
+    (primary, replica, proxy, client, direct)
+}
+
+/// Writes `t`'s row through pgheal; returns once the replica has received
+/// it (not replayed: its replay is paused) and, with `probed`, once a
+/// health probe of the primary has seen the write's position.
+async fn write_a_row(
+    proxy: &pgheal::server::Running,
+    client: &tokio_postgres::Client,
+    direct: &tokio_postgres::Client,
+    probed: bool,
+) {
+    client
+        .batch_execute("INSERT INTO t VALUES (1)")
+        .await
+        .unwrap();
+    let written = std::time::Instant::now();
+    eventually(
+        Duration::from_secs(20),
+        "the row received by the replica",
+        || async {
+            let q = "SELECT pg_last_wal_receive_lsn() > pg_last_wal_replay_lsn()";
+            value(direct, q).await.is_ok_and(|v| v == "t")
+        },
+    )
+    .await;
+    if probed {
+        let cluster = &proxy.app.target("app").unwrap().cluster;
+        eventually(
+            Duration::from_secs(20),
+            "a probe of the primary after the write",
+            || async {
+                cluster.snapshot().nodes[0]
+                    .probed_at
+                    .is_some_and(|at| at > written)
+            },
+        )
+        .await;
+    }
+}
+
+/// While there is no primary, a client's reads after its own write go
+/// only to a replica that has replayed it: they wait, and are answered
+/// once the replica has caught up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_no_primary_a_client_reads_its_own_write_after_the_replica_replays_it() {
+    let _turn = shared().await;
+    let (mut primary, _replica, proxy, client, direct) = paused_replica_behind("60s").await;
+    write_a_row(&proxy, &client, &direct, true).await;
+    primary.kill9().await;
+    wait_for_roles(&proxy, &[Role::Down, Role::Replica]).await;
+    let mut read = tokio::spawn(async move { value(&client, "SELECT count(*) FROM t").await });
+    // A stale answer would come at once, from the paused replica.
+    if let Ok(early) = tokio::time::timeout(Duration::from_secs(2), &mut read).await {
+        assert_eq!(
+            early.expect("task").unwrap(),
+            "1",
+            "a read missing the client's own write"
+        );
+    }
+    direct
+        .batch_execute("SELECT pg_wal_replay_resume()")
+        .await
+        .unwrap();
+    let seen = tokio::time::timeout(Duration::from_secs(45), read)
+        .await
+        .expect("answered once the replica replayed the write, within write_wait")
+        .expect("task");
+    assert_eq!(seen.unwrap(), "1", "the client's own write");
+}
+
+/// ... but not forever: after write_wait with no node holding its write,
+/// the read runs on a replica that is up (availability first, as README
+/// says).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_no_primary_a_read_waits_for_its_own_write_no_longer_than_write_wait() {
+    let _turn = shared().await;
+    let (mut primary, _replica, proxy, client, direct) = paused_replica_behind("1s").await;
+    write_a_row(&proxy, &client, &direct, false).await;
+    primary.kill9().await;
+    wait_for_roles(&proxy, &[Role::Down, Role::Replica]).await;
+    let seen = value(&client, "SELECT count(*) FROM t").await;
+    assert_eq!(
+        seen.unwrap(),
+        "0",
+        "served by the paused replica after write_wait"
     );
 }
 

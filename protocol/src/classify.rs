@@ -147,6 +147,12 @@ impl Scan {
         {
             self.modifies = true;
         }
+        // Well-known functions that write although a SELECT calls them: a
+        // replica would refuse them (25006) and they would run again on
+        // the primary, one round trip dearer. Others are left to that.
+        if is("nextval") || is("setval") || is("pg_notify") {
+            self.modifies = true;
+        }
         if is("update") {
             // `FOR UPDATE`, `FOR NO KEY UPDATE` lock rows; any other UPDATE writes.
             if matches!(self.prev, Some(PrevWord::For) | Some(PrevWord::Key)) {

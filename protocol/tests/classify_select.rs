@@ -14,8 +14,10 @@ fn plain_reads() {
         "VALUES (1), (2)",
         "TABLE pgbench_branches",
         "WITH t AS (SELECT 1) SELECT * FROM t",
-        "SELECT nextval('s')", // side effects need the replica's 25006 to show
+        "SELECT my_function()", // other side effects: the replica's 25006 shows them
         "SELECT pg_advisory_xact_lock(42)",
+        "SELECT currval('s')",
+        "SELECT 'nextval(1)', \"pg_notify\" FROM t", // a literal and a quoted column
         "(SELECT 1) UNION (SELECT 2)",
         "",
         ";",
@@ -36,6 +38,11 @@ fn locking_and_into_are_writes() {
         // A session-level advisory lock pins the client: on the primary.
         "SELECT pg_advisory_lock(42)",
         "select pg_try_advisory_lock_shared(1, 2)",
+        // Well-known writing functions go to the primary at once.
+        "SELECT nextval('s')",
+        "select setval('s', 10)",
+        "SELECT pg_notify('channel', 'payload')",
+        "SELECT id, NEXTVAL('s') FROM t",
     ] {
         assert_eq!(c(sql), Class::Write, "{sql}");
     }

@@ -44,6 +44,9 @@ pub struct NodeStatus {
     pub role: Role,
     /// Current WAL position on a primary, replayed position on a replica.
     pub lsn: u64,
+    /// WAL a replica has received and flushed (at least `lsn`; what it
+    /// will have replayed once it catches up); a primary's `lsn`.
+    pub received: u64,
     /// Consecutive failed probes.
     pub failures: u32,
     /// When the last successful probe was taken.
@@ -77,6 +80,7 @@ impl NodeStatus {
             addr: Arc::from(addr),
             role,
             lsn: 0,
+            received: 0,
             failures: 0,
             probed_at: None,
             checked_at: None,
@@ -284,6 +288,7 @@ async fn node_loop(
 struct Found {
     role: Role,
     lsn: u64,
+    received: u64,
     lag: Duration,
     timeline: Option<u32>,
     streaming: bool,
@@ -293,6 +298,7 @@ impl Found {
     fn apply(&self, n: &mut NodeStatus, started: Instant) {
         n.role = self.role;
         n.lsn = self.lsn;
+        n.received = self.received;
         n.replay_delay = self.lag;
         n.replay_lag = self.lag;
         n.timeline = self.timeline;
@@ -307,15 +313,16 @@ impl Found {
 
 /// Role, WAL position, replay delay, timeline (a primary's from its WAL
 /// file name; a replica's from its WAL receiver, visible with
-/// pg_read_all_stats) and whether a replica has a WAL receiver (visible to
-/// anyone). Everything else needs no privilege.
+/// pg_read_all_stats), whether a replica has a WAL receiver (visible to
+/// anyone) and what it has received. Everything else needs no privilege.
 const PROBE: &str = "SELECT pg_is_in_recovery(), \
     CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END, \
     CASE WHEN NOT pg_is_in_recovery() OR pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0 \
          ELSE COALESCE(EXTRACT(EPOCH FROM now() - pg_last_xact_replay_timestamp()), 0) END, \
     CASE WHEN pg_is_in_recovery() THEN (SELECT received_tli FROM pg_stat_wal_receiver) \
          ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int END, \
-    EXISTS (SELECT 1 FROM pg_stat_wal_receiver)";
+    EXISTS (SELECT 1 FROM pg_stat_wal_receiver), \
+    CASE WHEN pg_is_in_recovery() THEN pg_last_wal_receive_lsn() END";
 
 /// One probe. A kept connection that fails (an administrator ended it, a
 /// restart in between) is replaced at once: only a fresh connection's
@@ -366,9 +373,15 @@ async fn ask(c: &mut ServerConn, spec: &ConnectSpec) -> Result<Found, UpstreamEr
         .and_then(|v| v.as_deref())
         .and_then(|v| v.parse::<u32>().ok());
     let streaming = row.get(4).and_then(|v| v.as_deref()) == Some("t");
+    let received = row
+        .get(5)
+        .and_then(|v| v.as_deref())
+        .and_then(parse_lsn)
+        .map_or(lsn, |r| r.max(lsn));
     Ok(Found {
         role,
         lsn,
+        received,
         lag,
         timeline,
         streaming,

@@ -51,8 +51,11 @@ pub enum Decision {
 }
 
 /// Reads go to the least busy replica that has replayed at least
-/// `min_lsn` when `read_routing` is on, or to any replica when there is no
-/// primary; everything else goes to the primary.
+/// `min_lsn` when `read_routing` is on, or when there is no primary to any
+/// replica that has (lag limits aside; `min_lsn` capped at what the nodes
+/// have received); everything else goes to the primary. A read with no
+/// primary and no node that has replayed that far is `NoPrimary`: it
+/// waits, as a write does.
 pub fn decide(
     topology: &Topology,
     intent: Intent,
@@ -61,11 +64,24 @@ pub fn decide(
     busy: impl Fn(usize) -> usize,
 ) -> Decision {
     let primary = topology.primary_index();
-    // Without a primary, availability wins over freshness.
+    // Without a primary, availability wins over freshness, but not over
+    // the client's own writes: a node must have replayed them, or all that
+    // any node that is up has received (a write that reached none of them
+    // died with its primary).
     let fit = if primary.is_some() {
         fit
     } else {
-        ReplicaFit::ANY
+        let received = topology
+            .nodes
+            .iter()
+            .filter(|n| matches!(n.role, Role::Primary | Role::Replica))
+            .map(|n| n.received.max(n.lsn))
+            .max()
+            .unwrap_or(0);
+        ReplicaFit {
+            min_lsn: fit.min_lsn.min(received),
+            ..ReplicaFit::ANY
+        }
     };
     let timeline = topology.primary().and_then(|p| p.timeline);
     let replica = || {
@@ -81,13 +97,17 @@ pub fn decide(
     if let Some(p) = primary {
         return Decision::Node(p);
     }
-    let up = (0..topology.nodes.len())
-        .find(|&i| matches!(topology.nodes[i].role, Role::Primary | Role::Replica));
-    match up {
-        None => Decision::NoNode,
-        // Split brain: either claimant may serve a read, neither a write.
+    let up = |i: &usize| matches!(topology.nodes[*i].role, Role::Primary | Role::Replica);
+    if !(0..topology.nodes.len()).any(|i| up(&i)) {
+        return Decision::NoNode;
+    }
+    // Split brain: either claimant may serve a read, neither a write.
+    let claimant = (0..topology.nodes.len())
+        .filter(up)
+        .find(|&i| topology.nodes[i].lsn >= fit.min_lsn);
+    match claimant {
         Some(i) if intent.reads_only() => Decision::Node(i),
-        Some(_) => Decision::NoPrimary,
+        _ => Decision::NoPrimary,
     }
 }
 
@@ -171,6 +191,60 @@ mod tests {
         assert_eq!(
             decide(&down, Intent::Read, true, ReplicaFit::ANY, busy),
             Decision::NoNode
+        );
+    }
+
+    #[test]
+    fn without_a_primary_a_read_waits_for_a_node_with_the_clients_own_write() {
+        let mut t = topo(&[Role::Down, Role::Replica, Role::Replica]);
+        t.nodes[0].received = 900; // down: what it had does not count
+        t.nodes[1].lsn = 100;
+        t.nodes[2].lsn = 200;
+        t.nodes[2].received = 300;
+        let lagging = |min_lsn| ReplicaFit {
+            min_lsn,
+            max_lag: std::time::Duration::ZERO,
+            max_bytes: 0,
+            streaming: true,
+        };
+        let busy = |i: usize| if i == 2 { 9 } else { 1 };
+        assert_eq!(
+            decide(&t, Intent::Read, true, lagging(0), busy),
+            Decision::Node(1),
+            "no write of its own: any replica, lag and streaming aside"
+        );
+        assert_eq!(
+            decide(&t, Intent::Read, true, lagging(150), busy),
+            Decision::Node(2),
+            "only the replica that has replayed the client's write"
+        );
+        assert_eq!(
+            decide(&t, Intent::Read, true, lagging(250), busy),
+            Decision::NoPrimary,
+            "received but not yet replayed: wait"
+        );
+        assert_eq!(
+            decide(&t, Intent::Read, true, lagging(u64::MAX), busy),
+            Decision::NoPrimary,
+            "position unknown: wait for all that was received to be replayed"
+        );
+        t.nodes[2].lsn = 300;
+        assert_eq!(
+            decide(&t, Intent::Read, true, lagging(u64::MAX), busy),
+            Decision::Node(2),
+            "the node with all that was received"
+        );
+        assert_eq!(
+            decide(&t, Intent::Read, true, lagging(400), busy),
+            Decision::Node(2),
+            "a write no node received is not waited for"
+        );
+        let mut split = topo(&[Role::Primary, Role::Primary]);
+        split.nodes[1].lsn = 300;
+        assert_eq!(
+            decide(&split, Intent::Read, false, lagging(250), busy),
+            Decision::Node(1),
+            "split brain: the claimant that has the client's write"
         );
     }
 

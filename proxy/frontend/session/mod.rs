@@ -409,6 +409,7 @@ impl Session {
                 if !self.intent.reads_only() {
                     self.fence = Some(Fence {
                         since: std::time::Instant::now(),
+                        node: lease.pool().shared_addr().clone(),
                         lsn: None,
                     });
                 }

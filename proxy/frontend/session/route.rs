@@ -14,23 +14,32 @@ use crate::config::PoolMode;
 use crate::frontend::error::ClientError;
 use crate::frontend::TargetStats;
 
-/// A client's last write: when it ended, and the primary's WAL position at
-/// the first health probe after that (at or past the write's commit).
-#[derive(Debug, Clone, Copy)]
+/// A client's last write: when it ended, the node it ran on, and a WAL
+/// position at or past its commit once known: that node's, or else the
+/// primary's, at the first health probe after the write.
+#[derive(Debug, Clone)]
 pub(super) struct Fence {
     pub(super) since: std::time::Instant,
+    pub(super) node: Arc<str>,
     pub(super) lsn: Option<u64>,
 }
 
 impl Fence {
     /// The LSN a replica must have replayed to serve this client's reads,
-    /// or `None` when every replica has.
+    /// or `None` when every replica has. The write's own node counts also
+    /// when it is down now: its last probe may have come after the write
+    /// (so a primary lost well after a client's write does not hold that
+    /// client's reads until another is promoted).
     pub(super) fn floor(&mut self, topology: &Topology) -> Option<u64> {
         if self.lsn.is_none() {
-            self.lsn = topology
-                .primary()
-                .filter(|p| p.probed_at.is_some_and(|at| at > self.since))
-                .map(|p| p.lsn);
+            let after = |n: &&crate::backend::cluster::NodeStatus| {
+                n.probed_at.is_some_and(|at| at > self.since)
+            };
+            let own = topology.nodes.iter().find(|n| n.addr == self.node);
+            self.lsn = own
+                .filter(after)
+                .or_else(|| topology.primary().filter(after))
+                .map(|n| n.lsn);
         }
         let Some(lsn) = self.lsn else {
             // Not yet known: no replica qualifies.
@@ -130,7 +139,10 @@ impl Session {
         };
         self.intent = intent;
         let read_routing = self.target.database.read_routing;
-        let waited = self.app.config().failover.write_wait;
+        let (waited, probe_interval) = {
+            let config = self.app.config();
+            (config.failover.write_wait, config.health.interval)
+        };
         let deadline = tokio::time::Instant::now() + waited;
         // A node just lost or found unreachable is avoided until a probe
         // after this moment finds it up again (a restart in place).
@@ -150,16 +162,7 @@ impl Session {
                 }
                 _ => None,
             };
-            let floor = self.fence.as_mut().map_or(Some(0), |f| f.floor(&topology));
-            if floor.is_none() {
-                self.fence = None;
-            }
-            let fit = router::ReplicaFit {
-                min_lsn: floor.unwrap_or(0).max(self.target.cluster.floor()),
-                max_lag: self.target.database.max_replica_lag,
-                max_bytes: self.target.database.max_replica_lag_bytes,
-                streaming: true,
-            };
+            let fit = self.replica_fit(&topology);
             let decide =
                 |t: &Topology| router::decide(t, intent, read_routing, fit, |i| self.busy(i));
             let decision = match (avoided.as_ref().map(decide), rerun) {
@@ -168,14 +171,13 @@ impl Session {
                 _ => decide(&topology),
             };
             let expired = tokio::time::Instant::now() >= deadline;
-            match decision {
-                Decision::Node(i) => return Ok(self.node_pool(i)),
-                Decision::NoPrimary if expired && intent == Intent::Begin => {
-                    if let Some(i) = router::degraded_begin(&topology, |i| self.busy(i)) {
-                        return Ok(self.node_pool(i));
-                    }
+            if let Decision::Node(i) = decision {
+                return Ok(self.node_pool(i));
+            }
+            if expired && decision == Decision::NoPrimary {
+                if let Some(i) = self.after_write_wait(&topology, intent, read_routing, fit) {
+                    return Ok(self.node_pool(i));
                 }
-                _ => {}
             }
             if expired {
                 let database = self.target.database.name.clone();
@@ -184,7 +186,55 @@ impl Session {
                     _ => ClientError::NoPrimary { database, waited },
                 });
             }
-            let _ = tokio::time::timeout_at(deadline, self.topology.changed()).await;
+            // Replay progress is published without waking anyone: a read
+            // waiting for its client's write to be replayed looks again at
+            // each probe.
+            let until = match intent.reads_only() {
+                true => deadline.min(tokio::time::Instant::now() + probe_interval),
+                false => deadline,
+            };
+            let _ = tokio::time::timeout_at(until, self.topology.changed()).await;
+        }
+    }
+
+    /// How fresh a replica must be for this client's reads: past its own
+    /// last write (see `Fence`) and the schema's migration, and within the
+    /// database's lag limits.
+    fn replica_fit(&mut self, topology: &Topology) -> router::ReplicaFit {
+        let floor = self.fence.as_mut().map_or(Some(0), |f| f.floor(topology));
+        if floor.is_none() {
+            self.fence = None;
+        }
+        router::ReplicaFit {
+            min_lsn: floor.unwrap_or(0).max(self.target.cluster.floor()),
+            max_lag: self.target.database.max_replica_lag,
+            max_bytes: self.target.database.max_replica_lag_bytes,
+            streaming: true,
+        }
+    }
+
+    /// Where a request still without a primary after `write_wait` runs
+    /// anyway: a plain BEGIN on a replica (PostgreSQL refuses the writes
+    /// inside it), and a read that waited for a node with the client's own
+    /// last write on any node that is up (availability first).
+    fn after_write_wait(
+        &self,
+        topology: &Topology,
+        intent: Intent,
+        read_routing: bool,
+        fit: router::ReplicaFit,
+    ) -> Option<usize> {
+        let busy = |i| self.busy(i);
+        if intent == Intent::Begin {
+            return router::degraded_begin(topology, busy);
+        }
+        if !intent.reads_only() || fit.min_lsn == 0 {
+            return None;
+        }
+        let any = router::ReplicaFit { min_lsn: 0, ..fit };
+        match router::decide(topology, intent, read_routing, any, busy) {
+            Decision::Node(i) => Some(i),
+            _ => None,
         }
     }
 
