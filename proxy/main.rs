@@ -175,9 +175,30 @@ fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(code) => return code,
             };
+            return_freed_memory();
             runtime.block_on(pgheal::server::run::serve(config, path))
         }
     }
+}
+
+/// glibc's malloc keeps what a burst freed (a flood of connections, the
+/// clients of a failover all waiting at once) in its arenas wherever a
+/// longer-lived allocation sits above it, so RSS stays at the largest
+/// burst so far. Every 10 s, whole free pages go back to the system and
+/// RSS follows what is in use. Other allocators return memory themselves.
+fn return_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    let _ = std::thread::Builder::new()
+        .name("pgheal-trim".into())
+        .stack_size(64 * 1024)
+        .spawn(|| loop {
+            std::thread::sleep(std::time::Duration::from_secs(10));
+            // SAFETY: malloc_trim has no preconditions; it only gives free
+            // pages of the heap back to the system.
+            unsafe {
+                libc::malloc_trim(0);
+            }
+        });
 }
 
 async fn backup_command(config: Config, action: &BackupAction) -> ExitCode {
