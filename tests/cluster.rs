@@ -12,6 +12,40 @@ async fn primary_and_replica() -> (PgNode, PgNode) {
     (primary, replica)
 }
 
+/// pgheal over a primary and a replica, read routing on, write_wait 60 s,
+/// with `health` as its `[health]` section.
+async fn proxy_probing(
+    primary: &PgNode,
+    replica: &PgNode,
+    health: &str,
+) -> pgheal::server::Running {
+    let list = format!("\"{}\", \"{}\"", primary.addr(), replica.addr());
+    start(&format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\n[health]\n{health}\n\
+         [failover]\nwrite_wait = \"60s\"\n\
+         [[users]]\nname = \"app\"\npassword = \"{APP_PASSWORD}\"\n\
+         [databases.app]\nnodes = [{list}]\nuser = \"app\"\npassword = \"{APP_PASSWORD}\"\nread_routing = true\n"
+    ))
+    .await
+}
+
+/// Sends `request` while the stopped `primary` is taken for down, then
+/// starts it again in place; the request's outcome, which must come within
+/// 45 s (write_wait is 60 s).
+async fn across_a_restart<T: Send + 'static>(
+    proxy: &pgheal::server::Running,
+    primary: &mut PgNode,
+    request: impl std::future::Future<Output = T> + Send + 'static,
+) -> T {
+    let task = tokio::spawn(request);
+    wait_for_roles(proxy, &[Role::Down, Role::Replica]).await;
+    primary.start().await.expect("restart in place");
+    tokio::time::timeout(Duration::from_secs(45), task)
+        .await
+        .expect("done once the primary was back, within write_wait")
+        .expect("task")
+}
+
 /// pgheal with nodes listed replica first: roles must be discovered.
 async fn proxy_for(primary: &PgNode, replica: &PgNode) -> pgheal::server::Running {
     proxy_over(&[replica, primary], false, "2s").await
@@ -572,32 +606,20 @@ async fn reads_go_on_while_the_primary_holds_every_byte() {
 async fn a_transaction_waiting_out_a_primary_restart_runs_on_it_when_it_is_back() {
     let _turn = shared().await;
     let (mut primary, replica) = primary_and_replica().await;
-    let list = format!("\"{}\", \"{}\"", primary.addr(), replica.addr());
-    let proxy = start(&format!(
-        "[proxy]\nlisten = \"127.0.0.1:0\"\n[health]\ntimeout = \"5s\"\n\
-         [failover]\nwrite_wait = \"60s\"\n\
-         [[users]]\nname = \"app\"\npassword = \"{APP_PASSWORD}\"\n\
-         [databases.app]\nnodes = [{list}]\nuser = \"app\"\npassword = \"{APP_PASSWORD}\"\nread_routing = true\n"
-    ))
-    .await;
+    let proxy = proxy_probing(&primary, &replica, "timeout = \"5s\"").await;
     wait_for_roles(&proxy, &[Role::Primary, Role::Replica]).await;
     let (client, _h) = connect(&app_url(&proxy)).await;
     client.batch_execute("CREATE TABLE t(x int)").await.unwrap();
     primary.stop().await;
     // Sent at once: its server connection is dead, the node refuses new
     // ones, and the transaction waits for a primary.
-    let tx = tokio::spawn(async move {
+    let (client, done) = across_a_restart(&proxy, &mut primary, async move {
         let done = client
             .batch_execute("BEGIN; INSERT INTO t VALUES (1); COMMIT")
             .await;
         (client, done)
-    });
-    wait_for_roles(&proxy, &[Role::Down, Role::Replica]).await;
-    primary.start().await.expect("restart in place");
-    let (client, done) = tokio::time::timeout(Duration::from_secs(45), tx)
-        .await
-        .expect("the transaction ran once the primary was back, within write_wait")
-        .expect("task");
+    })
+    .await;
     done.expect("committed on the restarted primary");
     assert_eq!(value(&client, "SELECT count(*) FROM t").await.unwrap(), "1");
 }
@@ -625,16 +647,10 @@ async fn a_read_a_replica_refuses_waits_out_a_primary_restart() {
             .is_ok()
     })
     .await;
-    let list = format!("\"{}\", \"{}\"", primary.addr(), replica.addr());
     // Probes only when nudged after discovery: the topology still says
     // "primary" when the primary stops.
-    let proxy = start(&format!(
-        "[proxy]\nlisten = \"127.0.0.1:0\"\n[health]\ninterval = \"60s\"\ntimeout = \"5s\"\n\
-         [failover]\nwrite_wait = \"60s\"\n\
-         [[users]]\nname = \"app\"\npassword = \"{APP_PASSWORD}\"\n\
-         [databases.app]\nnodes = [{list}]\nuser = \"app\"\npassword = \"{APP_PASSWORD}\"\nread_routing = true\n"
-    ))
-    .await;
+    let health = "interval = \"60s\"\ntimeout = \"5s\"";
+    let proxy = proxy_probing(&primary, &replica, health).await;
     wait_for_roles(&proxy, &[Role::Primary, Role::Replica]).await;
     let (client, _h) = connect(&app_url(&proxy)).await;
     assert_eq!(
@@ -643,17 +659,12 @@ async fn a_read_a_replica_refuses_waits_out_a_primary_restart() {
         "reads go to the replica"
     );
     primary.stop().await;
-    let bump = tokio::spawn(async move {
+    // The replica refuses it, and the primary refuses a connection.
+    let (client, done) = across_a_restart(&proxy, &mut primary, async move {
         let done = value(&client, "SELECT bump()").await;
         (client, done)
-    });
-    // The replica refused it and the primary refused a connection.
-    wait_for_roles(&proxy, &[Role::Down, Role::Replica]).await;
-    primary.start().await.expect("restart in place");
-    let (client, done) = tokio::time::timeout(Duration::from_secs(45), bump)
-        .await
-        .expect("the read ran once the primary was back, within write_wait")
-        .expect("task");
+    })
+    .await;
     assert_eq!(done.expect("bump() ran on the restarted primary"), "1");
     assert_eq!(
         value(&client, "SELECT 1").await.unwrap(),
