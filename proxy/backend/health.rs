@@ -53,6 +53,8 @@ pub struct NodeStatus {
     pub probed_at: Option<Instant>,
     /// When the last probe ended, successful or not.
     pub checked_at: Option<Instant>,
+    /// When the first of the current run of failed probes ended.
+    pub down_since: Option<Instant>,
     /// How stale a replica is: the larger of its replay delay (what it
     /// received but has not replayed) and how long ago the primary wrote
     /// WAL it has not replayed (see `Cluster`). Zero for a primary.
@@ -84,6 +86,7 @@ impl NodeStatus {
             failures: 0,
             probed_at: None,
             checked_at: None,
+            down_since: None,
             replay_lag: Duration::ZERO,
             replay_delay: Duration::ZERO,
             lag_bytes: None,
@@ -268,6 +271,7 @@ async fn node_loop(
                 }
                 probe.status.send_modify(|n| {
                     n.checked_at = Some(Instant::now());
+                    n.down_since = n.down_since.or(n.checked_at);
                     n.role = Role::Down;
                     n.failures = failures;
                     n.last_error = Some(e.to_string());
@@ -305,6 +309,7 @@ impl Found {
         n.streaming = self.streaming;
         n.probed_at = Some(started);
         n.checked_at = Some(Instant::now());
+        n.down_since = None;
         n.failures = 0;
         n.last_error = None;
         n.retry_at = None;

@@ -71,15 +71,8 @@ pub fn decide(
     let fit = if primary.is_some() {
         fit
     } else {
-        let received = topology
-            .nodes
-            .iter()
-            .filter(|n| matches!(n.role, Role::Primary | Role::Replica))
-            .map(|n| n.received.max(n.lsn))
-            .max()
-            .unwrap_or(0);
         ReplicaFit {
-            min_lsn: fit.min_lsn.min(received),
+            min_lsn: fit.min_lsn.min(received(topology)),
             ..ReplicaFit::ANY
         }
     };
@@ -109,6 +102,21 @@ pub fn decide(
         Some(i) if intent.reads_only() => Decision::Node(i),
         _ => Decision::NoPrimary,
     }
+}
+
+/// The most WAL any node that is up has received, counting only probes
+/// taken after the last node went down (before, a replica may still have
+/// been receiving from a dying primary); `u64::MAX` when none is known.
+fn received(topology: &Topology) -> u64 {
+    let lost = topology.nodes.iter().filter_map(|n| n.down_since).max();
+    topology
+        .nodes
+        .iter()
+        .filter(|n| matches!(n.role, Role::Primary | Role::Replica))
+        .filter(|n| lost.is_none_or(|d| n.probed_at.is_some_and(|p| p > d)))
+        .map(|n| n.received.max(n.lsn))
+        .max()
+        .unwrap_or(u64::MAX)
 }
 
 /// After `write_wait` a plain BEGIN goes to a replica, where PostgreSQL
@@ -238,6 +246,24 @@ mod tests {
             decide(&t, Intent::Read, true, lagging(400), busy),
             Decision::Node(2),
             "a write no node received is not waited for"
+        );
+        // What a replica had received before the primary was found down
+        // may not be all it gets: only a later probe caps the wait.
+        let now = std::time::Instant::now();
+        t.nodes[2].lsn = 200;
+        t.nodes[2].probed_at = Some(now);
+        t.nodes[0].down_since = Some(now + std::time::Duration::from_millis(1));
+        assert_eq!(
+            decide(&t, Intent::Read, true, lagging(u64::MAX), busy),
+            Decision::NoPrimary,
+            "received as probed before the loss"
+        );
+        t.nodes[2].probed_at = Some(now + std::time::Duration::from_millis(2));
+        t.nodes[2].lsn = 300;
+        assert_eq!(
+            decide(&t, Intent::Read, true, lagging(u64::MAX), busy),
+            Decision::Node(2),
+            "received as probed after the loss"
         );
         let mut split = topo(&[Role::Primary, Role::Primary]);
         split.nodes[1].lsn = 300;
