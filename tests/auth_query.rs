@@ -6,6 +6,7 @@ mod common;
 
 use common::*;
 use pgheal::testkit::localpg::{SUPERUSER, SUPERUSER_PASSWORD};
+use std::time::Duration;
 
 async fn connect_as(
     proxy: &pgheal::server::Running,
@@ -107,4 +108,58 @@ async fn roles_and_databases_made_after_start_are_served() {
     // No plaintext is kept: pgheal never learnt one.
     let shown = format!("{:?}", proxy.app.config());
     assert!(!shown.contains("latepw"), "{shown}");
+}
+
+/// A password changed on the server while pgheal serves the role: a login
+/// with the new password works (pgheal looks the secret up again after a
+/// refusal at the latest), and the connections pgheal opens afterwards
+/// log in with the keys of the new password, not those it first learnt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_changed_on_the_server_is_used_for_new_server_connections() {
+    let node = app_node().await;
+    let addr = node.addr();
+    let proxy = start(&format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\npool_mode = \"transaction\"\n[pool]\nidle_timeout = \"1s\"\n[health]\ntimeout = \"5s\"\n\
+         [auth]\nuser = \"{SUPERUSER}\"\npassword = \"{SUPERUSER_PASSWORD}\"\n\
+         [databases.app]\nnodes = [\"{addr}\"]\n"
+    ))
+    .await;
+    node.sql("postgres", "CREATE ROLE rotated LOGIN PASSWORD 'before'")
+        .await
+        .expect("create role");
+    let (client, _h) = connect_as(&proxy, "rotated", "before", "app")
+        .await
+        .expect("the first password");
+    assert_eq!(one(&client, "SELECT current_user::text").await, "rotated");
+    node.sql("postgres", "ALTER ROLE rotated PASSWORD 'after'")
+        .await
+        .expect("new password");
+    // Its server connection, logged in with the first password's keys,
+    // closes after idle_timeout: the next transaction needs a new one.
+    let (direct, _hd) = connect(&format!(
+        "postgres://{SUPERUSER}:{SUPERUSER_PASSWORD}@{addr}/app"
+    ))
+    .await;
+    let sql = "SELECT count(*)::text FROM pg_stat_activity WHERE usename = 'rotated'";
+    eventually(
+        Duration::from_secs(20),
+        "pgheal's idle connection closed",
+        || async { first_value(&direct, sql).await.is_ok_and(|n| n == "0") },
+    )
+    .await;
+    eventually(
+        Duration::from_secs(20),
+        "a login with the new password",
+        || async { connect_as(&proxy, "rotated", "after", "app").await.is_ok() },
+    )
+    .await;
+    let (client, _h) = connect_as(&proxy, "rotated", "after", "app")
+        .await
+        .expect("the new password");
+    assert_eq!(one(&client, "SELECT current_user::text").await, "rotated");
+    let e = connect_as(&proxy, "rotated", "before", "app")
+        .await
+        .map(|_| ())
+        .expect_err("the old password");
+    assert_eq!(code(&e), "28P01", "{e}");
 }

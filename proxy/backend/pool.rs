@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use super::error::PoolError;
+use crate::auth::ScramKeys;
 use crate::backend::conn::{ConnectSpec, ServerConn};
 use crate::backend::params::Params;
 
@@ -36,6 +37,9 @@ pub struct Pool {
     pub database: String,
     addr: Arc<str>,
     spec: ConnectSpec,
+    /// The SCRAM keys an `[auth] query` user last proved at a login: new
+    /// connections log in with them (the password may have changed).
+    keys: Mutex<Option<Arc<ScramKeys>>>,
     limits: PoolLimits,
     /// `limits.size` and `limits.min_idle` as RELOAD last set them.
     size: AtomicUsize,
@@ -85,6 +89,7 @@ impl Pool {
             min_idle: AtomicUsize::new(limits.min_idle),
             owed: AtomicUsize::new(0),
             retired: Default::default(),
+            keys: Mutex::new(spec.scram_keys.clone()),
             spec,
             limits,
             idle: Mutex::new(Vec::new()),
@@ -224,7 +229,15 @@ impl Pool {
     async fn open(self: &Arc<Self>, permit: OwnedSemaphorePermit) -> Result<Lease, PoolError> {
         // Boxed: the connect future is large and rare; it should not swell
         // every client task that might call it.
-        match Box::pin(ServerConn::connect(&self.spec)).await {
+        let keys = lock(&self.keys).clone();
+        let spec = match keys {
+            Some(keys) => &ConnectSpec {
+                scram_keys: Some(keys),
+                ..self.spec.clone()
+            },
+            None => &self.spec,
+        };
+        match Box::pin(ServerConn::connect(spec)).await {
             Ok(conn) => {
                 *lock(&self.welcome) = Some(conn.reported.clone());
                 Ok(self.lease(conn, permit))
@@ -462,10 +475,17 @@ pub struct Pools {
 impl Pools {
     pub fn get(&self, database: &str, spec: &ConnectSpec, limits: &PoolLimits) -> Arc<Pool> {
         let key = (spec.addr.clone(), database.to_string(), spec.user.clone());
-        lock(&self.map)
+        let pool = lock(&self.map)
             .entry(key)
             .or_insert_with(|| Pool::new(database, spec.clone(), limits.clone()))
-            .clone()
+            .clone();
+        if let Some(keys) = &spec.scram_keys {
+            let mut current = lock(&pool.keys);
+            if !current.as_ref().is_some_and(|k| Arc::ptr_eq(k, keys)) {
+                *current = Some(keys.clone());
+            }
+        }
+        pool
     }
 
     /// Drops the pools of a database whose settings changed: their idle

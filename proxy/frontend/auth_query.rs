@@ -63,6 +63,11 @@ impl AuthLookup {
         Ok(secret)
     }
 
+    /// Drops `user`'s cached secret (a login failed with it).
+    pub fn forget(&self, user: &str) {
+        lock(&self.secrets).remove(user);
+    }
+
     /// Keeps the keys `user` proved, for pgheal's own logins as `user`.
     pub fn remember_keys(&self, user: &str, keys: ScramKeys) {
         let mut all = lock(&self.keys);

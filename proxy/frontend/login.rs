@@ -223,7 +223,14 @@ async fn authenticate(
                     true
                 }
                 Some(_) => real,
-                None => false,
+                None => {
+                    // The password may have changed since the secret was
+                    // cached: the next login looks it up again.
+                    if looked_up.is_some() {
+                        app.auth_lookup.forget(user);
+                    }
+                    false
+                }
             }
         }
     };
