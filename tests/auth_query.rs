@@ -24,6 +24,16 @@ async fn connect_as(
     ))
 }
 
+/// pgheal in transaction mode with idle_timeout 1 s and `[auth]` looking
+/// users up as the superuser, then `rest` (users and databases).
+async fn proxy_with_lookup(rest: &str) -> pgheal::server::Running {
+    start(&format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\npool_mode = \"transaction\"\n[pool]\nidle_timeout = \"1s\"\n[health]\ntimeout = \"5s\"\n\
+         [auth]\nuser = \"{SUPERUSER}\"\npassword = \"{SUPERUSER_PASSWORD}\"\n{rest}"
+    ))
+    .await
+}
+
 async fn one(client: &tokio_postgres::Client, sql: &str) -> String {
     client
         .query_one(sql, &[])
@@ -36,10 +46,8 @@ async fn one(client: &tokio_postgres::Client, sql: &str) -> String {
 async fn roles_and_databases_made_after_start_are_served() {
     let node = app_node().await;
     let addr = node.addr();
-    let proxy = start(&format!(
-        "[proxy]\nlisten = \"127.0.0.1:0\"\npool_mode = \"transaction\"\n[pool]\nidle_timeout = \"1s\"\n[health]\ntimeout = \"5s\"\n\
-         [auth]\nuser = \"{SUPERUSER}\"\npassword = \"{SUPERUSER_PASSWORD}\"\n\
-         [[users]]\nname = \"app\"\npassword = \"{APP_PASSWORD}\"\n\
+    let proxy = proxy_with_lookup(&format!(
+        "[[users]]\nname = \"app\"\npassword = \"{APP_PASSWORD}\"\n\
          [databases.app]\nnodes = [\"{addr}\"]\n\
          [databases.\"*\"]\nnodes = [\"{addr}\"]\nmax_databases = 1\n"
     ))
@@ -118,12 +126,7 @@ async fn roles_and_databases_made_after_start_are_served() {
 async fn a_password_changed_on_the_server_is_used_for_new_server_connections() {
     let node = app_node().await;
     let addr = node.addr();
-    let proxy = start(&format!(
-        "[proxy]\nlisten = \"127.0.0.1:0\"\npool_mode = \"transaction\"\n[pool]\nidle_timeout = \"1s\"\n[health]\ntimeout = \"5s\"\n\
-         [auth]\nuser = \"{SUPERUSER}\"\npassword = \"{SUPERUSER_PASSWORD}\"\n\
-         [databases.app]\nnodes = [\"{addr}\"]\n"
-    ))
-    .await;
+    let proxy = proxy_with_lookup(&format!("[databases.app]\nnodes = [\"{addr}\"]\n")).await;
     node.sql("postgres", "CREATE ROLE rotated LOGIN PASSWORD 'before'")
         .await
         .expect("create role");

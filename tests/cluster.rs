@@ -12,17 +12,17 @@ async fn primary_and_replica() -> (PgNode, PgNode) {
     (primary, replica)
 }
 
-/// pgheal over a primary and a replica, read routing on, write_wait 60 s,
-/// with `health` as its `[health]` section.
+/// pgheal over `nodes` (addresses) with read routing on, `health` as its
+/// `[health]` section and the given write_wait.
 async fn proxy_probing(
-    primary: &PgNode,
-    replica: &PgNode,
+    nodes: [&str; 2],
     health: &str,
+    write_wait: &str,
 ) -> pgheal::server::Running {
-    let list = format!("\"{}\", \"{}\"", primary.addr(), replica.addr());
+    let list = format!("\"{}\", \"{}\"", nodes[0], nodes[1]);
     start(&format!(
         "[proxy]\nlisten = \"127.0.0.1:0\"\n[health]\n{health}\n\
-         [failover]\nwrite_wait = \"60s\"\n\
+         [failover]\nwrite_wait = \"{write_wait}\"\n\
          [[users]]\nname = \"app\"\npassword = \"{APP_PASSWORD}\"\n\
          [databases.app]\nnodes = [{list}]\nuser = \"app\"\npassword = \"{APP_PASSWORD}\"\nread_routing = true\n"
     ))
@@ -394,26 +394,7 @@ async fn two_primaries_get_no_writes_until_one_is_gone() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_reads_its_own_writes_while_the_replica_lags() {
     let _turn = shared().await;
-    let (primary, replica) = primary_and_replica().await;
-    let proxy = proxy_over(&[&primary, &replica], true, "2s").await;
-    wait_for_roles(&proxy, &[Role::Primary, Role::Replica]).await;
-    let (client, _h) = connect(&app_url(&proxy)).await;
-    client.batch_execute("CREATE TABLE t(x int)").await.unwrap();
-    let (direct, _hd) = connect(&format!(
-        "postgres://postgres:postgres@{}/app",
-        replica.addr()
-    ))
-    .await;
-    eventually(
-        Duration::from_secs(20),
-        "the replica to have the table",
-        || async { direct.simple_query("SELECT 1 FROM t").await.is_ok() },
-    )
-    .await;
-    direct
-        .batch_execute("SELECT pg_wal_replay_pause()")
-        .await
-        .unwrap();
+    let (_primary, _replica, proxy, client, direct) = paused_replica_behind("2s").await;
 
     client
         .batch_execute("INSERT INTO t VALUES (1)")
@@ -515,13 +496,7 @@ async fn a_blackholed_primary_is_found_by_timeouts_reads_go_on_and_writes_degrad
     let (primary, replica) = primary_and_replica().await;
     let relay = Relay::start(primary.addr()).await;
     // Default [health] settings: the detection time is theirs.
-    let list = format!("\"{}\", \"{}\"", relay.addr(), replica.addr());
-    let proxy = start(&format!(
-        "[proxy]\nlisten = \"127.0.0.1:0\"\n[failover]\nwrite_wait = \"500ms\"\n\
-         [[users]]\nname = \"app\"\npassword = \"{APP_PASSWORD}\"\n\
-         [databases.app]\nnodes = [{list}]\nuser = \"app\"\npassword = \"{APP_PASSWORD}\"\nread_routing = true\n"
-    ))
-    .await;
+    let proxy = proxy_probing([&relay.addr(), &replica.addr()], "", "500ms").await;
     wait_for_roles(&proxy, &[Role::Primary, Role::Replica]).await;
     let (client, _h) = connect(&app_url(&proxy)).await;
     client.batch_execute("CREATE TABLE t(x int)").await.unwrap();
@@ -552,14 +527,8 @@ async fn reads_go_on_while_the_primary_holds_every_byte() {
     let _turn = shared().await;
     let (primary, replica) = primary_and_replica().await;
     let relay = Relay::start(primary.addr()).await;
-    let list = format!("\"{}\", \"{}\"", relay.addr(), replica.addr());
-    let proxy = start(&format!(
-        "[proxy]\nlisten = \"127.0.0.1:0\"\n[health]\ntimeout = \"2s\"\n\
-         [failover]\nwrite_wait = \"60s\"\n\
-         [[users]]\nname = \"app\"\npassword = \"{APP_PASSWORD}\"\n\
-         [databases.app]\nnodes = [{list}]\nuser = \"app\"\npassword = \"{APP_PASSWORD}\"\nread_routing = true\n"
-    ))
-    .await;
+    let health = "timeout = \"2s\"";
+    let proxy = proxy_probing([&relay.addr(), &replica.addr()], health, "60s").await;
     wait_for_roles(&proxy, &[Role::Primary, Role::Replica]).await;
     let (client, _h) = connect(&app_url(&proxy)).await;
     client
@@ -606,7 +575,12 @@ async fn reads_go_on_while_the_primary_holds_every_byte() {
 async fn a_transaction_waiting_out_a_primary_restart_runs_on_it_when_it_is_back() {
     let _turn = shared().await;
     let (mut primary, replica) = primary_and_replica().await;
-    let proxy = proxy_probing(&primary, &replica, "timeout = \"5s\"").await;
+    let proxy = proxy_probing(
+        [&primary.addr(), &replica.addr()],
+        "timeout = \"5s\"",
+        "60s",
+    )
+    .await;
     wait_for_roles(&proxy, &[Role::Primary, Role::Replica]).await;
     let (client, _h) = connect(&app_url(&proxy)).await;
     client.batch_execute("CREATE TABLE t(x int)").await.unwrap();
@@ -650,7 +624,7 @@ async fn a_read_a_replica_refuses_waits_out_a_primary_restart() {
     // Probes only when nudged after discovery: the topology still says
     // "primary" when the primary stops.
     let health = "interval = \"60s\"\ntimeout = \"5s\"";
-    let proxy = proxy_probing(&primary, &replica, health).await;
+    let proxy = proxy_probing([&primary.addr(), &replica.addr()], health, "60s").await;
     wait_for_roles(&proxy, &[Role::Primary, Role::Replica]).await;
     let (client, _h) = connect(&app_url(&proxy)).await;
     assert_eq!(
