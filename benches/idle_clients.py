@@ -13,6 +13,7 @@ ephemeral port range can be opened to one port. The caller raises the file
 limit of both processes (this one needs N descriptors).
 """
 import asyncio
+import os
 import resource
 import socket
 import struct
@@ -92,7 +93,9 @@ async def main():
             conns.append(await login(host, port, source, packet))
 
     await asyncio.gather(*(one(i) for i in range(n)))
-    await asyncio.sleep(2)  # let the server settle into idle
+    # Let the server settle into idle: pgheal's idle clients rest after 1 s
+    # and its allocator returns freed pages every 10 s.
+    await asyncio.sleep(float(os.environ.get("SETTLE", "12")))
     after = rss_kib(pid)
     print(f"{len(conns)} {before} {after} {(after - before) * 1024 / max(len(conns), 1):.0f}")
     for _, w in conns:

@@ -87,3 +87,66 @@ async fn sigterm_lets_a_running_transaction_commit_then_exits_0() {
         .expect("count");
     assert_eq!(count[0][0].as_deref(), Some("2"));
 }
+
+/// A client resting without a task (idle over a second) hears 57P01 at
+/// SIGTERM like any idle client, and pgheal does not wait for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_reaches_a_resting_client() {
+    let node = app_node().await;
+    let port = free_port();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("pgheal.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[proxy]\nlisten = \"127.0.0.1:{port}\"\npool_mode = \"transaction\"\n\
+             shutdown_timeout = \"120s\"\n\
+             [[users]]\nname = \"app\"\npassword = \"{APP_PASSWORD}\"\n\
+             [[users]]\nname = \"ops\"\npassword = \"opspw\"\nadmin = true\n\
+             [databases.app]\nnodes = [\"{}\"]\nuser = \"app\"\npassword = \"{APP_PASSWORD}\"\n",
+            node.addr()
+        ),
+    )
+    .expect("write config");
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgheal"))
+        .arg("--config")
+        .arg(&config)
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start pgheal");
+    let url = format!("postgres://app:{APP_PASSWORD}@127.0.0.1:{port}/app");
+    wait_accepting(&url).await;
+    let (idle, idle_conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .expect("idle client");
+    let idle_conn = tokio::spawn(idle_conn);
+    idle.simple_query("SELECT 1").await.expect("query");
+    let (admin, _a) = connect(&format!("postgres://ops:opspw@127.0.0.1:{port}/pgheal")).await;
+    eventually(Duration::from_secs(30), "the client resting", || async {
+        let rows = admin.simple_query("SHOW STATS").await.expect("SHOW STATS");
+        rows.iter().any(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => {
+                r.get(0) == Some("resting_clients") && r.get(1) == Some("1")
+            }
+            _ => false,
+        })
+    })
+    .await;
+    drop(admin);
+
+    let pid = Pid::from_raw(child.id().expect("pid") as i32);
+    kill(pid, Signal::SIGTERM).expect("SIGTERM");
+    let ended = tokio::time::timeout(Duration::from_secs(30), idle_conn)
+        .await
+        .expect("resting client closed within 30 s")
+        .expect("connection task");
+    let e = ended.expect_err("the resting client's connection ends with an error");
+    assert_eq!(code(&e), "57P01");
+    // Well within shutdown_timeout: nothing waits for the resting client.
+    let status = tokio::time::timeout(Duration::from_secs(60), child.wait())
+        .await
+        .expect("pgheal exits once its clients are gone")
+        .expect("wait");
+    assert!(status.success(), "exit status {status}");
+}

@@ -483,6 +483,10 @@ fn stats(app: &App) -> Table {
             c.pinned_clients.load(Ordering::Relaxed).to_string(),
         ),
         (
+            "resting_clients",
+            c.resting_clients.load(Ordering::Relaxed).to_string(),
+        ),
+        (
             "migration_error",
             app.migration_failure().unwrap_or_default(),
         ),

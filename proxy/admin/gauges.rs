@@ -42,10 +42,12 @@ fn clients(app: &App, m: &Metrics) {
     let total = app.counters.client_connections.load(Ordering::Relaxed) as i64;
     let active = app.counters.active_clients.load(Ordering::Relaxed) as i64;
     let pinned = app.counters.pinned_clients.load(Ordering::Relaxed) as i64;
+    let resting = app.counters.resting_clients.load(Ordering::Relaxed) as i64;
     for (state, v) in [
         ("active", active),
         ("idle", total - active),
         ("pinned", pinned),
+        ("resting", resting),
     ] {
         m.clients.get_or_create(&StateLabels { state }).set(v);
     }

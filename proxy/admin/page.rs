@@ -139,9 +139,10 @@ fn clients(out: &mut String, app: &App) {
     let total = c.client_connections.load(Ordering::Relaxed);
     let active = c.active_clients.load(Ordering::Relaxed);
     let pinned = c.pinned_clients.load(Ordering::Relaxed);
+    let resting = c.resting_clients.load(Ordering::Relaxed);
     let _ = write!(
         out,
-        "<h2>Clients</h2><p>{total} connected: {active} active, {} idle, {pinned} pinned</p>",
+        "<h2>Clients</h2><p>{total} connected: {active} active, {} idle ({resting} resting), {pinned} pinned</p>",
         total.saturating_sub(active)
     );
 }

@@ -66,6 +66,8 @@ pub struct Counters {
     /// Clients attached to a server right now (running a transaction, or
     /// held in session mode or by a pin).
     pub active_clients: AtomicUsize,
+    /// Idle clients resting without a task (see `session::rest`).
+    pub resting_clients: AtomicUsize,
 }
 
 /// A database clients can ask for, and the cluster serving it.

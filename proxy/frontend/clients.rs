@@ -5,9 +5,10 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Instant;
 
+use crate::frontend::App;
 use crate::sync::lock;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,6 +41,8 @@ pub struct ClientInfo {
     pub tls: bool,
     pub since: Instant,
     state: AtomicU8,
+    /// The waker that holds the client while it rests without a task.
+    resting: Mutex<Option<Weak<dyn Resting>>>,
 }
 
 impl ClientInfo {
@@ -53,6 +56,16 @@ impl ClientInfo {
 
     pub fn set_state(&self, state: ClientState) {
         self.state.store(state as u8, Ordering::Relaxed);
+    }
+
+    /// Whether the client rests without a task now.
+    pub fn is_resting(&self) -> bool {
+        lock(&self.resting).is_some()
+    }
+
+    /// The client rests (see `session::rest`) with this waker, or no more.
+    pub fn set_resting(&self, bench: Option<Weak<dyn Resting>>) {
+        *lock(&self.resting) = bench;
     }
 }
 
@@ -79,6 +92,7 @@ impl Clients {
             tls,
             since: Instant::now(),
             state: AtomicU8::new(ClientState::Idle as u8),
+            resting: Mutex::new(None),
         });
         lock(&self.map).insert(id, info.clone());
         Registered {
@@ -89,6 +103,49 @@ impl Clients {
 
     pub fn list(&self) -> Vec<Arc<ClientInfo>> {
         lock(&self.map).values().cloned().collect()
+    }
+
+    /// Gives every resting client its task back (at shutdown, so that it
+    /// hears 57P01 and closes like the others).
+    pub fn wake_resting(&self) {
+        let resting: Vec<_> = lock(&self.map)
+            .values()
+            .filter_map(|info| lock(&info.resting).take())
+            .filter_map(|bench| bench.upgrade())
+            .collect();
+        for bench in resting {
+            bench.wake_up();
+        }
+    }
+}
+
+/// A client resting without a task (see `session::rest`).
+pub trait Resting: Send + Sync {
+    /// Gives the client a task again.
+    fn wake_up(&self);
+}
+
+/// One of `max_client_connections`, given back when dropped.
+pub struct ClientSlot(Arc<App>);
+
+impl ClientSlot {
+    pub fn take(app: &Arc<App>) -> Option<ClientSlot> {
+        let max = app.config().proxy.max_client_connections;
+        let open = &app.counters.client_connections;
+        open.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < max).then_some(n + 1)
+        })
+        .ok()
+        .map(|_| ClientSlot(app.clone()))
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        self.0
+            .counters
+            .client_connections
+            .fetch_sub(1, Ordering::AcqRel);
     }
 }
 

@@ -12,9 +12,8 @@ use bytes::BytesMut;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
-use std::sync::atomic::Ordering;
-
 use crate::config::{Config, ADMIN_DATABASE};
+use crate::frontend::clients::ClientSlot;
 use crate::frontend::error::ClientError;
 use crate::frontend::login::{self, Handshake};
 use crate::frontend::session::Session;
@@ -98,30 +97,6 @@ async fn accept_loop(listener: TcpListener, app: Arc<App>) {
     }
 }
 
-/// One of `max_client_connections`, given back when dropped.
-struct ClientSlot(Arc<App>);
-
-impl ClientSlot {
-    fn take(app: &Arc<App>) -> Option<ClientSlot> {
-        let max = app.config().proxy.max_client_connections;
-        let open = &app.counters.client_connections;
-        open.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-            (n < max).then_some(n + 1)
-        })
-        .ok()
-        .map(|_| ClientSlot(app.clone()))
-    }
-}
-
-impl Drop for ClientSlot {
-    fn drop(&mut self) {
-        self.0
-            .counters
-            .client_connections
-            .fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
 /// Beyond `max_client_connections`: FATAL 53300 and close, without
 /// reading anything; clients already in are not affected.
 async fn refuse(app: Arc<App>, stream: TcpStream, peer: SocketAddr) {
@@ -143,7 +118,7 @@ async fn serve(app: Arc<App>, stream: TcpStream, peer: SocketAddr, slot: ClientS
     tokio::spawn(session(app, client, peer, slot));
 }
 
-async fn session(app: Arc<App>, client: Box<login::LoggedIn>, peer: SocketAddr, _slot: ClientSlot) {
+async fn session(app: Arc<App>, client: Box<login::LoggedIn>, peer: SocketAddr, slot: ClientSlot) {
     let (user, database) = (client.user.clone(), client.database.name.clone());
     if database == ADMIN_DATABASE {
         if let Err(e) = crate::admin::console::serve(app, client).await {
@@ -158,13 +133,8 @@ async fn session(app: Arc<App>, client: Box<login::LoggedIn>, peer: SocketAddr, 
     let registered = app
         .clients
         .add(peer, &user, &database, client.stream.is_tls());
-    // Run by reference: a Session moved into `run` would sit in the task
-    // twice (the argument and its moved copy), 760 bytes more per client.
-    let mut session = Session::new(app, target, client, registered);
-    match session.run().await {
-        Ok(()) => tracing::info!(%peer, %user, %database, "client left"),
-        Err(e) => tracing::info!(%peer, %user, %database, error = %e, "client closed"),
-    }
+    let session = Box::new(Session::new(app, target, client, registered, slot));
+    crate::frontend::session::live(session).await;
 }
 
 /// The handshake; a failure is answered here.

@@ -77,6 +77,7 @@ async fn shut_down(app: &App) {
         "shutting down: idle clients are told 57P01, running transactions may finish"
     );
     app.shutdown.cancel();
+    app.clients.wake_resting();
     tokio::select! {
         drained = tokio::time::timeout(timeout, drain(app)) => {
             if drained.is_err() {

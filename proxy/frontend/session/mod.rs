@@ -15,6 +15,7 @@ mod pump;
 mod record;
 mod replay;
 mod replies;
+mod rest;
 mod route;
 mod translate;
 
@@ -46,7 +47,7 @@ use crate::backend::router::Intent;
 use crate::backend::statements::{ClientStatements, ServerName};
 use crate::config::PoolMode;
 use crate::frontend::cancel::Registration;
-use crate::frontend::clients::{ClientState, Registered};
+use crate::frontend::clients::{ClientSlot, ClientState, Registered};
 use crate::frontend::error::ClientError;
 use crate::frontend::login::LoggedIn;
 use crate::frontend::{App, Target};
@@ -129,6 +130,20 @@ impl InFlight {
     fn reset(&mut self) {
         *self = InFlight::IDLE;
     }
+
+    /// Nothing in flight and nothing of a transaction kept.
+    fn is_idle(&self) -> bool {
+        self.pending == 0
+            && !self.owed
+            && !self.awaiting
+            && self.tx == TxStatus::Idle
+            && !self.server_dying
+            && self.fatal.is_none()
+            && self.fresh.is_empty()
+            && self.bound.is_empty()
+            && !self.checking
+            && self.record.is_none()
+    }
 }
 
 /// Server messages up to this size reach the client only whole, so a server
@@ -166,6 +181,33 @@ enum PumpEnd {
     Verified,
     /// A replay's replies differed from what the client had been passed.
     Mismatch,
+}
+
+/// How a session's task ended without an error.
+#[derive(Debug, PartialEq, Eq)]
+enum Ended {
+    Left,
+    /// Idle long enough: the client rests without a task (see `rest`).
+    Resting,
+}
+
+/// What an idle wait ended with.
+enum Wait {
+    Request,
+    Left,
+    Rest,
+}
+
+/// Serves a client in this task until it leaves, closes or rests.
+pub async fn live(mut session: Box<Session>) {
+    let result = session.run().await;
+    let info = session.registered.info.clone();
+    let (peer, user, database) = (info.peer, &info.user, &info.database);
+    match result {
+        Ok(Ended::Left) => tracing::info!(%peer, %user, %database, "client left"),
+        Ok(Ended::Resting) => rest::rest(session),
+        Err(e) => tracing::info!(%peer, %user, %database, error = %e, "client closed"),
+    }
 }
 
 pub struct Session {
@@ -237,6 +279,8 @@ pub struct Session {
     replays: bool,
     /// A replay runs and has not yet reproduced what the client saw.
     verify: Option<Box<replay::Verify>>,
+    /// This client's place under `max_client_connections`.
+    slot: ClientSlot,
 }
 
 impl Session {
@@ -245,6 +289,7 @@ impl Session {
         target: Arc<Target>,
         client: Box<LoggedIn>,
         registered: Registered,
+        slot: ClientSlot,
     ) -> Session {
         let client = *client;
         let max = app.config().proxy.max_message_size;
@@ -295,12 +340,14 @@ impl Session {
             rerun: None,
             unshare: false,
             fence: None,
+            slot,
         }
     }
 
-    /// Sends the welcome and serves the client until it leaves. A fatal
-    /// error is told to the client before its connection closes.
-    pub async fn run(&mut self) -> Result<(), ClientError> {
+    /// Sends the welcome (once) and serves the client until it leaves or
+    /// rests. A fatal error is told to the client before its connection
+    /// closes.
+    async fn run(&mut self) -> Result<Ended, ClientError> {
         let result = self.serve().await;
         if let Err(e) = &result {
             let mut out = BytesMut::new();
@@ -316,8 +363,11 @@ impl Session {
     /// The client's life: idle waits are small; everything a transaction
     /// needs lives in a boxed future only while it runs, so thousands of
     /// idle clients cost little memory.
-    async fn serve(&mut self) -> Result<(), ClientError> {
-        let mut held = Box::pin(self.welcome()).await?.map(Box::new);
+    async fn serve(&mut self) -> Result<Ended, ClientError> {
+        let mut held = match self.welcomed {
+            true => None,
+            false => Box::pin(self.welcome()).await?.map(Box::new),
+        };
         self.welcomed = true;
         loop {
             if held.is_none() && self.app.shutdown.is_cancelled() {
@@ -325,12 +375,16 @@ impl Session {
             }
             if self.lost_tx.is_some() {
                 if !Box::pin(self.answer_lost_transaction()).await? {
-                    return Ok(());
+                    return Ok(Ended::Left);
                 }
                 continue;
             }
-            if held.is_none() && !self.wait_for_request().await? {
-                return Ok(());
+            if held.is_none() {
+                match self.wait_for_request().await? {
+                    Wait::Request => {}
+                    Wait::Left => return Ok(Ended::Left),
+                    Wait::Rest => return Ok(Ended::Resting),
+                }
             }
             if held.is_none() {
                 if let Some(answer) = self.prepare_locally() {
@@ -342,7 +396,7 @@ impl Session {
                 }
             }
             if Box::pin(self.attached(&mut held)).await? == Attachment::ClientGone {
-                return Ok(());
+                return Ok(Ended::Left);
             }
         }
     }
@@ -616,15 +670,16 @@ impl Session {
     }
 
     /// Waits, holding no server and no buffers, until the client sent at
-    /// least one whole message header. Returns false when the client left.
-    async fn wait_for_request(&mut self) -> Result<bool, ClientError> {
+    /// least one whole message header, left, or was idle long enough to
+    /// rest (see `rest`).
+    async fn wait_for_request(&mut self) -> Result<Wait, ClientError> {
         loop {
             self.scan_up()?;
             if self.terminated && self.up.scanned == 0 {
-                return Ok(false);
+                return Ok(Wait::Left);
             }
             if self.up.scanned > 0 {
-                return Ok(true);
+                return Ok(Wait::Request);
             }
             self.up.shrink();
             self.down.shrink();
@@ -634,12 +689,14 @@ impl Session {
             if self.expect.is_empty() {
                 self.expect = VecDeque::new();
             }
+            let can_rest = self.can_rest();
             let (client, shutdown) = (&mut self.client, &self.app.shutdown);
             tokio::select! {
                 ready = poll_fn(|cx| client.poll_read_ready(cx)) => {
                     ready.map_err(ClientError::ClientIo)?
                 }
                 _ = shutdown.cancelled() => return Err(ClientError::Shutdown),
+                _ = tokio::time::sleep(rest::REST_AFTER), if can_rest => return Ok(Wait::Rest),
             }
             self.up.reserve();
             // poll_read (unlike try_read) clears readiness after a short
@@ -651,7 +708,7 @@ impl Session {
                 }
             });
             match read.await {
-                Ok(0) => return Ok(false),
+                Ok(0) => return Ok(Wait::Left),
                 Ok(n) => {
                     self.app.metrics.bytes_in.inc_by(n as u64);
                 }
