@@ -71,7 +71,7 @@ async fn admin_console_answers_show_commands_during_load() {
                     .clients
                     .list()
                     .iter()
-                    .filter(|c| c.database == "app")
+                    .filter(|c| &*c.database == "app")
                     .count()
                     == 4
         },

@@ -88,13 +88,14 @@ async fn sigterm_lets_a_running_transaction_commit_then_exits_0() {
     assert_eq!(count[0][0].as_deref(), Some("2"));
 }
 
-/// A client resting without a task (idle over a second) hears 57P01 at
-/// SIGTERM like any idle client, and pgheal does not wait for it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_reaches_a_resting_client() {
-    let node = app_node().await;
+/// pgheal as its own process in transaction mode with an admin user, a
+/// long shutdown_timeout (a test passing within its deadlines never waited
+/// for it), and the app URL.
+async fn pgheal_process(
+    node: &pgheal::testkit::localpg::PgNode,
+    dir: &tempfile::TempDir,
+) -> (tokio::process::Child, String, u16) {
     let port = free_port();
-    let dir = tempfile::tempdir().expect("temp dir");
     let config = dir.path().join("pgheal.toml");
     std::fs::write(
         &config,
@@ -108,7 +109,7 @@ async fn sigterm_reaches_a_resting_client() {
         ),
     )
     .expect("write config");
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgheal"))
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgheal"))
         .arg("--config")
         .arg(&config)
         .stderr(Stdio::null())
@@ -117,6 +118,37 @@ async fn sigterm_reaches_a_resting_client() {
         .expect("start pgheal");
     let url = format!("postgres://app:{APP_PASSWORD}@127.0.0.1:{port}/app");
     wait_accepting(&url).await;
+    (child, url, port)
+}
+
+/// SIGTERM; the client's connection ends with 57P01 and pgheal exits 0
+/// without waiting out shutdown_timeout.
+async fn sigterm_ends(
+    mut child: tokio::process::Child,
+    conn: tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
+) {
+    let pid = Pid::from_raw(child.id().expect("pid") as i32);
+    kill(pid, Signal::SIGTERM).expect("SIGTERM");
+    let ended = tokio::time::timeout(Duration::from_secs(30), conn)
+        .await
+        .expect("client closed within 30 s")
+        .expect("connection task");
+    let e = ended.expect_err("the client's connection ends with an error");
+    assert_eq!(code(&e), "57P01");
+    let status = tokio::time::timeout(Duration::from_secs(60), child.wait())
+        .await
+        .expect("pgheal exits once its clients are gone")
+        .expect("wait");
+    assert!(status.success(), "exit status {status}");
+}
+
+/// A client resting without a task (idle over a moment) hears 57P01 at
+/// SIGTERM like any idle client, and pgheal does not wait for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_reaches_a_resting_client() {
+    let node = app_node().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (child, url, port) = pgheal_process(&node, &dir).await;
     let (idle, idle_conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
         .await
         .expect("idle client");
@@ -134,19 +166,24 @@ async fn sigterm_reaches_a_resting_client() {
     })
     .await;
     drop(admin);
+    sigterm_ends(child, idle_conn).await;
+}
 
-    let pid = Pid::from_raw(child.id().expect("pid") as i32);
-    kill(pid, Signal::SIGTERM).expect("SIGTERM");
-    let ended = tokio::time::timeout(Duration::from_secs(30), idle_conn)
+/// A transaction-mode client pinned to its server (an advisory lock) is
+/// attached between its transactions: it too hears 57P01 at SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_reaches_a_pinned_client() {
+    let node = app_node().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (child, url, _) = pgheal_process(&node, &dir).await;
+    let (pinned, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
         .await
-        .expect("resting client closed within 30 s")
-        .expect("connection task");
-    let e = ended.expect_err("the resting client's connection ends with an error");
-    assert_eq!(code(&e), "57P01");
-    // Well within shutdown_timeout: nothing waits for the resting client.
-    let status = tokio::time::timeout(Duration::from_secs(60), child.wait())
+        .expect("client");
+    let conn = tokio::spawn(conn);
+    pinned
+        .simple_query("SELECT pg_advisory_lock(1)")
         .await
-        .expect("pgheal exits once its clients are gone")
-        .expect("wait");
-    assert!(status.success(), "exit status {status}");
+        .expect("lock");
+    pinned.simple_query("SELECT 1").await.expect("query");
+    sigterm_ends(child, conn).await;
 }

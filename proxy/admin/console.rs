@@ -256,10 +256,8 @@ fn pools(app: &App) -> Table {
     // Each client's state is read once, so a client moving from active to
     // idle while the table is built is counted in one column, not two.
     let clients = app.clients.list();
-    let states: Vec<(&str, ClientState)> = clients
-        .iter()
-        .map(|c| (c.database.as_str(), c.state()))
-        .collect();
+    let states: Vec<(&str, ClientState)> =
+        clients.iter().map(|c| (&*c.database, c.state())).collect();
     let count = |db: &str, state: ClientState| {
         states
             .iter()
@@ -344,8 +342,8 @@ fn clients(app: &App) -> Table {
     for c in app.clients.list() {
         t = t.row(vec![
             c.id.to_string(),
-            c.user.clone(),
-            c.database.clone(),
+            c.user.to_string(),
+            c.database.to_string(),
             c.peer.to_string(),
             c.state().as_str().to_string(),
             c.tls.to_string(),

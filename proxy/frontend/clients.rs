@@ -2,7 +2,7 @@
 //! the session ends; the state is an atomic the session sets as it attaches
 //! to and detaches from servers.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -36,8 +36,9 @@ impl ClientState {
 pub struct ClientInfo {
     pub id: u64,
     pub peer: SocketAddr,
-    pub user: String,
-    pub database: String,
+    /// Shared by every client of that name (see `Clients::intern`).
+    pub user: Arc<str>,
+    pub database: Arc<str>,
     pub tls: bool,
     pub since: Instant,
     state: AtomicU8,
@@ -73,7 +74,11 @@ impl ClientInfo {
 pub struct Clients {
     next: AtomicU64,
     map: Mutex<BTreeMap<u64, Arc<ClientInfo>>>,
+    names: Mutex<HashSet<Arc<str>>>,
 }
+
+/// Distinct user and database names shared at most.
+const MAX_NAMES: usize = 1024;
 
 impl Clients {
     pub fn add(
@@ -87,8 +92,8 @@ impl Clients {
         let info = Arc::new(ClientInfo {
             id,
             peer,
-            user: user.to_string(),
-            database: database.to_string(),
+            user: self.intern(user),
+            database: self.intern(database),
             tls,
             since: Instant::now(),
             state: AtomicU8::new(ClientState::Idle as u8),
@@ -99,6 +104,24 @@ impl Clients {
             info,
             clients: self.clone(),
         }
+    }
+
+    /// One shared copy of each user and database name clients use.
+    fn intern(&self, name: &str) -> Arc<str> {
+        let mut names = lock(&self.names);
+        if let Some(known) = names.get(name) {
+            return known.clone();
+        }
+        let name: Arc<str> = Arc::from(name);
+        // Names of clients long gone are not kept forever; past the limit
+        // a name is not shared.
+        if names.len() >= MAX_NAMES {
+            names.retain(|n| Arc::strong_count(n) > 1);
+        }
+        if names.len() < MAX_NAMES {
+            names.insert(name.clone());
+        }
+        name
     }
 
     pub fn list(&self) -> Vec<Arc<ClientInfo>> {

@@ -181,6 +181,8 @@ enum PumpEnd {
     Verified,
     /// A replay's replies differed from what the client had been passed.
     Mismatch,
+    /// The client got pinned: the attachment watches for shutdown now.
+    Rewatch,
 }
 
 /// How a session's task ended without an error.
@@ -196,6 +198,14 @@ enum Wait {
     Request,
     Left,
     Rest,
+}
+
+/// Until `token` is cancelled; never without one.
+async fn cancelled(token: Option<&tokio_util::sync::CancellationToken>) {
+    match token {
+        Some(token) => token.cancelled().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Serves a client in this task until it leaves, closes or rests.
@@ -271,6 +281,8 @@ pub struct Session {
     pinned: Option<Pinned>,
     /// pgheal is shutting down: end the client once its work is done.
     closing: bool,
+    /// The attachment watches for a shutdown (see `attached`).
+    watching_shutdown: bool,
     /// When the running transaction's first message arrived.
     tx_started: Option<std::time::Instant>,
     /// This client's entry in SHOW CLIENTS.
@@ -314,6 +326,7 @@ impl Session {
             startup: None,
             pinned: None,
             closing: false,
+            watching_shutdown: false,
             tx_started: None,
             registered,
             cancel: app.cancels.register(),
@@ -414,7 +427,6 @@ impl Session {
                 }
             },
         };
-        let shutdown = self.app.shutdown.clone();
         let _active = Active::new(&self.app);
         self.registered.info.set_state(if self.pinned.is_some() {
             ClientState::Pinned
@@ -424,11 +436,21 @@ impl Session {
         let mut nodes = self.target.cluster.subscribe();
         let node = lease.pool().shared_addr().clone();
         let end = loop {
+            // Only an attachment that outlives its transaction (session
+            // mode, a pinned client) watches for a shutdown: any other ends
+            // with its transaction, and the serve loop then sees it. So the
+            // common transaction registers nothing on the shared token.
+            self.watching_shutdown =
+                !self.closing && (self.mode == PoolMode::Session || self.pinned.is_some());
+            let shutdown = self.watching_shutdown.then(|| self.app.shutdown.clone());
             tokio::select! {
                 biased;
-                end = poll_fn(|cx| self.poll_pump(cx, lease.conn())) => break end,
+                end = poll_fn(|cx| self.poll_pump(cx, lease.conn())) => match end {
+                    PumpEnd::Rewatch => continue,
+                    end => break end,
+                },
                 // Finish what runs, then end the client (see poll_pump).
-                _ = shutdown.cancelled(), if !self.closing => self.closing = true,
+                _ = cancelled(shutdown.as_ref()) => self.closing = true,
                 // A held read on a node the health checks now take for down
                 // (a blackholed network answers nothing and closes nothing)
                 // runs elsewhere instead of waiting on it.
@@ -443,6 +465,7 @@ impl Session {
                 }
             }
         };
+        self.watching_shutdown = false;
         tracing::debug!(?end, "detached from the server");
         self.registered.info.set_state(ClientState::Idle);
         self.after_pump(end, held).await
@@ -492,8 +515,9 @@ impl Session {
                 self.detach(held.take(), false);
                 Err(e)
             }
-            // Only inside a replay, which waits for them itself.
-            PumpEnd::Verified | PumpEnd::Mismatch => {
+            // Only inside a replay, which waits for them itself; `attached`
+            // polls again on Rewatch.
+            PumpEnd::Verified | PumpEnd::Mismatch | PumpEnd::Rewatch => {
                 self.detach(held.take(), false);
                 Ok(Attachment::Detached)
             }
@@ -588,6 +612,8 @@ impl Session {
     async fn start_transaction(&mut self) -> Result<Lease, ClientError> {
         let target = self.target.clone();
         tokio::select! {
+            // Not paused, nearly always: the shutdown token is not touched.
+            biased;
             _ = target.unpaused() => {}
             _ = self.app.shutdown.cancelled() => return Err(ClientError::Shutdown),
         }
@@ -695,7 +721,8 @@ impl Session {
                 ready = poll_fn(|cx| client.poll_read_ready(cx)) => {
                     ready.map_err(ClientError::ClientIo)?
                 }
-                _ = shutdown.cancelled() => return Err(ClientError::Shutdown),
+                // A client that can rest hears a shutdown when it does.
+                _ = shutdown.cancelled(), if !can_rest => return Err(ClientError::Shutdown),
                 _ = tokio::time::sleep(rest::REST_AFTER), if can_rest => return Ok(Wait::Rest),
             }
             self.up.reserve();

@@ -409,6 +409,15 @@ impl Session {
             if flushed && self.releasable() {
                 return Poll::Ready(PumpEnd::Released);
             }
+            if !progress
+                && self.pinned.is_some()
+                && !self.watching_shutdown
+                && self.verify.is_none()
+            {
+                // Pinned now: the attachment outlives this transaction, so
+                // it must hear a shutdown (see `Session::attached`).
+                return Poll::Ready(PumpEnd::Rewatch);
+            }
             if !progress {
                 tracing::trace!(pending = self.flight.pending, owed = self.flight.owed, tx = ?self.flight.tx, up = self.up.buf.len(), wire = self.wire.buf.len(), down = self.down.buf.len(), expect = ?self.expect, "pump waits");
                 return Poll::Pending;

@@ -36,7 +36,7 @@ use super::route::Fence;
 /// How long a client waits idle, holding its task, before it rests. Short
 /// enough that idle clients cost little soon; long enough that a client
 /// in steady use never rests (resting and waking cost a task each).
-pub(super) const REST_AFTER: Duration = Duration::from_secs(1);
+pub(super) const REST_AFTER: Duration = Duration::from_millis(100);
 
 /// What a session keeps between transactions: everything else starts
 /// afresh at the next request.
@@ -47,12 +47,12 @@ pub(super) struct Rested {
     pool: Arc<Pool>,
     app: Arc<App>,
     target: Arc<Target>,
-    user: String,
-    node_pools: Vec<Option<Arc<Pool>>>,
     cancel: Registration,
-    statements: ClientStatements,
+    /// Boxed: most clients have none of these (Rested stays small).
+    statements: Option<Box<ClientStatements>>,
     startup: Option<Box<Params>>,
-    fence: Option<Fence>,
+    fence: Option<Box<Fence>>,
+    /// Also has the user's name.
     registered: Registered,
     translating: bool,
     replays: bool,
@@ -178,9 +178,10 @@ impl Session {
             pool,
             app,
             target,
-            user,
+            // The name is in `registered`; pools are found again.
+            user: _,
             topology: _,
-            node_pools,
+            node_pools: _,
             cancel,
             flight: _,
             terminated: _,
@@ -204,6 +205,7 @@ impl Session {
             startup,
             pinned: _,
             closing: _,
+            watching_shutdown: _,
             tx_started: _,
             registered,
             replays,
@@ -217,12 +219,10 @@ impl Session {
             pool,
             app,
             target,
-            user,
-            node_pools,
             cancel,
-            statements,
+            statements: (!statements.is_empty()).then(|| Box::new(statements)),
             startup,
-            fence,
+            fence: fence.map(Box::new),
             registered,
             translating,
             replays,
@@ -241,10 +241,10 @@ impl Session {
             mode: r.mode,
             pool: r.pool,
             topology: r.target.cluster.subscribe(),
+            node_pools: vec![None; r.target.database.nodes.len()],
+            user: r.registered.info.user.to_string(),
             app: r.app,
             target: r.target,
-            user: r.user,
-            node_pools: r.node_pools,
             cancel: r.cancel,
             flight: InFlight::IDLE,
             terminated: false,
@@ -257,22 +257,43 @@ impl Session {
             holding: false,
             rerun: None,
             unshare: false,
-            fence: r.fence,
+            fence: r.fence.map(|f| *f),
             translating: r.translating,
             wire: Flow::new(usize::MAX),
             xl: Scanner::new(usize::MAX),
             expect: VecDeque::new(),
             out_of_step: false,
-            statements: r.statements,
+            statements: r.statements.map(|s| *s).unwrap_or_default(),
             dirty: None,
             startup: r.startup,
             pinned: None,
             closing: false,
+            watching_shutdown: false,
             tx_started: None,
             registered: r.registered,
             replays: r.replays,
             verify: None,
             slot: r.slot,
         }
+    }
+}
+
+#[cfg(test)]
+mod size_probe {
+    #[test]
+    fn sizes() {
+        use std::mem::size_of;
+        eprintln!(
+            "Rested {} Bench {} Stream {} Fence {} ClientStatements {} Registration {} Session {} ClientInfo {} Params {}",
+            size_of::<super::Rested>(),
+            size_of::<super::Bench>(),
+            size_of::<crate::net::stream::Stream>(),
+            size_of::<super::Fence>(),
+            size_of::<super::ClientStatements>(),
+            size_of::<super::Registration>(),
+            size_of::<super::Session>(),
+            size_of::<crate::frontend::clients::ClientInfo>(),
+            size_of::<super::Params>(),
+        );
     }
 }
