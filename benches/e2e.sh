@@ -273,9 +273,26 @@ PY
 done
 
 [ "$IDLE" -gt 0 ] || exit 0
+# Idle clients are measured on fresh processes of both proxies.
+idle_heal_port=$(free_port); idle_bouncer_port=$(free_port)
+sed "s/^listen = .*/listen = \"127.0.0.1:$idle_heal_port\"/" "$work/pgheal.toml" > "$work/idle.toml"
+RUST_LOG=warn "${pin[@]}" "$heal_bin" --config "$work/idle.toml" >"$work/idle-heal.log" 2>&1 &
+idle_heal_pid=$!; pids+=("$idle_heal_pid")
+sed -e "s/^listen_port = .*/listen_port = $idle_bouncer_port/" \
+    -e "s#pgbouncer.log#pgbouncer-idle.log#" -e "s#pgbouncer.pid#pgbouncer-idle.pid#" \
+    "$work/pgbouncer.ini" > "$work/pgbouncer-idle.ini"
+chmod 644 "$work/pgbouncer-idle.ini"
+(ulimit -n $((IDLE + 1000)) 2>/dev/null || true; "${pin[@]}" "${as_pg_nopam[@]}" pgbouncer -q "$work/pgbouncer-idle.ini") &
+for _ in $(seq 100); do [ -s "$work/pgbouncer-idle.pid" ] && break; sleep 0.1; done
+idle_bouncer_pid=$(cat "$work/pgbouncer-idle.pid"); pids+=("$idle_bouncer_pid")
+for _ in $(seq 100); do
+    psql -qXAt -h 127.0.0.1 -p "$idle_heal_port" -U idle app -c 'select 1' >/dev/null 2>&1 &&
+    psql -qXAt -h 127.0.0.1 -p "$idle_bouncer_port" -U idle app -c 'select 1' >/dev/null 2>&1 && break
+    sleep 0.1
+done
 echo
-echo "RSS with $IDLE idle clients, each logged in and ran one SELECT (clients, KiB before, KiB after, bytes per client):"
-heal_mem=$(python3 benches/idle_clients.py 127.0.0.1 "$heal_port" idle app "$IDLE" "$heal_pid" 2>&1 | tail -1 || true)
-bouncer_mem=$(python3 benches/idle_clients.py 127.0.0.1 "$bouncer_port" idle app "$IDLE" "$bouncer_pid" 2>&1 | tail -1 || true)
+echo "RSS with $IDLE idle clients, each logged in and ran one SELECT, fresh processes, after ${SETTLE:-12} s idle (clients, KiB before, KiB after, bytes per client):"
+heal_mem=$(python3 benches/idle_clients.py 127.0.0.1 "$idle_heal_port" idle app "$IDLE" "$idle_heal_pid" 2>&1 | tail -1 || true)
+bouncer_mem=$(python3 benches/idle_clients.py 127.0.0.1 "$idle_bouncer_port" idle app "$IDLE" "$idle_bouncer_pid" 2>&1 | tail -1 || true)
 echo "pgheal    $heal_mem"
 echo "pgbouncer $bouncer_mem"

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Opens N connections to a PostgreSQL-protocol server, logs each in as a
 trust user (no password round trip) with the startup parameters a driver
-sends, runs one query on each, holds them idle, and prints the server
-process's RSS before and after:
+sends, runs one query on each, holds them idle for SETTLE seconds (default
+12), and prints the server process's RSS before and after:
 
     idle_clients.py HOST PORT USER DB N PID
     -> "N RSS_BEFORE_KIB RSS_AFTER_KIB BYTES_PER_CLIENT"

@@ -290,7 +290,8 @@ impl Pool {
 
     fn put_back(&self, conn: ServerConn, permit: OwnedSemaphorePermit) {
         // Past its lifetime, drained, or beyond a lowered pool_size: closed.
-        let retire = conn.created.elapsed() >= self.limits.server_lifetime
+        let now = Instant::now();
+        let retire = now.duration_since(conn.created) >= self.limits.server_lifetime
             || self.is_draining()
             || self.owed.load(Relaxed) > 0
             || self.retired.load(Relaxed);
@@ -300,7 +301,7 @@ impl Pool {
             lock(&self.idle).push(Idle {
                 conn,
                 permit,
-                since: Instant::now(),
+                since: now,
             });
         }
         self.returned.notify_one();

@@ -394,35 +394,45 @@ impl Session {
                     Poll::Pending => {}
                 }
             }
-            // TLS keeps what was written in its own buffer until flushed.
-            let flushed = match flush_tls(cx, &mut self.client) {
-                Poll::Ready(Ok(())) => true,
-                Poll::Ready(Err(_)) => return Poll::Ready(PumpEnd::ClientGone),
-                Poll::Pending => false,
-            };
-            if let Poll::Ready(Err(e)) = flush_tls(cx, &mut conn.stream) {
-                return Poll::Ready(PumpEnd::ServerLost(e));
-            }
-            if flushed && self.closing && self.idle() {
-                return Poll::Ready(PumpEnd::Closing);
-            }
-            if flushed && self.releasable() {
-                return Poll::Ready(PumpEnd::Released);
-            }
-            if !progress
-                && self.pinned.is_some()
-                && !self.watching_shutdown
-                && self.verify.is_none()
-            {
-                // Pinned now: the attachment outlives this transaction, so
-                // it must hear a shutdown (see `Session::attached`).
-                return Poll::Ready(PumpEnd::Rewatch);
-            }
-            if !progress {
-                tracing::trace!(pending = self.flight.pending, owed = self.flight.owed, tx = ?self.flight.tx, up = self.up.buf.len(), wire = self.wire.buf.len(), down = self.down.buf.len(), expect = ?self.expect, "pump waits");
-                return Poll::Pending;
+            if let Some(poll) = self.settle(cx, conn, progress) {
+                return poll;
             }
         }
+    }
+
+    /// After a round of reads and writes: flushes TLS and tells whether the
+    /// attachment ends (Ready), waits (Pending), or goes on (None).
+    fn settle(
+        &mut self,
+        cx: &mut Context<'_>,
+        conn: &mut ServerConn,
+        progress: bool,
+    ) -> Option<Poll<PumpEnd>> {
+        // TLS keeps what was written in its own buffer until flushed.
+        let flushed = match flush_tls(cx, &mut self.client) {
+            Poll::Ready(Ok(())) => true,
+            Poll::Ready(Err(_)) => return Some(Poll::Ready(PumpEnd::ClientGone)),
+            Poll::Pending => false,
+        };
+        if let Poll::Ready(Err(e)) = flush_tls(cx, &mut conn.stream) {
+            return Some(Poll::Ready(PumpEnd::ServerLost(e)));
+        }
+        if flushed && self.closing && self.idle() {
+            return Some(Poll::Ready(PumpEnd::Closing));
+        }
+        if flushed && self.releasable() {
+            return Some(Poll::Ready(PumpEnd::Released));
+        }
+        if progress {
+            return None;
+        }
+        if self.pinned.is_some() && !self.watching_shutdown && self.verify.is_none() {
+            // Pinned now: the attachment outlives this transaction, so it
+            // must hear a shutdown (see `Session::attached`).
+            return Some(Poll::Ready(PumpEnd::Rewatch));
+        }
+        tracing::trace!(pending = self.flight.pending, owed = self.flight.owed, tx = ?self.flight.tx, up = self.up.buf.len(), wire = self.wire.buf.len(), down = self.down.buf.len(), expect = ?self.expect, "pump waits");
+        Some(Poll::Pending)
     }
 
     pub(super) fn poll_client_read(&mut self, cx: &mut Context<'_>) -> Result<bool, PumpEnd> {

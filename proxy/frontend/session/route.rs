@@ -143,10 +143,12 @@ impl Session {
             let config = self.app.config();
             (config.failover.write_wait, config.health.interval)
         };
-        let deadline = tokio::time::Instant::now() + waited;
+        // Clocks are read only when needed (not for the common request,
+        // routed at the first look).
+        let mut deadline = None;
         // A node just lost or found unreachable is avoided until a probe
         // after this moment finds it up again (a restart in place).
-        let lost_at = std::time::Instant::now();
+        let lost_at = rerun.is_some().then(std::time::Instant::now);
         loop {
             let topology = self.topology.borrow_and_update().clone();
             // After a lost server, prefer another node; the same node is
@@ -156,7 +158,9 @@ impl Session {
                     let mut t = (*topology).clone();
                     t.nodes
                         .iter_mut()
-                        .filter(|n| n.addr == *lost && n.probed_at.is_none_or(|p| p <= lost_at))
+                        .filter(|n| {
+                            n.addr == *lost && n.probed_at.is_none_or(|p| Some(p) <= lost_at)
+                        })
                         .for_each(|n| n.role = Role::Down);
                     Some(t)
                 }
@@ -170,10 +174,12 @@ impl Session {
                 (Some(Decision::Node(i)), _) => Decision::Node(i),
                 _ => decide(&topology),
             };
-            let expired = tokio::time::Instant::now() >= deadline;
             if let Decision::Node(i) = decision {
                 return Ok(self.node_pool(i));
             }
+            let now = tokio::time::Instant::now();
+            let deadline = *deadline.get_or_insert(now + waited);
+            let expired = now >= deadline;
             if expired && decision == Decision::NoPrimary {
                 if let Some(i) = self.after_write_wait(&topology, intent, read_routing, fit) {
                     return Ok(self.node_pool(i));
@@ -190,7 +196,7 @@ impl Session {
             // waiting for its client's write to be replayed looks again at
             // each probe.
             let until = match intent.reads_only() {
-                true => deadline.min(tokio::time::Instant::now() + probe_interval),
+                true => deadline.min(now + probe_interval),
                 false => deadline,
             };
             let _ = tokio::time::timeout_at(until, self.topology.changed()).await;
