@@ -102,8 +102,23 @@ pub(crate) mod spare {
         });
     }
 
+    /// Frees this thread's spares beyond `n`: when its clients go quiet
+    /// (they rest), the buffers kept for busy times need not stay.
+    pub(crate) fn keep_at_most(n: usize) {
+        SPARE.with(|s| s.borrow_mut().truncate(n));
+    }
+
     #[cfg(test)]
     mod tests {
+        #[test]
+        fn quiet_threads_keep_few_spares() {
+            let bufs: Vec<_> = (0..10).map(|_| super::take()).collect();
+            bufs.into_iter().for_each(super::give);
+            super::keep_at_most(2);
+            let kept = super::SPARE.with(|s| s.borrow().len());
+            assert_eq!(kept, 2);
+        }
+
         #[test]
         fn buffers_come_back_empty_and_whole() {
             let mut b = super::take();

@@ -106,10 +106,15 @@ impl Drop for Bench {
     }
 }
 
+/// Read buffers a thread keeps for its next transactions once one of its
+/// clients rests (a quiet time): busy threads keep more (`spare`).
+const QUIET_SPARES: usize = 4;
+
 /// Lets the session's task end with the client kept by its socket.
 pub(super) fn rest(session: Box<Session>) {
     let app = session.app.clone();
     counted(&app, true);
+    crate::net::flow::spare::keep_at_most(QUIET_SPARES);
     let bench = Arc::new(Bench {
         rested: Mutex::new(Some(session.into_rested())),
     });
@@ -275,25 +280,5 @@ impl Session {
             verify: None,
             slot: r.slot,
         }
-    }
-}
-
-#[cfg(test)]
-mod size_probe {
-    #[test]
-    fn sizes() {
-        use std::mem::size_of;
-        eprintln!(
-            "Rested {} Bench {} Stream {} Fence {} ClientStatements {} Registration {} Session {} ClientInfo {} Params {}",
-            size_of::<super::Rested>(),
-            size_of::<super::Bench>(),
-            size_of::<crate::net::stream::Stream>(),
-            size_of::<super::Fence>(),
-            size_of::<super::ClientStatements>(),
-            size_of::<super::Registration>(),
-            size_of::<super::Session>(),
-            size_of::<crate::frontend::clients::ClientInfo>(),
-            size_of::<super::Params>(),
-        );
     }
 }
