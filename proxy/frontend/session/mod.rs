@@ -304,57 +304,29 @@ impl Session {
         slot: ClientSlot,
     ) -> Session {
         let client = *client;
-        let max = app.config().proxy.max_message_size;
         let mode = app.config().proxy.pool_mode;
-        let topology = target.cluster.subscribe();
-        let pool = app.pool_for(&target, &client.user);
-        let mut up = Flow::new(max);
-        up.buf = client.buf;
         let translating =
             mode == PoolMode::Transaction && app.config().pool.max_prepared_statements > 0;
-        let replays = translating && app.config().failover.replay;
-        Session {
-            replays,
-            verify: None,
-            translating,
-            wire: Flow::new(usize::MAX),
-            xl: Scanner::new(usize::MAX),
-            expect: VecDeque::new(),
-            out_of_step: false,
-            statements: ClientStatements::default(),
-            dirty: None,
-            startup: None,
-            pinned: None,
-            closing: false,
-            watching_shutdown: false,
-            tx_started: None,
-            registered,
-            cancel: app.cancels.register(),
-            topology,
-            node_pools: vec![None; target.database.nodes.len()],
-            target,
-            user: client.user,
-            app,
+        let kept = rest::Rested {
             client: client.stream,
-            up,
-            down: Flow::with_scanner(server_scanner()),
             params: client.params,
             mode,
-            pool,
-            flight: InFlight::IDLE,
-            terminated: false,
-            client_eof: false,
-            dropping: false,
-            welcomed: false,
-            intent: Intent::Write,
-            lost_tx: None,
-            replay: None,
-            holding: false,
-            rerun: None,
-            unshare: false,
+            pool: app.pool_for(&target, &client.user),
+            cancel: app.cancels.register(),
+            replays: translating && app.config().failover.replay,
+            app,
+            target,
+            statements: None,
+            startup: None,
             fence: None,
+            registered,
+            translating,
             slot,
-        }
+        };
+        let mut session = Session::from_rested(kept);
+        session.welcomed = false;
+        session.up.buf = client.buf;
+        session
     }
 
     /// Sends the welcome (once) and serves the client until it leaves or

@@ -39,24 +39,24 @@ use super::route::Fence;
 pub(super) const REST_AFTER: Duration = Duration::from_millis(100);
 
 /// What a session keeps between transactions: everything else starts
-/// afresh at the next request.
+/// afresh at the next request (and a new session starts from one).
 pub(super) struct Rested {
-    client: Stream,
-    params: Params,
-    mode: PoolMode,
-    pool: Arc<Pool>,
-    app: Arc<App>,
-    target: Arc<Target>,
-    cancel: Registration,
+    pub(super) client: Stream,
+    pub(super) params: Params,
+    pub(super) mode: PoolMode,
+    pub(super) pool: Arc<Pool>,
+    pub(super) app: Arc<App>,
+    pub(super) target: Arc<Target>,
+    pub(super) cancel: Registration,
     /// Boxed: most clients have none of these (Rested stays small).
-    statements: Option<Box<ClientStatements>>,
-    startup: Option<Box<Params>>,
-    fence: Option<Box<Fence>>,
+    pub(super) statements: Option<Box<ClientStatements>>,
+    pub(super) startup: Option<Box<Params>>,
+    pub(super) fence: Option<Box<Fence>>,
     /// Also has the user's name.
-    registered: Registered,
-    translating: bool,
-    replays: bool,
-    slot: ClientSlot,
+    pub(super) registered: Registered,
+    pub(super) translating: bool,
+    pub(super) replays: bool,
+    pub(super) slot: ClientSlot,
 }
 
 /// A resting client, owned by the waker it is.
@@ -235,7 +235,9 @@ impl Session {
         }
     }
 
-    fn from_rested(r: Rested) -> Session {
+    /// A session from what it keeps between transactions: a resting one's,
+    /// or a new one's (`Session::new`).
+    pub(super) fn from_rested(r: Rested) -> Session {
         r.registered.info.set_resting(None);
         let max = r.app.config().proxy.max_message_size;
         Session {
