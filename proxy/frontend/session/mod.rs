@@ -229,7 +229,6 @@ pub struct Session {
     pool: Arc<Pool>,
     app: Arc<App>,
     target: Arc<Target>,
-    user: String,
     /// The topology as of the last routing decision; wakes degraded
     /// writes when roles change.
     topology: watch::Receiver<Arc<Topology>>,
@@ -285,7 +284,7 @@ pub struct Session {
     watching_shutdown: bool,
     /// When the running transaction's first message arrived.
     tx_started: Option<std::time::Instant>,
-    /// This client's entry in SHOW CLIENTS.
+    /// This client's entry in SHOW CLIENTS (also its user name).
     registered: Registered,
     /// Transactions of this client are recorded for a replay.
     replays: bool,

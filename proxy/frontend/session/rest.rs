@@ -52,7 +52,6 @@ pub(super) struct Rested {
     pub(super) statements: Option<Box<ClientStatements>>,
     pub(super) startup: Option<Box<Params>>,
     pub(super) fence: Option<Box<Fence>>,
-    /// Also has the user's name.
     pub(super) registered: Registered,
     pub(super) translating: bool,
     pub(super) replays: bool,
@@ -183,8 +182,7 @@ impl Session {
             pool,
             app,
             target,
-            // The name is in `registered`; pools are found again.
-            user: _,
+            // Pools are found again.
             topology: _,
             node_pools: _,
             cancel,
@@ -249,7 +247,6 @@ impl Session {
             pool: r.pool,
             topology: r.target.cluster.subscribe(),
             node_pools: vec![None; r.target.database.nodes.len()],
-            user: r.registered.info.user.to_string(),
             app: r.app,
             target: r.target,
             cancel: r.cancel,

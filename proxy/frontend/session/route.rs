@@ -309,7 +309,7 @@ impl Session {
         tracing::debug!(database = %target.database.name, "client follows the reloaded settings");
         self.topology = target.cluster.subscribe();
         self.node_pools = vec![None; target.database.nodes.len()];
-        self.pool = self.app.pool_for(&target, &self.user);
+        self.pool = self.app.pool_for(&target, &self.registered.info.user);
         self.target = target;
     }
 
@@ -324,7 +324,9 @@ impl Session {
             .get(node)
             .cloned()
             .unwrap_or_default();
-        let pool = self.app.pool_at(&self.target, &self.user, &addr);
+        let pool = self
+            .app
+            .pool_at(&self.target, &self.registered.info.user, &addr);
         if let Some(slot) = self.node_pools.get_mut(node) {
             *slot = Some(pool.clone());
         }
