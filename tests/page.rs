@@ -63,13 +63,18 @@ struct Browser {
     port: u16,
     session: String,
     _driver: tokio::process::Child,
+    /// chromedriver's TMPDIR: the browser profile it makes there goes
+    /// with the test (killed on drop, chromedriver cannot remove it).
+    _tmp: tempfile::TempDir,
 }
 
 impl Browser {
     async fn open(url: &str) -> Browser {
         let port = free_port();
+        let tmp = tempfile::tempdir().expect("a temporary directory");
         let driver = tokio::process::Command::new("chromedriver")
             .arg(format!("--port={port}"))
+            .env("TMPDIR", tmp.path())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .kill_on_drop(true)
@@ -100,6 +105,7 @@ impl Browser {
             port,
             session,
             _driver: driver,
+            _tmp: tmp,
         };
         let size = json!({"width": 1100, "height": 1500});
         browser.call("POST", "window/rect", Some(size)).await;
