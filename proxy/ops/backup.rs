@@ -280,7 +280,8 @@ fn remove_stale(dir: &Path, database: &str) {
     let prefix = format!(".{database}-");
     for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        if name.starts_with(&prefix) && name.ends_with(".dump.tmp") {
+        let unfinished = name.ends_with(".dump.tmp") || name.ends_with(".dump.json.tmp");
+        if name.starts_with(&prefix) && unfinished {
             tracing::warn!(file = %name, "removing an unfinished backup");
             let _ = std::fs::remove_file(e.path());
         }
@@ -570,6 +571,36 @@ mod tests {
         assert_eq!(
             until_next(&Schedule::Every(Duration::from_secs(7)), UNIX_EPOCH),
             Duration::from_secs(7)
+        );
+    }
+
+    #[test]
+    fn unfinished_files_of_the_database_are_removed_and_nothing_else() {
+        let dir = tempfile::tempdir().expect("dir");
+        let names = [
+            ".app-20261201T000000Z.dump.tmp",
+            ".app-20261201T000000Z.dump.json.tmp",
+            "app-20261130T000000Z.dump",
+            "app-20261130T000000Z.dump.json",
+            ".other-20261201T000000Z.dump.tmp",
+        ];
+        for name in names {
+            std::fs::write(dir.path().join(name), b"x").expect("write");
+        }
+        remove_stale(dir.path(), "app");
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .expect("list")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            [
+                ".other-20261201T000000Z.dump.tmp",
+                "app-20261130T000000Z.dump",
+                "app-20261130T000000Z.dump.json",
+            ]
         );
     }
 }

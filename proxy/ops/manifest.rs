@@ -70,11 +70,15 @@ impl Manifest {
     }
 
     /// Writes it beside `dump`, through a temporary file and a rename, so a
-    /// reader never sees half of one.
+    /// reader never sees half of one. The temporary file is hidden
+    /// (`.NAME-….dump.json.tmp`), like a dump being written, so that what
+    /// lists backups never takes it for one.
     pub fn write(&self, dump: &Path) -> std::io::Result<()> {
         let path = path_of(dump);
-        let mut tmp = path.clone().into_os_string();
-        tmp.push(".tmp");
+        let mut hidden = std::ffi::OsString::from(".");
+        hidden.push(path.file_name().unwrap_or_default());
+        hidden.push(".tmp");
+        let tmp = path.with_file_name(hidden);
         let text = serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?;
         std::fs::write(&tmp, text)?;
         std::fs::File::open(&tmp)?.sync_all()?;
@@ -198,6 +202,11 @@ mod tests {
         assert_eq!(Manifest::read(&dump), None);
         recorded.write(&dump).expect("write");
         assert_eq!(Manifest::read(&dump), Some(recorded));
-        assert!(dir.path().join("app-20261201T000000Z.dump.json").is_file());
+        let files: Vec<_> = std::fs::read_dir(dir.path())
+            .expect("list")
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(files, ["app-20261201T000000Z.dump.json"]);
     }
 }
