@@ -42,7 +42,7 @@ pub async fn serve(app: Arc<App>, client: Box<LoggedIn>) -> Result<(), ClientErr
     ] {
         build::parameter_status(&mut out, name.as_bytes(), value.as_bytes());
     }
-    build::backend_key_data(&mut out, app.cancels.register().key);
+    build::backend_key_data(&mut out, crate::frontend::cancel::random_key(None));
     build::ready_for_query(&mut out, TxStatus::Idle);
     stream.send(&out).await.map_err(ClientError::ClientIo)?;
     tracing::info!(%user, "admin console opened");

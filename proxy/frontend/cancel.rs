@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use crate::frontend::clients::ClientInfo;
 use crate::sync::lock;
 use std::time::Duration;
 
@@ -25,7 +26,7 @@ struct Target {
 }
 
 /// Where one client's requests run, for its cancel requests and for the
-/// pid of notifications its server sessions send.
+/// pid of notifications its server sessions send (in the client's entry).
 #[derive(Default)]
 pub struct CancelSlot {
     target: Mutex<Slot>,
@@ -59,15 +60,15 @@ impl CancelSlot {
     }
 }
 
+/// Clients by their cancel key.
 #[derive(Default)]
 pub struct CancelRegistry {
-    clients: Mutex<HashMap<CancelKey, Arc<CancelSlot>>>,
+    clients: Mutex<HashMap<CancelKey, Arc<ClientInfo>>>,
 }
 
 /// A client's entry in the registry, removed on drop.
 pub struct Registration {
     pub key: CancelKey,
-    pub slot: Arc<CancelSlot>,
     registry: Arc<CancelRegistry>,
 }
 
@@ -79,35 +80,27 @@ impl Drop for Registration {
 
 impl CancelRegistry {
     /// Gives a client a fresh random key from the OS generator.
-    pub fn register(self: &Arc<Self>) -> Registration {
-        self.register_with(None)
+    pub fn register(self: &Arc<Self>, client: &Arc<ClientInfo>) -> Registration {
+        self.register_with(client, None)
     }
 
     /// A key whose pid is `pid` (the real server's, in session mode) and
     /// whose secret is pgheal's own, random.
-    pub fn register_as(self: &Arc<Self>, pid: i32) -> Registration {
-        self.register_with(Some(pid))
+    pub fn register_as(self: &Arc<Self>, client: &Arc<ClientInfo>, pid: i32) -> Registration {
+        self.register_with(client, Some(pid))
     }
 
-    fn register_with(self: &Arc<Self>, pid: Option<i32>) -> Registration {
-        let slot = Arc::new(CancelSlot::default());
+    fn register_with(self: &Arc<Self>, client: &Arc<ClientInfo>, pid: Option<i32>) -> Registration {
         let mut clients = lock(&self.clients);
         let key = loop {
-            let mut bytes = [0u8; 8];
-            rand::rngs::OsRng.fill_bytes(&mut bytes);
-            let random_pid = i32::from_be_bytes([bytes[0] & 0x7f, bytes[1], bytes[2], bytes[3]]);
-            let key = CancelKey {
-                pid: pid.unwrap_or(random_pid),
-                secret: i32::from_be_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]),
-            };
+            let key = random_key(pid);
             if !clients.contains_key(&key) {
                 break key;
             }
         };
-        clients.insert(key, slot.clone());
+        clients.insert(key, client.clone());
         Registration {
             key,
-            slot,
             registry: self.clone(),
         }
     }
@@ -120,8 +113,8 @@ impl CancelRegistry {
     pub fn client_pid(&self, addr: &str, server_pid: i32) -> Option<i32> {
         let clients = lock(&self.clients);
         let mut best: Option<(bool, u64, i32)> = None;
-        for (key, slot) in clients.iter() {
-            let slot = lock(&slot.target);
+        for (key, client) in clients.iter() {
+            let slot = lock(&client.cancel.target);
             let Some(t) = &slot.last else { continue };
             if t.key.pid != server_pid || &*t.addr != addr {
                 continue;
@@ -137,8 +130,8 @@ impl CancelRegistry {
     pub async fn cancel(&self, key: CancelKey) {
         let target = {
             let clients = lock(&self.clients);
-            clients.get(&key).and_then(|slot| {
-                let slot = lock(&slot.target);
+            clients.get(&key).and_then(|client| {
+                let slot = lock(&client.cancel.target);
                 slot.last.clone().filter(|_| slot.attached)
             })
         };
@@ -168,5 +161,16 @@ impl CancelRegistry {
                 tracing::warn!(server = %target.addr, "timed out forwarding a cancel request")
             }
         }
+    }
+}
+
+/// A random key (pid positive), or one with the given pid.
+pub fn random_key(pid: Option<i32>) -> CancelKey {
+    let mut bytes = [0u8; 8];
+    rand::rngs::OsRng.fill_bytes(&mut bytes);
+    let random_pid = i32::from_be_bytes([bytes[0] & 0x7f, bytes[1], bytes[2], bytes[3]]);
+    CancelKey {
+        pid: pid.unwrap_or(random_pid),
+        secret: i32::from_be_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]),
     }
 }

@@ -1,13 +1,19 @@
 //! Logged-in clients, for SHOW CLIENTS: registered at login, removed when
 //! the session ends; the state is an atomic the session sets as it attaches
-//! to and detaches from servers.
+//! to and detaches from servers. A client's entry also holds where its
+//! queries run (for cancel requests) and, while it rests without a task,
+//! what its session keeps (see `session::rest`): an idle client so costs
+//! one allocation besides its socket.
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
+use std::task::Waker;
 use std::time::Instant;
 
+use crate::frontend::cancel::CancelSlot;
+use crate::frontend::session::Rested;
 use crate::frontend::App;
 use crate::sync::lock;
 
@@ -32,7 +38,6 @@ impl ClientState {
     }
 }
 
-#[derive(Debug)]
 pub struct ClientInfo {
     pub id: u64,
     pub peer: SocketAddr,
@@ -42,8 +47,24 @@ pub struct ClientInfo {
     pub tls: bool,
     pub since: Instant,
     state: AtomicU8,
-    /// The waker that holds the client while it rests without a task.
-    resting: Mutex<Option<Weak<dyn Resting>>>,
+    /// Where the client's requests run, for its cancel requests.
+    pub cancel: CancelSlot,
+    /// What the session keeps while the client rests without a task (the
+    /// entry is then the waker of the client socket's read readiness).
+    pub(crate) rested: Mutex<Option<Rested>>,
+}
+
+impl std::fmt::Debug for ClientInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientInfo")
+            .field("id", &self.id)
+            .field("peer", &self.peer)
+            .field("user", &self.user)
+            .field("database", &self.database)
+            .field("state", &self.state())
+            .field("resting", &self.is_resting())
+            .finish()
+    }
 }
 
 impl ClientInfo {
@@ -61,12 +82,7 @@ impl ClientInfo {
 
     /// Whether the client rests without a task now.
     pub fn is_resting(&self) -> bool {
-        lock(&self.resting).is_some()
-    }
-
-    /// The client rests (see `session::rest`) with this waker, or no more.
-    pub fn set_resting(&self, bench: Option<Weak<dyn Resting>>) {
-        *lock(&self.resting) = bench;
+        lock(&self.rested).is_some()
     }
 }
 
@@ -97,12 +113,13 @@ impl Clients {
             tls,
             since: Instant::now(),
             state: AtomicU8::new(ClientState::Idle as u8),
-            resting: Mutex::new(None),
+            cancel: CancelSlot::default(),
+            rested: Mutex::new(None),
         });
         lock(&self.map).insert(id, info.clone());
         Registered {
             info,
-            clients: self.clone(),
+            clients: Some(self.clone()),
         }
     }
 
@@ -133,19 +150,13 @@ impl Clients {
     pub fn wake_resting(&self) {
         let resting: Vec<_> = lock(&self.map)
             .values()
-            .filter_map(|info| lock(&info.resting).take())
-            .filter_map(|bench| bench.upgrade())
+            .filter(|info| info.is_resting())
+            .cloned()
             .collect();
-        for bench in resting {
-            bench.wake_up();
+        for info in resting {
+            Waker::from(info).wake();
         }
     }
-}
-
-/// A client resting without a task (see `session::rest`).
-pub trait Resting: Send + Sync {
-    /// Gives the client a task again.
-    fn wake_up(&self);
 }
 
 /// One of `max_client_connections`, given back when dropped.
@@ -175,11 +186,31 @@ impl Drop for ClientSlot {
 /// A client's entry; dropping it removes the client from the list.
 pub struct Registered {
     pub info: Arc<ClientInfo>,
-    clients: Arc<Clients>,
+    /// `None` once parked: the entry stays listed.
+    clients: Option<Arc<Clients>>,
+}
+
+impl Registered {
+    /// The entry stays listed without a session owning it (the client
+    /// rests: its entry holds it).
+    pub(crate) fn park(mut self) -> Arc<ClientInfo> {
+        self.clients = None;
+        self.info.clone()
+    }
+
+    /// The entry of a client that was parked, owned by a session again.
+    pub(crate) fn again(info: Arc<ClientInfo>, clients: Arc<Clients>) -> Registered {
+        Registered {
+            info,
+            clients: Some(clients),
+        }
+    }
 }
 
 impl Drop for Registered {
     fn drop(&mut self) {
-        lock(&self.clients.map).remove(&self.info.id);
+        if let Some(clients) = &self.clients {
+            lock(&clients.map).remove(&self.info.id);
+        }
     }
 }

@@ -128,7 +128,7 @@ impl Session {
             let pid = lease.server_key().pid;
             tracing::warn!(server = %addr, error = %e, "server lost in a transaction; replaying it");
             self.target.cluster.nudge(&addr);
-            self.cancel.slot.detach();
+            self.registered.info.cancel.detach();
             *held = None;
             match self.replay(&addr, pid).await? {
                 Some(lease) => *held = Some(Box::new(lease)),
@@ -138,7 +138,7 @@ impl Session {
         }
         tracing::warn!(server = %lease.pool().addr(), error = %e, "server connection lost");
         self.target.cluster.nudge(lease.pool().addr());
-        self.cancel.slot.detach();
+        self.registered.info.cancel.detach();
         // Dropping the lease closes the dead connection.
         *held = None;
         if self.replays && self.flight.owed {

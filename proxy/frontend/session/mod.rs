@@ -24,6 +24,8 @@ use lost::LostTx;
 use replies::Expect;
 use route::{Fence, Rerun};
 
+pub(crate) use rest::Rested;
+
 use std::collections::VecDeque;
 
 use std::future::poll_fn;
@@ -284,7 +286,8 @@ pub struct Session {
     watching_shutdown: bool,
     /// When the running transaction's first message arrived.
     tx_started: Option<std::time::Instant>,
-    /// This client's entry in SHOW CLIENTS (also its user name).
+    /// This client's entry in SHOW CLIENTS (also its user name and where
+    /// its requests run, for cancel requests).
     registered: Registered,
     /// Transactions of this client are recorded for a replay.
     replays: bool,
@@ -311,18 +314,17 @@ impl Session {
             params: client.params,
             mode,
             pool: app.pool_for(&target, &client.user),
-            cancel: app.cancels.register(),
+            cancel: app.cancels.register(&registered.info),
             replays: translating && app.config().failover.replay,
             app,
             target,
             statements: None,
             startup: None,
             fence: None,
-            registered,
             translating,
             slot,
         };
-        let mut session = Session::from_rested(kept);
+        let mut session = Session::from_rested(kept, registered);
         session.welcomed = false;
         session.up.buf = client.buf;
         session
@@ -522,7 +524,7 @@ impl Session {
     async fn end_session(&mut self, addr: &str, e: io::Error) -> Result<Attachment, ClientError> {
         tracing::warn!(server = %addr, error = %e, "the client's server session ended; closing the client");
         self.target.cluster.nudge(addr);
-        self.cancel.slot.detach();
+        self.registered.info.cancel.detach();
         let _ = self.unpin();
         let mut out = BytesMut::new();
         // A message cut off by the loss cannot be finished: say nothing.
@@ -568,7 +570,7 @@ impl Session {
         self.rerun = None;
         self.down.clear();
         self.down.scanner = server_scanner();
-        self.cancel.slot.detach();
+        self.registered.info.cancel.detach();
         let mut out = BytesMut::new();
         self.fail_requests(&e, &mut out);
         self.client
@@ -615,7 +617,7 @@ impl Session {
             // One server session per client: the client learns its real
             // pid (notifications, pg_stat_activity, pg_terminate_backend
             // find it); the secret stays pgheal's.
-            self.cancel = self.app.cancels.register_as(l.server_key().pid);
+            self.cancel = (self.app.cancels).register_as(&self.registered.info, l.server_key().pid);
         }
         let mut out = BytesMut::new();
         for (name, value) in reported.iter() {
@@ -632,8 +634,9 @@ impl Session {
                 l.release();
             }
         } else if let Some(l) = lease.as_mut() {
-            self.cancel
-                .slot
+            self.registered
+                .info
+                .cancel
                 .attach(l.pool().shared_addr(), l.server_key());
         }
         Ok(lease)
@@ -764,7 +767,7 @@ impl Session {
     }
 
     fn detach(&mut self, lease: Option<Box<Lease>>, reuse: bool) {
-        self.cancel.slot.detach();
+        self.registered.info.cancel.detach();
         self.unshare = false;
         self.forget_sent();
         // The next server starts at a message boundary, whatever this one
@@ -782,7 +785,7 @@ impl Session {
 
     /// The client left: give the server back when it is clean.
     async fn leave(&mut self, lease: Option<Box<Lease>>) {
-        self.cancel.slot.detach();
+        self.registered.info.cancel.detach();
         let Some(mut lease) = lease else { return };
         let pinned = self.pinned.take().is_some();
         if self.flight.owed || self.flight.tx != TxStatus::Idle {

@@ -203,7 +203,7 @@ impl Session {
         self.verify = None;
         self.forget_sent();
         self.flight.reset();
-        self.cancel.slot.detach();
+        self.registered.info.cancel.detach();
         self.down.clear();
         self.down.scanner = super::server_scanner();
         self.up.buf = before.up;

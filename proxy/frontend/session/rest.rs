@@ -1,19 +1,18 @@
 //! Resting clients: a transaction-mode client idle for [`REST_AFTER`] gives
-//! up its task. What its session keeps between transactions moves into a
-//! [`Bench`], which becomes the waker of the client socket's read
-//! readiness; the socket's registration is then the only owner of the
-//! client. The next byte from the client (or its leaving) wakes the bench,
-//! which starts a new task for the session. An idle client so costs its
-//! socket, its registry entries and the few hundred bytes of [`Rested`],
-//! not a task with a whole session future.
+//! up its task. What its session keeps between transactions ([`Rested`])
+//! moves into the client's registry entry ([`ClientInfo`]), which becomes
+//! the waker of the client socket's read readiness. The next byte from the
+//! client (or its leaving) wakes the entry, which starts a new task for the
+//! session. An idle client so costs its socket and its registry entry, one
+//! allocation, not a task with a whole session future.
 //!
-//! Shutdown reaches resting clients through their registry entry
+//! Shutdown reaches resting clients through the registry
 //! ([`crate::frontend::clients::Clients::wake_resting`]).
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, Wake, Waker};
+use std::sync::Arc;
+use std::task::{Context, Wake, Waker};
 use std::time::Duration;
 
 use pgheal_protocol::frame::Scanner;
@@ -25,7 +24,7 @@ use crate::backend::router::Intent;
 use crate::backend::statements::ClientStatements;
 use crate::config::PoolMode;
 use crate::frontend::cancel::Registration;
-use crate::frontend::clients::{ClientSlot, Registered, Resting};
+use crate::frontend::clients::{ClientInfo, ClientSlot, Registered};
 use crate::frontend::{App, Target};
 use crate::net::flow::Flow;
 use crate::net::stream::Stream;
@@ -40,7 +39,7 @@ pub(super) const REST_AFTER: Duration = Duration::from_millis(100);
 
 /// What a session keeps between transactions: everything else starts
 /// afresh at the next request (and a new session starts from one).
-pub(super) struct Rested {
+pub(crate) struct Rested {
     pub(super) client: Stream,
     pub(super) params: Params,
     pub(super) mode: PoolMode,
@@ -52,38 +51,32 @@ pub(super) struct Rested {
     pub(super) statements: Option<Box<ClientStatements>>,
     pub(super) startup: Option<Box<Params>>,
     pub(super) fence: Option<Box<Fence>>,
-    pub(super) registered: Registered,
     pub(super) translating: bool,
     pub(super) replays: bool,
     pub(super) slot: ClientSlot,
 }
 
-/// A resting client, owned by the waker it is.
-pub struct Bench {
-    rested: Mutex<Option<Rested>>,
-}
-
-impl Wake for Bench {
+/// A resting client's entry wakes it: the client gets a task again.
+impl Wake for ClientInfo {
     fn wake(self: Arc<Self>) {
-        self.wake_up();
+        wake_up(&self);
     }
 
     fn wake_by_ref(self: &Arc<Self>) {
-        self.wake_up();
+        wake_up(self);
     }
 }
 
-impl Resting for Bench {
-    fn wake_up(&self) {
-        let Some(rested) = lock(&self.rested).take() else {
-            return; // already woken
-        };
-        counted(&rested.app, false);
-        // Without a runtime (it is shutting down) the client closes.
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            let session = Box::new(Session::from_rested(rested));
-            runtime.spawn(super::live(session));
-        }
+fn wake_up(info: &Arc<ClientInfo>) {
+    let Some(rested) = lock(&info.rested).take() else {
+        return; // not resting (already woken)
+    };
+    counted(&rested.app, false);
+    let registered = Registered::again(info.clone(), rested.app.clients.clone());
+    // Without a runtime (it is shutting down) the client closes.
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        let session = Box::new(Session::from_rested(rested, registered));
+        runtime.spawn(super::live(session));
     }
 }
 
@@ -96,50 +89,35 @@ fn counted(app: &App, resting: bool) {
     };
 }
 
-impl Drop for Bench {
-    /// The runtime went away with the client still resting.
-    fn drop(&mut self) {
-        if let Some(rested) = lock(&self.rested).take() {
-            counted(&rested.app, false);
-        }
-    }
-}
-
 /// Read buffers a thread keeps for its next transactions once one of its
 /// clients rests (a quiet time): busy threads keep more (`spare`).
 const QUIET_SPARES: usize = 4;
 
-/// Lets the session's task end with the client kept by its socket.
+/// Lets the session's task end with the client kept by its entry.
 pub(super) fn rest(session: Box<Session>) {
     let app = session.app.clone();
     counted(&app, true);
     crate::net::flow::spare::keep_at_most(QUIET_SPARES);
-    let bench = Arc::new(Bench {
-        rested: Mutex::new(Some(session.into_rested())),
-    });
-    let waker = Waker::from(bench.clone());
+    let (rested, registered) = session.into_rested();
+    let info = registered.park();
+    let waker = Waker::from(info.clone());
     {
-        let mut rested = lock(&bench.rested);
-        let Some(r) = rested.as_mut() else { return };
-        // The bench is in place before the waker is: a request arriving
-        // now wakes it (after this lock) and finds the session there.
-        match r.client.poll_read_ready(&mut Context::from_waker(&waker)) {
-            Poll::Pending => {
-                let weak: std::sync::Weak<dyn Resting> = Arc::downgrade(&bench) as _;
-                r.registered.info.set_resting(Some(weak));
-            }
+        let mut entry = lock(&info.rested);
+        // The session is in place before the waker is: a request arriving
+        // now wakes the entry (after this lock) and finds the session there.
+        let r = entry.insert(rested);
+        let mut cx = Context::from_waker(&waker);
+        if r.client.poll_read_ready(&mut cx).is_ready() {
             // Something came meanwhile: no rest after all.
-            Poll::Ready(_) => {
-                drop(rested);
-                bench.wake_up();
-                return;
-            }
+            drop(entry);
+            wake_up(&info);
+            return;
         }
     }
-    // A shutdown that began before the registry entry had the bench would
-    // not have found it.
+    // A shutdown that began before the entry held the session would not
+    // have found it.
     if app.shutdown.is_cancelled() {
-        bench.wake_up();
+        wake_up(&info);
     }
 }
 
@@ -172,7 +150,7 @@ impl Session {
     }
 
     /// Every field is named: a new one needs a decision here.
-    fn into_rested(self: Box<Session>) -> Rested {
+    fn into_rested(self: Box<Session>) -> (Rested, Registered) {
         let Session {
             client,
             up: _,
@@ -215,7 +193,7 @@ impl Session {
             verify: _,
             slot,
         } = *self;
-        Rested {
+        let rested = Rested {
             client,
             params,
             mode,
@@ -226,17 +204,16 @@ impl Session {
             statements: (!statements.is_empty()).then(|| Box::new(statements)),
             startup,
             fence: fence.map(Box::new),
-            registered,
             translating,
             replays,
             slot,
-        }
+        };
+        (rested, registered)
     }
 
     /// A session from what it keeps between transactions: a resting one's,
     /// or a new one's (`Session::new`).
-    pub(super) fn from_rested(r: Rested) -> Session {
-        r.registered.info.set_resting(None);
+    pub(super) fn from_rested(r: Rested, registered: Registered) -> Session {
         let max = r.app.config().proxy.max_message_size;
         Session {
             client: r.client,
@@ -274,7 +251,7 @@ impl Session {
             closing: false,
             watching_shutdown: false,
             tx_started: None,
-            registered: r.registered,
+            registered,
             replays: r.replays,
             verify: None,
             slot: r.slot,

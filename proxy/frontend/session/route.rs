@@ -349,8 +349,9 @@ impl Session {
         if let Some(e) = lease.conn().apply_params(&self.params).await? {
             tracing::warn!(error = %e, "cannot apply the client's session parameters");
         }
-        self.cancel
-            .slot
+        self.registered
+            .info
+            .cancel
             .attach(lease.pool().shared_addr(), lease.server_key());
         Ok(lease)
     }
