@@ -2,7 +2,8 @@
 """Opens N connections to a PostgreSQL-protocol server, logs each in as a
 trust user (no password round trip) with the startup parameters a driver
 sends, runs one query on each, holds them idle for SETTLE seconds (default
-12), and prints the server process's RSS before and after:
+12), and prints the server process's RSS before and after (then holds the
+clients HOLD more seconds, default 0, e.g. to read the allocator's stats):
 
     idle_clients.py HOST PORT USER DB N PID
     -> "N RSS_BEFORE_KIB RSS_AFTER_KIB BYTES_PER_CLIENT"
@@ -93,11 +94,12 @@ async def main():
             conns.append(await login(host, port, source, packet))
 
     await asyncio.gather(*(one(i) for i in range(n)))
-    # Let the server settle into idle: pgheal's idle clients rest after 1 s
-    # and its allocator returns freed pages every 10 s.
+    # Let the server settle into idle: pgheal's idle clients rest after
+    # 100 ms and its allocator returns freed pages every 10 s.
     await asyncio.sleep(float(os.environ.get("SETTLE", "12")))
     after = rss_kib(pid)
-    print(f"{len(conns)} {before} {after} {(after - before) * 1024 / max(len(conns), 1):.0f}")
+    print(f"{len(conns)} {before} {after} {(after - before) * 1024 / max(len(conns), 1):.0f}", flush=True)
+    await asyncio.sleep(float(os.environ.get("HOLD", "0")))
     for _, w in conns:
         w.close()
 

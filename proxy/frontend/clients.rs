@@ -214,3 +214,16 @@ impl Drop for Registered {
         }
     }
 }
+#[cfg(all(test, target_pointer_width = "64"))]
+mod tests {
+    /// An idle client costs its socket and this entry (see
+    /// `session::rest`): a field added to the entry or to what a resting
+    /// session keeps shows here first.
+    #[test]
+    fn an_idle_clients_entry_stays_small() {
+        let entry = std::mem::size_of::<super::ClientInfo>();
+        let rested = std::mem::size_of::<crate::frontend::session::Rested>();
+        assert!(entry <= 280, "ClientInfo is {entry} bytes");
+        assert!(rested <= 128, "Rested is {rested} bytes");
+    }
+}
