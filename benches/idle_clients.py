@@ -95,7 +95,7 @@ async def main():
 
     await asyncio.gather(*(one(i) for i in range(n)))
     # Let the server settle into idle: pgheal's idle clients rest after
-    # 100 ms and its allocator returns freed pages every 10 s.
+    # 30-50 ms and its allocator returns freed pages every 10 s.
     await asyncio.sleep(float(os.environ.get("SETTLE", "12")))
     after = rss_kib(pid)
     print(f"{len(conns)} {before} {after} {(after - before) * 1024 / max(len(conns), 1):.0f}", flush=True)

@@ -697,7 +697,7 @@ impl Session {
                 }
                 // A client that can rest hears a shutdown when it does.
                 _ = shutdown.cancelled(), if !can_rest => return Err(ClientError::Shutdown),
-                _ = tokio::time::sleep(rest::REST_AFTER), if can_rest => return Ok(Wait::Rest),
+                _ = tokio::time::sleep_until(rest::rest_deadline()), if can_rest => return Ok(Wait::Rest),
             }
             self.up.reserve();
             // poll_read (unlike try_read) clears readiness after a short

@@ -32,10 +32,30 @@ use crate::sync::lock;
 
 use super::route::Fence;
 
-/// How long a client waits idle, holding its task, before it rests. Short
-/// enough that idle clients cost little soon; long enough that a client
-/// in steady use never rests (resting and waking cost a task each).
-pub(super) const REST_AFTER: Duration = Duration::from_millis(100);
+/// How long a client waits idle, holding its task, before it rests (at the
+/// next `REST_TICK`). Short enough that a burst of logins leaves few
+/// sessions alive at once (their freed memory becomes holes the allocator
+/// cannot return); long enough that a client in steady use never rests.
+/// Resting and waking cost about 5 µs of CPU (a task each, measured with
+/// clients 50 ms apart), against the 30 ms the client waited.
+pub(super) const REST_AFTER: Duration = Duration::from_millis(30);
+
+/// Rest timers fire on a shared tick: clients that went idle at different
+/// moments rest in one timer turn, so resting wakes a worker thread once
+/// per tick rather than once per client (on an otherwise idle worker each
+/// such wake-up costs a context switch, more than the rest itself).
+const REST_TICK: Duration = Duration::from_millis(20);
+
+/// When a client idle from now on rests: after `REST_AFTER`, at the next
+/// `REST_TICK`.
+pub(super) fn rest_deadline() -> tokio::time::Instant {
+    static ORIGIN: std::sync::OnceLock<tokio::time::Instant> = std::sync::OnceLock::new();
+    let origin = *ORIGIN.get_or_init(tokio::time::Instant::now);
+    let due = (tokio::time::Instant::now() + REST_AFTER).duration_since(origin);
+    let tick = REST_TICK.as_nanos();
+    let ticks = due.as_nanos().div_ceil(tick);
+    origin + Duration::from_nanos(u64::try_from(ticks * tick).unwrap_or(u64::MAX))
+}
 
 /// What a session keeps between transactions: everything else starts
 /// afresh at the next request (and a new session starts from one).
@@ -256,5 +276,31 @@ impl Session {
             verify: None,
             slot: r.slot,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::time::Instant;
+
+    #[test]
+    fn clients_going_idle_close_together_rest_on_one_tick() {
+        let start = Instant::now();
+        let deadlines: Vec<Instant> = (0..100).map(|_| rest_deadline()).collect();
+        let end = Instant::now();
+        for d in &deadlines {
+            assert!(*d >= start + REST_AFTER && *d <= end + REST_AFTER + REST_TICK);
+        }
+        let mut distinct = deadlines.clone();
+        distinct.dedup();
+        // One tick, or two where the loop crossed a boundary (more only if
+        // this thread stalled for whole ticks).
+        let crossed = (end - start).as_nanos().div_ceil(REST_TICK.as_nanos()) as usize;
+        assert!(
+            distinct.len() <= 1 + crossed,
+            "{} deadlines",
+            distinct.len()
+        );
     }
 }
