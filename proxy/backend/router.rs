@@ -55,7 +55,10 @@ pub enum Decision {
 /// replica that has (lag limits aside; `min_lsn` capped at what the nodes
 /// have received); everything else goes to the primary. A read with no
 /// primary and no node that has replayed that far is `NoPrimary`: it
-/// waits, as a write does.
+/// waits, as a write does. So does every read while there is no primary
+/// and a node has not been probed yet (pgheal just started, or RELOAD
+/// added it): that node may be the primary, and a replica serves reads
+/// only when there is none.
 pub fn decide(
     topology: &Topology,
     intent: Intent,
@@ -82,7 +85,8 @@ pub fn decide(
             .filter(|&i| fit.fits(&topology.nodes[i], timeline))
             .min_by_key(|&i| busy(i))
     };
-    if intent.reads_only() && (read_routing || primary.is_none()) {
+    let unprobed = primary.is_none() && topology.nodes.iter().any(|n| n.role == Role::Unknown);
+    if intent.reads_only() && (read_routing || (primary.is_none() && !unprobed)) {
         if let Some(r) = replica() {
             return Decision::Node(r);
         }
@@ -93,6 +97,9 @@ pub fn decide(
     let up = |i: &usize| matches!(topology.nodes[*i].role, Role::Primary | Role::Replica);
     if !(0..topology.nodes.len()).any(|i| up(&i)) {
         return Decision::NoNode;
+    }
+    if unprobed && !read_routing {
+        return Decision::NoPrimary;
     }
     // Split brain: either claimant may serve a read, neither a write.
     let claimant = (0..topology.nodes.len())
@@ -194,6 +201,18 @@ mod tests {
         assert_eq!(
             decide(&split, Intent::Read, false, ReplicaFit::ANY, busy),
             Decision::Node(0)
+        );
+        // Before the first probe of every node, no primary may only mean
+        // its probe has not answered yet: reads wait unless read routing
+        // sends them to replicas anyway.
+        let starting = topo(&[Role::Unknown, Role::Replica]);
+        assert_eq!(
+            decide(&starting, Intent::Read, false, ReplicaFit::ANY, busy),
+            Decision::NoPrimary
+        );
+        assert_eq!(
+            decide(&starting, Intent::Read, true, ReplicaFit::ANY, busy),
+            Decision::Node(1)
         );
         let down = topo(&[Role::Down, Role::Down]);
         assert_eq!(
