@@ -617,7 +617,10 @@ impl Session {
             // One server session per client: the client learns its real
             // pid (notifications, pg_stat_activity, pg_terminate_backend
             // find it); the secret stays pgheal's.
-            self.cancel = (self.app.cancels).register_as(&self.registered.info, l.server_key().pid);
+            self.cancel = self
+                .app
+                .cancels
+                .register_as(&self.registered.info, l.server_key().pid);
         }
         let mut out = BytesMut::new();
         for (name, value) in reported.iter() {
