@@ -162,7 +162,9 @@ async fn retention_keeps_exactly_keep_last_across_runs() {
     let scheduler = tokio::spawn(pgheal::ops::backup::schedule(proxy.app.clone()));
     let mut seen = BTreeSet::new();
     eventually(Duration::from_secs(60), "five scheduled backups", || {
-        seen.extend(dumps(&backups));
+        // Finished dumps only: a run in progress also shows its hidden
+        // `.app-….dump.tmp` and `.app-….dump.json.tmp`.
+        seen.extend(dumps(&backups).into_iter().filter(|d| !d.starts_with('.')));
         let enough = seen.len() >= 5;
         async move { enough }
     })
