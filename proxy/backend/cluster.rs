@@ -65,6 +65,14 @@ impl Topology {
         }
     }
 
+    /// Whether the mode means what it says: a primary is known, or every
+    /// node has been probed at least once. Before that (just after start, a
+    /// replica's first probe answered before the primary's), "no primary"
+    /// only means "not heard from yet".
+    pub fn settled(&self) -> bool {
+        self.primary().is_some() || self.nodes.iter().all(|n| n.role != Role::Unknown)
+    }
+
     /// Why the database is in its mode, when it is not read-write.
     pub fn reason(&self) -> Option<&'static str> {
         match self.mode() {
@@ -109,6 +117,8 @@ struct State {
     hurrying: bool,
     /// Since when the database has had no primary.
     no_primary_since: Option<std::time::Instant>,
+    /// The mode the timeline last told (changes only once settled).
+    told: Mode,
     /// Replicas taken out of reads for lag, by node index.
     excluded: Vec<bool>,
 }
@@ -163,6 +173,7 @@ impl Cluster {
                 samples: Samples::default(),
                 hurrying: false,
                 no_primary_since: Some(std::time::Instant::now()),
+                told: Mode::Down,
                 excluded: vec![false; nodes.len()],
             }),
             publish,
@@ -251,7 +262,6 @@ impl Cluster {
     fn update(&self, index: usize, change: impl FnOnce(&mut NodeStatus)) {
         let mut guard = lock(&self.state);
         let state = &mut *guard;
-        let mode_before = state.topology.mode();
         let primaries_before = state.topology.count(Role::Primary);
         let Some(node) = state.topology.nodes.get_mut(index) else {
             return;
@@ -263,8 +273,10 @@ impl Cluster {
             self.role_changed(state, &addr, before, after, primaries_before);
         }
         let mode = state.topology.mode();
-        if mode_before != mode {
-            self.mode_changed(state, mode_before, mode);
+        let told = state.told;
+        if mode != told && state.topology.settled() {
+            self.mode_changed(state, told, mode);
+            state.told = mode;
         }
         state.samples.freshen(&mut state.topology.nodes);
         self.note_exclusions(state);
@@ -435,5 +447,45 @@ mod tests {
         };
         assert!(two.primary().is_none());
         assert!(Topology::default().primary().is_none());
+    }
+
+    fn cluster(nodes: &[&str]) -> (Arc<Cluster>, Arc<Events>) {
+        let events = Arc::new(Events::default());
+        let nodes: Vec<String> = nodes.iter().map(|n| n.to_string()).collect();
+        let cluster = Cluster::start("app", &nodes, vec![], ReplicaFit::ANY, events.clone());
+        (cluster, events)
+    }
+
+    fn modes(events: &Events) -> Vec<String> {
+        let changes = events.since(0).into_iter();
+        changes
+            .filter(|e| e.kind == Kind::ModeChanged)
+            .map(|e| e.details)
+            .collect()
+    }
+
+    #[test]
+    fn a_replica_heard_first_at_start_is_no_read_only_alarm() {
+        let (cluster, events) = cluster(&["p:1", "r:1"]);
+        cluster.update(1, |n| n.role = Role::Replica);
+        assert!(!cluster.snapshot().settled());
+        assert_eq!(modes(&events), Vec::<String>::new());
+        cluster.update(0, |n| n.role = Role::Primary);
+        assert_eq!(modes(&events), ["down -> read-write"]);
+        cluster.update(0, |n| n.role = Role::Down);
+        let told = modes(&events);
+        assert_eq!(told[1], "read-write -> read-only: no primary is reachable");
+    }
+
+    #[test]
+    fn a_primary_down_at_start_is_told_once_every_node_answered() {
+        let (cluster, events) = cluster(&["p:1", "r:1"]);
+        cluster.update(1, |n| n.role = Role::Replica);
+        cluster.update(0, |n| n.role = Role::Down);
+        assert!(cluster.snapshot().settled());
+        assert_eq!(
+            modes(&events),
+            ["down -> read-only: no primary is reachable"]
+        );
     }
 }

@@ -85,8 +85,7 @@ pub fn decide(
             .filter(|&i| fit.fits(&topology.nodes[i], timeline))
             .min_by_key(|&i| busy(i))
     };
-    let unprobed = primary.is_none() && topology.nodes.iter().any(|n| n.role == Role::Unknown);
-    if intent.reads_only() && (read_routing || (primary.is_none() && !unprobed)) {
+    if intent.reads_only() && (read_routing || (primary.is_none() && topology.settled())) {
         if let Some(r) = replica() {
             return Decision::Node(r);
         }
@@ -98,7 +97,7 @@ pub fn decide(
     if !(0..topology.nodes.len()).any(|i| up(&i)) {
         return Decision::NoNode;
     }
-    if unprobed && !read_routing {
+    if !topology.settled() && !read_routing {
         return Decision::NoPrimary;
     }
     // Split brain: either claimant may serve a read, neither a write.
