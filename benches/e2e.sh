@@ -91,7 +91,7 @@ TOML
 pin=()
 if [ -n "${PROXY_CORES:-}" ]; then
     pin=(taskset -c "0-$((PROXY_CORES - 1))")
-    sed -i "/^pool_mode/a workers = $PROXY_CORES" "$work/pgheal.toml"
+    export PGHEAL_WORKERS=$PROXY_CORES
 fi
 # A file limit of this shell and its children, for the idle clients (the
 # hard limit is the ceiling: raise it with `ulimit -Hn` as root, or

@@ -120,10 +120,12 @@ fn load(path: Option<PathBuf>) -> Result<Config, ExitCode> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
-    // Clients are served on threads of their own (`[proxy] workers`, see
-    // server::start); this runtime runs the rest: health checks, HTTP,
-    // backups, commands.
     let mut builder = tokio::runtime::Builder::new_multi_thread();
+    // Clients are served on shards of their own (server::start); this
+    // runtime keeps the rest: health checks, HTTP, backups.
+    if std::env::var("PGHEAL_WORKERS").map_or(true, |n| n != "0") {
+        builder.worker_threads(1);
+    }
     let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

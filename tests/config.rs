@@ -257,16 +257,3 @@ fn restore_settings_are_checked() {
         assert!(ok, "{target}: {out}");
     }
 }
-
-#[test]
-fn workers_is_a_thread_count() {
-    let base =
-        "[[users]]\nname = \"u\"\npassword = \"p\"\n[databases.d]\nnodes = [\"127.0.0.1:5432\"]\n";
-    let config = pgheal::config::Config::parse(base).expect("valid");
-    assert_eq!(config.proxy.workers, None, "default: one per core");
-    let config = pgheal::config::Config::parse(&format!("[proxy]\nworkers = 3\n{base}"));
-    assert_eq!(config.expect("valid").proxy.workers, Some(3));
-    let (ok, out) = check(&format!("[proxy]\nworkers = -1\n{base}"));
-    assert!(!ok);
-    assert!(out.contains("proxy.workers: "), "{out}");
-}

@@ -101,36 +101,3 @@ async fn servers_are_replaced_after_their_lifetime() {
     )
     .await;
 }
-
-/// `[proxy] workers`: however many threads serve clients (0: the runtime
-/// that started pgheal), each client gets its own answers and all of them
-/// share one pool of at most pool_size server connections.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn clients_on_every_worker_share_one_pool() {
-    let node = app_node().await;
-    let (admin, _h) = admin(&node).await;
-    for workers in [0, 3] {
-        let proxy = proxy_with(&node, &format!("workers = {workers}"), "pool_size = 4").await;
-        let mut clients = tokio::task::JoinSet::new();
-        for i in 0..12i32 {
-            let url = app_url(&proxy);
-            clients.spawn(async move {
-                let (c, _h) = connect(&url).await;
-                for n in 0..30i32 {
-                    let sql = "SELECT $1::int4 * 100 + $2::int4";
-                    let got: i32 = c.query_one(sql, &[&i, &n]).await.expect("answered").get(0);
-                    assert_eq!(got, i * 100 + n, "workers = {workers}");
-                }
-            });
-        }
-        while let Some(done) = clients.join_next().await {
-            done.expect("a client's transactions");
-        }
-        let open = app_backends(&admin).await;
-        assert!(
-            (1..=4).contains(&open),
-            "workers = {workers}: {open} servers"
-        );
-        assert_eq!(proxy.app.config().proxy.workers, Some(workers));
-    }
-}

@@ -104,9 +104,6 @@ impl App {
         if new.proxy.listen != old.proxy.listen {
             changes.push(Change::NeedsRestart("proxy.listen"));
         }
-        if new.proxy.workers != old.proxy.workers {
-            changes.push(Change::NeedsRestart("proxy.workers"));
-        }
         if new.proxy.http_listen != old.proxy.http_listen {
             changes.push(Change::NeedsRestart("proxy.http_listen"));
         }

@@ -192,9 +192,6 @@ pub struct ProxyConfig {
     /// Reload when the configuration file's content changes (a mounted
     /// Kubernetes ConfigMap), as SIGHUP does.
     pub watch_config: bool,
-    /// Threads serving clients, each with a runtime of its own (`None`:
-    /// one per core; 0: clients share the runtime that started pgheal).
-    pub workers: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -853,7 +850,6 @@ fn read_proxy(r: &mut Reader, t: &Table) -> ProxyConfig {
             "http_auth",
             "http_tls",
             "watch_config",
-            "workers",
         ],
     );
     let default_listen = SocketAddr::from(([127, 0, 0, 1], 6432));
@@ -872,7 +868,6 @@ fn read_proxy(r: &mut Reader, t: &Table) -> ProxyConfig {
         http_token: read_http_auth(r, t),
         http_tls: r.get(t, p, "http_tls", false),
         watch_config: r.get(t, p, "watch_config", false),
-        workers: r.opt(t, p, "workers"),
     }
 }
 

@@ -61,14 +61,17 @@ impl Drop for Running {
 pub async fn start(config: Config) -> io::Result<Running> {
     let listener = TcpListener::bind(config.proxy.listen).await?;
     let addr = listener.local_addr()?;
-    let (http, workers) = (config.proxy.http_listen, config.proxy.workers);
+    let http = config.proxy.http_listen;
     let app = App::new(config);
     let http_addr = match http {
         Some(at) => Some(crate::admin::http::start(app.clone(), at).await?),
         None => None,
     };
     let stop = CancellationToken::new();
-    let count = workers.unwrap_or_else(shards::default_count);
+    let count = std::env::var("PGHEAL_WORKERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(shards::default_count);
     let (accept, shards) = if count == 0 {
         let accept = tokio::spawn(accept_loop(listener, app.clone(), stop.clone()));
         (accept, None)

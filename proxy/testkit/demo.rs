@@ -59,7 +59,6 @@ pub fn demo_config(listen: SocketAddr, nodes: &[String]) -> Config {
             http_token: None,
             http_tls: false,
             watch_config: false,
-            workers: None,
         },
         pool: PoolTimeouts {
             connect_timeout: Duration::from_secs(3),
