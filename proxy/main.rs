@@ -121,10 +121,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     let mut builder = tokio::runtime::Builder::new_multi_thread();
-    // Clients are served on shards of their own (server::start); this
-    // runtime keeps the rest: health checks, HTTP, backups.
-    if std::env::var("PGHEAL_WORKERS").map_or(true, |n| n != "0") {
-        builder.worker_threads(1);
+    if let Some(n) = std::env::var("PGHEAL_WORKERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        builder.worker_threads(n);
     }
     let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,

@@ -51,8 +51,6 @@ pub struct ServerConn {
     /// Session parameters pgheal set on behalf of clients.
     pub applied: Params,
     pub created: Instant,
-    /// The shard whose runtime watches the socket (`net::shard`).
-    pub shard: u16,
     /// Named statements pgheal prepared here for clients.
     pub statements: ServerStatements,
 }
@@ -87,7 +85,6 @@ impl ServerConn {
             reported: Params::default(),
             applied: Params::default(),
             created: Instant::now(),
-            shard: crate::net::shard(),
             statements: ServerStatements::default(),
         };
         let mut out = BytesMut::new();

@@ -280,23 +280,12 @@ impl Pool {
 
     fn take_idle(self: &Arc<Self>) -> Option<Lease> {
         loop {
-            let mut idle = self.pop_idle()?;
+            let mut idle = lock(&self.idle).pop()?;
             if idle.conn.created.elapsed() < self.limits.server_lifetime && !idle.conn.is_broken() {
                 return Some(self.lease(idle.conn, idle.permit));
             }
             tracing::debug!(server = %self.spec.addr, "dropping a stale idle server connection");
         }
-    }
-
-    /// The most recently returned idle connection opened on this thread's
-    /// shard, else the most recently returned one: a client and its server
-    /// are then watched by one thread, and neither wakes another thread.
-    fn pop_idle(&self) -> Option<Idle> {
-        let mut idle = lock(&self.idle);
-        let here = crate::net::shard();
-        let last = idle.len().checked_sub(1)?;
-        let at = idle.iter().rposition(|i| i.conn.shard == here);
-        Some(idle.swap_remove(at.unwrap_or(last)))
     }
 
     fn put_back(&self, conn: ServerConn, permit: OwnedSemaphorePermit) {

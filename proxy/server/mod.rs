@@ -2,7 +2,6 @@
 //! and the process's life: startup, signals, reload, shutdown.
 
 pub mod run;
-mod shards;
 
 use std::io;
 use std::net::SocketAddr;
@@ -11,9 +10,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ADMIN_DATABASE};
 use crate::frontend::clients::ClientSlot;
@@ -29,30 +26,23 @@ pub struct Running {
     /// Where the HTTP endpoints listen, when configured.
     pub http_addr: Option<SocketAddr>,
     pub app: Arc<App>,
-    /// Ends when every accept loop has ended.
     accept: JoinHandle<()>,
-    stop: CancellationToken,
-    /// Where clients are served (none: on the runtime that called `start`).
-    _shards: Option<shards::Shards>,
 }
 
 impl Running {
     /// Stops accepting new clients.
     pub fn stop_accepting(&self) {
-        self.stop.cancel();
         self.accept.abort();
     }
 
-    /// Runs until the accept loops end (a shutdown). The clients they
-    /// accepted are served until `self` is dropped.
-    pub async fn wait(&mut self) {
+    /// Runs until the accept loop ends.
+    pub async fn wait(mut self) {
         let _ = (&mut self.accept).await;
     }
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
-        self.stop.cancel();
         self.accept.abort();
     }
 }
@@ -67,33 +57,17 @@ pub async fn start(config: Config) -> io::Result<Running> {
         Some(at) => Some(crate::admin::http::start(app.clone(), at).await?),
         None => None,
     };
-    let stop = CancellationToken::new();
-    let count = std::env::var("PGHEAL_WORKERS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(shards::default_count);
-    let (accept, shards) = if count == 0 {
-        let accept = tokio::spawn(accept_loop(listener, app.clone(), stop.clone()));
-        (accept, None)
-    } else {
-        let (accepting, mut ended) = mpsc::channel::<()>(1);
-        let shards = shards::start(&app, &listener.into_std()?, count, &stop, &accepting)?;
-        drop(accepting);
-        let accept = tokio::spawn(async move { while ended.recv().await.is_some() {} });
-        (accept, Some(shards))
-    };
+    let accept = tokio::spawn(accept_loop(listener, app.clone()));
     tracing::info!(%addr, "pgheal is listening");
     Ok(Running {
         addr,
         http_addr,
         app,
         accept,
-        stop,
-        _shards: shards,
     })
 }
 
-async fn accept_loop(listener: TcpListener, app: Arc<App>, stop: CancellationToken) {
+async fn accept_loop(listener: TcpListener, app: Arc<App>) {
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -101,7 +75,6 @@ async fn accept_loop(listener: TcpListener, app: Arc<App>, stop: CancellationTok
                 tracing::info!("shutting down: no longer accepting clients");
                 return;
             }
-            _ = stop.cancelled() => return,
         };
         match accepted {
             Ok((stream, peer)) => {

@@ -20,7 +20,7 @@ pub async fn serve(config: Config, path: Option<PathBuf>) -> ExitCode {
     };
     let listen = config.proxy.listen;
     let watch = config.proxy.watch_config;
-    let mut running = match super::start(config).await {
+    let running = match super::start(config).await {
         Ok(r) => r,
         Err(e) => {
             eprintln!("cannot listen on {listen}: {e}");
