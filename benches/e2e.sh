@@ -13,8 +13,9 @@
 #                                       # many workers: TPS per proxy core
 #
 # Columns: TPS (mean of the rounds), average latency, p99 latency (from
-# pgbench's per-transaction log), and the proxy's own CPU (user + system)
-# per transaction, which does not depend on how the cores are shared.
+# pgbench's per-transaction log), the proxy's own CPU (user + system)
+# per transaction, which does not depend on how the cores are shared, and
+# its context switches per transaction.
 # The tpcb rows also run through a second pgheal with transaction replay
 # off ([failover] replay = false): what recording transactions costs.
 #
@@ -160,7 +161,7 @@ pgbench -i -q -s "$SCALE" -h 127.0.0.1 -p "$pg_port" -U app app >/dev/null 2>&1
 psql -qX -h 127.0.0.1 -p "$pg_port" -U app app -c "GRANT SELECT ON ALL TABLES IN SCHEMA public TO idle"
 mkdir -p "$work/lat"
 
-declare -A tps lat cpu p99
+declare -A tps lat cpu p99 cs
 # The 99th percentile of the latencies (microseconds, third column) in
 # pgbench's per-transaction logs with this prefix, in milliseconds.
 p99_of() { python3 - "$1" <<'PY'
@@ -171,16 +172,19 @@ PY
 }
 # CPU seconds (user + system) a process has used so far.
 cpu_of() { python3 -c "import os,sys; f=open('/proc/%s/stat'%sys.argv[1]).read().rsplit(')',1)[1].split(); print((int(f[11])+int(f[12]))/os.sysconf('SC_CLK_TCK'))" "$1"; }
+# Context switches (voluntary and not) of all of a process's threads so far
+# (a thread that sleeps and is woken again).
+switches_of() { cat /proc/"$1"/task/*/status 2>/dev/null | awk '/ctxt_switches/ { n += $2 } END { print n + 0 }'; }
 run() { # name target-port args...
     local name=$1 port=$2; shift 2
-    local out proxy_pid="" before=0
+    local out proxy_pid="" before=0 switched=0
     case $port in
         "$heal_port") proxy_pid=$heal_pid;;
         "$bouncer_port") proxy_pid=$bouncer_pid;;
         "$bsession_port") proxy_pid=$bsession_pid;;
         "$noreplay_port") proxy_pid=$noreplay_pid;;
     esac
-    [ -n "$proxy_pid" ] && before=$(cpu_of "$proxy_pid")
+    [ -n "$proxy_pid" ] && before=$(cpu_of "$proxy_pid") && switched=$(switches_of "$proxy_pid")
     local sslmode=disable
     [[ $name == tls-* ]] && sslmode=require
     local log="$work/lat/${name//\//-}"
@@ -198,6 +202,7 @@ run() { # name target-port args...
     if [ -n "$proxy_pid" ]; then
         # The proxy's own CPU per transaction, in microseconds.
         cpu[$name]=$(python3 -c "print(float('${cpu[$name]:-0}') + ($(cpu_of "$proxy_pid") - $before) * 1e6 / ($t * $DURATION))")
+        cs[$name]=$(python3 -c "print(float('${cs[$name]:-0}') + ($(switches_of "$proxy_pid") - $switched) / ($t * $DURATION))")
     fi
     tps[$name]=$(python3 -c "print(float('${tps[$name]:-0}') + $t)")
     p99[$name]=$(python3 -c "print(float('${p99[$name]:-0}') + $(p99_of "$log"))")
@@ -244,20 +249,22 @@ done
 
 [ -n "${PROXY_CORES:-}" ] && echo "proxies pinned to $PROXY_CORES core(s); pgheal with $PROXY_CORES worker(s)"
 echo "pgheal and PgBouncer in transaction mode, pool $POOL; -M prepared rows: PgBouncer in session mode"
-printf '\n%-16s %12s %12s %12s %9s %9s   %-24s %-24s %s\n' case "direct tps" "pgheal tps" "bouncer tps" "heal/bnc" "heal/dir" "avg ms (dir/heal/bnc)" "p99 ms (dir/heal/bnc)" "proxy CPU us/tx (heal/bnc)"
+printf '\n%-16s %12s %12s %12s %9s %9s   %-24s %-24s %-27s %s\n' case "direct tps" "pgheal tps" "bouncer tps" "heal/bnc" "heal/dir" "avg ms (dir/heal/bnc)" "p99 ms (dir/heal/bnc)" "proxy CPU us/tx (heal/bnc)" "switches/tx (heal/bnc)"
 for c in "${cases[@]}"; do
     name=${c%%|*}
     python3 - "$name" "$ROUNDS" "${tps[$name/direct]}" "${tps[$name/pgheal]}" "${tps[$name/pgbouncer]}" \
         "${lat[$name/direct]}" "${lat[$name/pgheal]}" "${lat[$name/pgbouncer]}" \
         "${cpu[$name/pgheal]:-nan}" "${cpu[$name/pgbouncer]:-nan}" \
-        "${p99[$name/direct]}" "${p99[$name/pgheal]}" "${p99[$name/pgbouncer]}" <<'PY'
+        "${p99[$name/direct]}" "${p99[$name/pgheal]}" "${p99[$name/pgbouncer]}" \
+        "${cs[$name/pgheal]:-nan}" "${cs[$name/pgbouncer]:-nan}" <<'PY'
 import sys
 name, rounds = sys.argv[1], int(sys.argv[2])
-d, h, b, ld, lh, lb, ch, cb, pd, ph, pb = (float(x) / rounds for x in sys.argv[3:14])
+d, h, b, ld, lh, lb, ch, cb, pd, ph, pb, sh, sb = (float(x) / rounds for x in sys.argv[3:16])
 ratio = lambda a, b: "fails" if b != b else f"{a / b:.2f}"  # nan: pgbench failed
 lat = f"{ld:.3f}/{lh:.3f}/{lb:.3f}"
 p99 = f"{pd:.2f}/{ph:.2f}/{pb:.2f}"
-print(f"{name:<16} {d:12.0f} {h:12.0f} {b:12.0f} {ratio(h, b):>9} {ratio(h, d):>9}   {lat:<24} {p99:<24} {ch:.1f}/{cb:.1f}")
+cpu = f"{ch:.1f}/{cb:.1f}"
+print(f"{name:<16} {d:12.0f} {h:12.0f} {b:12.0f} {ratio(h, b):>9} {ratio(h, d):>9}   {lat:<24} {p99:<24} {cpu:<27} {sh:.2f}/{sb:.2f}")
 PY
 done
 
