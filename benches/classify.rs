@@ -1,10 +1,18 @@
-//! The statement classifier on typical statements (target: ≤ 1 µs each).
+//! What every Query costs before it is sent on: the statement classifier
+//! (routing), the session-effects scan (pinning, SET carry, prepared
+//! statements) and the exclusive-database check, on typical statements
+//! (target: ≤ 1 µs each).
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use pgheal_protocol::classify::classify;
+use pgheal_protocol::effects::{effects, exclusive_database};
 
-const STATEMENTS: [(&str, &str); 5] = [
+const STATEMENTS: [(&str, &str); 6] = [
     ("pgbench select", "SELECT abalance FROM pgbench_accounts WHERE aid = $1;"),
+    (
+        "pgbench -S simple",
+        "SELECT abalance FROM pgbench_accounts WHERE aid = 812345;",
+    ),
     (
         "pgbench update",
         "UPDATE pgbench_accounts SET abalance = abalance + $1 WHERE aid = $2;",
@@ -26,6 +34,21 @@ fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("classify");
     for (name, sql) in STATEMENTS {
         g.bench_function(name, |b| b.iter(|| classify(black_box(sql.as_bytes()))));
+    }
+    g.finish();
+    let mut g = c.benchmark_group("effects");
+    for (name, sql) in STATEMENTS {
+        g.bench_function(name, |b| b.iter(|| effects(black_box(sql.as_bytes()))));
+    }
+    g.finish();
+    let mut g = c.benchmark_group("per query");
+    for (name, sql) in STATEMENTS {
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                let sql = black_box(sql.as_bytes());
+                (classify(sql), effects(sql), exclusive_database(sql))
+            })
+        });
     }
     g.finish();
 }

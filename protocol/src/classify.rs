@@ -7,6 +7,8 @@
 //! keywords plus a few keywords anywhere in the statement. It never
 //! allocates and never panics.
 
+use crate::keyword::{keyword, Kw};
+
 /// What one statement (or a whole multi-statement string) is, for routing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Class {
@@ -68,10 +70,13 @@ pub fn classify(sql: &[u8]) -> Class {
 /// words at most).
 pub fn starts_transaction(sql: &[u8]) -> bool {
     let mut lx = Lexer::new(sql);
-    let is = |t: Option<Token<'_>>, k: &str| matches!(t, Some(Token::Word(w)) if w.eq_ignore_ascii_case(k.as_bytes()));
-    match lx.next() {
-        t if is(t, "begin") => true,
-        t if is(t, "start") => is(lx.next(), "transaction"),
+    let mut kw = || match lx.next() {
+        Some(Token::Word(w)) => keyword(w),
+        _ => Kw::Other,
+    };
+    match kw() {
+        Kw::Begin => true,
+        Kw::Start => kw() == Kw::Transaction,
         _ => false,
     }
 }
@@ -80,8 +85,8 @@ pub fn starts_transaction(sql: &[u8]) -> bool {
 /// whether a `;` followed.
 fn statement(lx: &mut Lexer<'_>) -> (Option<Class>, bool) {
     let mut scan = Scan::default();
-    let mut first: Option<&[u8]> = None;
-    let mut second: Option<&[u8]> = None;
+    let mut first: Option<Kw> = None;
+    let mut second: Option<Kw> = None;
     let mut depth = 0u32;
     let more = loop {
         let Some(tok) = lx.next() else { break false };
@@ -90,12 +95,13 @@ fn statement(lx: &mut Lexer<'_>) -> (Option<Class>, bool) {
             Token::Open => depth += 1,
             Token::Close => depth = depth.saturating_sub(1),
             Token::Word(w) => {
+                let kw = keyword(w);
                 if first.is_none() {
-                    first = Some(w);
+                    first = Some(kw);
                 } else if second.is_none() {
-                    second = Some(w);
+                    second = Some(kw);
                 }
-                scan.word(w, depth);
+                scan.word(kw, depth);
             }
             _ => scan.other(),
         }
@@ -134,60 +140,37 @@ enum PrevWord {
 }
 
 impl Scan {
-    fn word(&mut self, w: &[u8], depth: u32) {
-        let is = |k: &str| w.eq_ignore_ascii_case(k.as_bytes());
-        if is("insert") || is("delete") || is("merge") {
-            self.modifies = true;
-        }
-        // Session-level advisory locks tie the client to the primary.
-        if is("pg_advisory_lock")
-            || is("pg_advisory_lock_shared")
-            || is("pg_try_advisory_lock")
-            || is("pg_try_advisory_lock_shared")
-        {
-            self.modifies = true;
-        }
-        // Well-known functions that write although a SELECT calls them: a
-        // replica would refuse them (25006) and they would run again on
-        // the primary, one round trip dearer. Others are left to that.
-        if is("nextval") || is("setval") || is("pg_notify") {
-            self.modifies = true;
-        }
-        if is("update") {
-            // `FOR UPDATE`, `FOR NO KEY UPDATE` lock rows; any other UPDATE writes.
-            if matches!(self.prev, Some(PrevWord::For) | Some(PrevWord::Key)) {
-                self.locks = true;
-            } else {
-                self.modifies = true;
+    fn word(&mut self, kw: Kw, depth: u32) {
+        let after_for_or_key = matches!(self.prev, Some(PrevWord::For) | Some(PrevWord::Key));
+        match kw {
+            // Session-level advisory locks tie the client to the primary;
+            // nextval, setval and pg_notify write although a SELECT calls
+            // them: a replica would refuse them (25006) and they would run
+            // again on the primary, one round trip dearer. Other writing
+            // functions are left to that.
+            Kw::Insert | Kw::Delete | Kw::Merge | Kw::AdvisoryLock | Kw::Writes => {
+                self.modifies = true
             }
+            // `FOR UPDATE`, `FOR NO KEY UPDATE` lock rows; any other UPDATE writes.
+            Kw::Update if after_for_or_key => self.locks = true,
+            Kw::Update => self.modifies = true,
+            Kw::Share if after_for_or_key => self.locks = true,
+            Kw::Only if self.prev == Some(PrevWord::Read) => self.read_only = true,
+            Kw::Write if self.prev == Some(PrevWord::Read) => self.read_write = true,
+            Kw::Analyze => self.analyze = true,
+            Kw::Into if depth == 0 => self.into = true,
+            Kw::To if depth == 0 => self.to = true,
+            Kw::From if depth == 0 => self.from = true,
+            _ => {}
         }
-        if is("share") && matches!(self.prev, Some(PrevWord::For) | Some(PrevWord::Key)) {
-            self.locks = true;
-        }
-        if is("only") && self.prev == Some(PrevWord::Read) {
-            self.read_only = true;
-        }
-        if is("write") && self.prev == Some(PrevWord::Read) {
-            self.read_write = true;
-        }
-        if is("analyze") || is("analyse") {
-            self.analyze = true;
-        }
-        if depth == 0 {
-            self.into |= is("into");
-            self.to |= is("to");
-            self.from |= is("from");
-        }
-        self.prev = Some(if is("for") {
-            PrevWord::For
-        } else if is("read") {
-            PrevWord::Read
-        } else if is("no") && self.prev == Some(PrevWord::For) {
-            PrevWord::No
-        } else if is("key") && matches!(self.prev, Some(PrevWord::For) | Some(PrevWord::No)) {
-            PrevWord::Key
-        } else {
-            PrevWord::Other
+        self.prev = Some(match kw {
+            Kw::For => PrevWord::For,
+            Kw::Read => PrevWord::Read,
+            Kw::No if self.prev == Some(PrevWord::For) => PrevWord::No,
+            Kw::Key if matches!(self.prev, Some(PrevWord::For) | Some(PrevWord::No)) => {
+                PrevWord::Key
+            }
+            _ => PrevWord::Other,
         });
     }
 
@@ -196,53 +179,67 @@ impl Scan {
     }
 }
 
-fn decide(first: &[u8], second: Option<&[u8]>, scan: &Scan) -> Class {
-    let is = |w: &[u8], k: &str| w.eq_ignore_ascii_case(k.as_bytes());
-    let second_is = |k: &str| second.is_some_and(|s| is(s, k));
+fn decide(first: Kw, second: Option<Kw>, scan: &Scan) -> Class {
     let reads = !scan.modifies && !scan.locks;
-    match first {
-        f if is(f, "select") || is(f, "with") || is(f, "values") || is(f, "table") => {
+    // `PREPARED` (COMMIT/ROLLBACK PREPARED) is no keyword of Kw's: it is
+    // the only other second word that matters, and it makes a write.
+    match (first, second) {
+        (Kw::Select | Kw::With | Kw::Values | Kw::Table, _) => {
             if reads && !scan.into {
                 Class::Read
             } else {
                 Class::Write
             }
         }
-        f if is(f, "show") => Class::Show,
-        f if is(f, "explain") => {
+        (Kw::Show, _) => Class::Show,
+        (Kw::Explain, _) => {
             if !scan.analyze || reads {
                 Class::Read
             } else {
                 Class::Write
             }
         }
-        f if is(f, "copy") => {
+        (Kw::Copy, _) => {
             if scan.to && !scan.from && reads {
                 Class::Read
             } else {
                 Class::Write
             }
         }
-        f if is(f, "set") || is(f, "reset") => Class::Set {
-            local: is(f, "set") && second_is("local"),
+        (Kw::Set, second) => Class::Set {
+            local: second == Some(Kw::Local),
         },
-        f if is(f, "begin") || (is(f, "start") && second_is("transaction")) => Class::Begin {
+        (Kw::Reset, _) => Class::Set { local: false },
+        (Kw::Begin, _) | (Kw::Start, Some(Kw::Transaction)) => Class::Begin {
             read_only: scan.read_only && !scan.read_write,
         },
-        f if (is(f, "commit") || is(f, "end")) && !second_is("prepared") => Class::Commit,
-        f if is(f, "rollback") || is(f, "abort") => {
-            if second_is("to") {
-                Class::Savepoint
-            } else if second_is("prepared") {
-                Class::Write
-            } else {
-                Class::Rollback
-            }
-        }
-        f if is(f, "savepoint") || is(f, "release") => Class::Savepoint,
+        (Kw::Commit | Kw::End, second) if second != Some(Kw::Prepared) => Class::Commit,
+        (Kw::Rollback | Kw::Abort, Some(Kw::To)) => Class::Savepoint,
+        (Kw::Rollback | Kw::Abort, Some(Kw::Prepared)) => Class::Write,
+        (Kw::Rollback | Kw::Abort, _) => Class::Rollback,
+        (Kw::Savepoint | Kw::Release, _) => Class::Savepoint,
         _ => Class::Write,
     }
 }
+
+/// A byte of a word after its first: letters, digits, `_`, `$` and any
+/// non-ASCII byte.
+fn is_word_byte(c: u8) -> bool {
+    WORD_BYTES[usize::from(c)]
+}
+
+/// [`is_word_byte`] for every byte, looked up rather than computed: the
+/// lexer asks it for most bytes of every Query.
+static WORD_BYTES: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut c = 0;
+    while c < 256 {
+        let b = c as u8;
+        table[c] = b.is_ascii_alphanumeric() || b == b'_' || b == b'$' || b >= 0x80;
+        c += 1;
+    }
+    table
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Token<'a> {
@@ -324,7 +321,19 @@ impl<'a> Lexer<'a> {
                 self.dollar();
                 Token::Other
             }
-            c if c.is_ascii_alphabetic() || c == b'_' || c >= 0x80 => self.word(),
+            // Digits are one token (the scans look at words). A letter or
+            // `_` after them starts a word as before: PostgreSQL before 15
+            // reads `1into` as `1 into`, and before 16 `1_000` as `1 _000`.
+            b'0'..=b'9' => {
+                self.pos += self.run(|c| c.is_ascii_digit() || c == b'.');
+                Token::Other
+            }
+            c if c.is_ascii_alphabetic() || c == b'_' || c >= 0x80 => {
+                let start = self.pos;
+                self.pos += self.run(is_word_byte);
+                // U&'...' and B'...'/X'...' literals: the quote follows the word.
+                Token::Word(&self.sql[start..self.pos])
+            }
             _ => {
                 self.pos += 1;
                 Token::Other
@@ -332,19 +341,15 @@ impl<'a> Lexer<'a> {
         }
     }
 
-    fn word(&mut self) -> Token<'a> {
-        let start = self.pos;
-        while let Some(&c) = self.sql.get(self.pos) {
-            if c.is_ascii_alphanumeric() || c == b'_' || c == b'$' || c >= 0x80 {
-                self.pos += 1;
-            } else {
-                break;
-            }
-        }
-        // U&'...' and B'...'/X'...' literals: the quote follows the word.
-        Token::Word(&self.sql[start..self.pos])
+    /// How many bytes from `pos` on are `accepted`.
+    fn run(&self, accepted: impl Fn(u8) -> bool) -> usize {
+        let rest = self.sql.get(self.pos..).unwrap_or_default();
+        rest.iter()
+            .position(|&c| !accepted(c))
+            .unwrap_or(rest.len())
     }
 
+    #[inline(never)]
     fn line_comment(&mut self) {
         while let Some(&c) = self.sql.get(self.pos) {
             self.pos += 1;
@@ -354,6 +359,7 @@ impl<'a> Lexer<'a> {
         }
     }
 
+    #[inline(never)]
     fn block_comment(&mut self) {
         let mut depth = 0usize;
         while self.pos < self.sql.len() {
@@ -374,6 +380,7 @@ impl<'a> Lexer<'a> {
 
     /// A quoted literal or identifier; the quote doubled stands for itself,
     /// and with `backslash` a backslash escapes the next byte.
+    #[inline(never)]
     fn quoted(&mut self, quote: u8, backslash: bool) {
         self.pos += 1;
         while let Some(&c) = self.sql.get(self.pos) {
@@ -391,6 +398,7 @@ impl<'a> Lexer<'a> {
     }
 
     /// `$1` parameters and `$tag$ ... $tag$` literals.
+    #[inline(never)]
     fn dollar(&mut self) {
         let start = self.pos;
         self.pos += 1;

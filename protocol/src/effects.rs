@@ -8,6 +8,7 @@
 use std::ops::Range;
 
 use crate::classify::{Lexer, Token};
+use crate::keyword::{keyword, Kw};
 
 /// Why a client cannot move to another server any more.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,13 +87,6 @@ impl Effects {
             && self.prepared.is_empty()
     }
 }
-
-const ADVISORY: [&str; 4] = [
-    "pg_advisory_lock",
-    "pg_advisory_lock_shared",
-    "pg_try_advisory_lock",
-    "pg_try_advisory_lock_shared",
-];
 
 /// How many leading tokens a statement's decision looks at.
 const LEAD: usize = 5;
@@ -203,7 +197,7 @@ struct Statement<'a> {
 fn next_statement<'a>(lx: &mut Lexer<'a>) -> (Option<Statement<'a>>, bool) {
     let mut st: Option<Statement<'a>> = None;
     let mut depth = 0u32;
-    let mut prev: Option<&[u8]> = None;
+    let mut prev = Kw::Other;
     let more = loop {
         let Some(tok) = lx.next() else { break false };
         let span = lx.span();
@@ -235,13 +229,14 @@ fn next_statement<'a>(lx: &mut Lexer<'a>) -> (Option<Statement<'a>>, bool) {
             *slot = (word, span);
             st.leads += 1;
         }
-        if let Some(w) = word {
-            st.advisory |= ADVISORY.iter().any(|a| is(w, a));
-            let after = |k: &str| prev.is_some_and(|p| is(p, k));
-            st.with_hold |= is(w, "hold") && after("with");
-            st.into_temp |= (is(w, "temp") || is(w, "temporary")) && after("into");
+        let kw = word.map_or(Kw::Other, keyword);
+        match (prev, kw) {
+            (_, Kw::AdvisoryLock) => st.advisory = true,
+            (Kw::With, Kw::Hold) => st.with_hold = true,
+            (Kw::Into, Kw::Temp) => st.into_temp = true,
+            _ => {}
         }
-        prev = word;
+        prev = kw;
     };
     (st, more)
 }

@@ -17,5 +17,6 @@ pub mod sqlstate;
 pub mod startup;
 
 mod cursor;
+mod keyword;
 
 pub use frame::{FrameError, Scanner, Step};

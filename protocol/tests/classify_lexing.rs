@@ -53,3 +53,31 @@ proptest! {
         let _ = classify(&data);
     }
 }
+
+#[test]
+fn a_word_right_after_digits_still_counts() {
+    // PostgreSQL before 15 reads `1into` as `1 into`, and before 16
+    // `1_000` as `1 _000`: the word after the digits is a word.
+    assert_eq!(c("SELECT 1INTO t"), Class::Write);
+    assert_eq!(c("SELECT 1.5e3, 0x1F, 12345 FROM t"), Class::Read);
+    assert_eq!(c("SELECT 2FOR UPDATE"), Class::Write);
+    assert_eq!(c("SELECT 12345nextval('s')"), Class::Write);
+    assert_eq!(c("SELECT 1_000"), Class::Read);
+}
+
+#[test]
+fn keywords_in_any_case_and_of_any_length() {
+    assert_eq!(c("sElEcT pg_TRY_advisory_LOCK_shared(1)"), Class::Write);
+    assert_eq!(c("select pg_advisory_xact_lock(1)"), Class::Read);
+    assert_eq!(
+        c("StArT tRaNsAcTiOn ReAd OnLy"),
+        Class::Begin { read_only: true }
+    );
+    assert_eq!(
+        c("SELECT abalance FROM pgbench_accounts WHERE aid = 812345;"),
+        Class::Read
+    );
+    assert_eq!(c("COMMIT PREPARED 'x'"), Class::Write);
+    assert_eq!(c("select * from t for share"), Class::Write);
+    assert_eq!(c("select share, update_count from t"), Class::Read);
+}
