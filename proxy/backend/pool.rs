@@ -52,9 +52,9 @@ pub struct Pool {
     /// RELOAD replaced it: no warm connections, none kept idle; it serves
     /// only the clients that still use it until they move on.
     retired: std::sync::atomic::AtomicBool,
-    idle: Mutex<Vec<Idle>>,
-    /// Connections out on lease: backend pid -> when the connection opened.
-    active: Mutex<HashMap<i32, Instant>>,
+    /// The idle connections and those out on lease, under one lock: a
+    /// checkout and a give-back each take it once.
+    conns: Mutex<Conns>,
     /// Requests waiting for a connection now.
     waiting: std::sync::atomic::AtomicUsize,
     returned: Notify,
@@ -69,6 +69,23 @@ pub struct Pool {
     /// [`Pool::drain`]); `draining` says whether to look.
     drain_until: Mutex<Option<Instant>>,
     draining: std::sync::atomic::AtomicBool,
+}
+
+/// A pool's connections that are not being opened or closed.
+#[derive(Default)]
+struct Conns {
+    idle: Vec<Idle>,
+    /// Out on lease: (backend pid, when the connection opened). A pool
+    /// holds tens of connections, so a list is the cheapest map.
+    leased: Vec<(i32, Instant)>,
+}
+
+impl Conns {
+    fn unlease(&mut self, pid: i32) {
+        if let Some(at) = self.leased.iter().position(|(p, _)| *p == pid) {
+            self.leased.swap_remove(at);
+        }
+    }
 }
 
 /// A checked-out server connection. Dropping it closes the connection;
@@ -92,8 +109,7 @@ impl Pool {
             keys: Mutex::new(spec.scram_keys.clone()),
             spec,
             limits,
-            idle: Mutex::new(Vec::new()),
-            active: Mutex::new(HashMap::new()),
+            conns: Mutex::new(Conns::default()),
             waiting: Default::default(),
             returned: Notify::new(),
             welcome: Mutex::new(None),
@@ -137,7 +153,7 @@ impl Pool {
             let forgotten = self.permits.forget_permits(fewer);
             self.owed.fetch_add(fewer - forgotten, Relaxed);
             let closing: Vec<ServerConn> = {
-                let mut idle = lock(&self.idle);
+                let idle = &mut lock(&self.conns).idle;
                 let mut closing = Vec::new();
                 while self.owed.load(Relaxed) > 0 {
                     let Some(i) = idle.pop() else { break };
@@ -193,7 +209,7 @@ impl Pool {
 
     /// Counts of (idle, in use) connections.
     pub fn counts(&self) -> (usize, usize) {
-        let idle = lock(&self.idle).len();
+        let idle = lock(&self.conns).idle.len();
         let open = (self.size() + self.owed.load(Relaxed))
             .saturating_sub(self.permits.available_permits());
         (idle, open.saturating_sub(idle))
@@ -251,7 +267,12 @@ impl Pool {
     }
 
     fn lease(self: &Arc<Self>, conn: ServerConn, permit: OwnedSemaphorePermit) -> Lease {
-        lock(&self.active).insert(conn.key.pid, conn.created);
+        lock(&self.conns).leased.push((conn.key.pid, conn.created));
+        self.leased(conn, permit)
+    }
+
+    /// A lease on a connection already counted as leased.
+    fn leased(self: &Arc<Self>, conn: ServerConn, permit: OwnedSemaphorePermit) -> Lease {
         Lease {
             conn: Some(conn),
             permit: Some(permit),
@@ -266,43 +287,64 @@ impl Pool {
 
     /// Every connection: (active?, backend pid, age).
     pub fn servers(&self) -> Vec<(bool, i32, Duration)> {
-        let mut all: Vec<_> = lock(&self.idle)
+        let conns = lock(&self.conns);
+        let idle = conns
+            .idle
             .iter()
-            .map(|i| (false, i.conn.key.pid, i.conn.created.elapsed()))
-            .collect();
-        all.extend(
-            lock(&self.active)
-                .iter()
-                .map(|(pid, created)| (true, *pid, created.elapsed())),
-        );
-        all
+            .map(|i| (false, i.conn.key.pid, i.conn.created.elapsed()));
+        let leased = conns
+            .leased
+            .iter()
+            .map(|(pid, created)| (true, *pid, created.elapsed()));
+        idle.chain(leased).collect()
     }
 
+    /// The most recently given back idle connection that is still sound.
+    /// Past `server_lifetime` connections are closed when given back and by
+    /// the pool's tick, so a checkout reads no clock.
     fn take_idle(self: &Arc<Self>) -> Option<Lease> {
         loop {
-            let mut idle = lock(&self.idle).pop()?;
-            if idle.conn.created.elapsed() < self.limits.server_lifetime && !idle.conn.is_broken() {
-                return Some(self.lease(idle.conn, idle.permit));
+            let idle = {
+                let mut conns = lock(&self.conns);
+                let idle = conns.idle.pop()?;
+                conns.leased.push((idle.conn.key.pid, idle.conn.created));
+                idle
+            };
+            let Idle {
+                mut conn, permit, ..
+            } = idle;
+            if !conn.is_broken() {
+                return Some(self.leased(conn, permit));
             }
+            lock(&self.conns).unlease(conn.key.pid);
             tracing::debug!(server = %self.spec.addr, "dropping a stale idle server connection");
         }
     }
 
+    /// A leased connection given back: idle again, or closed when past its
+    /// lifetime, drained, or beyond a lowered pool_size.
     fn put_back(&self, conn: ServerConn, permit: OwnedSemaphorePermit) {
-        // Past its lifetime, drained, or beyond a lowered pool_size: closed.
         let now = Instant::now();
         let retire = now.duration_since(conn.created) >= self.limits.server_lifetime
             || self.is_draining()
             || self.owed.load(Relaxed) > 0
             || self.retired.load(Relaxed);
-        if retire {
+        let permit = {
+            let mut conns = lock(&self.conns);
+            conns.unlease(conn.key.pid);
+            if retire {
+                Some(permit)
+            } else {
+                conns.idle.push(Idle {
+                    conn,
+                    permit,
+                    since: now,
+                });
+                None
+            }
+        };
+        if let Some(permit) = permit {
             self.give_back(permit);
-        } else {
-            lock(&self.idle).push(Idle {
-                conn,
-                permit,
-                since: now,
-            });
         }
         self.returned.notify_one();
     }
@@ -311,7 +353,7 @@ impl Pool {
     /// `min_idle`), and opens connections up to `min_idle`.
     async fn tick(self: &Arc<Self>) {
         let expired: Vec<Idle> = {
-            let mut idle = lock(&self.idle);
+            let idle = &mut lock(&self.conns).idle;
             let mut keep = Vec::with_capacity(idle.len());
             let mut drop_list = Vec::new();
             // Newest first, so the most recently used are the ones kept.
@@ -364,7 +406,7 @@ impl Pool {
 
     /// Shutdown: sends Terminate on every idle connection and closes it.
     pub async fn close_idle(&self) {
-        let idle: Vec<Idle> = lock(&self.idle).drain(..).collect();
+        let idle: Vec<Idle> = lock(&self.conns).idle.drain(..).collect();
         for i in idle {
             i.conn.terminate().await;
         }
@@ -377,7 +419,7 @@ impl Pool {
         if lock(&self.warm_after).is_some_and(|at| Instant::now() < at) {
             return;
         }
-        while lock(&self.idle).len() < self.min_idle() {
+        while lock(&self.conns).idle.len() < self.min_idle() {
             let Ok(permit) = self.permits.clone().try_acquire_owned() else {
                 return;
             };
@@ -433,7 +475,6 @@ impl Lease {
     /// Returns the connection to the pool.
     pub fn release(&mut self) {
         if let (Some(conn), Some(permit)) = (self.conn.take(), self.permit.take()) {
-            lock(&self.pool.active).remove(&conn.key.pid);
             self.pool.put_back(conn, permit);
         }
     }
@@ -442,7 +483,7 @@ impl Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         if let Some(conn) = self.conn.take() {
-            lock(&self.pool.active).remove(&conn.key.pid);
+            lock(&self.pool.conns).unlease(conn.key.pid);
             if let Some(permit) = self.permit.take() {
                 self.pool.give_back(permit);
             }

@@ -94,7 +94,7 @@ impl Session {
     pub(super) async fn server_lost(
         &mut self,
         e: std::io::Error,
-        held: &mut Option<Box<Lease>>,
+        held: &mut Option<Lease>,
     ) -> Result<Attachment, ClientError> {
         let Some(lease) = held.as_mut() else {
             return Ok(Attachment::Detached);
@@ -131,7 +131,7 @@ impl Session {
             self.registered.info.cancel.detach();
             *held = None;
             match self.replay(&addr, pid).await? {
-                Some(lease) => *held = Some(Box::new(lease)),
+                Some(lease) => *held = Some(lease),
                 None => self.report_server_lost(e).await?,
             }
             return Ok(Attachment::Detached);

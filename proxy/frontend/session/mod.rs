@@ -154,6 +154,9 @@ impl InFlight {
 /// whole anyway. Larger ones stream through.
 const WHOLE_BELOW: usize = 8 * 1024;
 
+/// The most room a session keeps for the next kept request of a read.
+const REPLAY_ROOM: usize = 4 * 1024;
+
 /// The scanner of what a server sends.
 pub(super) fn server_scanner() -> Scanner {
     Scanner::new(usize::MAX).whole_below(WHOLE_BELOW)
@@ -253,6 +256,8 @@ pub struct Session {
     /// The request of an autocommit read, kept until the server's answer
     /// shows it need not run again.
     replay: Option<BytesMut>,
+    /// The room of the last kept request, for the next (see `keep_replay`).
+    replay_spare: BytesMut,
     /// Server bytes are held back (not written to the client) while the
     /// read may still run again.
     holding: bool,
@@ -295,6 +300,14 @@ pub struct Session {
     verify: Option<Box<replay::Verify>>,
     /// This client's place under `max_client_connections`.
     slot: ClientSlot,
+    /// The wait before a rest, kept from one idle wait to the next:
+    /// moving a registered timer later takes no lock (tokio extends it in
+    /// place), where a new timer each time is registered and removed.
+    rest_timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The topology as an attachment watches it (a held read on a node
+    /// taken for down runs elsewhere), kept between attachments:
+    /// subscribing anew each time touches counters every client shares.
+    node_watch: Option<watch::Receiver<Arc<Topology>>>,
 }
 
 impl Session {
@@ -352,7 +365,7 @@ impl Session {
     async fn serve(&mut self) -> Result<Ended, ClientError> {
         let mut held = match self.welcomed {
             true => None,
-            false => Box::pin(self.welcome()).await?.map(Box::new),
+            false => Box::pin(self.welcome()).await?,
         };
         self.welcomed = true;
         loop {
@@ -389,11 +402,11 @@ impl Session {
 
     /// Runs the client's requests on a server (the held one in session
     /// mode, a checked-out one in transaction mode) until they end.
-    async fn attached(&mut self, held: &mut Option<Box<Lease>>) -> Result<Attachment, ClientError> {
+    async fn attached(&mut self, held: &mut Option<Lease>) -> Result<Attachment, ClientError> {
         let lease = match held {
             Some(lease) => lease,
             None => match self.start_transaction().await {
-                Ok(lease) => held.insert(Box::new(lease)),
+                Ok(lease) => held.insert(lease),
                 Err(e) => {
                     self.refuse_request(e).await?;
                     return Ok(Attachment::Detached);
@@ -406,7 +419,12 @@ impl Session {
         } else {
             ClientState::Active
         });
-        let mut nodes = self.target.cluster.subscribe();
+        let mut nodes = match self.node_watch.take() {
+            Some(nodes) => nodes,
+            None => self.target.cluster.subscribe(),
+        };
+        // Only what changes from now on.
+        nodes.mark_unchanged();
         let node = lease.pool().shared_addr().clone();
         let end = loop {
             // Only an attachment that outlives its transaction (session
@@ -439,6 +457,7 @@ impl Session {
             }
         };
         self.watching_shutdown = false;
+        self.node_watch = Some(nodes);
         tracing::debug!(?end, "detached from the server");
         self.registered.info.set_state(ClientState::Idle);
         self.after_pump(end, held).await
@@ -449,7 +468,7 @@ impl Session {
     async fn after_pump(
         &mut self,
         end: PumpEnd,
-        held: &mut Option<Box<Lease>>,
+        held: &mut Option<Lease>,
     ) -> Result<Attachment, ClientError> {
         let Some(lease) = held.as_mut() else {
             return Ok(Attachment::Detached);
@@ -500,7 +519,7 @@ impl Session {
 
     /// Puts a held read back to run it again (see `Rerun`); the server it
     /// ran on is given back.
-    fn run_again(&mut self, lease: Option<Box<Lease>>) -> Result<(), ClientError> {
+    fn run_again(&mut self, lease: Option<Lease>) -> Result<(), ClientError> {
         self.retried(match self.rerun {
             Some(Rerun::OnPrimary) => "replica_refused_write",
             Some(Rerun::Replan) => "stale_plan",
@@ -565,7 +584,7 @@ impl Session {
     /// Answers a held read that an administrator stopped with the server's
     /// own error; nothing of its partial answer goes out.
     async fn answer_terminated_read(&mut self, e: ClientError) -> Result<Attachment, ClientError> {
-        self.replay = None;
+        self.forget_replay();
         self.holding = false;
         self.rerun = None;
         self.down.clear();
@@ -689,18 +708,32 @@ impl Session {
             // poll_read_ready keeps the waker in the socket's own slot: an
             // idle client's wait costs no more than a pointer.
             self.wire.shrink();
-            if self.expect.is_empty() {
+            // A few expected replies' room is kept (a transaction needs it
+            // again); more goes.
+            if self.expect.is_empty() && self.expect.capacity() > 8 {
                 self.expect = VecDeque::new();
             }
             let can_rest = self.can_rest();
-            let (client, shutdown) = (&mut self.client, &self.app.shutdown);
+            if can_rest {
+                let deadline = rest::rest_deadline();
+                match &mut self.rest_timer {
+                    Some(timer) => timer.as_mut().reset(deadline),
+                    None => self.rest_timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
+                }
+            }
+            let (client, shutdown, timer) =
+                (&mut self.client, &self.app.shutdown, &mut self.rest_timer);
+            let rest = poll_fn(|cx| match timer {
+                Some(timer) => std::future::Future::poll(timer.as_mut(), cx),
+                None => Poll::Pending,
+            });
             tokio::select! {
                 ready = poll_fn(|cx| client.poll_read_ready(cx)) => {
                     ready.map_err(ClientError::ClientIo)?
                 }
                 // A client that can rest hears a shutdown when it does.
                 _ = shutdown.cancelled(), if !can_rest => return Err(ClientError::Shutdown),
-                _ = tokio::time::sleep_until(rest::rest_deadline()), if can_rest => return Ok(Wait::Rest),
+                _ = rest, if can_rest => return Ok(Wait::Rest),
             }
             self.up.reserve();
             // poll_read (unlike try_read) clears readiness after a short
@@ -769,7 +802,26 @@ impl Session {
         self.dirty = None;
     }
 
-    fn detach(&mut self, lease: Option<Box<Lease>>, reuse: bool) {
+    /// Keeps the buffered request of an autocommit read (see `replay`), in
+    /// the room the last one left.
+    fn keep_replay(&mut self) {
+        let mut kept = std::mem::take(&mut self.replay_spare);
+        kept.extend_from_slice(&self.up.buf);
+        self.replay = Some(kept);
+    }
+
+    /// The kept request is not needed: its room stays for the next one
+    /// unless it is large.
+    fn forget_replay(&mut self) {
+        if let Some(mut kept) = self.replay.take() {
+            if kept.capacity() <= REPLAY_ROOM {
+                kept.clear();
+                self.replay_spare = kept;
+            }
+        }
+    }
+
+    fn detach(&mut self, lease: Option<Lease>, reuse: bool) {
         self.registered.info.cancel.detach();
         self.unshare = false;
         self.forget_sent();
@@ -787,7 +839,7 @@ impl Session {
     }
 
     /// The client left: give the server back when it is clean.
-    async fn leave(&mut self, lease: Option<Box<Lease>>) {
+    async fn leave(&mut self, lease: Option<Lease>) {
         self.registered.info.cancel.detach();
         let Some(mut lease) = lease else { return };
         let pinned = self.pinned.take().is_some();

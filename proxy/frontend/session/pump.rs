@@ -89,7 +89,7 @@ impl Session {
                     if self.holding {
                         // More from the client: the kept request is no
                         // longer all of it; answer as it comes.
-                        self.replay = None;
+                        self.forget_replay();
                         self.holding = false;
                     }
                     if let (frontend::QUERY, Step::Header { len, .. } | Step::Whole { len, .. }) =
@@ -303,7 +303,7 @@ impl Session {
             // The request is answered in full without an error.
             backend::READY_FOR_QUERY if self.rerun.is_none() => {
                 self.holding = false;
-                self.replay = None;
+                self.forget_replay();
             }
             backend::READY_FOR_QUERY => {}
             backend::ERROR_RESPONSE if read_only_error => self.rerun = Some(Rerun::OnPrimary),
@@ -319,7 +319,7 @@ impl Session {
             }
             _ => {
                 self.holding = false;
-                self.replay = None;
+                self.forget_replay();
             }
         }
     }

@@ -192,6 +192,7 @@ impl Session {
             intent: _,
             lost_tx: _,
             replay: _,
+            replay_spare: _,
             holding: _,
             rerun: _,
             unshare: _,
@@ -211,6 +212,8 @@ impl Session {
             registered,
             replays,
             verify: _,
+            rest_timer: _,
+            node_watch: _,
             slot,
         } = *self;
         let rested = Rested {
@@ -255,6 +258,7 @@ impl Session {
             intent: Intent::Write,
             lost_tx: None,
             replay: None,
+            replay_spare: bytes::BytesMut::new(),
             holding: false,
             rerun: None,
             unshare: false,
@@ -275,6 +279,8 @@ impl Session {
             replays: r.replays,
             verify: None,
             slot: r.slot,
+            rest_timer: None,
+            node_watch: None,
         }
     }
 }

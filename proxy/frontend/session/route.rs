@@ -3,8 +3,6 @@
 
 use std::sync::Arc;
 
-use bytes::BytesMut;
-
 use super::Session;
 use crate::backend::cluster::{Role, Topology};
 use crate::backend::error::PoolError;
@@ -95,7 +93,7 @@ impl Session {
                     // Held only when the request ends in a Sync or Query:
                     // a client that sent Flush waits for the answer so far.
                     if rerun.is_none() && autocommit_read && self.flight.pending > 0 {
-                        self.replay = Some(BytesMut::from(&self.up.buf[..]));
+                        self.keep_replay();
                         self.holding = true;
                     }
                     return Ok(lease);
@@ -308,6 +306,7 @@ impl Session {
         }
         tracing::debug!(database = %target.database.name, "client follows the reloaded settings");
         self.topology = target.cluster.subscribe();
+        self.node_watch = None;
         self.node_pools = vec![None; target.database.nodes.len()];
         self.pool = self.app.pool_for(&target, &self.registered.info.user);
         self.target = target;
