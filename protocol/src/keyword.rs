@@ -70,12 +70,58 @@ const fn pack(keyword: &[u8]) -> u64 {
 /// 0x20 of every byte lower-cases a letter, and turns no other byte into
 /// a lower-case letter; keywords are made of letters only.
 fn pack_word(word: &[u8]) -> Option<u64> {
-    let mut bytes = [0u8; 8];
-    bytes.get_mut(..word.len())?.copy_from_slice(word);
-    let case = 0x2020_2020_2020_2020u64
-        .checked_shr(8 * (8 - word.len() as u32))
-        .unwrap_or(0);
-    Some(u64::from_le_bytes(bytes) | case)
+    if word.len() > 8 {
+        return None;
+    }
+    let mut key = 0u64;
+    for (i, &b) in word.iter().enumerate() {
+        key |= u64::from(b | 0x20) << (8 * i);
+    }
+    Some(key)
+}
+
+/// The short keywords, packed.
+mod packed {
+    use super::pack;
+
+    pub(super) const SELECT: u64 = pack(b"select");
+    pub(super) const WITH: u64 = pack(b"with");
+    pub(super) const VALUES: u64 = pack(b"values");
+    pub(super) const TABLE: u64 = pack(b"table");
+    pub(super) const SHOW: u64 = pack(b"show");
+    pub(super) const EXPLAIN: u64 = pack(b"explain");
+    pub(super) const COPY: u64 = pack(b"copy");
+    pub(super) const SET: u64 = pack(b"set");
+    pub(super) const RESET: u64 = pack(b"reset");
+    pub(super) const BEGIN: u64 = pack(b"begin");
+    pub(super) const START: u64 = pack(b"start");
+    pub(super) const COMMIT: u64 = pack(b"commit");
+    pub(super) const END: u64 = pack(b"end");
+    pub(super) const ROLLBACK: u64 = pack(b"rollback");
+    pub(super) const ABORT: u64 = pack(b"abort");
+    pub(super) const RELEASE: u64 = pack(b"release");
+    pub(super) const INSERT: u64 = pack(b"insert");
+    pub(super) const DELETE: u64 = pack(b"delete");
+    pub(super) const MERGE: u64 = pack(b"merge");
+    pub(super) const UPDATE: u64 = pack(b"update");
+    pub(super) const SHARE: u64 = pack(b"share");
+    pub(super) const FOR: u64 = pack(b"for");
+    pub(super) const NO: u64 = pack(b"no");
+    pub(super) const KEY: u64 = pack(b"key");
+    pub(super) const READ: u64 = pack(b"read");
+    pub(super) const ONLY: u64 = pack(b"only");
+    pub(super) const WRITE: u64 = pack(b"write");
+    pub(super) const ANALYZE: u64 = pack(b"analyze");
+    pub(super) const ANALYSE: u64 = pack(b"analyse");
+    pub(super) const INTO: u64 = pack(b"into");
+    pub(super) const TO: u64 = pack(b"to");
+    pub(super) const FROM: u64 = pack(b"from");
+    pub(super) const HOLD: u64 = pack(b"hold");
+    pub(super) const TEMP: u64 = pack(b"temp");
+    pub(super) const NEXTVAL: u64 = pack(b"nextval");
+    pub(super) const SETVAL: u64 = pack(b"setval");
+    pub(super) const LOCAL: u64 = pack(b"local");
+    pub(super) const PREPARED: u64 = pack(b"prepared");
 }
 
 /// The keyword `word` is (any case), if it is one of [`Kw`]'s.
@@ -87,44 +133,7 @@ pub(crate) fn keyword(word: &[u8]) -> Kw {
         Some(key) => key,
         None => return long(word),
     };
-    const SELECT: u64 = pack(b"select");
-    const WITH: u64 = pack(b"with");
-    const VALUES: u64 = pack(b"values");
-    const TABLE: u64 = pack(b"table");
-    const SHOW: u64 = pack(b"show");
-    const EXPLAIN: u64 = pack(b"explain");
-    const COPY: u64 = pack(b"copy");
-    const SET: u64 = pack(b"set");
-    const RESET: u64 = pack(b"reset");
-    const BEGIN: u64 = pack(b"begin");
-    const START: u64 = pack(b"start");
-    const COMMIT: u64 = pack(b"commit");
-    const END: u64 = pack(b"end");
-    const ROLLBACK: u64 = pack(b"rollback");
-    const ABORT: u64 = pack(b"abort");
-    const RELEASE: u64 = pack(b"release");
-    const INSERT: u64 = pack(b"insert");
-    const DELETE: u64 = pack(b"delete");
-    const MERGE: u64 = pack(b"merge");
-    const UPDATE: u64 = pack(b"update");
-    const SHARE: u64 = pack(b"share");
-    const FOR: u64 = pack(b"for");
-    const NO: u64 = pack(b"no");
-    const KEY: u64 = pack(b"key");
-    const READ: u64 = pack(b"read");
-    const ONLY: u64 = pack(b"only");
-    const WRITE: u64 = pack(b"write");
-    const ANALYZE: u64 = pack(b"analyze");
-    const ANALYSE: u64 = pack(b"analyse");
-    const INTO: u64 = pack(b"into");
-    const TO: u64 = pack(b"to");
-    const FROM: u64 = pack(b"from");
-    const HOLD: u64 = pack(b"hold");
-    const TEMP: u64 = pack(b"temp");
-    const NEXTVAL: u64 = pack(b"nextval");
-    const SETVAL: u64 = pack(b"setval");
-    const LOCAL: u64 = pack(b"local");
-    const PREPARED: u64 = pack(b"prepared");
+    use packed::*;
     match key {
         SELECT => Kw::Select,
         WITH => Kw::With,

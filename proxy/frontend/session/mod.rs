@@ -703,11 +703,6 @@ impl Session {
             if self.up.scanned > 0 {
                 return Ok(Wait::Request);
             }
-            self.up.shrink();
-            self.down.shrink();
-            // poll_read_ready keeps the waker in the socket's own slot: an
-            // idle client's wait costs no more than a pointer.
-            self.wire.shrink();
             // A few expected replies' room is kept (a transaction needs it
             // again); more goes.
             if self.expect.is_empty() && self.expect.capacity() > 8 {
@@ -715,12 +710,21 @@ impl Session {
             }
             let can_rest = self.can_rest();
             if can_rest {
+                // It rests soon unless a request comes first: its buffers
+                // stay for that request, and go when it rests.
                 let deadline = rest::rest_deadline();
                 match &mut self.rest_timer {
                     Some(timer) => timer.as_mut().reset(deadline),
                     None => self.rest_timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
                 }
+            } else {
+                // Its buffers wait in this thread's spares while it idles.
+                self.up.shrink();
+                self.down.shrink();
+                self.wire.shrink();
             }
+            // poll_read_ready keeps the waker in the socket's own slot: an
+            // idle client's wait costs no more than a pointer.
             let (client, shutdown, timer) =
                 (&mut self.client, &self.app.shutdown, &mut self.rest_timer);
             let rest = poll_fn(|cx| match timer {

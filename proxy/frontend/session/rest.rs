@@ -52,9 +52,10 @@ pub(super) fn rest_deadline() -> tokio::time::Instant {
     static ORIGIN: std::sync::OnceLock<tokio::time::Instant> = std::sync::OnceLock::new();
     let origin = *ORIGIN.get_or_init(tokio::time::Instant::now);
     let due = (tokio::time::Instant::now() + REST_AFTER).duration_since(origin);
-    let tick = REST_TICK.as_nanos();
-    let ticks = due.as_nanos().div_ceil(tick);
-    origin + Duration::from_nanos(u64::try_from(ticks * tick).unwrap_or(u64::MAX))
+    // In u64 nanoseconds (585 years): every idle wait asks.
+    let tick = u64::try_from(REST_TICK.as_nanos()).unwrap_or(u64::MAX);
+    let due = u64::try_from(due.as_nanos()).unwrap_or(u64::MAX);
+    origin + Duration::from_nanos(due.div_ceil(tick).saturating_mul(tick))
 }
 
 /// What a session keeps between transactions: everything else starts
@@ -114,9 +115,12 @@ fn counted(app: &App, resting: bool) {
 const QUIET_SPARES: usize = 4;
 
 /// Lets the session's task end with the client kept by its entry.
-pub(super) fn rest(session: Box<Session>) {
+pub(super) fn rest(mut session: Box<Session>) {
     let app = session.app.clone();
     counted(&app, true);
+    session.up.shrink();
+    session.down.shrink();
+    session.wire.shrink();
     crate::net::flow::spare::keep_at_most(QUIET_SPARES);
     let (rested, registered) = session.into_rested();
     let info = registered.park();
