@@ -1,11 +1,12 @@
 //! What every Query costs before it is sent on: the statement classifier
 //! (routing), the session-effects scan (pinning, SET carry, prepared
-//! statements) and the exclusive-database check, on typical statements
-//! (target: ≤ 1 µs each).
+//! statements), and "per query": both in one pass (`analyze`, what a
+//! session runs on a request's first Query) plus the exclusive-database
+//! check, on typical statements (target: ≤ 1 µs each).
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use pgheal_protocol::classify::classify;
-use pgheal_protocol::effects::{effects, exclusive_database};
+use pgheal_protocol::effects::{analyze, effects, exclusive_database};
 
 const STATEMENTS: [(&str, &str); 6] = [
     ("pgbench select", "SELECT abalance FROM pgbench_accounts WHERE aid = $1;"),
@@ -46,7 +47,7 @@ fn bench(c: &mut Criterion) {
         g.bench_function(name, |b| {
             b.iter(|| {
                 let sql = black_box(sql.as_bytes());
-                (classify(sql), effects(sql), exclusive_database(sql))
+                (analyze(sql), exclusive_database(sql))
             })
         });
     }

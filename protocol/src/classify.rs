@@ -42,27 +42,42 @@ impl Class {
 /// any other mix is a write.
 pub fn classify(sql: &[u8]) -> Class {
     let mut lexer = Lexer::new(sql);
-    let mut overall: Option<Class> = None;
-    let mut count = 0;
+    let mut overall = Overall::default();
     loop {
         let (class, more) = statement(&mut lexer);
-        if let Some(class) = class {
-            count += 1;
-            overall = Some(match overall {
-                None => class,
-                Some(prev) if prev.is_read() && class.is_read() => Class::Read,
-                Some(_) => Class::Write,
-            });
-        }
+        overall.add(class);
         if !more {
-            break;
+            return overall.class();
         }
     }
-    match (overall, count) {
-        (None, _) => Class::Read,
-        (Some(c), 1) => c,
-        (Some(c), _) if c.is_read() => Class::Read,
-        _ => Class::Write,
+}
+
+/// The class of a string of statements, from theirs (see [`classify`]).
+#[derive(Default)]
+pub(crate) struct Overall {
+    class: Option<Class>,
+    count: usize,
+}
+
+impl Overall {
+    /// One more statement (`None`: an empty one).
+    pub(crate) fn add(&mut self, class: Option<Class>) {
+        let Some(class) = class else { return };
+        self.count += 1;
+        self.class = Some(match self.class {
+            None => class,
+            Some(prev) if prev.is_read() && class.is_read() => Class::Read,
+            Some(_) => Class::Write,
+        });
+    }
+
+    pub(crate) fn class(&self) -> Class {
+        match (self.class, self.count) {
+            (None, _) => Class::Read,
+            (Some(c), 1) => c,
+            (Some(c), _) if c.is_read() => Class::Read,
+            _ => Class::Write,
+        }
     }
 }
 
@@ -84,30 +99,54 @@ pub fn starts_transaction(sql: &[u8]) -> bool {
 /// Classifies the next statement; returns `None` for an empty one, and
 /// whether a `;` followed.
 fn statement(lx: &mut Lexer<'_>) -> (Option<Class>, bool) {
-    let mut scan = Scan::default();
-    let mut first: Option<Kw> = None;
-    let mut second: Option<Kw> = None;
-    let mut depth = 0u32;
+    let mut st = Statement::default();
     let more = loop {
         let Some(tok) = lx.next() else { break false };
-        match tok {
-            Token::Semicolon if depth == 0 => break true,
-            Token::Open => depth += 1,
-            Token::Close => depth = depth.saturating_sub(1),
-            Token::Word(w) => {
-                let kw = keyword(w);
-                if first.is_none() {
-                    first = Some(kw);
-                } else if second.is_none() {
-                    second = Some(kw);
-                }
-                scan.word(kw, depth);
-            }
-            _ => scan.other(),
+        if tok == Token::Semicolon && st.depth == 0 {
+            break true;
         }
+        let kw = match tok {
+            Token::Word(w) => keyword(w),
+            _ => Kw::Other,
+        };
+        st.token(tok, kw);
     };
-    let class = first.map(|f| decide(f, second, &scan));
-    (class, more)
+    (st.class(), more)
+}
+
+/// One statement's tokens as the classifier sees them.
+#[derive(Default)]
+pub(crate) struct Statement {
+    scan: Scan,
+    first: Option<Kw>,
+    second: Option<Kw>,
+    /// Parentheses and brackets open.
+    depth: u32,
+}
+
+impl Statement {
+    /// The next token (not the `;` that ends the statement) and, for a
+    /// word, its keyword.
+    pub(crate) fn token(&mut self, tok: Token<'_>, kw: Kw) {
+        match tok {
+            Token::Open => self.depth += 1,
+            Token::Close => self.depth = self.depth.saturating_sub(1),
+            Token::Word(_) => {
+                if self.first.is_none() {
+                    self.first = Some(kw);
+                } else if self.second.is_none() {
+                    self.second = Some(kw);
+                }
+                self.scan.word(kw, self.depth);
+            }
+            _ => self.scan.other(),
+        }
+    }
+
+    /// `None` for an empty statement.
+    pub(crate) fn class(&self) -> Option<Class> {
+        self.first.map(|f| decide(f, self.second, &self.scan))
+    }
 }
 
 /// What was seen in one statement beyond its first two words.

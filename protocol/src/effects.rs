@@ -7,7 +7,7 @@
 
 use std::ops::Range;
 
-use crate::classify::{Lexer, Token};
+use crate::classify::{Class, Lexer, Overall, Statement as Classified, Token};
 use crate::keyword::{keyword, Kw};
 
 /// Why a client cannot move to another server any more.
@@ -99,13 +99,33 @@ pub fn effects(sql: &[u8]) -> Effects {
     let mut lx = Lexer::new(sql);
     let mut out = Effects::default();
     loop {
-        let (statement, more) = next_statement(&mut lx);
+        let (statement, more) = next_statement(&mut lx, None);
         if let Some(st) = statement {
             st.apply(sql, out.statements, &mut out);
             out.statements += 1;
         }
         if !more {
             return out;
+        }
+    }
+}
+
+/// [`effects`] and [`crate::classify::classify`] at once, in one pass over
+/// `sql`: what a Query is for routing and what it does to the session.
+pub fn analyze(sql: &[u8]) -> (Class, Effects) {
+    let mut lx = Lexer::new(sql);
+    let mut out = Effects::default();
+    let mut overall = Overall::default();
+    loop {
+        let mut class = Classified::default();
+        let (statement, more) = next_statement(&mut lx, Some(&mut class));
+        overall.add(class.class());
+        if let Some(st) = statement {
+            st.apply(sql, out.statements, &mut out);
+            out.statements += 1;
+        }
+        if !more {
+            return (overall.class(), out);
         }
     }
 }
@@ -174,7 +194,7 @@ pub fn statements(sql: &[u8]) -> Vec<Range<usize>> {
     let mut lx = Lexer::new(sql);
     let mut out = Vec::new();
     loop {
-        let (statement, more) = next_statement(&mut lx);
+        let (statement, more) = next_statement(&mut lx, None);
         if let Some(st) = statement {
             out.push(st.span);
         }
@@ -194,7 +214,12 @@ struct Statement<'a> {
     into_temp: bool,
 }
 
-fn next_statement<'a>(lx: &mut Lexer<'a>) -> (Option<Statement<'a>>, bool) {
+/// The next statement's tokens that matter here, fed also to `class` when
+/// there is one; and whether a `;` followed.
+fn next_statement<'a>(
+    lx: &mut Lexer<'a>,
+    mut class: Option<&mut Classified>,
+) -> (Option<Statement<'a>>, bool) {
     let mut st: Option<Statement<'a>> = None;
     let mut depth = 0u32;
     let mut prev = Kw::Other;
@@ -230,6 +255,9 @@ fn next_statement<'a>(lx: &mut Lexer<'a>) -> (Option<Statement<'a>>, bool) {
             st.leads += 1;
         }
         let kw = word.map_or(Kw::Other, keyword);
+        if let Some(class) = class.as_deref_mut() {
+            class.token(tok, kw);
+        }
         match (prev, kw) {
             (_, Kw::AdvisoryLock) => st.advisory = true,
             (Kw::With, Kw::Hold) => st.with_hold = true,

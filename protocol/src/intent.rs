@@ -51,7 +51,12 @@ pub fn intent(buf: &[u8]) -> Intent {
 
 /// The intent of a statement's SQL text.
 pub fn sql_intent(sql: &[u8]) -> Intent {
-    match classify(sql) {
+    class_intent(classify(sql))
+}
+
+/// The intent of a statement of this class.
+pub fn class_intent(class: Class) -> Intent {
+    match class {
         Class::Read | Class::Show => Intent::Read,
         Class::Begin { read_only: true } => Intent::ReadOnlyTx,
         Class::Begin { read_only: false } => Intent::Begin,

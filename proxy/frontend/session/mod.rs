@@ -308,6 +308,8 @@ pub struct Session {
     /// taken for down runs elsewhere), kept between attachments:
     /// subscribing anew each time touches counters every client shares.
     node_watch: Option<watch::Receiver<Arc<Topology>>>,
+    /// What routing found in the request's first Query (see `Analyzed`).
+    analyzed: Option<route::Analyzed>,
 }
 
 impl Session {

@@ -218,6 +218,7 @@ impl Session {
             verify: _,
             rest_timer: _,
             node_watch: _,
+            analyzed: _,
             slot,
         } = *self;
         let rested = Rested {
@@ -285,6 +286,7 @@ impl Session {
             slot: r.slot,
             rest_timer: None,
             node_watch: None,
+            analyzed: None,
         }
     }
 }

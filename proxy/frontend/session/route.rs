@@ -3,6 +3,8 @@
 
 use std::sync::Arc;
 
+use pgheal_protocol::effects::Effects;
+
 use super::Session;
 use crate::backend::cluster::{Role, Topology};
 use crate::backend::error::PoolError;
@@ -244,7 +246,7 @@ impl Session {
 
     /// What the buffered request intends: from its SQL, or for a Bind of
     /// a named statement, from the statement's SQL.
-    fn request_intent(&self) -> Intent {
+    fn request_intent(&mut self) -> Intent {
         use pgheal_protocol::frontend::{CLOSE, DESCRIBE, FLUSH, SYNC};
         // Close, Describe and Flush change no data: what follows them
         // decides, and a request of nothing else (a driver closing a
@@ -269,6 +271,14 @@ impl Session {
                 if let Some(stmt) = self.statements.get(bind.statement) {
                     return stmt.intent;
                 }
+            }
+        }
+        if buf.first() == Some(&pgheal_protocol::frontend::QUERY) {
+            if let Some(sql) = first_query(buf) {
+                // Routing and translation both need the SQL looked at: once.
+                let (class, effects) = pgheal_protocol::effects::analyze(sql);
+                self.analyzed = Some(Analyzed::new(sql, effects));
+                return pgheal_protocol::intent::class_intent(class);
             }
         }
         router::intent(buf)
@@ -353,5 +363,60 @@ impl Session {
             .cancel
             .attach(lease.pool().shared_addr(), lease.server_key());
         Ok(lease)
+    }
+}
+
+/// The SQL of the Query message `buf` starts with, when it is all there.
+fn first_query(buf: &[u8]) -> Option<&[u8]> {
+    let len = u32::from_be_bytes(buf.get(1..5)?.try_into().ok()?);
+    let body = buf.get(5..1 + usize::try_from(len).ok()?)?;
+    pgheal_protocol::frontend::query(body).ok()
+}
+
+/// What routing found in a request's first Query, for its translation
+/// (one pass over the SQL instead of two). The text's length and hash tell
+/// that translation has the same Query before it.
+pub(super) struct Analyzed {
+    len: usize,
+    hash: u64,
+    pub(super) effects: Effects,
+}
+
+impl Analyzed {
+    fn new(sql: &[u8], effects: Effects) -> Analyzed {
+        Analyzed {
+            len: sql.len(),
+            hash: xxhash_rust::xxh3::xxh3_64(sql),
+            effects,
+        }
+    }
+
+    /// True when this was found in `sql`.
+    pub(super) fn is_of(&self, sql: &[u8]) -> bool {
+        self.len == sql.len() && self.hash == xxhash_rust::xxh3::xxh3_64(sql)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::BytesMut;
+    use pgheal_protocol::{build, effects};
+
+    #[test]
+    fn routing_finds_the_first_query_and_translation_knows_it_again() {
+        let mut buf = BytesMut::new();
+        build::query(&mut buf, "SET search_path = app");
+        build::query(&mut buf, "SELECT 1");
+        let sql = first_query(&buf).expect("a whole Query");
+        assert_eq!(sql, b"SET search_path = app");
+        let found = Analyzed::new(sql, effects::effects(sql));
+        assert_eq!(found.effects.settings, ["search_path"]);
+        assert!(found.is_of(b"SET search_path = app"));
+        // Same length, other text; other length.
+        assert!(!found.is_of(b"SET search_path = xyz"));
+        assert!(!found.is_of(b"SET search_path = ap"));
+        // Half a message is not read.
+        assert_eq!(first_query(&buf[..10]), None);
     }
 }

@@ -359,7 +359,10 @@ impl Session {
 
     fn translate_query(&mut self, conn: &mut ServerConn, msg: &[u8], sql: &[u8]) {
         tracing::debug!(server = %conn.addr, sql = %String::from_utf8_lossy(sql), "query");
-        let effects = effects::effects(sql);
+        let effects = match self.analyzed.take() {
+            Some(found) if found.is_of(sql) => found.effects,
+            _ => effects::effects(sql),
+        };
         self.take_effects(&effects);
         self.note_sql(sql, &effects);
         if effects.prepared.is_empty() {
