@@ -81,3 +81,98 @@ fn keywords_in_any_case_and_of_any_length() {
     assert_eq!(c("select * from t for share"), Class::Write);
     assert_eq!(c("select share, update_count from t"), Class::Read);
 }
+
+/// Words and pieces SQL is made of, keywords of every kind among them.
+const PIECES: &[&str] = &[
+    "select",
+    "SELECT",
+    "with",
+    "values",
+    "show",
+    "explain",
+    "analyze",
+    "copy",
+    "to",
+    "from",
+    "set",
+    "SET",
+    "reset",
+    "local",
+    "session",
+    "role",
+    "time",
+    "zone",
+    "begin",
+    "start",
+    "transaction",
+    "read",
+    "only",
+    "write",
+    "commit",
+    "end",
+    "rollback",
+    "abort",
+    "prepared",
+    "savepoint",
+    "release",
+    "insert",
+    "update",
+    "delete",
+    "merge",
+    "into",
+    "temp",
+    "temporary",
+    "for",
+    "no",
+    "key",
+    "share",
+    "hold",
+    "declare",
+    "cursor",
+    "listen",
+    "create",
+    "or",
+    "replace",
+    "discard",
+    "all",
+    "prepare",
+    "execute",
+    "deallocate",
+    "pg_advisory_lock",
+    "pg_try_advisory_lock_shared",
+    "nextval",
+    "t",
+    "x",
+    "42",
+    "1into",
+    "$1",
+    "'a;b'",
+    "\"q\"",
+    "$$;$$",
+    "-- c\n",
+    "/* ; */",
+    ";",
+    "(",
+    ")",
+    "=",
+    ",",
+    " ",
+    " ",
+    "\n",
+];
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(3000))]
+
+    /// The one-pass analysis a session runs on a request's first Query
+    /// answers as the classifier and the effects scan do apart.
+    #[test]
+    fn analyze_agrees_with_classify_and_effects(
+        picks in proptest::collection::vec(0..PIECES.len(), 0..16)
+    ) {
+        let sql: String = picks.iter().map(|&i| PIECES[i]).collect::<Vec<_>>().join(" ");
+        let (class, effects) = pgheal_protocol::effects::analyze(sql.as_bytes());
+        prop_assert_eq!(class, c(&sql), "{}", sql);
+        prop_assert_eq!(effects, pgheal_protocol::effects::effects(sql.as_bytes()), "{}", sql);
+    }
+}
