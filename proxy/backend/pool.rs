@@ -203,6 +203,16 @@ impl Pool {
         &self.addr
     }
 
+    /// The SCRAM keys an `[auth] query` user proved at its last login:
+    /// new connections log in with them.
+    pub fn use_keys(&self, keys: Option<&Arc<ScramKeys>>) {
+        let Some(keys) = keys else { return };
+        let mut current = lock(&self.keys);
+        if !current.as_ref().is_some_and(|k| Arc::ptr_eq(k, keys)) {
+            *current = Some(keys.clone());
+        }
+    }
+
     pub fn welcome(&self) -> Option<Params> {
         lock(&self.welcome).clone()
     }
@@ -508,25 +518,41 @@ impl Drop for Waiting<'_> {
     }
 }
 
-/// Every pool, by (node address, database, upstream user).
+/// Every pool, by database, then (node address, upstream user). A login
+/// finds its pool without allocating: a database has a few pools (nodes
+/// times upstream users), so a list is the cheapest second level.
 #[derive(Default)]
 pub struct Pools {
-    map: Mutex<HashMap<(String, String, String), Arc<Pool>>>,
+    map: Mutex<HashMap<String, Vec<Arc<Pool>>>>,
 }
 
 impl Pools {
+    /// The pool for `database` at `addr` as `user`, if there is one.
+    pub fn find(&self, database: &str, addr: &str, user: &str) -> Option<Arc<Pool>> {
+        lock(&self.map)
+            .get(database)?
+            .iter()
+            .find(|p| *p.addr == *addr && p.spec.user == user)
+            .cloned()
+    }
+
     pub fn get(&self, database: &str, spec: &ConnectSpec, limits: &PoolLimits) -> Arc<Pool> {
-        let key = (spec.addr.clone(), database.to_string(), spec.user.clone());
-        let pool = lock(&self.map)
-            .entry(key)
-            .or_insert_with(|| Pool::new(database, spec.clone(), limits.clone()))
-            .clone();
-        if let Some(keys) = &spec.scram_keys {
-            let mut current = lock(&pool.keys);
-            if !current.as_ref().is_some_and(|k| Arc::ptr_eq(k, keys)) {
-                *current = Some(keys.clone());
+        let pool = {
+            let mut map = lock(&self.map);
+            let pools = map.entry(database.to_string()).or_default();
+            let found = pools
+                .iter()
+                .find(|p| *p.addr == *spec.addr && p.spec.user == spec.user);
+            match found {
+                Some(pool) => pool.clone(),
+                None => {
+                    let pool = Pool::new(database, spec.clone(), limits.clone());
+                    pools.push(pool.clone());
+                    pool
+                }
             }
-        }
+        };
+        pool.use_keys(spec.scram_keys.as_ref());
         pool
     }
 
@@ -534,14 +560,7 @@ impl Pools {
     /// connections close now; leases out keep theirs until given back,
     /// then they close too.
     pub fn forget(&self, database: &str) {
-        let mut gone = Vec::new();
-        lock(&self.map).retain(|(_, db, _), pool| {
-            let keep = db != database;
-            if !keep {
-                gone.push(pool.clone());
-            }
-            keep
-        });
+        let gone = lock(&self.map).remove(database).unwrap_or_default();
         for pool in gone {
             pool.retired.store(true, Relaxed);
             if let Ok(runtime) = tokio::runtime::Handle::try_current() {
@@ -553,7 +572,7 @@ impl Pools {
     /// RELOAD changed only a database's pool_size or min_idle: its pools
     /// stay, with the new limits (see [`Pool::resize`]).
     pub fn resize(&self, database: &str, size: usize, min_idle: usize) {
-        for pool in lock(&self.map).values().filter(|p| p.database == database) {
+        for pool in lock(&self.map).get(database).into_iter().flatten() {
             pool.resize(size, min_idle);
         }
     }
@@ -562,12 +581,13 @@ impl Pools {
     pub fn on_database(&self, dbname: &str) -> Vec<Arc<Pool>> {
         lock(&self.map)
             .values()
+            .flatten()
             .filter(|p| p.spec.database == dbname)
             .cloned()
             .collect()
     }
 
     pub fn all(&self) -> Vec<Arc<Pool>> {
-        lock(&self.map).values().cloned().collect()
+        lock(&self.map).values().flatten().cloned().collect()
     }
 }

@@ -373,6 +373,17 @@ impl App {
     /// The pool of `target`'s node at `addr` for a client logged in as `user`.
     pub fn pool_at(&self, target: &Target, user: &str, addr: &str) -> Arc<Pool> {
         let database = &target.database;
+        // An [auth] query user: the keys it proved at login.
+        let scram_keys = database
+            .user
+            .is_none()
+            .then(|| self.auth_lookup.keys(user))
+            .flatten();
+        let upstream = database.user.as_deref().unwrap_or(user);
+        if let Some(pool) = self.pools.find(&database.name, addr, upstream) {
+            pool.use_keys(scram_keys.as_ref());
+            return pool;
+        }
         let config = self.config();
         let client = config.user(user);
         let spec = ConnectSpec {
@@ -386,12 +397,7 @@ impl App {
             connect_timeout: config.pool.connect_timeout,
             application_name: None,
             tls: database.tls.clone(),
-            // An [auth] query user: the keys it proved at login.
-            scram_keys: database
-                .user
-                .is_none()
-                .then(|| self.auth_lookup.keys(user))
-                .flatten(),
+            scram_keys,
         };
         let limits = PoolLimits {
             size: database.pool_size,

@@ -643,7 +643,9 @@ impl Session {
                 .cancels
                 .register_as(&self.registered.info, l.server_key().pid);
         }
-        let mut out = BytesMut::new();
+        // Room for all of it at once (per message: tag, length, two NULs).
+        let room: usize = reported.iter().map(|(n, v)| n.len() + v.len() + 7).sum();
+        let mut out = BytesMut::with_capacity(room + 32);
         for (name, value) in reported.iter() {
             build::parameter_status(&mut out, name.as_bytes(), value.as_bytes());
         }
