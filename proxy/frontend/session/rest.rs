@@ -115,12 +115,9 @@ fn counted(app: &App, resting: bool) {
 const QUIET_SPARES: usize = 4;
 
 /// Lets the session's task end with the client kept by its entry.
-pub(super) fn rest(mut session: Box<Session>) {
+pub(super) fn rest(session: Box<Session>) {
     let app = session.app.clone();
     counted(&app, true);
-    session.up.shrink();
-    session.down.shrink();
-    session.wire.shrink();
     crate::net::flow::spare::keep_at_most(QUIET_SPARES);
     let (rested, registered) = session.into_rested();
     let info = registered.park();

@@ -1,0 +1,128 @@
+#!/usr/bin/env bash
+# pgheal's user-space instructions per transaction, counted by valgrind's
+# callgrind: unlike CPU time, the count does not depend on what else the
+# machine runs, so two builds compare exactly (the kernel's share, the
+# sends, receives and context switches, is not counted: benches/e2e.sh
+# measures all of it, noise included). Starts its own PostgreSQL and one
+# pgheal under callgrind per case, warms it up, counts one pgbench run.
+#
+#   benches/instructions.sh                       # the release build
+#   BIN=/path/to/other/pgheal benches/instructions.sh
+#   TX=500 CASES='S-simple' benches/instructions.sh
+#
+# Prints instructions per transaction for each case, and where the
+# callgrind profile is (callgrind_annotate reads it).
+#
+# Needs: PostgreSQL server binaries, pgbench, valgrind. Runs PostgreSQL as
+# the postgres user when started as root.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+TX=${TX:-300}
+SCALE=${SCALE:-1}
+BIN=${BIN:-${CARGO_TARGET_DIR:-target}/release/pgheal}
+[ -x "$BIN" ] || { echo "no pgheal at $BIN (cargo build --release)" >&2; exit 1; }
+command -v valgrind >/dev/null || { echo "needs valgrind (apt-get install valgrind)" >&2; exit 1; }
+
+bin=$(dirname "$(readlink -f "$(command -v initdb || ls /usr/lib/postgresql/*/bin/initdb | tail -1)")")
+as_pg=()
+[ "$(id -u)" -eq 0 ] && as_pg=(runuser -u postgres --)
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+work=$(mktemp -d /tmp/pgheal-instr-XXXXXX)
+chmod 755 "$work"
+[ "$(id -u)" -eq 0 ] && chown postgres "$work"
+pids=()
+cleanup() {
+    for p in "${pids[@]}"; do kill -INT "$p" 2>/dev/null || true; done
+    for p in "${pids[@]}"; do
+        for _ in $(seq 100); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+    done
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+pg_port=$(free_port)
+echo "apppw" > "$work/pw"; chmod 644 "$work/pw"
+"${as_pg[@]}" "$bin/initdb" -D "$work/data" -U postgres --auth-local=trust --auth-host=scram-sha-256 \
+    --pwfile="$work/pw" -N -E UTF8 --no-locale >/dev/null
+"${as_pg[@]}" "$bin/postgres" -D "$work/data" -p "$pg_port" -k "$work" -c listen_addresses=127.0.0.1 \
+    -c fsync=off -c max_connections=100 >"$work/pg.log" 2>&1 &
+for _ in $(seq 300); do [ -f "$work/data/postmaster.pid" ] && \
+    [ "$(sed -n 8p "$work/data/postmaster.pid" 2>/dev/null | tr -d ' ')" = "ready" ] && break; sleep 0.1; done
+pids+=("$(head -1 "$work/data/postmaster.pid")")
+psql -qX -h "$work" -p "$pg_port" -U postgres -c "CREATE ROLE app LOGIN SUPERUSER PASSWORD 'apppw'" \
+    -c "CREATE ROLE idle LOGIN PASSWORD 'apppw'" -c "CREATE DATABASE app OWNER app"
+export PGPASSWORD=apppw PGSSLMODE=disable
+pgbench -i -q -s "$SCALE" -h 127.0.0.1 -p "$pg_port" -U app app >/dev/null 2>&1
+psql -qX -h 127.0.0.1 -p "$pg_port" -U app app -c "GRANT SELECT ON ALL TABLES IN SCHEMA public TO idle"
+
+# name|clients|pgbench arguments
+cases=(
+    "S-simple-16|16|-S -M simple"
+    "S-extended-16|16|-S -M extended"
+    "S-prepared-16|16|-S -M prepared"
+    "tpcb-16|16|-M simple"
+    "C-trust-S-4|4|-C -S -U idle"
+)
+if [ -n "${CASES:-}" ]; then
+    selected=()
+    for c in "${cases[@]}"; do [[ ${c%%|*} =~ $CASES ]] && selected+=("$c"); done
+    cases=("${selected[@]}")
+fi
+
+measure() { # name clients args...
+    local name=$1 clients=$2; shift 2
+    local port out pid prof="$work/$name.callgrind"
+    port=$(free_port)
+    cat > "$work/$name.toml" <<TOML
+[proxy]
+listen = "127.0.0.1:$port"
+pool_mode = "transaction"
+[[users]]
+name = "app"
+password = "apppw"
+[[users]]
+name = "idle"
+auth = "trust"
+[databases.app]
+nodes = ["127.0.0.1:$pg_port"]
+user = "app"
+password = "apppw"
+pool_size = 20
+TOML
+    RUST_LOG=warn timeout 900 valgrind --tool=callgrind --callgrind-out-file="$prof" \
+        "$BIN" --config "$work/$name.toml" >"$work/$name.log" 2>&1 &
+    pid=$!; pids+=("$pid")
+    for _ in $(seq 600); do
+        psql -qXAt -h 127.0.0.1 -p "$port" -U app app -c 'select 1' >/dev/null 2>&1 && break
+        sleep 0.2
+    done
+    # Warm up (pool, statements, buffers), then count only the measured run.
+    # shellcheck disable=SC2068
+    timeout 300 pgbench -n -j 2 -c "$clients" -t 100 -h 127.0.0.1 -p "$port" -U app $@ app >/dev/null 2>&1
+    # valgrind runs as timeout's child, and callgrind_control wants it.
+    local vg
+    vg=$(pgrep -P "$pid" | head -1)
+    callgrind_control --zero "$vg" >/dev/null
+    # shellcheck disable=SC2068
+    out=$(timeout 600 pgbench -n -j 2 -c "$clients" -t "$TX" -h 127.0.0.1 -p "$port" -U app $@ app 2>&1)
+    callgrind_control --dump=measured "$vg" >/dev/null
+    kill -INT "$pid"
+    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    local done tx dump
+    done=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' <<<"$out")
+    tx=$((clients * TX))
+    [ "$done" = "$tx" ] || { echo "$name: pgbench ran $done of $tx transactions" >&2; return 1; }
+    dump=$(ls -t "$prof".* | head -1)
+    cp "$dump" "/tmp/pgheal-$name.callgrind"
+    awk -v tx="$tx" -v n="$name" '/^summary:|^totals:/ { printf "%-16s %8d instructions per transaction\n", n, $2 / tx; exit }' "$dump"
+}
+
+echo "pgheal: $BIN; $TX transactions per client per case"
+for c in "${cases[@]}"; do
+    IFS='|' read -r name clients args <<<"$c"
+    # shellcheck disable=SC2086
+    measure "$name" "$clients" $args
+done
+echo "profiles: /tmp/pgheal-<case>.callgrind (callgrind_annotate --inclusive=yes FILE)"
