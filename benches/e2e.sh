@@ -30,23 +30,9 @@ POOL=${POOL:-20}
 IDLE=${IDLE:-10000}
 SCALE=${SCALE:-10}
 
-bin=$(dirname "$(readlink -f "$(command -v initdb || ls /usr/lib/postgresql/*/bin/initdb | tail -1)")")
-as_pg=()
-[ "$(id -u)" -eq 0 ] && as_pg=(runuser -u postgres --)
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-
-work=$(mktemp -d /tmp/pgheal-bench-XXXXXX)
-chmod 755 "$work"
-[ "$(id -u)" -eq 0 ] && chown postgres "$work"
-pids=()
-cleanup() {
-    for p in "${pids[@]}"; do kill -INT "$p" 2>/dev/null || true; done
-    for p in "${pids[@]}"; do
-        for _ in $(seq 100); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
-    done
-    rm -rf "$work"
-}
-trap cleanup EXIT
+BENCH_PREFIX=pgheal-bench
+# shellcheck source=benches/common.sh
+. benches/common.sh
 
 pg_port=$(free_port); heal_port=$(free_port); bouncer_port=$(free_port); bsession_port=$(free_port)
 noreplay_port=$(free_port)
@@ -61,9 +47,7 @@ echo "apppw" > "$work/pw"; chmod 644 "$work/pw"
 "${as_pg[@]}" "$bin/postgres" -D "$work/data" -p "$pg_port" -k "$work" -c listen_addresses=127.0.0.1 \
     -c fsync=off -c max_connections=300 -c shared_buffers=256MB \
     -c ssl=on -c ssl_cert_file="$work/tls.crt" -c ssl_key_file="$work/tls.key" >"$work/pg.log" 2>&1 &
-for _ in $(seq 300); do [ -f "$work/data/postmaster.pid" ] && \
-    [ "$(sed -n 8p "$work/data/postmaster.pid" 2>/dev/null | tr -d ' ')" = "ready" ] && break; sleep 0.1; done
-pids+=("$(head -1 "$work/data/postmaster.pid")")
+pg_ready "$work/data"
 psql -qX -h "$work" -p "$pg_port" -U postgres -c "CREATE ROLE app LOGIN SUPERUSER PASSWORD 'apppw'" \
     -c "CREATE ROLE idle LOGIN PASSWORD 'apppw'" -c "CREATE DATABASE app OWNER app"
 

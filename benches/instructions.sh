@@ -24,23 +24,9 @@ BIN=${BIN:-${CARGO_TARGET_DIR:-target}/release/pgheal}
 [ -x "$BIN" ] || { echo "no pgheal at $BIN (cargo build --release)" >&2; exit 1; }
 command -v valgrind >/dev/null || { echo "needs valgrind (apt-get install valgrind)" >&2; exit 1; }
 
-bin=$(dirname "$(readlink -f "$(command -v initdb || ls /usr/lib/postgresql/*/bin/initdb | tail -1)")")
-as_pg=()
-[ "$(id -u)" -eq 0 ] && as_pg=(runuser -u postgres --)
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-
-work=$(mktemp -d /tmp/pgheal-instr-XXXXXX)
-chmod 755 "$work"
-[ "$(id -u)" -eq 0 ] && chown postgres "$work"
-pids=()
-cleanup() {
-    for p in "${pids[@]}"; do kill -INT "$p" 2>/dev/null || true; done
-    for p in "${pids[@]}"; do
-        for _ in $(seq 100); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
-    done
-    rm -rf "$work"
-}
-trap cleanup EXIT
+BENCH_PREFIX=pgheal-instr
+# shellcheck source=benches/common.sh
+. benches/common.sh
 
 pg_port=$(free_port)
 # Trust on the server side: a server connection opened inside the counted
@@ -50,9 +36,7 @@ pg_port=$(free_port)
     -N -E UTF8 --no-locale >/dev/null
 "${as_pg[@]}" "$bin/postgres" -D "$work/data" -p "$pg_port" -k "$work" -c listen_addresses=127.0.0.1 \
     -c fsync=off -c max_connections=100 >"$work/pg.log" 2>&1 &
-for _ in $(seq 300); do [ -f "$work/data/postmaster.pid" ] && \
-    [ "$(sed -n 8p "$work/data/postmaster.pid" 2>/dev/null | tr -d ' ')" = "ready" ] && break; sleep 0.1; done
-pids+=("$(head -1 "$work/data/postmaster.pid")")
+pg_ready "$work/data"
 psql -qX -h "$work" -p "$pg_port" -U postgres -c "CREATE ROLE app LOGIN SUPERUSER PASSWORD 'apppw'" \
     -c "CREATE ROLE idle LOGIN PASSWORD 'apppw'" -c "CREATE DATABASE app OWNER app"
 export PGPASSWORD=apppw PGSSLMODE=disable

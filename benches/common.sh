@@ -1,0 +1,32 @@
+# Shared by benches/e2e.sh and benches/instructions.sh (sourced, from the
+# project root): PostgreSQL's binaries, a work directory removed on exit
+# with every process listed in `pids` stopped first, free ports, and the
+# wait for a PostgreSQL started in the background.
+
+bin=$(dirname "$(readlink -f "$(command -v initdb || ls /usr/lib/postgresql/*/bin/initdb | tail -1)")")
+# PostgreSQL refuses to run as root.
+as_pg=()
+[ "$(id -u)" -eq 0 ] && as_pg=(runuser -u postgres --)
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# work=$(...) in /tmp, readable by the postgres user; removed on exit.
+work=$(mktemp -d "/tmp/${BENCH_PREFIX:-pgheal-bench}-XXXXXX")
+chmod 755 "$work"
+[ "$(id -u)" -eq 0 ] && chown postgres "$work"
+pids=()
+cleanup() {
+    for p in "${pids[@]}"; do kill -INT "$p" 2>/dev/null || true; done
+    for p in "${pids[@]}"; do
+        for _ in $(seq 100); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+    done
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+# Waits (up to 30 s) until the PostgreSQL of data directory $1 is ready,
+# and lists it for cleanup.
+pg_ready() {
+    for _ in $(seq 300); do [ -f "$1/postmaster.pid" ] && \
+        [ "$(sed -n 8p "$1/postmaster.pid" 2>/dev/null | tr -d ' ')" = "ready" ] && break; sleep 0.1; done
+    pids+=("$(head -1 "$1/postmaster.pid")")
+}
