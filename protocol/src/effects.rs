@@ -96,36 +96,34 @@ const LEAD: usize = 5;
 type Lead<'a> = (Option<&'a [u8]>, Range<usize>);
 
 pub fn effects(sql: &[u8]) -> Effects {
+    scan(sql, None)
+}
+
+/// [`effects`] and [`crate::classify::classify`] at once, in one pass over
+/// `sql`: what a Query is for routing and what it does to the session.
+pub fn analyze(sql: &[u8]) -> (Class, Effects) {
+    let mut overall = Overall::default();
+    let effects = scan(sql, Some(&mut overall));
+    (overall.class(), effects)
+}
+
+/// The effects of `sql`, each statement also classified into `overall`
+/// when there is one.
+fn scan(sql: &[u8], mut overall: Option<&mut Overall>) -> Effects {
     let mut lx = Lexer::new(sql);
     let mut out = Effects::default();
     loop {
-        let (statement, more) = next_statement(&mut lx, None);
+        let mut class = overall.is_some().then(Classified::default);
+        let (statement, more) = next_statement(&mut lx, class.as_mut());
+        if let (Some(overall), Some(class)) = (overall.as_deref_mut(), class) {
+            overall.add(class.class());
+        }
         if let Some(st) = statement {
             st.apply(sql, out.statements, &mut out);
             out.statements += 1;
         }
         if !more {
             return out;
-        }
-    }
-}
-
-/// [`effects`] and [`crate::classify::classify`] at once, in one pass over
-/// `sql`: what a Query is for routing and what it does to the session.
-pub fn analyze(sql: &[u8]) -> (Class, Effects) {
-    let mut lx = Lexer::new(sql);
-    let mut out = Effects::default();
-    let mut overall = Overall::default();
-    loop {
-        let mut class = Classified::default();
-        let (statement, more) = next_statement(&mut lx, Some(&mut class));
-        overall.add(class.class());
-        if let Some(st) = statement {
-            st.apply(sql, out.statements, &mut out);
-            out.statements += 1;
-        }
-        if !more {
-            return (overall.class(), out);
         }
     }
 }
