@@ -203,6 +203,11 @@ impl Pool {
         &self.addr
     }
 
+    /// This pool's connections go to `addr` as `user`.
+    fn serves(&self, addr: &str, user: &str) -> bool {
+        *self.addr == *addr && self.spec.user == user
+    }
+
     /// The SCRAM keys an `[auth] query` user proved at its last login:
     /// new connections log in with them.
     pub fn use_keys(&self, keys: Option<&Arc<ScramKeys>>) {
@@ -532,7 +537,7 @@ impl Pools {
         lock(&self.map)
             .get(database)?
             .iter()
-            .find(|p| *p.addr == *addr && p.spec.user == user)
+            .find(|p| p.serves(addr, user))
             .cloned()
     }
 
@@ -540,10 +545,7 @@ impl Pools {
         let pool = {
             let mut map = lock(&self.map);
             let pools = map.entry(database.to_string()).or_default();
-            let found = pools
-                .iter()
-                .find(|p| *p.addr == *spec.addr && p.spec.user == spec.user);
-            match found {
+            match pools.iter().find(|p| p.serves(&spec.addr, &spec.user)) {
                 Some(pool) => pool.clone(),
                 None => {
                     let pool = Pool::new(database, spec.clone(), limits.clone());
