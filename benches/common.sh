@@ -30,3 +30,21 @@ pg_ready() {
         [ "$(sed -n 8p "$1/postmaster.pid" 2>/dev/null | tr -d ' ')" = "ready" ] && break; sleep 0.1; done
     pids+=("$(head -1 "$1/postmaster.pid")")
 }
+
+# pgheal's users (app with a password, idle on trust) and its database app
+# on the PostgreSQL at port $1 with a pool of $2, as both benches set them.
+app_toml() {
+    cat <<TOML
+[[users]]
+name = "app"
+password = "apppw"
+[[users]]
+name = "idle"
+auth = "trust"
+[databases.app]
+nodes = ["127.0.0.1:$1"]
+user = "app"
+password = "apppw"
+pool_size = $2
+TOML
+}

@@ -53,7 +53,8 @@ psql -qX -h "$work" -p "$pg_port" -U postgres -c "CREATE ROLE app LOGIN SUPERUSE
 
 cargo build --release -q
 heal_bin=${CARGO_TARGET_DIR:-target}/release/pgheal
-cat > "$work/pgheal.toml" <<TOML
+{
+    cat <<TOML
 [proxy]
 listen = "127.0.0.1:$heal_port"
 pool_mode = "transaction"
@@ -61,18 +62,9 @@ max_client_connections = $((IDLE + 1000))
 [tls]
 cert = "$work/tls.crt"
 key = "$work/tls.key"
-[[users]]
-name = "app"
-password = "apppw"
-[[users]]
-name = "idle"
-auth = "trust"
-[databases.app]
-nodes = ["127.0.0.1:$pg_port"]
-user = "app"
-password = "apppw"
-pool_size = $POOL
 TOML
+    app_toml "$pg_port" "$POOL"
+} > "$work/pgheal.toml"
 pin=()
 if [ -n "${PROXY_CORES:-}" ]; then
     pin=(taskset -c "0-$((PROXY_CORES - 1))")

@@ -61,23 +61,11 @@ measure() { # name clients args...
     local name=$1 clients=$2; shift 2
     local port out pid prof="$work/$name.callgrind"
     port=$(free_port)
-    cat > "$work/$name.toml" <<TOML
-[proxy]
-listen = "127.0.0.1:$port"
-pool_mode = "transaction"
-[[users]]
-name = "app"
-password = "apppw"
-[[users]]
-name = "idle"
-auth = "trust"
-[databases.app]
-nodes = ["127.0.0.1:$pg_port"]
-user = "app"
-password = "apppw"
-pool_size = 20
-min_idle = 20
-TOML
+    {
+        printf '[proxy]\nlisten = "127.0.0.1:%s"\npool_mode = "transaction"\n' "$port"
+        app_toml "$pg_port" 20
+        echo "min_idle = 20"
+    } > "$work/$name.toml"
     RUST_LOG=warn timeout 900 valgrind --tool=callgrind --callgrind-out-file="$prof" \
         "$BIN" --config "$work/$name.toml" >"$work/$name.log" 2>&1 &
     pid=$!; pids+=("$pid")
