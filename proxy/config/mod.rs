@@ -76,6 +76,13 @@ impl Config {
 
     /// The database a client asking for `name` gets: its own section, else
     /// `"*"` serving `name`.
+    /// Whether clients may ask for `name`: a database of its own, or one
+    /// `"*"` serves (what `database_for` would find, without a copy).
+    pub fn serves(&self, name: &str) -> bool {
+        (name != ANY_DATABASE && self.databases.contains_key(name))
+            || self.databases.contains_key(ANY_DATABASE)
+    }
+
     pub fn database_for(&self, name: &str) -> Option<Database> {
         if let Some(db) = self.databases.get(name).filter(|_| name != ANY_DATABASE) {
             return Some(db.clone());
@@ -403,26 +410,6 @@ pub struct Database {
     pub tls: UpstreamTls,
     /// `"*"` only: how many database names it serves at once.
     pub max_databases: usize,
-}
-
-impl Database {
-    /// The stand-in for the admin console's `pgheal` database.
-    pub fn admin_console() -> Database {
-        Database {
-            name: ADMIN_DATABASE.to_string(),
-            nodes: Vec::new(),
-            dbname: ADMIN_DATABASE.to_string(),
-            user: None,
-            password: None,
-            pool_size: 1,
-            min_idle: 0,
-            read_routing: false,
-            max_replica_lag: Duration::ZERO,
-            max_replica_lag_bytes: 0,
-            tls: UpstreamTls::default(),
-            max_databases: 0,
-        }
-    }
 }
 
 impl fmt::Debug for Database {

@@ -211,15 +211,19 @@ impl App {
 
     /// The target serving `db` for a client that logged in: its own, or
     /// one made on first use for a name `"*"` serves.
-    pub fn target_for(&self, db: &Database) -> Result<Arc<Target>, ClientError> {
-        if let Some(t) = self.target(&db.name) {
+    pub fn target_for(&self, name: &str) -> Result<Arc<Target>, ClientError> {
+        if let Some(t) = self.target(name) {
             *lock(&t.last_used) = std::time::Instant::now();
             return Ok(t);
         }
         let config = self.config();
-        let Some(any) = config.databases.get(ANY_DATABASE) else {
-            return Err(ClientError::UnknownDatabase(db.name.clone()));
+        let (Some(any), Some(db)) = (
+            config.databases.get(ANY_DATABASE),
+            config.database_for(name),
+        ) else {
+            return Err(ClientError::UnknownDatabase(name.to_string()));
         };
+        let db = &db;
         self.edit_targets(|targets| {
             if let Some(t) = targets.get(&db.name) {
                 return Ok(t.clone());

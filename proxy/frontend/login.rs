@@ -17,7 +17,7 @@ use tokio::net::TcpStream;
 
 use crate::auth::{self, ScramExchange, ScramKeys, ScramVerifier, SCRAM_SHA_256};
 use crate::backend::params::Params;
-use crate::config::{AuthMethod, Database};
+use crate::config::AuthMethod;
 use crate::frontend::error::ClientError;
 use crate::frontend::{App, Target};
 use crate::net::stream::Stream;
@@ -35,7 +35,9 @@ pub struct LoggedIn {
     /// Bytes the client sent beyond the handshake.
     pub buf: BytesMut,
     pub user: String,
-    pub database: Database,
+    /// What serves the database the client asked for; `None` for the
+    /// admin console.
+    pub target: Option<Arc<Target>>,
     pub params: Params,
 }
 
@@ -48,11 +50,11 @@ pub async fn handshake(app: &Arc<App>, tcp: TcpStream) -> Result<Handshake, (Str
     let result = tokio::time::timeout(timeout, login(app, &mut stream, &mut buf)).await;
     match result {
         Ok(Ok(None)) => Ok(Handshake::Cancelled),
-        Ok(Ok(Some((user, database, params)))) => Ok(Handshake::Client(Box::new(LoggedIn {
+        Ok(Ok(Some((user, target, params)))) => Ok(Handshake::Client(Box::new(LoggedIn {
             stream,
             buf,
             user,
-            database,
+            target,
             params,
         }))),
         Ok(Err(e)) => Err((stream, e)),
@@ -64,13 +66,16 @@ async fn login(
     app: &Arc<App>,
     stream: &mut Stream,
     buf: &mut BytesMut,
-) -> Result<Option<(String, Database, Params)>, ClientError> {
+) -> Result<Option<(String, Option<Arc<Target>>, Params)>, ClientError> {
     let msg = loop {
         match read_startup(stream, buf).await? {
-            StartupPacket::SslRequest => encrypt(app, stream, buf).await?,
+            // Boxed, here and below: the rare paths' state (a TLS handshake,
+            // a SCRAM exchange, an [auth] query) is not carried in every
+            // login's future, which is copied as a whole when it is spawned.
+            StartupPacket::SslRequest => Box::pin(encrypt(app, stream, buf)).await?,
             StartupPacket::GssEncRequest => write(stream, &[ENCRYPTION_REFUSED]).await?,
             StartupPacket::Cancel(key) => {
-                app.cancels.cancel(key).await;
+                Box::pin(app.cancels.cancel(key)).await;
                 return Ok(None);
             }
             StartupPacket::Startup(msg) => break msg,
@@ -91,22 +96,25 @@ async fn login(
         if !app.config().user(&user).is_some_and(|u| u.admin) {
             return Err(ClientError::NotAdmin(user));
         }
-        let params = Params::default();
-        return Ok(Some((user, Database::admin_console(), params)));
+        return Ok(Some((user, None, Params::default())));
     }
-    let database = app.config().database_for(&db_name);
+    let served = app.config().serves(&db_name);
     // Where an [auth] query runs: the database's own nodes, or "*"'s.
-    let lookup_on = database.as_ref().and_then(|d| {
-        app.target(&d.name)
-            .or_else(|| app.target(crate::config::ANY_DATABASE))
-    });
+    let lookup_on = served
+        .then(|| {
+            app.target(&db_name)
+                .or_else(|| app.target(crate::config::ANY_DATABASE))
+        })
+        .flatten();
     authenticate(app, stream, buf, &user, lookup_on.as_deref()).await?;
-    let database = database.ok_or(ClientError::UnknownDatabase(db_name))?;
-    // Made now for a name served through "*" (the session finds it).
-    app.target_for(&database)?;
+    if !served {
+        return Err(ClientError::UnknownDatabase(db_name));
+    }
+    // Made now for a name served through "*".
+    let target = app.target_for(&db_name)?;
     let params = Params::from_startup(&msg.params).map_err(ClientError::BadParameter)?;
     let params = app.params.intern(params);
-    Ok(Some((user, database, params)))
+    Ok(Some((user, Some(target), params)))
 }
 
 /// SSLRequest: `S` and the TLS handshake when `[tls]` is set (once), else
@@ -195,11 +203,12 @@ async fn authenticate(
     let method = entry.map_or(AuthMethod::ScramSha256, |u| u.auth);
     // Not in [[users]]: maybe a user of the server ([auth] query).
     let looked_up = match (entry, &config.auth, lookup_on) {
-        (None, Some(auth), Some(target)) => app
-            .auth_lookup
-            .secret(&config, auth, target, user)
-            .await
-            .map_err(|e| ClientError::Pool(e.into()))?,
+        (None, Some(auth), Some(target)) => {
+            let secret = app.auth_lookup.secret(&config, auth, target, user);
+            Box::pin(secret)
+                .await
+                .map_err(|e| ClientError::Pool(e.into()))?
+        }
         _ => None,
     };
     let ok = match method {
@@ -209,7 +218,7 @@ async fn authenticate(
             let password = entry
                 .and_then(|u| u.password.as_deref())
                 .unwrap_or_default();
-            md5(stream, buf, user, password).await?
+            Box::pin(md5(stream, buf, user, password)).await?
         }
         AuthMethod::ScramSha256 => {
             let known = entry
@@ -217,7 +226,13 @@ async fn authenticate(
                 .or_else(|| looked_up.clone());
             // An unknown user meets a secret no proof matches.
             let real = known.is_some();
-            match scram(stream, buf, known.unwrap_or_else(ScramVerifier::mock)).await? {
+            match Box::pin(scram(
+                stream,
+                buf,
+                known.unwrap_or_else(ScramVerifier::mock),
+            ))
+            .await?
+            {
                 Some(keys) if looked_up.is_some() => {
                     app.auth_lookup.remember_keys(user, keys);
                     true

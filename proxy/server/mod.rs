@@ -12,7 +12,7 @@ use bytes::BytesMut;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
-use crate::config::{Config, ADMIN_DATABASE};
+use crate::config::Config;
 use crate::frontend::clients::ClientSlot;
 use crate::frontend::error::ClientError;
 use crate::frontend::login::{self, Handshake};
@@ -113,27 +113,25 @@ async fn serve(app: Arc<App>, stream: TcpStream, peer: SocketAddr, slot: ClientS
     let Some(client) = login(&app, stream, peer).await else {
         return;
     };
-    // The session gets a task of its own, so the client's long idle life
-    // does not carry the login's state.
-    tokio::spawn(session(app, client, peer, slot));
+    // The session goes on in this task: an idle client rests without one
+    // (session::rest), so the login's state is not carried for its idle
+    // life, and a second task per login would cost a spawn and a copy.
+    session(app, client, peer, slot).await;
 }
 
 async fn session(app: Arc<App>, client: Box<login::LoggedIn>, peer: SocketAddr, slot: ClientSlot) {
-    let (user, database) = (client.user.clone(), client.database.name.clone());
-    if database == ADMIN_DATABASE {
+    let Some(target) = client.target.clone() else {
+        let user = client.user.clone();
         if let Err(e) = crate::admin::console::serve(app, client).await {
             tracing::info!(%peer, %user, error = %e, "admin console closed");
         }
         return;
-    }
-    tracing::info!(%peer, %user, %database, "client logged in");
-    let Some(target) = app.target(&database) else {
-        return;
     };
-    let registered = app
-        .clients
-        .add(peer, &user, &database, client.stream.is_tls());
-    let session = Box::new(Session::new(app, target, client, registered, slot));
+    let database = &target.database.name;
+    tracing::info!(%peer, user = %client.user, %database, "client logged in");
+    let tls = client.stream.is_tls();
+    let registered = app.clients.add(peer, &client.user, database, tls);
+    let session = Box::new(Session::new(app, target, *client, registered, slot));
     crate::frontend::session::live(session).await;
 }
 

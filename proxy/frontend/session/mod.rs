@@ -316,11 +316,10 @@ impl Session {
     pub fn new(
         app: Arc<App>,
         target: Arc<Target>,
-        client: Box<LoggedIn>,
+        client: LoggedIn,
         registered: Registered,
         slot: ClientSlot,
     ) -> Session {
-        let client = *client;
         let mode = app.config().proxy.pool_mode;
         let translating =
             mode == PoolMode::Transaction && app.config().pool.max_prepared_statements > 0;
