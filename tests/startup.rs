@@ -110,3 +110,78 @@ async fn startup_failures_match_a_direct_connection() {
         assert_eq!(proxied, direct, "{what}: pgheal differs from PostgreSQL");
     }
 }
+
+/// Message tags of a trust login from the start to the end of the stream
+/// or the first ReadyForQuery, with each error's SQLSTATE.
+async fn login_answer(addr: &str, user: &str, database: &str) -> Vec<String> {
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let mut out = bytes::BytesMut::new();
+    let params = [("user", user), ("database", database)];
+    pgheal_protocol::build::startup_message(&mut out, &params);
+    s.write_all(&out).await.expect("send");
+    let mut buf = bytes::BytesMut::new();
+    let mut seen = Vec::new();
+    loop {
+        while let Some(m) = pgheal_protocol::frame::message(&buf, 1 << 20).expect("framing") {
+            let entry = match m.tag {
+                b'E' => {
+                    let f = pgheal_protocol::backend::ErrorFields::parse(m.body).expect("error");
+                    format!("E {}", text(f.code))
+                }
+                b'R' => format!("R {:?}", m.body),
+                tag => (tag as char).to_string(),
+            };
+            let (done, len) = (m.tag == b'Z', m.len);
+            seen.push(entry);
+            let _ = buf.split_to(len);
+            if done {
+                return seen;
+            }
+        }
+        let read = tokio::time::timeout(Duration::from_secs(15), s.read_buf(&mut buf));
+        match read.await.expect("an answer within 15 s") {
+            Ok(0) | Err(_) => return seen,
+            Ok(_) => {}
+        }
+    }
+}
+
+/// pgheal sends AuthenticationOk together with what follows it; the
+/// client still sees PostgreSQL's sequence: AuthenticationOk, then the
+/// welcome, or then the error when the database does not exist.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_authentication_the_messages_match_a_direct_connection() {
+    let node = app_node().await;
+    node.sql("postgres", "CREATE ROLE tr LOGIN")
+        .await
+        .expect("role");
+    node.prepend_hba("host all tr 127.0.0.1/32 trust")
+        .await
+        .expect("hba");
+    let proxy = start(&format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\n\
+         [[users]]\nname = \"tr\"\nauth = \"trust\"\n\
+         [databases.app]\nnodes = [\"{}\"]\nuser = \"app\"\npassword = \"{APP_PASSWORD}\"\n",
+        node.addr()
+    ))
+    .await;
+    let through = proxy.addr.to_string();
+
+    let direct = login_answer(&node.addr(), "tr", "nosuchdb").await;
+    assert_eq!(direct, ["R [0, 0, 0, 0]", "E 3D000"], "PostgreSQL itself");
+    assert_eq!(login_answer(&through, "tr", "nosuchdb").await, direct);
+
+    let direct = login_answer(&node.addr(), "tr", "app").await;
+    let proxied = login_answer(&through, "tr", "app").await;
+    let shape = |seen: &[String]| {
+        let mut kinds: Vec<String> = seen.to_vec();
+        kinds.dedup_by(|a, b| a == "S" && b == "S");
+        kinds
+    };
+    assert_eq!(
+        shape(&direct),
+        ["R [0, 0, 0, 0]", "S", "K", "Z"],
+        "PostgreSQL itself"
+    );
+    assert_eq!(shape(&proxied), shape(&direct));
+}

@@ -32,6 +32,8 @@ pub async fn serve(app: Arc<App>, client: Box<LoggedIn>) -> Result<(), ClientErr
         ..
     } = *client;
     let mut out = BytesMut::new();
+    // The login's AuthenticationOk goes out with the welcome.
+    build::auth_ok(&mut out);
     for (name, value) in [
         ("server_version", "15.0 (pgheal admin console)"),
         ("server_encoding", "UTF8"),

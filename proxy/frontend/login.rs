@@ -41,13 +41,30 @@ pub struct LoggedIn {
     pub params: Params,
 }
 
+/// A handshake that failed: the error is answered by the caller, after
+/// AuthenticationOk when the client had authenticated (a direct
+/// connection, too, says "database does not exist" after it).
+pub struct Failed {
+    pub stream: Stream,
+    pub error: ClientError,
+    pub authenticated: bool,
+}
+
 /// Reads the startup packet and authenticates, all within the login
-/// timeout. Errors are answered by the caller.
-pub async fn handshake(app: &Arc<App>, tcp: TcpStream) -> Result<Handshake, (Stream, ClientError)> {
+/// timeout. AuthenticationOk is not sent here: it goes out with what
+/// follows it (the welcome, or an error), in one write.
+pub async fn handshake(app: &Arc<App>, tcp: TcpStream) -> Result<Handshake, Failed> {
     let timeout = app.config().proxy.login_timeout;
     let mut buf = BytesMut::with_capacity(512);
     let mut stream = Stream::Plain(tcp);
-    let result = tokio::time::timeout(timeout, login(app, &mut stream, &mut buf)).await;
+    let mut authenticated = false;
+    let login = login(app, &mut stream, &mut buf, &mut authenticated);
+    let result = tokio::time::timeout(timeout, login).await;
+    let failed = |stream, error| Failed {
+        stream,
+        error,
+        authenticated,
+    };
     match result {
         Ok(Ok(None)) => Ok(Handshake::Cancelled),
         Ok(Ok(Some((user, target, params)))) => Ok(Handshake::Client(Box::new(LoggedIn {
@@ -57,8 +74,8 @@ pub async fn handshake(app: &Arc<App>, tcp: TcpStream) -> Result<Handshake, (Str
             target,
             params,
         }))),
-        Ok(Err(e)) => Err((stream, e)),
-        Err(_) => Err((stream, ClientError::LoginTimeout(timeout))),
+        Ok(Err(e)) => Err(failed(stream, e)),
+        Err(_) => Err(failed(stream, ClientError::LoginTimeout(timeout))),
     }
 }
 
@@ -66,6 +83,7 @@ async fn login(
     app: &Arc<App>,
     stream: &mut Stream,
     buf: &mut BytesMut,
+    authenticated: &mut bool,
 ) -> Result<Option<(String, Option<Arc<Target>>, Params)>, ClientError> {
     let msg = loop {
         match read_startup(stream, buf).await? {
@@ -93,6 +111,7 @@ async fn login(
     let db_name = msg.param("database").unwrap_or(&user).to_string();
     if db_name == crate::config::ADMIN_DATABASE {
         authenticate(app, stream, buf, &user, None).await?;
+        *authenticated = true;
         if !app.config().user(&user).is_some_and(|u| u.admin) {
             return Err(ClientError::NotAdmin(user));
         }
@@ -107,6 +126,7 @@ async fn login(
         })
         .flatten();
     authenticate(app, stream, buf, &user, lookup_on.as_deref()).await?;
+    *authenticated = true;
     if !served {
         return Err(ClientError::UnknownDatabase(db_name));
     }
@@ -254,9 +274,7 @@ async fn authenticate(
         app.metrics.auth_failures.inc();
         return Err(ClientError::AuthFailed(user.to_string()));
     }
-    let mut out = BytesMut::new();
-    build::auth_ok(&mut out);
-    write(stream, &out).await
+    Ok(())
 }
 
 async fn md5(

@@ -8,15 +8,53 @@ pub mod tls;
 use std::time::Duration;
 
 use socket2::{SockRef, TcpKeepalive};
-use tokio::net::TcpStream;
+use tokio::net::{TcpListener, TcpStream};
 
 /// TCP_NODELAY and keepalive, so small messages go out at once and a
 /// vanished peer is noticed.
 pub fn tune(stream: &TcpStream) {
-    let _ = stream.set_nodelay(true);
+    set_options(SockRef::from(stream));
+}
+
+/// The same options on a listening socket, and whether the connections it
+/// accepts inherit them: Linux makes an accepted socket as a copy of the
+/// listener's, options included, so a login then needs no five system
+/// calls of its own (`tune_listener_options_reach_accepted_sockets` checks
+/// it). Elsewhere the accept loop tunes each connection.
+pub fn tune_listener(listener: &TcpListener) -> bool {
+    cfg!(target_os = "linux") && set_options(SockRef::from(listener))
+}
+
+fn set_options(socket: SockRef<'_>) -> bool {
     let keepalive = TcpKeepalive::new()
         .with_time(Duration::from_secs(30))
         .with_interval(Duration::from_secs(10))
         .with_retries(3);
-    let _ = SockRef::from(stream).set_tcp_keepalive(&keepalive);
+    let nodelay = socket.set_nodelay(true);
+    let keepalive = socket.set_tcp_keepalive(&keepalive);
+    nodelay.is_ok() && keepalive.is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn tune_listener_options_reach_accepted_sockets() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        assert_eq!(tune_listener(&listener), cfg!(target_os = "linux"));
+        let addr = listener.local_addr().unwrap();
+        let client = TcpStream::connect(addr).await.unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        if cfg!(target_os = "linux") {
+            let sock = SockRef::from(&accepted);
+            assert!(sock.nodelay().unwrap());
+            assert!(sock.keepalive().unwrap());
+            assert_eq!(sock.keepalive_time().unwrap(), Duration::from_secs(30));
+            assert_eq!(sock.keepalive_interval().unwrap(), Duration::from_secs(10));
+            assert_eq!(sock.keepalive_retries().unwrap(), 3);
+        }
+        // Only the accepted side: the client's own socket is not tuned.
+        assert!(!SockRef::from(&client).keepalive().unwrap());
+    }
 }

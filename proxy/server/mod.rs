@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
+use pgheal_protocol::build;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
@@ -57,7 +58,8 @@ pub async fn start(config: Config) -> io::Result<Running> {
         Some(at) => Some(crate::admin::http::start(app.clone(), at).await?),
         None => None,
     };
-    let accept = tokio::spawn(accept_loop(listener, app.clone()));
+    let inherits = crate::net::tune_listener(&listener);
+    let accept = tokio::spawn(accept_loop(listener, inherits, app.clone()));
     tracing::info!(%addr, "pgheal is listening");
     Ok(Running {
         addr,
@@ -67,7 +69,9 @@ pub async fn start(config: Config) -> io::Result<Running> {
     })
 }
 
-async fn accept_loop(listener: TcpListener, app: Arc<App>) {
+/// `tuned`: accepted sockets inherit the listener's options (see
+/// `net::tune_listener`).
+async fn accept_loop(listener: TcpListener, tuned: bool, app: Arc<App>) {
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -78,7 +82,9 @@ async fn accept_loop(listener: TcpListener, app: Arc<App>) {
         };
         match accepted {
             Ok((stream, peer)) => {
-                crate::net::tune(&stream);
+                if !tuned {
+                    crate::net::tune(&stream);
+                }
                 match ClientSlot::take(&app) {
                     Some(slot) => {
                         tokio::spawn(serve(app.clone(), stream, peer, slot));
@@ -144,11 +150,15 @@ async fn login(
     match login::handshake(app, stream).await {
         Ok(Handshake::Cancelled) => None,
         Ok(Handshake::Client(c)) => Some(c),
-        Err((mut stream, e)) => {
+        Err(mut failed) => {
+            let e = &failed.error;
             tracing::info!(%peer, error = %e, "login failed");
             let mut out = BytesMut::new();
+            if failed.authenticated {
+                build::auth_ok(&mut out);
+            }
             if e.write_response(&mut out, false) {
-                let _ = stream.send(&out).await;
+                let _ = failed.stream.send(&out).await;
             }
             None
         }

@@ -351,6 +351,10 @@ impl Session {
         let result = self.serve().await;
         if let Err(e) = &result {
             let mut out = BytesMut::new();
+            if !self.welcomed {
+                // Still owed from the login (see `welcome`).
+                build::auth_ok(&mut out);
+            }
             // A server lost in the middle of a message leaves nothing to say.
             let mid_message = matches!(e, ClientError::ServerLost(_));
             if !mid_message && e.write_response(&mut out, self.welcomed) {
@@ -644,7 +648,9 @@ impl Session {
         }
         // Room for all of it at once (per message: tag, length, two NULs).
         let room: usize = reported.iter().map(|(n, v)| n.len() + v.len() + 7).sum();
-        let mut out = BytesMut::with_capacity(room + 32);
+        let mut out = BytesMut::with_capacity(room + 48);
+        // The login's AuthenticationOk goes out with the rest, in one write.
+        build::auth_ok(&mut out);
         for (name, value) in reported.iter() {
             build::parameter_status(&mut out, name.as_bytes(), value.as_bytes());
         }
