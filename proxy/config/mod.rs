@@ -74,8 +74,6 @@ impl Config {
         self.databases.values().filter(|d| d.name != ANY_DATABASE)
     }
 
-    /// The database a client asking for `name` gets: its own section, else
-    /// `"*"` serving `name`.
     /// Whether clients may ask for `name`: a database of its own, or one
     /// `"*"` serves (what `database_for` would find, without a copy).
     pub fn serves(&self, name: &str) -> bool {
@@ -83,6 +81,8 @@ impl Config {
             || self.databases.contains_key(ANY_DATABASE)
     }
 
+    /// The database a client asking for `name` gets: its own section, else
+    /// `"*"` serving `name`.
     pub fn database_for(&self, name: &str) -> Option<Database> {
         if let Some(db) = self.databases.get(name).filter(|_| name != ANY_DATABASE) {
             return Some(db.clone());

@@ -209,8 +209,8 @@ impl App {
         app
     }
 
-    /// The target serving `db` for a client that logged in: its own, or
-    /// one made on first use for a name `"*"` serves.
+    /// The target serving database `name` for a client that logged in: its
+    /// own, or one made on first use for a name `"*"` serves.
     pub fn target_for(&self, name: &str) -> Result<Arc<Target>, ClientError> {
         if let Some(t) = self.target(name) {
             *lock(&t.last_used) = std::time::Instant::now();
@@ -223,7 +223,6 @@ impl App {
         ) else {
             return Err(ClientError::UnknownDatabase(name.to_string()));
         };
-        let db = &db;
         self.edit_targets(|targets| {
             if let Some(t) = targets.get(&db.name) {
                 return Ok(t.clone());
@@ -236,7 +235,7 @@ impl App {
                 return Err(ClientError::TooManyDatabases(any.max_databases));
             }
             tracing::info!(database = %db.name, "serving a database through \"*\"");
-            let t = Target::start(&config, db, false, &self.probes, &self.events);
+            let t = Target::start(&config, &db, false, &self.probes, &self.events);
             targets.insert(db.name.clone(), t.clone());
             Ok(t)
         })
