@@ -116,12 +116,13 @@ async fn refuse(app: Arc<App>, stream: TcpStream, peer: SocketAddr) {
 }
 
 async fn serve(app: Arc<App>, stream: TcpStream, peer: SocketAddr, slot: ClientSlot) {
-    let Some(client) = login(&app, stream, peer).await else {
+    // The handshake's state is boxed, and freed when it ends: the task
+    // then holds only the session's, until the client rests (session::rest)
+    // and the task ends. (A task of its own for the session would cost a
+    // spawn and a copy of its future per login.)
+    let Some(client) = Box::pin(login(&app, stream, peer)).await else {
         return;
     };
-    // The session goes on in this task: an idle client rests without one
-    // (session::rest), so the login's state is not carried for its idle
-    // life, and a second task per login would cost a spawn and a copy.
     session(app, client, peer, slot).await;
 }
 
