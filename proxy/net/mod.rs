@@ -41,20 +41,26 @@ mod tests {
 
     #[tokio::test]
     async fn tune_listener_options_reach_accepted_sockets() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         assert_eq!(tune_listener(&listener), cfg!(target_os = "linux"));
-        let addr = listener.local_addr().unwrap();
-        let client = TcpStream::connect(addr).await.unwrap();
-        let (accepted, _) = listener.accept().await.unwrap();
+        let addr = listener.local_addr().expect("address");
+        let client = TcpStream::connect(addr).await.expect("connect");
+        let (accepted, _) = listener.accept().await.expect("accept");
         if cfg!(target_os = "linux") {
             let sock = SockRef::from(&accepted);
-            assert!(sock.nodelay().unwrap());
-            assert!(sock.keepalive().unwrap());
-            assert_eq!(sock.keepalive_time().unwrap(), Duration::from_secs(30));
-            assert_eq!(sock.keepalive_interval().unwrap(), Duration::from_secs(10));
-            assert_eq!(sock.keepalive_retries().unwrap(), 3);
+            assert!(sock.nodelay().expect("getsockopt"));
+            assert!(sock.keepalive().expect("getsockopt"));
+            assert_eq!(
+                sock.keepalive_time().expect("getsockopt"),
+                Duration::from_secs(30)
+            );
+            assert_eq!(
+                sock.keepalive_interval().expect("getsockopt"),
+                Duration::from_secs(10)
+            );
+            assert_eq!(sock.keepalive_retries().expect("getsockopt"), 3);
         }
         // Only the accepted side: the client's own socket is not tuned.
-        assert!(!SockRef::from(&client).keepalive().unwrap());
+        assert!(!SockRef::from(&client).keepalive().expect("getsockopt"));
     }
 }
