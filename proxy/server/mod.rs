@@ -126,8 +126,13 @@ async fn serve(app: Arc<App>, stream: TcpStream, peer: SocketAddr, slot: ClientS
     session(app, client, peer, slot).await;
 }
 
-async fn session(app: Arc<App>, client: Box<login::LoggedIn>, peer: SocketAddr, slot: ClientSlot) {
-    let Some(target) = client.target.clone() else {
+async fn session(
+    app: Arc<App>,
+    mut client: Box<login::LoggedIn>,
+    peer: SocketAddr,
+    slot: ClientSlot,
+) {
+    let Some(target) = client.target.take() else {
         let user = client.user.clone();
         if let Err(e) = crate::admin::console::serve(app, client).await {
             tracing::info!(%peer, %user, error = %e, "admin console closed");
