@@ -30,6 +30,24 @@ fn flush_tls(cx: &mut Context<'_>, stream: &mut Stream) -> Poll<io::Result<()>> 
     Pin::new(stream).poll_flush(cx)
 }
 
+/// What one read in the pump found.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Read {
+    /// Bytes, or the end of the stream.
+    Got,
+    /// Nothing yet: the task is woken when something arrives.
+    Waits,
+    /// Not read (back-pressure, or the side is done).
+    NotTried,
+}
+
+impl Read {
+    /// Whether it made progress, and whether that side now waits.
+    fn outcome(self) -> (bool, bool) {
+        (self == Read::Got, self == Read::Waits)
+    }
+}
+
 impl Session {
     /// Puts the kept request of a read back as if the client had just sent
     /// it, and forgets what the server said.
@@ -345,24 +363,38 @@ impl Session {
         cx: &mut Context<'_>,
         conn: &mut ServerConn,
     ) -> Poll<PumpEnd> {
+        // A side whose read was Pending in this call is not read again
+        // in it: its waker is registered, and whatever arrives wakes the
+        // task, which then polls again (a read that finds nothing costs a
+        // registration on the socket's lock each time).
+        let (mut server_waits, mut client_waits) = (false, false);
         loop {
             // The server first: when it died while this task waited its
             // turn, the loss is seen before the client's next message (a
             // COMMIT, say) is read and sent into it, so the transaction
             // can still run again elsewhere (`replay`).
-            let mut progress = match self.poll_server_read(cx, conn) {
-                Ok(p) => p,
-                Err(end) => return Poll::Ready(end),
-            };
+            let mut progress = false;
+            if !server_waits {
+                match self.poll_server_read(cx, conn) {
+                    Ok(read) => (progress, server_waits) = read.outcome(),
+                    Err(end) => return Poll::Ready(end),
+                }
+            }
             if let Some(end) = self.check_replay() {
                 return Poll::Ready(end);
             }
             if self.rerun.is_some() && self.flight.pending == 0 {
                 return Poll::Ready(PumpEnd::Rerun);
             }
-            match self.poll_client_read(cx) {
-                Ok(p) => progress |= p,
-                Err(end) => return Poll::Ready(end),
+            if !client_waits {
+                match self.poll_client_read(cx) {
+                    Ok(read) => {
+                        let (got, waits) = read.outcome();
+                        progress |= got;
+                        client_waits = waits;
+                    }
+                    Err(end) => return Poll::Ready(end),
+                }
             }
             if self.client_eof || (self.terminated && self.up.buf.is_empty()) {
                 return Poll::Ready(PumpEnd::ClientGone);
@@ -435,7 +467,7 @@ impl Session {
         Some(Poll::Pending)
     }
 
-    pub(super) fn poll_client_read(&mut self, cx: &mut Context<'_>) -> Result<bool, PumpEnd> {
+    fn poll_client_read(&mut self, cx: &mut Context<'_>) -> Result<Read, PumpEnd> {
         let backlog = self.up.scanned + self.wire.buf.len();
         if self.terminated
             || self.client_eof
@@ -443,31 +475,31 @@ impl Session {
             || backlog >= MAX_PENDING
             || self.verify.is_some()
         {
-            return Ok(false);
+            return Ok(Read::NotTried);
         }
         self.up.reserve();
         match poll_read_buf(Pin::new(&mut self.client), cx, &mut self.up.buf) {
             Poll::Ready(Ok(0)) => {
                 self.client_eof = true;
-                Ok(true)
+                Ok(Read::Got)
             }
             Poll::Ready(Ok(n)) => {
                 self.app.metrics.bytes_in.inc_by(n as u64);
                 self.scan_up().map_err(|e| PumpEnd::ClientBroke(e.into()))?;
-                Ok(true)
+                Ok(Read::Got)
             }
             Poll::Ready(Err(_)) => Err(PumpEnd::ClientGone),
-            Poll::Pending => Ok(false),
+            Poll::Pending => Ok(Read::Waits),
         }
     }
 
-    pub(super) fn poll_server_read(
+    fn poll_server_read(
         &mut self,
         cx: &mut Context<'_>,
         conn: &mut ServerConn,
-    ) -> Result<bool, PumpEnd> {
+    ) -> Result<Read, PumpEnd> {
         if self.down.scanned >= MAX_PENDING {
-            return Ok(false);
+            return Ok(Read::NotTried);
         }
         self.down.reserve();
         match poll_read_buf(Pin::new(&mut conn.stream), cx, &mut self.down.buf) {
@@ -477,10 +509,10 @@ impl Session {
                 self.scan_down(conn).map_err(|e| {
                     PumpEnd::ServerLost(io::Error::new(io::ErrorKind::InvalidData, e))
                 })?;
-                Ok(true)
+                Ok(Read::Got)
             }
             Poll::Ready(Err(e)) => Err(PumpEnd::ServerLost(e)),
-            Poll::Pending => Ok(false),
+            Poll::Pending => Ok(Read::Waits),
         }
     }
 }
