@@ -70,14 +70,26 @@ const fn pack(keyword: &[u8]) -> u64 {
 /// 0x20 of every byte lower-cases a letter, and turns no other byte into
 /// a lower-case letter; keywords are made of letters only.
 fn pack_word(word: &[u8]) -> Option<u64> {
-    if word.len() > 8 {
-        return None;
-    }
-    let mut key = 0u64;
-    for (i, &b) in word.iter().enumerate() {
-        key |= u64::from(b | 0x20) << (8 * i);
-    }
-    Some(key)
+    // Two loads that overlap when the word is shorter than twice their
+    // size: the bytes both hold are the same, so OR puts each byte once
+    // in its place (a loop over the bytes costs several times as much).
+    let n = word.len();
+    let key = if let (Some(lo), Some(hi)) = (word.first_chunk::<4>(), word.last_chunk::<4>()) {
+        if n > 8 {
+            return None;
+        }
+        u64::from(u32::from_le_bytes(*lo)) | u64::from(u32::from_le_bytes(*hi)) << (8 * (n - 4))
+    } else if let (Some(lo), Some(hi)) = (word.first_chunk::<2>(), word.last_chunk::<2>()) {
+        u64::from(u16::from_le_bytes(*lo)) | u64::from(u16::from_le_bytes(*hi)) << (8 * (n - 2))
+    } else {
+        word.first().map_or(0, |&b| u64::from(b))
+    };
+    // 0x20 into each of the word's bytes, none beyond it.
+    let lower = match n {
+        0 => 0,
+        n => 0x2020_2020_2020_2020u64 >> (8 * (8 - n)),
+    };
+    Some(key | lower)
 }
 
 /// The short keywords, packed.
@@ -222,6 +234,20 @@ mod tests {
             b"\xc3\xa9t\xc3\xa9",
         ] {
             assert_eq!(keyword(w), Kw::Other, "{:?}", String::from_utf8_lossy(w));
+        }
+    }
+
+    #[test]
+    fn packing_any_length_matches_packing_byte_by_byte() {
+        let bytes = b"SeLeCtEd_Xy";
+        for n in 0..=bytes.len() {
+            let word = &bytes[..n];
+            let mut slow = 0u64;
+            for (i, &b) in word.iter().enumerate().take(8) {
+                slow |= u64::from(b | 0x20) << (8 * i);
+            }
+            let expected = (n <= 8).then_some(slow);
+            assert_eq!(pack_word(word), expected, "{n} bytes");
         }
     }
 

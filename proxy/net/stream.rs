@@ -91,6 +91,12 @@ impl Stream {
     /// nobody asked (checked without waiting).
     pub fn is_closed_or_chatty(&mut self) -> bool {
         let mut probe = [0u8; 1];
+        if let Stream::Plain(tcp) = self {
+            // Reads only when the socket was reported readable since its
+            // last read found it empty; otherwise one atomic load answers
+            // (no waker registered, no system call).
+            return !matches!(tcp.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock);
+        }
         let mut buf = ReadBuf::new(&mut probe);
         let mut cx = Context::from_waker(Waker::noop());
         !matches!(Pin::new(self).poll_read(&mut cx, &mut buf), Poll::Pending)
