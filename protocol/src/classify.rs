@@ -83,7 +83,12 @@ impl Overall {
 
 /// True when `sql` starts with `BEGIN` or `START TRANSACTION` (reads two
 /// words at most).
+#[inline]
 pub fn starts_transaction(sql: &[u8]) -> bool {
+    may_lead(sql, &["begin", "start"]) && begins(sql)
+}
+
+fn begins(sql: &[u8]) -> bool {
     let mut lx = Lexer::new(sql);
     let mut kw = || match lx.next() {
         Some(Token::Word(w)) => keyword(w),
@@ -94,6 +99,38 @@ pub fn starts_transaction(sql: &[u8]) -> bool {
         Kw::Start => kw() == Kw::Transaction,
         _ => false,
     }
+}
+
+/// False when `sql` surely does not start with one of `words` (lower
+/// case): after the blanks, neither one of them (any case) nor what may be
+/// a comment comes first. Every Query is asked a few such questions, and
+/// almost all leave here without being lexed.
+#[inline]
+pub(crate) fn may_lead(sql: &[u8], words: &[&str]) -> bool {
+    let Some(&first) = sql.iter().find(|&&c| !is_blank(c)) else {
+        return false;
+    };
+    if first == b'-' || first == b'/' {
+        return true;
+    }
+    // The first byte rules out most words before any is compared.
+    let lower = first | 0x20;
+    words
+        .iter()
+        .any(|w| w.as_bytes().first() == Some(&lower) && leads(sql, w))
+}
+
+/// `sql` starts with `word` (any case) after its blanks.
+fn leads(sql: &[u8], word: &str) -> bool {
+    let blanks = sql.iter().take_while(|&&c| is_blank(c)).count();
+    sql.get(blanks..blanks + word.len())
+        .is_some_and(|p| p.eq_ignore_ascii_case(word.as_bytes()))
+}
+
+/// What the lexer skips between tokens (besides comments).
+#[inline]
+fn is_blank(c: u8) -> bool {
+    matches!(c, b' ' | b'\t' | b'\n' | b'\r' | b'\x0c')
 }
 
 /// Classifies the next statement; returns `None` for an empty one, and
@@ -318,7 +355,7 @@ impl<'a> Lexer<'a> {
         loop {
             let c = *self.sql.get(self.pos)?;
             match c {
-                b' ' | b'\t' | b'\n' | b'\r' | b'\x0c' => self.pos += 1,
+                c if is_blank(c) => self.pos += 1,
                 b'-' if self.peek(1) == b'-' => self.line_comment(),
                 b'/' if self.peek(1) == b'*' => self.block_comment(),
                 _ => {

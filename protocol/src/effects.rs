@@ -7,7 +7,7 @@
 
 use std::ops::Range;
 
-use crate::classify::{Class, Lexer, Overall, Statement as Classified, Token};
+use crate::classify::{may_lead, Class, Lexer, Overall, Statement as Classified, Token};
 use crate::keyword::{keyword, Kw};
 
 /// Why a client cannot move to another server any more.
@@ -133,9 +133,17 @@ fn scan(sql: &[u8], mut overall: Option<&mut Overall>) -> Effects {
 /// and `CREATE DATABASE ... TEMPLATE [=] x` (PostgreSQL refuses them while
 /// anyone else is connected to `x`, pooled idle connections included).
 /// Only the start of `sql` is needed.
+#[inline]
 pub fn exclusive_database(sql: &[u8]) -> Option<String> {
-    // Every Query passes here: most leave after one token, allocating
+    // Every Query passes here: most leave at its first byte, allocating
     // nothing.
+    if !may_lead(sql, &["drop", "alter", "create"]) {
+        return None;
+    }
+    database_to_itself(sql)
+}
+
+fn database_to_itself(sql: &[u8]) -> Option<String> {
     let mut peek = Lexer::new(sql);
     let lead = |t: Option<Token<'_>>, ks: &[&str]| matches!(t, Some(Token::Word(w)) if ks.iter().any(|k| is(w, k)));
     if !lead(peek.next(), &["drop", "alter", "create"]) || !lead(peek.next(), &["database"]) {
@@ -592,5 +600,8 @@ mod tests {
         assert_eq!(db("SELECT 1"), None);
         assert_eq!(db("DROP DATABASE"), None);
         assert_eq!(db(""), None);
+        assert_eq!(db("-- why\n\tDrop Database old"), Some("old".into()));
+        assert_eq!(db("\r\n\x0cCREATE DATABASE b TEMPLATE a"), Some("a".into()));
+        assert_eq!(db("dropped database x"), None);
     }
 }

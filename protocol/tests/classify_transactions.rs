@@ -81,6 +81,8 @@ fn a_transaction_start_is_seen_from_the_first_words() {
         "begin;",
         " /* x */ Start Transaction read only",
         "BEGIN; SELECT 1",
+        "-- note\n\tbegin",
+        "\r\n\x0cBEGIN",
     ] {
         assert!(starts_transaction(yes.as_bytes()), "{yes}");
     }
@@ -90,6 +92,9 @@ fn a_transaction_start_is_seen_from_the_first_words() {
         "start replication",
         "'begin'",
         "",
+        "beginning",
+        "  started",
+        "\"begin\"",
     ] {
         assert!(!starts_transaction(no.as_bytes()), "{no}");
     }
