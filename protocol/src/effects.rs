@@ -112,13 +112,14 @@ pub fn analyze(sql: &[u8]) -> (Class, Effects) {
 fn scan(sql: &[u8], mut overall: Option<&mut Overall>) -> Effects {
     let mut lx = Lexer::new(sql);
     let mut out = Effects::default();
+    let mut st = Statement::new();
     loop {
         let mut class = overall.is_some().then(Classified::default);
-        let (statement, more) = next_statement(&mut lx, class.as_mut());
+        let more = next_statement(&mut lx, class.as_mut(), &mut st);
         if let (Some(overall), Some(class)) = (overall.as_deref_mut(), class) {
             overall.add(class.class());
         }
-        if let Some(st) = statement {
+        if !st.is_empty() {
             st.apply(sql, out.statements, &mut out);
             out.statements += 1;
         }
@@ -199,10 +200,11 @@ fn identifier(token: &[u8]) -> Option<String> {
 pub fn statements(sql: &[u8]) -> Vec<Range<usize>> {
     let mut lx = Lexer::new(sql);
     let mut out = Vec::new();
+    let mut st = Statement::new();
     loop {
-        let (statement, more) = next_statement(&mut lx, None);
-        if let Some(st) = statement {
-            out.push(st.span);
+        let more = next_statement(&mut lx, None, &mut st);
+        if !st.is_empty() {
+            out.push(st.span.clone());
         }
         if !more {
             return out;
@@ -213,6 +215,7 @@ pub fn statements(sql: &[u8]) -> Vec<Range<usize>> {
 /// The tokens of one statement that matter here.
 struct Statement<'a> {
     lead: [Lead<'a>; LEAD],
+    /// How many of `lead` this statement filled (none: it is empty).
     leads: usize,
     span: Range<usize>,
     advisory: bool,
@@ -220,30 +223,42 @@ struct Statement<'a> {
     into_temp: bool,
 }
 
-/// The next statement's tokens that matter here, fed also to `class` when
-/// there is one; and whether a `;` followed.
-fn next_statement<'a>(
-    lx: &mut Lexer<'a>,
-    mut class: Option<&mut Classified>,
-) -> (Option<Statement<'a>>, bool) {
-    let mut st: Option<Statement<'a>> = None;
-    let mut depth = 0u32;
-    let mut prev = Kw::Other;
-    let more = loop {
-        let Some(tok) = lx.next() else { break false };
-        let span = lx.span();
-        if tok == Token::Semicolon && depth == 0 {
-            break true;
-        }
-        let st = st.get_or_insert_with(|| Statement {
+impl Statement<'_> {
+    fn new() -> Self {
+        Statement {
             lead: Default::default(),
             leads: 0,
-            span: span.start..span.start,
+            span: 0..0,
             advisory: false,
             with_hold: false,
             into_temp: false,
-        });
-        st.span.end = span.end;
+        }
+    }
+
+    /// A statement of no tokens.
+    fn is_empty(&self) -> bool {
+        self.leads == 0
+    }
+}
+
+/// Reads the next statement into `st` (what was there before is
+/// forgotten; the room is reused, so no statement is moved), feeding its
+/// tokens also to `class` when there is one. True when a `;` followed.
+fn next_statement<'a>(
+    lx: &mut Lexer<'a>,
+    mut class: Option<&mut Classified>,
+    st: &mut Statement<'a>,
+) -> bool {
+    st.leads = 0;
+    (st.advisory, st.with_hold, st.into_temp) = (false, false, false);
+    let mut depth = 0u32;
+    let mut prev = Kw::Other;
+    loop {
+        let Some(tok) = lx.next() else { return false };
+        let span = lx.span();
+        if tok == Token::Semicolon && depth == 0 {
+            return true;
+        }
         let word = match tok {
             Token::Word(w) => Some(w),
             Token::Open => {
@@ -256,6 +271,11 @@ fn next_statement<'a>(
             }
             _ => None,
         };
+        if st.leads == 0 {
+            st.span.start = span.start;
+        }
+        st.span.end = span.end;
+        // Past the lead the count stays: only whether it is 0 matters.
         if let Some(slot) = st.lead.get_mut(st.leads) {
             *slot = (word, span);
             st.leads += 1;
@@ -271,8 +291,7 @@ fn next_statement<'a>(
             _ => {}
         }
         prev = kw;
-    };
-    (st, more)
+    }
 }
 
 fn is(w: &[u8], k: &str) -> bool {

@@ -187,19 +187,24 @@ pub(crate) fn keyword(word: &[u8]) -> Kw {
     }
 }
 
-/// The keywords longer than eight bytes.
+/// The keywords longer than eight bytes, told apart by length first:
+/// most long words are identifiers of no keyword's length.
 fn long(word: &[u8]) -> Kw {
-    const LONG: [(&str, Kw); 8] = [
-        ("savepoint", Kw::Savepoint),
-        ("transaction", Kw::Transaction),
-        ("temporary", Kw::Temp),
-        ("pg_notify", Kw::Writes),
-        ("pg_advisory_lock", Kw::AdvisoryLock),
-        ("pg_try_advisory_lock", Kw::AdvisoryLock),
-        ("pg_advisory_lock_shared", Kw::AdvisoryLock),
-        ("pg_try_advisory_lock_shared", Kw::AdvisoryLock),
-    ];
-    LONG.iter()
+    let candidates: &[(&str, Kw)] = match word.len() {
+        9 => &[
+            ("savepoint", Kw::Savepoint),
+            ("temporary", Kw::Temp),
+            ("pg_notify", Kw::Writes),
+        ],
+        11 => &[("transaction", Kw::Transaction)],
+        16 => &[("pg_advisory_lock", Kw::AdvisoryLock)],
+        20 => &[("pg_try_advisory_lock", Kw::AdvisoryLock)],
+        23 => &[("pg_advisory_lock_shared", Kw::AdvisoryLock)],
+        27 => &[("pg_try_advisory_lock_shared", Kw::AdvisoryLock)],
+        _ => return Kw::Other,
+    };
+    candidates
+        .iter()
         .find(|(k, _)| word.eq_ignore_ascii_case(k.as_bytes()))
         .map_or(Kw::Other, |&(_, kw)| kw)
 }
@@ -216,6 +221,17 @@ mod tests {
         assert_eq!(keyword(b"TEMPORARY"), Kw::Temp);
         assert_eq!(keyword(b"Pg_Try_Advisory_Lock_Shared"), Kw::AdvisoryLock);
         assert_eq!(keyword(b"NEXTVAL"), Kw::Writes);
+        for (word, kw) in [
+            ("savepoint", Kw::Savepoint),
+            ("Transaction", Kw::Transaction),
+            ("pg_notify", Kw::Writes),
+            ("pg_advisory_lock", Kw::AdvisoryLock),
+            ("pg_try_advisory_lock", Kw::AdvisoryLock),
+            ("PG_ADVISORY_LOCK_SHARED", Kw::AdvisoryLock),
+            ("pg_try_advisory_lock_shared", Kw::AdvisoryLock),
+        ] {
+            assert_eq!(keyword(word.as_bytes()), kw, "{word}");
+        }
     }
 
     #[test]
