@@ -2,7 +2,8 @@
 //! (routing), the session-effects scan (pinning, SET carry, prepared
 //! statements), and "per query": both in one pass (`analyze`, what a
 //! session runs on a request's first Query) plus the exclusive-database
-//! check, on typical statements (target: ≤ 1 µs each).
+//! check, on typical statements (target: ≤ 1 µs each); and "statement
+//! again": a Parse text pgheal has seen before (`backend::analysis`).
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use pgheal_protocol::classify::classify;
@@ -49,6 +50,14 @@ fn bench(c: &mut Criterion) {
                 let sql = black_box(sql.as_bytes());
                 (analyze(sql), exclusive_database(sql))
             })
+        });
+    }
+    g.finish();
+    let mut g = c.benchmark_group("statement again");
+    for (name, sql) in STATEMENTS {
+        pgheal::backend::analysis::statement(sql.as_bytes());
+        g.bench_function(name, |b| {
+            b.iter(|| pgheal::backend::analysis::statement(black_box(sql.as_bytes())))
         });
     }
     g.finish();

@@ -1,7 +1,9 @@
 //! The server side: one connection (connect, authenticate, parameters,
 //! reset), pools of them, the prepared statements each holds, cluster
-//! health and topology, and the router that picks a node.
+//! health and topology, the router that picks a node, and what statement
+//! texts it routes do (remembered per thread).
 
+pub mod analysis;
 pub mod cluster;
 pub mod conn;
 pub mod error;

@@ -134,10 +134,13 @@ pub struct Statement {
 impl Statement {
     pub fn new(server: ServerName, base: ServerName, epoch: u32, source: Source) -> Statement {
         let (intent, ends_transaction) = match &source {
-            Source::Protocol { query, .. } => (
-                crate::backend::router::sql_intent(query),
-                pgheal_protocol::effects::effects(query).ends_transaction,
-            ),
+            Source::Protocol { query, .. } => {
+                let (class, effects) = crate::backend::analysis::statement(query);
+                (
+                    pgheal_protocol::intent::class_intent(class),
+                    effects.ends_transaction,
+                )
+            }
             Source::Sql { .. } => (Intent::Write, false),
         };
         Statement {

@@ -273,6 +273,17 @@ impl Session {
                 }
             }
         }
+        if buf.first() == Some(&pgheal_protocol::frontend::PARSE) {
+            let message = pgheal_protocol::frame::message(buf, usize::MAX);
+            let parse = message
+                .ok()
+                .flatten()
+                .map(|m| pgheal_protocol::frontend::parse(m.body));
+            if let Some(Ok(parse)) = parse {
+                let (class, _) = crate::backend::analysis::statement(parse.query);
+                return pgheal_protocol::intent::class_intent(class);
+            }
+        }
         if buf.first() == Some(&pgheal_protocol::frontend::QUERY) {
             if let Some(sql) = first_query(buf) {
                 // Routing and translation both need the SQL looked at: once.

@@ -254,17 +254,10 @@ impl Session {
     /// ParseComplete for each named Parse in `buf` (ending in a Sync), or
     /// `None` when `buf` holds anything else.
     fn answer_parses(&mut self, buf: &[u8]) -> Option<BytesMut> {
+        // Most requests are told apart at their first message, before
+        // anything is allocated.
         let mut parses = Vec::new();
-        let mut at = 0;
-        while let Ok(Some(m)) = frame::message(&buf[at..], usize::MAX) {
-            at += m.len;
-            match m.tag {
-                frontend::PARSE => parses.push(frontend::parse(m.body).ok()?),
-                frontend::SYNC if at == buf.len() => break,
-                _ => return None,
-            }
-        }
-        if at != buf.len() || parses.iter().any(|p| p.name.is_empty()) {
+        if !only_named_parses(buf, |p| parses.push(p)) {
             return None;
         }
         let mut out = BytesMut::new();
@@ -282,7 +275,7 @@ impl Session {
 
     fn translate_parse(&mut self, conn: &mut ServerConn, msg: &[u8], p: frontend::Parse<'_>) {
         if p.name.is_empty() {
-            let effects = effects::effects(p.query);
+            let (_, effects) = crate::backend::analysis::statement(p.query);
             self.take_effects(&effects);
             self.note_sql(p.query, &effects);
             match self.rename_executes(conn, p.query, &effects) {
@@ -580,6 +573,26 @@ fn duplicate_prepare_error(name: &str) -> String {
         tag.insert(tag.len() - 1, '_');
     }
     format!("DO {tag}BEGIN RAISE EXCEPTION USING ERRCODE = '42P05', MESSAGE = {message}; END{tag}")
+}
+
+/// True when `buf` is named Parses and then a Sync that ends it; `each`
+/// gets the Parses as they come. A request that starts otherwise, or with
+/// the unnamed statement (most drivers' every extended query), leaves at
+/// its first message.
+fn only_named_parses<'a>(buf: &'a [u8], mut each: impl FnMut(frontend::Parse<'a>)) -> bool {
+    let mut at = 0;
+    while let Ok(Some(m)) = frame::message(&buf[at..], usize::MAX) {
+        at += m.len;
+        match m.tag {
+            frontend::PARSE => match frontend::parse(m.body) {
+                Ok(p) if !p.name.is_empty() => each(p),
+                _ => return false,
+            },
+            frontend::SYNC => return at == buf.len(),
+            _ => return false,
+        }
+    }
+    false
 }
 
 #[cfg(test)]
