@@ -48,9 +48,41 @@ impl<'a> Cursor<'a> {
 
     /// A NUL-terminated string, without its terminator.
     pub(crate) fn cstr(&mut self) -> Result<&'a [u8], Truncated> {
-        let end = self.buf.iter().position(|&b| b == 0).ok_or(Truncated)?;
+        // Names are short and a byte loop finds their end soonest; SQL
+        // texts are long, and memchr finds theirs many bytes at a time.
+        const SHORT: usize = 16;
+        let end = match self.buf.iter().take(SHORT).position(|&b| b == 0) {
+            Some(end) => end,
+            None => {
+                let rest = self.buf.get(SHORT..).ok_or(Truncated)?;
+                SHORT + memchr::memchr(0, rest).ok_or(Truncated)?
+            }
+        };
         let s = &self.buf[..end];
         self.buf = &self.buf[end + 1..];
         Ok(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strings_of_any_length_end_at_their_nul() {
+        for len in [0, 1, 15, 16, 17, 40, 300] {
+            let mut buf = vec![b'a'; len];
+            buf.extend_from_slice(b"\0next\0");
+            let mut cur = Cursor::new(&buf);
+            assert_eq!(cur.cstr(), Ok(&buf[..len]), "{len} bytes");
+            assert_eq!(cur.cstr(), Ok(&b"next"[..]));
+            assert_eq!(cur.cstr(), Err(Truncated), "nothing left");
+            let unterminated = vec![b'a'; len];
+            assert_eq!(
+                Cursor::new(&unterminated).cstr(),
+                Err(Truncated),
+                "{len} bytes, no NUL"
+            );
+        }
     }
 }

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
 
-use crate::sync::lock;
+use crate::sync::{lock, FastHash};
 
 /// Parameters by case-folded name, keeping the name as first given.
 /// Shared when cloned and copied on change: clients that logged in with
@@ -22,7 +22,7 @@ const MAX_INTERNED: usize = 1024;
 /// Parameter sets clients logged in with, so that a thousand clients of
 /// one application hold one map (an idle client costs a pointer).
 #[derive(Default)]
-pub struct Interned(Mutex<HashSet<Params>>);
+pub struct Interned(Mutex<HashSet<Params, FastHash>>);
 
 impl Interned {
     pub fn intern(&self, params: Params) -> Params {

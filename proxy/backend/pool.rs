@@ -2,11 +2,10 @@
 //! a checkout timeout, idle timeout, server lifetime and a minimum of idle
 //! connections kept warm.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, Weak};
 
-use crate::sync::lock;
+use crate::sync::{lock, FastMap};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
@@ -528,7 +527,7 @@ impl Drop for Waiting<'_> {
 /// times upstream users), so a list is the cheapest second level.
 #[derive(Default)]
 pub struct Pools {
-    map: Mutex<HashMap<String, Vec<Arc<Pool>>>>,
+    map: Mutex<FastMap<String, Vec<Arc<Pool>>>>,
 }
 
 impl Pools {

@@ -171,7 +171,7 @@ impl Statement {
 }
 
 /// A client's statements by the names it gave them.
-pub type ClientStatements = HashMap<Box<[u8]>, Arc<Statement>>;
+pub type ClientStatements = HashMap<Box<[u8]>, Arc<Statement>, foldhash::fast::RandomState>;
 
 /// How many times each shared statement went stale, for every client.
 #[derive(Debug, Default)]

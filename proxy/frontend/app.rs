@@ -2,7 +2,6 @@
 //! the cancel keys, the client registry, counters and each database's
 //! cluster.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex, RwLock};
@@ -23,7 +22,7 @@ use crate::events::Events;
 use crate::frontend::auth_query::AuthLookup;
 use crate::frontend::error::ClientError;
 use crate::metrics::Metrics;
-use crate::sync::{lock, read, write};
+use crate::sync::{lock, read, write, FastMap};
 
 pub struct App {
     config: RwLock<Arc<Config>>,
@@ -33,7 +32,7 @@ pub struct App {
     /// One health loop per node, shared by the databases on it.
     probes: Probes,
     pub cancels: Arc<CancelRegistry>,
-    targets: RwLock<HashMap<String, Arc<Target>>>,
+    targets: RwLock<FastMap<String, Arc<Target>>>,
     pub counters: Counters,
     /// Cancelled on SIGTERM/SIGINT: no new clients or transactions; idle
     /// clients are told 57P01, running transactions finish.
@@ -289,7 +288,7 @@ impl App {
     }
 
     /// Changes the set of targets (RELOAD) under the write lock.
-    pub fn edit_targets<R>(&self, edit: impl FnOnce(&mut HashMap<String, Arc<Target>>) -> R) -> R {
+    pub fn edit_targets<R>(&self, edit: impl FnOnce(&mut FastMap<String, Arc<Target>>) -> R) -> R {
         edit(&mut write(&self.targets))
     }
 

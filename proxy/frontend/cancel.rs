@@ -4,11 +4,10 @@
 //! matching CancelRequest to the server running that client's query, with
 //! that server's key.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use crate::frontend::clients::ClientInfo;
-use crate::sync::lock;
+use crate::sync::{lock, FastMap};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -63,7 +62,7 @@ impl CancelSlot {
 /// Clients by their cancel key.
 #[derive(Default)]
 pub struct CancelRegistry {
-    clients: Mutex<HashMap<CancelKey, Arc<ClientInfo>>>,
+    clients: Mutex<FastMap<CancelKey, Arc<ClientInfo>>>,
 }
 
 /// A client's entry in the registry, removed on drop.

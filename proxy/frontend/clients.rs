@@ -15,7 +15,7 @@ use std::time::Instant;
 use crate::frontend::cancel::CancelSlot;
 use crate::frontend::session::Rested;
 use crate::frontend::App;
-use crate::sync::lock;
+use crate::sync::{lock, FastHash};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -90,7 +90,7 @@ impl ClientInfo {
 pub struct Clients {
     next: AtomicU64,
     map: Mutex<BTreeMap<u64, Arc<ClientInfo>>>,
-    names: Mutex<HashSet<Arc<str>>>,
+    names: Mutex<HashSet<Arc<str>, FastHash>>,
 }
 
 /// Distinct user and database names shared at most.

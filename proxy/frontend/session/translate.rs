@@ -584,6 +584,8 @@ fn only_named_parses<'a>(buf: &'a [u8], mut each: impl FnMut(frontend::Parse<'a>
     while let Ok(Some(m)) = frame::message(&buf[at..], usize::MAX) {
         at += m.len;
         match m.tag {
+            // The unnamed statement: its name is empty (read no further).
+            frontend::PARSE if m.body.first() == Some(&0) => return false,
             frontend::PARSE => match frontend::parse(m.body) {
                 Ok(p) if !p.name.is_empty() => each(p),
                 _ => return false,
