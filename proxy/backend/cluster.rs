@@ -183,6 +183,14 @@ impl Cluster {
             fit,
             events,
         });
+        // The probes may know the nodes already (RELOAD starts a cluster
+        // over running probes): start from that, so that no request is
+        // routed on an unknown topology before the followers first run (a
+        // read would detour to the primary).
+        for (index, probe) in cluster.probes.iter().enumerate() {
+            let now = probe.status();
+            cluster.update(index, |n| *n = now);
+        }
         for (index, probe) in cluster.probes.iter().enumerate() {
             tokio::spawn(follow(Arc::downgrade(&cluster), index, probe.subscribe()));
         }
