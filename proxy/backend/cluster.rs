@@ -464,6 +464,24 @@ mod tests {
         (cluster, events)
     }
 
+    #[tokio::test]
+    async fn a_cluster_over_running_probes_knows_the_nodes_before_it_yields() {
+        let found = |addr: &str, role| Arc::new(NodeProbe::found(NodeStatus::new(addr, role)));
+        let nodes = vec!["p:1".to_string(), "r:1".to_string()];
+        let probes = vec![found("p:1", Role::Primary), found("r:1", Role::Replica)];
+        let events = Arc::new(Events::default());
+        let cluster = Cluster::start("app", &nodes, probes, ReplicaFit::ANY, events);
+        // A current-thread runtime: the followers have not run yet.
+        let roles: Vec<Role> = cluster
+            .subscribe()
+            .borrow()
+            .nodes
+            .iter()
+            .map(|n| n.role)
+            .collect();
+        assert_eq!(roles, [Role::Primary, Role::Replica]);
+    }
+
     fn modes(events: &Events) -> Vec<String> {
         let changes = events.since(0).into_iter();
         changes

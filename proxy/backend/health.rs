@@ -170,6 +170,16 @@ impl NodeProbe {
         self.status.subscribe()
     }
 
+    /// A probe that has found `status` and probes no more (tests).
+    #[cfg(test)]
+    pub(crate) fn found(status: NodeStatus) -> NodeProbe {
+        NodeProbe {
+            status: watch::channel(status).0,
+            wake: Arc::new(Notify::new()),
+            hurry: AtomicUsize::new(0),
+        }
+    }
+
     pub fn status(&self) -> NodeStatus {
         self.status.borrow().clone()
     }
