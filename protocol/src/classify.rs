@@ -120,7 +120,10 @@ pub(crate) fn may_lead(sql: &[u8], words: &[&str]) -> bool {
         .any(|w| w.as_bytes().first() == Some(&lower) && leads(sql, w))
 }
 
-/// `sql` starts with `word` (any case) after its blanks.
+/// `sql` starts with `word` (any case) after its blanks. The blanks are
+/// counted again here, only for a Query whose first byte matched: one
+/// pass that keeps the count costs every Query more (168 against 103
+/// instructions for both checks on pgbench's SELECT).
 fn leads(sql: &[u8], word: &str) -> bool {
     let blanks = sql.iter().take_while(|&&c| is_blank(c)).count();
     sql.get(blanks..blanks + word.len())
