@@ -273,16 +273,10 @@ impl Session {
                 }
             }
         }
-        if buf.first() == Some(&pgheal_protocol::frontend::PARSE) {
-            let message = pgheal_protocol::frame::message(buf, usize::MAX);
-            let parse = message
-                .ok()
-                .flatten()
-                .map(|m| pgheal_protocol::frontend::parse(m.body));
-            if let Some(Ok(parse)) = parse {
-                let (class, _) = crate::backend::analysis::statement(parse.query);
-                return pgheal_protocol::intent::class_intent(class);
-            }
+        if let Some(sql) = first_parse(buf) {
+            // Translation finds the same text's analysis remembered.
+            let (class, _) = crate::backend::analysis::statement(sql);
+            return pgheal_protocol::intent::class_intent(class);
         }
         if buf.first() == Some(&pgheal_protocol::frontend::QUERY) {
             if let Some(sql) = first_query(buf) {
@@ -382,6 +376,16 @@ fn first_query(buf: &[u8]) -> Option<&[u8]> {
     let len = u32::from_be_bytes(buf.get(1..5)?.try_into().ok()?);
     let body = buf.get(5..1 + usize::try_from(len).ok()?)?;
     pgheal_protocol::frontend::query(body).ok()
+}
+
+/// The SQL of the Parse message `buf` starts with, when it is all there
+/// and well formed.
+fn first_parse(buf: &[u8]) -> Option<&[u8]> {
+    if buf.first() != Some(&pgheal_protocol::frontend::PARSE) {
+        return None;
+    }
+    let message = pgheal_protocol::frame::message(buf, usize::MAX).ok()??;
+    Some(pgheal_protocol::frontend::parse(message.body).ok()?.query)
 }
 
 /// What routing found in a request's first Query, for its translation
