@@ -157,6 +157,11 @@ const WHOLE_BELOW: usize = 8 * 1024;
 /// The most room a session keeps for the next kept request of a read.
 const REPLAY_ROOM: usize = 4 * 1024;
 
+/// How often a held read looks whether the health checks took its node for
+/// down (a fifth of the default probe interval: next to the probes' own
+/// detection time, the delay is small).
+const NODE_CHECK: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// The scanner of what a server sends.
 pub(super) fn server_scanner() -> Scanner {
     Scanner::new(usize::MAX).whole_below(WHOLE_BELOW)
@@ -303,11 +308,9 @@ pub struct Session {
     /// The wait before a rest, kept from one idle wait to the next:
     /// moving a registered timer later takes no lock (tokio extends it in
     /// place), where a new timer each time is registered and removed.
+    /// While attached, it tells a held read when to look at its node
+    /// again (see `attached`).
     rest_timer: Option<Pin<Box<tokio::time::Sleep>>>,
-    /// The topology as an attachment watches it (a held read on a node
-    /// taken for down runs elsewhere), kept between attachments:
-    /// subscribing anew each time touches counters every client shares.
-    node_watch: Option<watch::Receiver<Arc<Topology>>>,
     /// What routing found in the request's first Query (see `Analyzed`).
     analyzed: Option<route::Analyzed>,
 }
@@ -400,7 +403,7 @@ impl Session {
                 }
             }
             // One allocation per transaction, kept under glibc's per-thread
-            // cache limit (1,032 bytes; this future is 1,016 in a release
+            // cache limit (1,032 bytes; this future is 1,008 in a release
             // build): past it every transaction's allocation and free take
             // malloc's slow path, ~450 instructions. Rare steps inside are
             // boxed for that (see `after_pump`).
@@ -429,12 +432,12 @@ impl Session {
         } else {
             ClientState::Active
         });
-        let mut nodes = match self.node_watch.take() {
-            Some(nodes) => nodes,
-            None => self.target.cluster.subscribe(),
-        };
-        // Only what changes from now on.
-        nodes.mark_unchanged();
+        // A held read looks at its node's health on the timer that waits
+        // for the rest between transactions: already armed a few tens of
+        // milliseconds ahead, polling it registers nothing shared, where a
+        // watch on the topology took a lock every client of the database
+        // shares, twice a transaction.
+        let mut check = self.rest_timer.take();
         let node = lease.pool().shared_addr().clone();
         let end = loop {
             // Only an attachment that outlives its transaction (session
@@ -444,6 +447,14 @@ impl Session {
             self.watching_shutdown =
                 !self.closing && (self.mode == PoolMode::Session || self.pinned.is_some());
             let shutdown = self.watching_shutdown.then(|| self.app.shutdown.clone());
+            let watching = self.replay.is_some();
+            if watching && check.is_none() {
+                check = Some(Box::pin(tokio::time::sleep(NODE_CHECK)));
+            }
+            let looked_at = poll_fn(|cx| match check.as_mut() {
+                Some(timer) => std::future::Future::poll(timer.as_mut(), cx),
+                None => Poll::Pending,
+            });
             tokio::select! {
                 biased;
                 end = poll_fn(|cx| self.poll_pump(cx, lease.conn())) => match end {
@@ -455,22 +466,32 @@ impl Session {
                 // A held read on a node the health checks now take for down
                 // (a blackholed network answers nothing and closes nothing)
                 // runs elsewhere instead of waiting on it.
-                Ok(()) = nodes.changed(), if self.replay.is_some() => {
-                    let down = nodes.borrow_and_update().nodes.iter().any(|n| {
-                        n.addr == node && n.role == crate::backend::cluster::Role::Down
-                    });
-                    if down && self.holding {
+                () = looked_at, if watching => {
+                    if self.holding && self.node_is_down(&node) {
                         let why = "its node was taken for down by the health checks";
                         break PumpEnd::ServerLost(io::Error::new(io::ErrorKind::TimedOut, why));
+                    }
+                    if let Some(timer) = check.as_mut() {
+                        timer.as_mut().reset(tokio::time::Instant::now() + NODE_CHECK);
                     }
                 }
             }
         };
         self.watching_shutdown = false;
-        self.node_watch = Some(nodes);
+        self.rest_timer = check;
         tracing::debug!(?end, "detached from the server");
         self.registered.info.set_state(ClientState::Idle);
         self.after_pump(end, held).await
+    }
+
+    /// The health checks take `node` for down now.
+    fn node_is_down(&self, node: &str) -> bool {
+        let topology = self.topology.borrow();
+        let down = crate::backend::cluster::Role::Down;
+        topology
+            .nodes
+            .iter()
+            .any(|n| *n.addr == *node && n.role == down)
     }
 
     /// Acts on how the attachment ended: gives the server back, runs a

@@ -214,7 +214,6 @@ impl Session {
             replays,
             verify: _,
             rest_timer: _,
-            node_watch: _,
             analyzed: _,
             slot,
         } = *self;
@@ -282,7 +281,6 @@ impl Session {
             verify: None,
             slot: r.slot,
             rest_timer: None,
-            node_watch: None,
             analyzed: None,
         }
     }

@@ -321,7 +321,6 @@ impl Session {
         }
         tracing::debug!(database = %target.database.name, "client follows the reloaded settings");
         self.topology = target.cluster.subscribe();
-        self.node_watch = None;
         self.node_pools = vec![None; target.database.nodes.len()];
         self.pool = self.app.pool_for(&target, &self.registered.info.user);
         self.target = target;
