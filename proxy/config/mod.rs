@@ -14,6 +14,10 @@ use toml::{Table, Value};
 
 use std::sync::Arc;
 
+mod never_replayed;
+
+pub use never_replayed::{NeverReplayed, NEVER_REPLAYED};
+
 use crate::auth::ScramVerifier;
 use crate::net::tls::{ClientMode, ClientTls, ClientTlsConfig, UpstreamMode, UpstreamTls};
 
@@ -240,58 +244,6 @@ pub struct FailoverConfig {
     pub never_replayed: NeverReplayed,
 }
 
-/// Finds, case-insensitively and anywhere in a query (strings, comments
-/// and function bodies included, so a `DO` block counts too), the name of
-/// a function whose effects survive a rollback.
-#[derive(Debug, Clone)]
-pub struct NeverReplayed {
-    names: Arc<aho_corasick::AhoCorasick>,
-    /// Tells this list from every other one built in this process, for
-    /// answers cached per statement.
-    generation: usize,
-}
-
-/// Lists of function names built so far.
-static GENERATIONS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(1);
-
-impl NeverReplayed {
-    pub fn new(extra: &[String]) -> Result<NeverReplayed, String> {
-        if extra.iter().any(|n| n.trim().is_empty()) {
-            return Err("a function name must not be empty".into());
-        }
-        let names = NEVER_REPLAYED
-            .iter()
-            .map(|s| s.to_string())
-            .chain(extra.iter().cloned());
-        aho_corasick::AhoCorasick::builder()
-            .ascii_case_insensitive(true)
-            .build(names)
-            .map(|m| NeverReplayed {
-                names: Arc::new(m),
-                generation: GENERATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
-            })
-            .map_err(|e| e.to_string())
-    }
-
-    /// True when `sql` names one of the functions.
-    pub fn found_in(&self, sql: &[u8]) -> bool {
-        self.names.is_match(sql)
-    }
-
-    /// [`NeverReplayed::found_in`] for a statement's SQL, remembered in
-    /// `cache` (0, or this list's generation with the answer in bit 0).
-    pub fn found_in_cached(&self, sql: &[u8], cache: &std::sync::atomic::AtomicUsize) -> bool {
-        use std::sync::atomic::Ordering::Relaxed;
-        let known = cache.load(Relaxed);
-        if known >> 1 == self.generation {
-            return known & 1 == 1;
-        }
-        let found = self.found_in(sql);
-        cache.store(self.generation << 1 | usize::from(found), Relaxed);
-        found
-    }
-}
-
 impl Default for FailoverConfig {
     fn default() -> Self {
         let write_wait = Duration::from_secs(2);
@@ -307,11 +259,6 @@ impl Default for FailoverConfig {
         }
     }
 }
-
-/// Functions whose effects survive a rollback, never replayed whatever
-/// the configuration says: `setval`, the `dblink` family (work done on
-/// another server), `pg_logical_emit_message` (non-transactional messages).
-pub const NEVER_REPLAYED: [&str; 3] = ["setval", "dblink", "pg_logical_emit_message"];
 
 /// How nodes are probed for health and role.
 #[derive(Clone, PartialEq)]
@@ -1387,21 +1334,7 @@ impl FromToml for AuthMethod {
 
 #[cfg(test)]
 mod tests {
-    use super::{parse_size, NeverReplayed};
-
-    #[test]
-    fn a_cached_answer_holds_for_its_own_list_only() {
-        let cache = std::sync::atomic::AtomicUsize::new(0);
-        let sql = b"SELECT audit('x'), 1";
-        let builtin = NeverReplayed::new(&[]).expect("built-in names");
-        assert!(!builtin.found_in_cached(sql, &cache));
-        assert!(!builtin.found_in_cached(sql, &cache), "cached");
-        // A reload that lists `audit` is not fooled by the cached answer.
-        let reloaded = NeverReplayed::new(&["AUDIT".into()]).expect("names");
-        assert!(reloaded.found_in_cached(sql, &cache));
-        assert!(reloaded.found_in_cached(sql, &cache));
-        assert!(NeverReplayed::new(&[" ".into()]).is_err());
-    }
+    use super::parse_size;
 
     #[test]
     fn sizes_take_a_unit() {
