@@ -346,6 +346,17 @@ impl Session {
         self.mode == PoolMode::Transaction && self.pinned.is_none() && self.idle()
     }
 
+    /// Releasable as soon as what the server sent is passed on.
+    fn ends_once_written(&self) -> bool {
+        self.mode == PoolMode::Transaction
+            && self.pinned.is_none()
+            && !self.holding
+            && !self.flight.owed
+            && self.up.buf.is_empty()
+            && self.up.scanner.at_boundary()
+            && self.wire.buf.is_empty()
+    }
+
     /// Nothing is owed either way: the server is idle and every byte was
     /// passed on.
     pub(super) fn idle(&self) -> bool {
@@ -368,6 +379,10 @@ impl Session {
         // task, which then polls again (a read that finds nothing costs a
         // registration on the socket's lock each time).
         let (mut server_waits, mut client_waits) = (false, false);
+        // In the first pass, an answer that ends the attachment once
+        // written spares the client a read: the idle wait that follows
+        // looks at the client anyway. Later passes read it as before.
+        let mut first_pass = true;
         loop {
             // The server first: when it died while this task waited its
             // turn, the loss is seen before the client's next message (a
@@ -386,7 +401,9 @@ impl Session {
             if self.rerun.is_some() && self.flight.pending == 0 {
                 return Poll::Ready(PumpEnd::Rerun);
             }
-            if !client_waits {
+            let only_writes_left = first_pass && self.ends_once_written();
+            first_pass = false;
+            if !client_waits && !only_writes_left {
                 match self.poll_client_read(cx) {
                     Ok(read) => {
                         let (got, waits) = read.outcome();
