@@ -157,6 +157,13 @@ const WHOLE_BELOW: usize = 8 * 1024;
 /// The most room a session keeps for the next kept request of a read.
 const REPLAY_ROOM: usize = 4 * 1024;
 
+/// A request this soon after its client went idle is a quick return.
+const QUICK_RETURN: std::time::Duration = std::time::Duration::from_millis(5);
+
+/// Quick returns in a row after which a client keeps its buffers while
+/// idle (until it rests).
+const WARM_AFTER: u8 = 2;
+
 /// How often a held read looks whether the health checks took its node for
 /// down (a fifth of the default probe interval: next to the probes' own
 /// detection time, the delay is small).
@@ -296,6 +303,12 @@ pub struct Session {
     watching_shutdown: bool,
     /// When the running transaction's first message arrived.
     tx_started: Option<std::time::Instant>,
+    /// When the client last went idle (it could rest then), until its
+    /// next request.
+    idle_since: Option<std::time::Instant>,
+    /// Requests in a row that came within `QUICK_RETURN` of the client
+    /// going idle: a client in a burst keeps its buffers between them.
+    quick_returns: u8,
     /// This client's entry in SHOW CLIENTS (also its user name and where
     /// its requests run, for cancel requests).
     registered: Registered,
@@ -745,17 +758,24 @@ impl Session {
             if self.expect.is_empty() && self.expect.capacity() > 8 {
                 self.expect = VecDeque::new();
             }
-            // Its buffers wait in this thread's spares while it idles. (Kept
-            // until it rests instead, they save ~500 instructions a
-            // transaction, but a burst of clients going idle together holds
-            // them all for the 30-50 ms before resting: 986-1,058 bytes of
-            // RSS per idle client in benches/e2e.sh against 976.)
-            self.up.shrink();
-            self.down.shrink();
-            self.wire.shrink();
             let can_rest = self.can_rest();
+            // Its buffers wait in this thread's spares while it idles,
+            // unless its last requests came back at once: giving them up
+            // and taking them again costs ~600 instructions a transaction.
+            // (Kept by every client until it rests, a burst of clients
+            // going idle together held them all for the 30-50 ms before
+            // resting: 986-1,058 bytes of RSS per idle client in
+            // benches/e2e.sh against 976; a client that ran one query and
+            // stays idle gives them up at once.)
+            if !can_rest || self.quick_returns < WARM_AFTER {
+                self.up.shrink();
+                self.down.shrink();
+                self.wire.shrink();
+            }
             if can_rest {
-                let deadline = rest::rest_deadline();
+                let now = tokio::time::Instant::now();
+                self.idle_since = Some(now.into_std());
+                let deadline = rest::rest_deadline(now);
                 match &mut self.rest_timer {
                     Some(timer) => timer.as_mut().reset(deadline),
                     None => self.rest_timer = Some(Box::pin(tokio::time::sleep_until(deadline))),

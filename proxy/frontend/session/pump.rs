@@ -102,7 +102,9 @@ impl Session {
                 Step::Header { tag, .. } | Step::Whole { tag, .. } => {
                     self.record_up(step);
                     if self.tx_started.is_none() {
-                        self.tx_started = Some(std::time::Instant::now());
+                        let now = std::time::Instant::now();
+                        self.tx_started = Some(now);
+                        self.note_return(now);
                     }
                     if self.holding {
                         // More from the client: the kept request is no
@@ -339,6 +341,16 @@ impl Session {
                 self.holding = false;
                 self.forget_replay();
             }
+        }
+    }
+
+    /// Counts a request that came soon after the client went idle.
+    fn note_return(&mut self, now: std::time::Instant) {
+        if let Some(since) = self.idle_since.take() {
+            self.quick_returns = match now.saturating_duration_since(since) < super::QUICK_RETURN {
+                true => self.quick_returns.saturating_add(1),
+                false => 0,
+            };
         }
     }
 

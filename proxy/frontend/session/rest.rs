@@ -48,10 +48,10 @@ const REST_TICK: Duration = Duration::from_millis(20);
 
 /// When a client idle from now on rests: after `REST_AFTER`, at the next
 /// `REST_TICK`.
-pub(super) fn rest_deadline() -> tokio::time::Instant {
+pub(super) fn rest_deadline(now: tokio::time::Instant) -> tokio::time::Instant {
     static ORIGIN: std::sync::OnceLock<tokio::time::Instant> = std::sync::OnceLock::new();
-    let origin = *ORIGIN.get_or_init(tokio::time::Instant::now);
-    let due = (tokio::time::Instant::now() + REST_AFTER).duration_since(origin);
+    let origin = *ORIGIN.get_or_init(|| now);
+    let due = (now + REST_AFTER).duration_since(origin);
     // In u64 nanoseconds (585 years): every idle wait asks.
     let tick = u64::try_from(REST_TICK.as_nanos()).unwrap_or(u64::MAX);
     let due = u64::try_from(due.as_nanos()).unwrap_or(u64::MAX);
@@ -210,6 +210,8 @@ impl Session {
             closing: _,
             watching_shutdown: _,
             tx_started: _,
+            idle_since: _,
+            quick_returns: _,
             registered,
             replays,
             verify: _,
@@ -276,6 +278,8 @@ impl Session {
             closing: false,
             watching_shutdown: false,
             tx_started: None,
+            idle_since: None,
+            quick_returns: 0,
             registered,
             replays: r.replays,
             verify: None,
@@ -294,7 +298,7 @@ mod tests {
     #[test]
     fn clients_going_idle_close_together_rest_on_one_tick() {
         let start = Instant::now();
-        let deadlines: Vec<Instant> = (0..100).map(|_| rest_deadline()).collect();
+        let deadlines: Vec<Instant> = (0..100).map(|_| rest_deadline(Instant::now())).collect();
         let end = Instant::now();
         for d in &deadlines {
             assert!(*d >= start + REST_AFTER && *d <= end + REST_AFTER + REST_TICK);
