@@ -363,20 +363,21 @@ impl Session {
         self.mode == PoolMode::Transaction
             && self.pinned.is_none()
             && !self.holding
-            && !self.flight.owed
-            && self.up.buf.is_empty()
-            && self.up.scanner.at_boundary()
-            && self.wire.buf.is_empty()
+            && self.server_done()
     }
 
     /// Nothing is owed either way: the server is idle and every byte was
     /// passed on.
     pub(super) fn idle(&self) -> bool {
+        self.server_done() && self.down.buf.is_empty()
+    }
+
+    /// The server owes nothing and has been sent everything.
+    fn server_done(&self) -> bool {
         !self.flight.owed
             && self.up.buf.is_empty()
             && self.up.scanner.at_boundary()
             && self.wire.buf.is_empty()
-            && self.down.buf.is_empty()
     }
 
     /// Moves bytes both ways until the attachment ends. Each side is read
