@@ -52,6 +52,7 @@ psql -qX -h 127.0.0.1 -p "$pg_port" -U app app -c "GRANT SELECT ON ALL TABLES IN
 
 # name|clients|pgbench arguments
 cases=(
+    "S-simple-1|1|-S -M simple"
     "S-simple-16|16|-S -M simple"
     "S-extended-16|16|-S -M extended"
     "S-prepared-16|16|-S -M prepared"

@@ -38,24 +38,35 @@ pub struct CancelKey {
 pub struct StartupMessage {
     /// Minor protocol version the client asked for (major is always 3).
     pub minor: u16,
-    /// Parameters in the order sent; names are as sent.
-    pub params: Vec<(String, String)>,
+    /// The parameters as sent: each name and value followed by a NUL, in
+    /// the order sent, converted to UTF-8 as a whole (invalid bytes become
+    /// U+FFFD). One allocation for all of them; [`Self::params`] reads it.
+    text: String,
 }
 
 impl StartupMessage {
+    /// Parameters in the order sent; names are as sent.
+    pub fn params(&self) -> impl Iterator<Item = (&str, &str)> {
+        let mut parts = self.text.split('\0');
+        // The text ends with a NUL: the last split is empty and unpaired.
+        std::iter::from_fn(move || Some((parts.next()?, parts.next()?)))
+    }
+
     pub fn param(&self, name: &str) -> Option<&str> {
-        self.params
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
+        self.params().find(|(k, _)| *k == name).map(|(_, v)| v)
     }
 
     /// `_pq_.` protocol options, which pgheal does not recognise.
     pub fn protocol_options(&self) -> impl Iterator<Item = &str> {
-        self.params
-            .iter()
-            .map(|(k, _)| k.as_str())
+        self.params()
+            .map(|(k, _)| k)
             .filter(|k| k.starts_with("_pq_."))
+    }
+
+    /// Every parameter as sent, NUL after each name and value: two
+    /// clients that sent the same parameters have the same text.
+    pub fn text(&self) -> &str {
+        &self.text
     }
 }
 
@@ -128,7 +139,6 @@ fn startup(code: u32, rest: &[u8]) -> Result<StartupMessage, StartupError> {
         return Err(StartupError::UnsupportedProtocol { major, minor });
     }
     let mut cur = Cursor::new(rest);
-    let mut params = Vec::new();
     loop {
         let name = cur
             .cstr()
@@ -136,19 +146,16 @@ fn startup(code: u32, rest: &[u8]) -> Result<StartupMessage, StartupError> {
         if name.is_empty() {
             break;
         }
-        let value = cur
-            .cstr()
+        cur.cstr()
             .map_err(|_| StartupError::Malformed("parameter without a value"))?;
-        params.push((lossy(name), lossy(value)));
     }
     if !cur.is_empty() {
         return Err(StartupError::Malformed("bytes after the final terminator"));
     }
-    Ok(StartupMessage { minor, params })
-}
-
-fn lossy(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
+    // Without the final terminator (the empty name).
+    let params = rest.split_last().map_or(rest, |(_, params)| params);
+    let text = String::from_utf8_lossy(params).into_owned();
+    Ok(StartupMessage { minor, text })
 }
 
 #[cfg(test)]
@@ -216,5 +223,45 @@ mod tests {
         };
         assert_eq!(m.minor, 2);
         assert_eq!(m.protocol_options().collect::<Vec<_>>(), vec!["_pq_.x"]);
+    }
+
+    #[test]
+    fn parameters_come_back_in_order_with_empty_values_and_bad_bytes() {
+        let mut buf = BytesMut::new();
+        build::startup_message(
+            &mut buf,
+            &[("user", "u"), ("options", ""), ("database", "d")],
+        );
+        let Some((StartupPacket::Startup(m), _)) = parse(&buf).expect("valid") else {
+            panic!()
+        };
+        let params: Vec<_> = m.params().collect();
+        assert_eq!(params, [("user", "u"), ("options", ""), ("database", "d")]);
+        assert_eq!(m.param("options"), Some(""));
+        assert_eq!(m.param("missing"), None);
+        assert_eq!(m.text(), "user\0u\0options\0\0database\0d\0");
+
+        // Bytes that are not UTF-8 become U+FFFD in the field they are in,
+        // a sequence cut short by the NUL included.
+        let body: &[u8] = b"\0\x03\0\0user\0b\xffd\0application_name\0x\xe2\x82\0\0";
+        let mut packet = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+        packet.extend_from_slice(body);
+        let Some((StartupPacket::Startup(m), n)) = parse(&packet).expect("valid") else {
+            panic!()
+        };
+        assert_eq!(n, packet.len());
+        let params: Vec<_> = m.params().collect();
+        assert_eq!(
+            params,
+            [("user", "b\u{fffd}d"), ("application_name", "x\u{fffd}")]
+        );
+
+        // No parameters at all.
+        let empty = [0, 0, 0, 9, 0, 3, 0, 0, 0];
+        let Some((StartupPacket::Startup(m), _)) = parse(&empty).expect("valid") else {
+            panic!()
+        };
+        assert_eq!(m.params().count(), 0);
+        assert_eq!(m.param("user"), None);
     }
 }

@@ -2,17 +2,44 @@
 //! a server reported, and the SET/RESET that turns one into the other.
 
 use std::collections::{BTreeMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, Mutex, OnceLock};
 
-use crate::sync::{lock, FastHash};
+use bytes::{Bytes, BytesMut};
+use pgheal_protocol::build;
+use pgheal_protocol::startup::StartupMessage;
+
+use crate::sync::{lock, FastHash, FastMap};
 
 /// Parameters by case-folded name, keeping the name as first given.
 /// Shared when cloned and copied on change: clients that logged in with
 /// the same parameters (see [`Interned`]) and a server set to them hold
 /// one map.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Default)]
 pub struct Params {
-    map: Arc<BTreeMap<String, (String, String)>>,
+    map: Arc<Map>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Map {
+    entries: BTreeMap<String, (String, String)>,
+    /// The entries as ParameterStatus messages, made at the first
+    /// [`Params::status_messages`] and dropped at a change.
+    status: OnceLock<Bytes>,
+}
+
+impl PartialEq for Params {
+    fn eq(&self, other: &Params) -> bool {
+        self.map.entries == other.map.entries
+    }
+}
+
+impl Eq for Params {}
+
+impl Hash for Params {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.map.entries.hash(state);
+    }
 }
 
 /// Distinct parameter sets kept for sharing at most; past it a login
@@ -22,23 +49,49 @@ const MAX_INTERNED: usize = 1024;
 /// Parameter sets clients logged in with, so that a thousand clients of
 /// one application hold one map (an idle client costs a pointer).
 #[derive(Default)]
-pub struct Interned(Mutex<HashSet<Params, FastHash>>);
+pub struct Interned(Mutex<Sets>);
+
+#[derive(Default)]
+struct Sets {
+    shared: HashSet<Params, FastHash>,
+    /// The set each startup packet's parameters made, by the packet's
+    /// text, so that the next login that sends the same ones (the same
+    /// application, most of them) finds its set without making it.
+    by_startup: FastMap<Box<str>, Params>,
+}
 
 impl Interned {
     pub fn intern(&self, params: Params) -> Params {
-        let mut set = lock(&self.0);
-        if let Some(known) = set.get(&params) {
+        let mut sets = lock(&self.0);
+        if let Some(known) = sets.shared.get(&params) {
             return known.clone();
         }
-        if set.len() >= MAX_INTERNED {
-            // Forget the sets no client holds any more.
-            set.retain(|p| Arc::strong_count(&p.map) > 1);
-            if set.len() >= MAX_INTERNED {
+        if sets.shared.len() >= MAX_INTERNED {
+            // Forget the sets no client holds any more (the startup texts
+            // hold them too, and are found again at the next login).
+            sets.by_startup.clear();
+            sets.shared.retain(|p| Arc::strong_count(&p.map) > 1);
+            if sets.shared.len() >= MAX_INTERNED {
                 return params;
             }
         }
-        set.insert(params.clone());
+        sets.shared.insert(params.clone());
         params
+    }
+
+    /// The parameters `msg` asks for (see [`Params::from_startup`]), the
+    /// set shared with earlier logins that asked for the same.
+    pub fn from_startup(&self, msg: &StartupMessage) -> Result<Params, String> {
+        if let Some(known) = lock(&self.0).by_startup.get(msg.text()) {
+            return Ok(known.clone());
+        }
+        let params = self.intern(Params::from_startup(msg.params())?);
+        let mut sets = lock(&self.0);
+        if sets.by_startup.len() >= MAX_INTERNED {
+            sets.by_startup.clear();
+        }
+        sets.by_startup.insert(msg.text().into(), params.clone());
+        Ok(params)
     }
 }
 
@@ -49,47 +102,69 @@ impl Params {
     pub fn set(&mut self, name: &str, value: &str) {
         let key = name.to_ascii_lowercase();
         let map = Arc::make_mut(&mut self.map);
-        match map.get_mut(&key) {
+        map.status.take();
+        match map.entries.get_mut(&key) {
             Some(entry) => entry.1 = value.to_string(),
             None => {
-                map.insert(key, (name.to_string(), value.to_string()));
+                map.entries
+                    .insert(key, (name.to_string(), value.to_string()));
             }
         }
+    }
+
+    /// A ParameterStatus message per entry, in name order; made once per
+    /// set and kept with it (a server's welcome goes to every client it
+    /// welcomes).
+    pub fn status_messages(&self) -> &[u8] {
+        self.map.status.get_or_init(|| {
+            let room = self.iter().map(|(n, v)| n.len() + v.len() + 7).sum();
+            let mut out = BytesMut::with_capacity(room);
+            for (name, value) in self.iter() {
+                build::parameter_status(&mut out, name.as_bytes(), value.as_bytes());
+            }
+            out.freeze()
+        })
     }
 
     pub fn get(&self, name: &str) -> Option<&str> {
         // Keys are stored folded; a name that is already lower case (the
         // usual case, and the one on the data path) needs no new String.
+        let entries = &self.map.entries;
         let entry = if name.bytes().any(|b| b.is_ascii_uppercase()) {
-            self.map.get(&name.to_ascii_lowercase())
+            entries.get(&name.to_ascii_lowercase())
         } else {
-            self.map.get(name)
+            entries.get(name)
         };
         entry.map(|(_, v)| v.as_str())
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
-        self.map.values().map(|(k, v)| (k.as_str(), v.as_str()))
+        self.map
+            .entries
+            .values()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
     }
 
     pub fn len(&self) -> usize {
-        self.map.len()
+        self.map.entries.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
+        self.map.entries.is_empty()
     }
 
     /// The parameters a client's startup packet asks for, including those
     /// in `options` (`-c name=value`, `--name=value`).
-    pub fn from_startup(params: &[(String, String)]) -> Result<Params, String> {
+    pub fn from_startup<'a>(
+        params: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Result<Params, String> {
         let mut out = Params::default();
         for (k, v) in params {
             if k == "options" {
                 for (name, value) in parse_options(v)? {
                     out.set_checked(&name, &value)?;
                 }
-            } else if !NOT_PARAMETERS.contains(&k.as_str()) && !k.starts_with("_pq_.") {
+            } else if !NOT_PARAMETERS.contains(&k) && !k.starts_with("_pq_.") {
                 out.set_checked(k, v)?;
             }
         }
@@ -113,8 +188,8 @@ impl Params {
             return None;
         }
         let mut sets = Vec::new();
-        for (key, (name, value)) in wanted.map.iter() {
-            if self.map.get(key).map(|(_, v)| v) != Some(value) {
+        for (key, (name, value)) in wanted.map.entries.iter() {
+            if self.map.entries.get(key).map(|(_, v)| v) != Some(value) {
                 sets.push(format!(
                     "set_config({}, {}, false)",
                     quote_literal(name),
@@ -126,8 +201,8 @@ impl Params {
         if !sets.is_empty() {
             sql = format!("SELECT {};", sets.join(", "));
         }
-        for (key, (name, _)) in self.map.iter() {
-            if !wanted.map.contains_key(key) {
+        for (key, (name, _)) in self.map.entries.iter() {
+            if !wanted.map.entries.contains_key(key) {
                 sql.push_str(&format!("RESET {};", reset_name(name)));
             }
         }
@@ -199,11 +274,16 @@ mod tests {
     use super::*;
 
     fn startup(pairs: &[(&str, &str)]) -> Result<Params, String> {
-        let v: Vec<(String, String)> = pairs
-            .iter()
-            .map(|(a, b)| (a.to_string(), b.to_string()))
-            .collect();
-        Params::from_startup(&v)
+        Params::from_startup(pairs.iter().copied())
+    }
+
+    fn startup_message(pairs: &[(&str, &str)]) -> StartupMessage {
+        let mut buf = BytesMut::new();
+        build::startup_message(&mut buf, pairs);
+        match pgheal_protocol::startup::parse(&buf) {
+            Ok(Some((pgheal_protocol::startup::StartupPacket::Startup(m), _))) => m,
+            other => panic!("not a startup message: {other:?}"),
+        }
     }
 
     #[test]
@@ -259,10 +339,7 @@ mod tests {
 
     #[test]
     fn clients_with_the_same_parameters_share_one_map() {
-        let startup = |app: &str| {
-            let list = [("application_name".to_string(), app.to_string())];
-            Params::from_startup(&list).expect("valid")
-        };
+        let startup = |app: &str| Params::from_startup([("application_name", app)]).expect("valid");
         let interned = Interned::default();
         let a = interned.intern(startup("web"));
         let b = interned.intern(startup("web"));
@@ -278,8 +355,81 @@ mod tests {
         for i in 0..MAX_INTERNED + 10 {
             interned.intern(startup(&format!("app{i}")));
         }
-        assert!(lock(&interned.0).len() <= MAX_INTERNED);
+        assert!(lock(&interned.0).shared.len() <= MAX_INTERNED);
         let d = interned.intern(startup("web"));
         assert!(Arc::ptr_eq(&a.map, &d.map), "a set still held stays shared");
+    }
+
+    #[test]
+    fn a_startup_packet_sent_again_finds_its_set() {
+        let interned = Interned::default();
+        let web = [
+            ("user", "u"),
+            ("database", "d"),
+            ("application_name", "web"),
+        ];
+        let a = interned
+            .from_startup(&startup_message(&web))
+            .expect("valid");
+        let b = interned
+            .from_startup(&startup_message(&web))
+            .expect("valid");
+        assert!(Arc::ptr_eq(&a.map, &b.map));
+        assert_eq!(lock(&interned.0).by_startup.len(), 1);
+        // Another user with the same settings: another text, the same set.
+        let other = [("user", "v"), ("application_name", "web")];
+        let c = interned
+            .from_startup(&startup_message(&other))
+            .expect("valid");
+        assert!(Arc::ptr_eq(&a.map, &c.map));
+        assert_eq!(c.get("application_name"), Some("web"));
+        assert_eq!(c.get("user"), None);
+        // A refused setting is refused every time, and not remembered.
+        let bad = startup_message(&[("user", "u"), ("bad name", "x")]);
+        assert!(interned.from_startup(&bad).is_err());
+        assert!(interned.from_startup(&bad).is_err());
+        assert_eq!(lock(&interned.0).by_startup.len(), 2);
+        // Bounded like the sets.
+        for i in 0..MAX_INTERNED + 10 {
+            let name = format!("app{i}");
+            let msg = startup_message(&[("user", "u"), ("application_name", &name)]);
+            let p = interned.from_startup(&msg).expect("valid");
+            assert_eq!(p.get("application_name"), Some(name.as_str()));
+        }
+        let sets = lock(&interned.0);
+        assert!(sets.by_startup.len() <= MAX_INTERNED);
+        assert!(sets.shared.len() <= MAX_INTERNED);
+    }
+
+    #[test]
+    fn status_messages_follow_the_entries() {
+        let expected = |p: &Params| {
+            let mut out = BytesMut::new();
+            for (name, value) in p.iter() {
+                build::parameter_status(&mut out, name.as_bytes(), value.as_bytes());
+            }
+            out.to_vec()
+        };
+        let mut a = Params::default();
+        assert!(a.status_messages().is_empty());
+        a.set("TimeZone", "UTC");
+        a.set("server_version", "15.4");
+        assert_eq!(a.status_messages(), expected(&a));
+        // A copy changed afterwards has its own; the original keeps its.
+        let mut b = a.clone();
+        b.set("timezone", "Europe/Paris");
+        assert_eq!(b.status_messages(), expected(&b));
+        assert_ne!(a.status_messages(), b.status_messages());
+        assert_eq!(a.status_messages(), expected(&a));
+        // A change to a map held once drops what was made for it.
+        a.set("application_name", "x");
+        assert_eq!(a.status_messages(), expected(&a));
+        assert_eq!(a, {
+            let mut c = Params::default();
+            c.set("application_name", "x");
+            c.set("server_version", "15.4");
+            c.set("TimeZone", "UTC");
+            c
+        });
     }
 }

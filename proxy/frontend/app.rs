@@ -365,11 +365,11 @@ impl App {
                     .iter()
                     .find(|n| n.role != cluster::Role::Down)
             })
-            .map(|n| n.addr.to_string());
+            .map(|n| &*n.addr);
         let addr = node
-            .or_else(|| target.database.nodes.first().cloned())
+            .or_else(|| target.database.nodes.first().map(String::as_str))
             .unwrap_or_default();
-        self.pool_at(target, user, &addr)
+        self.pool_at(target, user, addr)
     }
 
     /// The pool of `target`'s node at `addr` for a client logged in as `user`.

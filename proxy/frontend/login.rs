@@ -132,8 +132,10 @@ async fn login(
     }
     // Made now for a name served through "*".
     let target = app.target_for(&db_name)?;
-    let params = Params::from_startup(&msg.params).map_err(ClientError::BadParameter)?;
-    let params = app.params.intern(params);
+    let params = app
+        .params
+        .from_startup(&msg)
+        .map_err(ClientError::BadParameter)?;
     Ok(Some((user, Some(target), params)))
 }
 

@@ -687,14 +687,11 @@ impl Session {
                 .cancels
                 .register_as(&self.registered.info, l.server_key().pid);
         }
-        // Room for all of it at once (per message: tag, length, two NULs).
-        let room: usize = reported.iter().map(|(n, v)| n.len() + v.len() + 7).sum();
-        let mut out = BytesMut::with_capacity(room + 48);
+        let status = reported.status_messages();
+        let mut out = BytesMut::with_capacity(status.len() + 48);
         // The login's AuthenticationOk goes out with the rest, in one write.
         build::auth_ok(&mut out);
-        for (name, value) in reported.iter() {
-            build::parameter_status(&mut out, name.as_bytes(), value.as_bytes());
-        }
+        out.extend_from_slice(status);
         build::backend_key_data(&mut out, self.cancel.key);
         build::ready_for_query(&mut out, TxStatus::Idle);
         self.client
