@@ -47,9 +47,8 @@ pub struct StartupMessage {
 impl StartupMessage {
     /// Parameters in the order sent; names are as sent.
     pub fn params(&self) -> impl Iterator<Item = (&str, &str)> {
-        let mut parts = self.text.split('\0');
-        // The text ends with a NUL: the last split is empty and unpaired.
-        std::iter::from_fn(move || Some((parts.next()?, parts.next()?)))
+        let mut rest = self.text.as_str();
+        std::iter::from_fn(move || Some((field(&mut rest)?, field(&mut rest)?)))
     }
 
     pub fn param(&self, name: &str) -> Option<&str> {
@@ -68,6 +67,17 @@ impl StartupMessage {
     pub fn text(&self) -> &str {
         &self.text
     }
+}
+
+/// The text up to the next NUL, which `rest` then starts after; `None` at
+/// the end. (Names and values are short: a byte loop finds their end
+/// sooner than `str::split` does.)
+fn field<'a>(rest: &mut &'a str) -> Option<&'a str> {
+    let end = rest.bytes().position(|b| b == 0)?;
+    // A NUL is a character of its own: both cuts are on boundaries.
+    let (field, after) = (rest.get(..end)?, rest.get(end + 1..)?);
+    *rest = after;
+    Some(field)
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -138,24 +148,25 @@ fn startup(code: u32, rest: &[u8]) -> Result<StartupMessage, StartupError> {
     if major != 3 {
         return Err(StartupError::UnsupportedProtocol { major, minor });
     }
-    let mut cur = Cursor::new(rest);
-    loop {
-        let name = cur
-            .cstr()
-            .map_err(|_| StartupError::Malformed("missing terminator"))?;
-        if name.is_empty() {
-            break;
+    // Names and values, each ended by a NUL; an empty name ends the list.
+    let mut start = 0;
+    let mut fields = 0;
+    for end in memchr::memchr_iter(0, rest) {
+        if fields % 2 == 0 && end == start {
+            if end + 1 != rest.len() {
+                return Err(StartupError::Malformed("bytes after the final terminator"));
+            }
+            let text = String::from_utf8_lossy(&rest[..end]).into_owned();
+            return Ok(StartupMessage { minor, text });
         }
-        cur.cstr()
-            .map_err(|_| StartupError::Malformed("parameter without a value"))?;
+        fields += 1;
+        start = end + 1;
     }
-    if !cur.is_empty() {
-        return Err(StartupError::Malformed("bytes after the final terminator"));
-    }
-    // Without the final terminator (the empty name).
-    let params = rest.split_last().map_or(rest, |(_, params)| params);
-    let text = String::from_utf8_lossy(params).into_owned();
-    Ok(StartupMessage { minor, text })
+    Err(StartupError::Malformed(if fields % 2 == 0 {
+        "missing terminator"
+    } else {
+        "parameter without a value"
+    }))
 }
 
 #[cfg(test)]
@@ -263,5 +274,32 @@ mod tests {
         };
         assert_eq!(m.params().count(), 0);
         assert_eq!(m.param("user"), None);
+    }
+
+    #[test]
+    fn each_broken_parameter_list_is_named() {
+        let packet = |params: &[u8]| {
+            let mut p = ((params.len() + 8) as u32).to_be_bytes().to_vec();
+            p.extend_from_slice(&[0, 3, 0, 0]);
+            p.extend_from_slice(params);
+            parse(&p)
+        };
+        let malformed = |why| Err(StartupError::Malformed(why));
+        assert_eq!(
+            packet(b"user\0u\0\0x"),
+            malformed("bytes after the final terminator")
+        );
+        assert_eq!(
+            packet(b"user\0u\0\0\0"),
+            malformed("bytes after the final terminator")
+        );
+        assert_eq!(packet(b"user\0"), malformed("parameter without a value"));
+        assert_eq!(packet(b"user\0u"), malformed("parameter without a value"));
+        assert_eq!(packet(b"user\0u\0"), malformed("missing terminator"));
+        assert_eq!(packet(b"user"), malformed("missing terminator"));
+        assert!(
+            matches!(packet(b"user\0\0\0"), Ok(Some(_))),
+            "an empty value"
+        );
     }
 }

@@ -66,6 +66,16 @@ impl Flow {
     }
 }
 
+impl Drop for Flow {
+    /// A connection that ends gives its buffer to the spares: the next
+    /// login on this thread reads into it.
+    fn drop(&mut self) {
+        if self.buf.capacity() > 0 {
+            spare::give(std::mem::take(&mut self.buf));
+        }
+    }
+}
+
 /// Empty read buffers kept per thread for the next transaction: a client
 /// gives its buffers up whenever it goes idle (so that thousands of idle
 /// clients hold none), and takes them back at its next request without a
@@ -94,7 +104,8 @@ pub(crate) mod spare {
         if !buf.try_reclaim(READ_CHUNK) || buf.capacity() > 4 * READ_CHUNK {
             return;
         }
-        SPARE.with(|s| {
+        // (Not at all while the thread ends: its spares are gone.)
+        let _ = SPARE.try_with(|s| {
             let mut s = s.borrow_mut();
             if s.len() < MAX {
                 s.push(buf);
@@ -117,6 +128,21 @@ pub(crate) mod spare {
             super::keep_at_most(2);
             let kept = super::SPARE.with(|s| s.borrow().len());
             assert_eq!(kept, 2);
+        }
+
+        #[test]
+        fn a_connection_that_ends_leaves_its_buffer_to_the_next() {
+            let spares = || super::SPARE.with(|s| s.borrow().len());
+            let mut flow = super::super::Flow::new(1 << 20);
+            flow.reserve();
+            flow.buf.extend_from_slice(b"Q\0\0\0\x05;");
+            assert_eq!(spares(), 0);
+            drop(flow);
+            assert_eq!(spares(), 1, "the buffer is kept, emptied");
+            let next = super::take();
+            assert!(next.is_empty() && next.capacity() >= super::READ_CHUNK);
+            drop(super::super::Flow::new(1 << 20));
+            assert_eq!(spares(), 0, "a flow that never read leaves nothing");
         }
 
         #[test]

@@ -356,7 +356,12 @@ impl Session {
         };
         let mut session = Session::from_rested(kept, registered);
         session.welcomed = false;
-        session.up.buf = client.buf;
+        // What the client sent after its startup packet (rare) is read
+        // first; an empty login buffer is dropped, and the first request
+        // read into one of the spares.
+        if !client.buf.is_empty() {
+            session.up.buf = client.buf;
+        }
         session
     }
 
