@@ -185,3 +185,32 @@ async fn after_authentication_the_messages_match_a_direct_connection() {
     );
     assert_eq!(shape(&proxied), shape(&direct));
 }
+
+/// pgheal does not carry the replication protocol: a replication
+/// connection is refused with 0A000 before authentication, and
+/// `replication=off` (what some drivers send) is an ordinary login.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replication_connection_is_refused_and_replication_off_is_not() {
+    let node = app_node().await;
+    let proxy = proxy(&node).await;
+    let through = proxy.addr.to_string();
+    let refused = startup_packet(3, 0, b"user\0app\0replication\0database\0\0");
+    assert_eq!(
+        answer_to(&through, &refused).await,
+        Answer::Error {
+            severity: "FATAL".into(),
+            code: "0A000".into(),
+        }
+    );
+    let plain = startup_packet(3, 0, b"user\0app\0replication\0off\0database\0app\0\0");
+    let mut s = tokio::net::TcpStream::connect(&through)
+        .await
+        .expect("connect");
+    s.write_all(&plain).await.expect("send");
+    let mut first = [0u8; 1];
+    tokio::time::timeout(Duration::from_secs(15), s.read_exact(&mut first))
+        .await
+        .expect("an answer within 15 s")
+        .expect("read");
+    assert_eq!(first[0], b'R', "asked to authenticate");
+}

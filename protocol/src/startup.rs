@@ -156,7 +156,13 @@ fn startup(code: u32, rest: &[u8]) -> Result<StartupMessage, StartupError> {
             if end + 1 != rest.len() {
                 return Err(StartupError::Malformed("bytes after the final terminator"));
             }
-            let text = String::from_utf8_lossy(&rest[..end]).into_owned();
+            let params = &rest[..end];
+            // Checking is quicker than converting, and a client's
+            // parameters nearly always are UTF-8.
+            let text = match std::str::from_utf8(params) {
+                Ok(text) => text.to_owned(),
+                Err(_) => String::from_utf8_lossy(params).into_owned(),
+            };
             return Ok(StartupMessage { minor, text });
         }
         fields += 1;

@@ -104,11 +104,12 @@ async fn login(
         return Err(ClientError::TlsRequired);
     }
     negotiate_version(stream, &msg).await?;
-    let user = msg.param("user").ok_or(ClientError::NoUser)?.to_string();
-    if matches!(msg.param("replication"), Some(r) if !matches!(r, "false" | "0" | "off" | "no")) {
+    let asked = Asked::from(&msg);
+    let user = asked.user.ok_or(ClientError::NoUser)?.to_string();
+    if matches!(asked.replication, Some(r) if !matches!(r, "false" | "0" | "off" | "no")) {
         return Err(ClientError::Unsupported("a replication connection"));
     }
-    let db_name = msg.param("database").unwrap_or(&user).to_string();
+    let db_name = asked.database.unwrap_or(&user).to_string();
     if db_name == crate::config::ADMIN_DATABASE {
         authenticate(app, stream, buf, &user, None).await?;
         *authenticated = true;
@@ -137,6 +138,31 @@ async fn login(
         .from_startup(&msg)
         .map_err(ClientError::BadParameter)?;
     Ok(Some((user, Some(target), params)))
+}
+
+/// The startup keys the login reads, found in one pass (the first of
+/// each, as `StartupMessage::param` finds it).
+#[derive(Default)]
+struct Asked<'a> {
+    user: Option<&'a str>,
+    database: Option<&'a str>,
+    replication: Option<&'a str>,
+}
+
+impl<'a> From<&'a StartupMessage> for Asked<'a> {
+    fn from(msg: &'a StartupMessage) -> Self {
+        let mut asked = Asked::default();
+        for (name, value) in msg.params() {
+            let slot = match name {
+                "user" => &mut asked.user,
+                "database" => &mut asked.database,
+                "replication" => &mut asked.replication,
+                _ => continue,
+            };
+            slot.get_or_insert(value);
+        }
+        asked
+    }
 }
 
 /// SSLRequest: `S` and the TLS handshake when `[tls]` is set (once), else

@@ -134,7 +134,8 @@ async fn session(
 ) {
     let Some(target) = client.target.take() else {
         let user = client.user.clone();
-        if let Err(e) = crate::admin::console::serve(app, client).await {
+        // Boxed: the console's state is not carried in every session's task.
+        if let Err(e) = Box::pin(crate::admin::console::serve(app, client)).await {
             tracing::info!(%peer, %user, error = %e, "admin console closed");
         }
         return;
