@@ -46,6 +46,15 @@ impl<'a> Cursor<'a> {
         Ok(head)
     }
 
+    /// A NUL-terminated text that is usually long (SQL), without its
+    /// terminator: memchr from the first byte.
+    pub(crate) fn long_cstr(&mut self) -> Result<&'a [u8], Truncated> {
+        let end = memchr::memchr(0, self.buf).ok_or(Truncated)?;
+        let (s, rest) = self.buf.split_at(end);
+        self.buf = rest.get(1..).unwrap_or_default();
+        Ok(s)
+    }
+
     /// A NUL-terminated string, without its terminator.
     pub(crate) fn cstr(&mut self) -> Result<&'a [u8], Truncated> {
         // Names are short and a byte loop finds their end soonest; SQL
@@ -77,12 +86,17 @@ mod tests {
             assert_eq!(cur.cstr(), Ok(&buf[..len]), "{len} bytes");
             assert_eq!(cur.cstr(), Ok(&b"next"[..]));
             assert_eq!(cur.cstr(), Err(Truncated), "nothing left");
+            let mut long = Cursor::new(&buf);
+            assert_eq!(long.long_cstr(), Ok(&buf[..len]), "{len} bytes");
+            assert_eq!(long.long_cstr(), Ok(&b"next"[..]));
+            assert_eq!(long.long_cstr(), Err(Truncated), "nothing left");
             let unterminated = vec![b'a'; len];
             assert_eq!(
                 Cursor::new(&unterminated).cstr(),
                 Err(Truncated),
                 "{len} bytes, no NUL"
             );
+            assert_eq!(Cursor::new(&unterminated).long_cstr(), Err(Truncated));
         }
     }
 }

@@ -30,7 +30,7 @@ pub struct Parse<'a> {
 pub fn parse(body: &[u8]) -> Result<Parse<'_>, Truncated> {
     let mut cur = Cursor::new(body);
     let name = cur.cstr()?;
-    let query = cur.cstr()?;
+    let query = cur.long_cstr()?;
     let types = cur.rest();
     let mut check = Cursor::new(types);
     let count = check.i16()?;
