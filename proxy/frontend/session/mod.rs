@@ -779,6 +779,8 @@ impl Session {
                 self.idle_since = Some(now.into_std());
                 let deadline = rest::rest_deadline(now);
                 match &mut self.rest_timer {
+                    // Idle starts within one tick share a deadline.
+                    Some(timer) if timer.deadline() == deadline => {}
                     Some(timer) => timer.as_mut().reset(deadline),
                     None => self.rest_timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
                 }
