@@ -20,12 +20,18 @@ pub struct Params {
     map: Arc<Map>,
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 struct Map {
     entries: BTreeMap<String, (String, String)>,
     /// The entries as ParameterStatus messages, made at the first
     /// [`Params::status_messages`] and dropped at a change.
     status: OnceLock<Bytes>,
+}
+
+impl std::fmt::Debug for Map {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.entries.fmt(f)
+    }
 }
 
 impl PartialEq for Params {
