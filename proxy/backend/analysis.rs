@@ -11,6 +11,7 @@
 
 use std::cell::RefCell;
 use std::num::NonZeroUsize;
+use std::rc::Rc;
 
 use lru::LruCache;
 use pgheal_protocol::classify::Class;
@@ -23,16 +24,20 @@ const MAX_TEXT: usize = 2048;
 /// Texts each thread remembers (at most 512 KiB of text per thread).
 const ENTRIES: NonZeroUsize = NonZeroUsize::new(256).expect("not zero");
 
-type Seen = LruCache<Box<[u8]>, (Class, Effects)>;
+/// A text's class and effects, shared by the cache and whoever asked
+/// (finding a text again copies a pointer, not the effects' lists).
+pub type Analysis = Rc<(Class, Effects)>;
+
+type Seen = LruCache<Box<[u8]>, Analysis>;
 
 thread_local! {
     static SEEN: RefCell<Option<Seen>> = const { RefCell::new(None) };
 }
 
 /// [`effects::analyze`] of a statement's text, remembered.
-pub fn statement(sql: &[u8]) -> (Class, Effects) {
+pub fn statement(sql: &[u8]) -> Analysis {
     if sql.len() > MAX_TEXT {
-        return effects::analyze(sql);
+        return Rc::new(effects::analyze(sql));
     }
     SEEN.with(|seen| {
         let mut seen = seen.borrow_mut();
@@ -40,7 +45,7 @@ pub fn statement(sql: &[u8]) -> (Class, Effects) {
         if let Some(known) = seen.get(sql) {
             return known.clone();
         }
-        let analysis = effects::analyze(sql);
+        let analysis = Rc::new(effects::analyze(sql));
         seen.put(sql.into(), analysis.clone());
         analysis
     })
@@ -59,8 +64,13 @@ mod tests {
             b"INSERT INTO t VALUES ($1) RETURNING id",
         ] {
             let first = statement(sql);
-            assert_eq!(first, effects::analyze(sql));
-            assert_eq!(statement(sql), first, "{}", String::from_utf8_lossy(sql));
+            assert_eq!(*first, effects::analyze(sql));
+            let again = statement(sql);
+            assert!(
+                Rc::ptr_eq(&again, &first),
+                "{}",
+                String::from_utf8_lossy(sql)
+            );
         }
     }
 

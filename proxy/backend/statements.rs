@@ -135,9 +135,10 @@ impl Statement {
     pub fn new(server: ServerName, base: ServerName, epoch: u32, source: Source) -> Statement {
         let (intent, ends_transaction) = match &source {
             Source::Protocol { query, .. } => {
-                let (class, effects) = crate::backend::analysis::statement(query);
+                let analysis = crate::backend::analysis::statement(query);
+                let (class, effects) = &*analysis;
                 (
-                    pgheal_protocol::intent::class_intent(class),
+                    pgheal_protocol::intent::class_intent(*class),
                     effects.ends_transaction,
                 )
             }

@@ -275,7 +275,7 @@ impl Session {
         }
         if let Some(sql) = first_parse(buf) {
             // Translation finds the same text's analysis remembered.
-            let (class, _) = crate::backend::analysis::statement(sql);
+            let class = crate::backend::analysis::statement(sql).0;
             return pgheal_protocol::intent::class_intent(class);
         }
         if buf.first() == Some(&pgheal_protocol::frontend::QUERY) {

@@ -275,10 +275,11 @@ impl Session {
 
     fn translate_parse(&mut self, conn: &mut ServerConn, msg: &[u8], p: frontend::Parse<'_>) {
         if p.name.is_empty() {
-            let (_, effects) = crate::backend::analysis::statement(p.query);
-            self.take_effects(&effects);
-            self.note_sql(p.query, &effects);
-            match self.rename_executes(conn, p.query, &effects) {
+            let analysis = crate::backend::analysis::statement(p.query);
+            let effects = &analysis.1;
+            self.take_effects(effects);
+            self.note_sql(p.query, effects);
+            match self.rename_executes(conn, p.query, effects) {
                 Some(query) => build::parse(&mut self.wire.buf, b"", &query, p.types),
                 None => self.wire.buf.extend_from_slice(msg),
             }
