@@ -79,7 +79,8 @@ impl Drop for Flow {
 /// Empty read buffers kept per thread for the next transaction: a client
 /// gives its buffers up whenever it goes idle (so that thousands of idle
 /// clients hold none), and takes them back at its next request without a
-/// round through the allocator. At most `MAX` per thread (1 MiB).
+/// round through the allocator; a connection that ends leaves them for the
+/// next. At most `MAX` per thread (1 MiB).
 pub(crate) mod spare {
     use super::{BytesMut, RefCell, READ_CHUNK};
 
