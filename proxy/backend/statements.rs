@@ -21,7 +21,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::sync::lock;
+use crate::sync::{lock, FastMap};
 
 use sha2::{Digest, Sha256};
 
@@ -309,7 +309,9 @@ pub const FAIL: &[u8] = b"pgheal-fail";
 /// out when there are too many.
 #[derive(Debug, Default)]
 pub struct ServerStatements {
-    used: HashMap<ServerName, u64>,
+    /// Looked up at every Bind of a prepared statement; the names are
+    /// pgheal's own (SHA-256 of the text), so a fast hash is safe.
+    used: FastMap<ServerName, u64>,
     clock: u64,
     /// A statement went stale (its plan's result type changed): drop them
     /// all before the next client uses this connection.
@@ -329,11 +331,15 @@ impl ServerStatements {
         self.used.is_empty()
     }
 
-    /// Marks a statement as just used.
-    pub fn touch(&mut self, name: &ServerName) {
+    /// Marks a statement as just used; false when it is not held.
+    pub fn touch(&mut self, name: &ServerName) -> bool {
         self.clock += 1;
-        if let Some(t) = self.used.get_mut(name) {
-            *t = self.clock;
+        match self.used.get_mut(name) {
+            Some(t) => {
+                *t = self.clock;
+                true
+            }
+            None => false,
         }
     }
 

@@ -79,10 +79,9 @@ impl Session {
             // the EXECUTE path only; the server names what is missing.
             return Ready::Go;
         };
-        let present = conn.statements.contains(&stmt.server);
+        let present = conn.statements.touch(&stmt.server);
         let checked = stmt.checked.swap(true, Ordering::Relaxed);
         if present {
-            conn.statements.touch(&stmt.server);
             if checked {
                 return Ready::Go;
             }
