@@ -292,3 +292,22 @@ async fn server_killed_mid_query_gives_08006_and_the_client_carries_on() {
         .get(0);
     assert_eq!(v, 5);
 }
+
+/// Protocol 3.0 with a `_pq_.` option: still told what pgheal speaks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_protocol_option_alone_is_negotiated() {
+    let node = app_node().await;
+    let proxy = proxy_with_trust(&node, "", "").await;
+    let mut raw = Raw::connect(&proxy).await;
+    let mut out = bytes::BytesMut::new();
+    pgheal_protocol::build::startup_message(
+        &mut out,
+        &[("user", "raw"), ("_pq_.future", "1"), ("database", "app")],
+    );
+    raw.send(&out).await;
+    let msgs = raw.read_until(b'Z').await;
+    let (tag, body) = &msgs[0];
+    assert_eq!(*tag, b'v');
+    assert_eq!(&body[..8], &[0, 3, 0, 0, 0, 0, 0, 1]);
+    assert_eq!(&body[8..], b"_pq_.future\0");
+}

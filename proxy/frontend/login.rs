@@ -103,8 +103,10 @@ async fn login(
     if tls_required && !stream.is_tls() {
         return Err(ClientError::TlsRequired);
     }
-    negotiate_version(stream, &msg).await?;
     let asked = Asked::from(&msg);
+    if msg.minor != SUPPORTED_MINOR || asked.protocol_options {
+        negotiate_version(stream, &msg).await?;
+    }
     let user = asked.user.ok_or(ClientError::NoUser)?.to_string();
     if matches!(asked.replication, Some(r) if !matches!(r, "false" | "0" | "off" | "no")) {
         return Err(ClientError::Unsupported("a replication connection"));
@@ -141,12 +143,15 @@ async fn login(
 }
 
 /// The startup keys the login reads, found in one pass (the first of
-/// each, as `StartupMessage::param` finds it).
+/// each, as `StartupMessage::param` finds it), and whether the client
+/// asked for protocol options.
 #[derive(Default)]
 struct Asked<'a> {
     user: Option<&'a str>,
     database: Option<&'a str>,
     replication: Option<&'a str>,
+    /// Any `_pq_.` protocol option (see `negotiate_version`).
+    protocol_options: bool,
 }
 
 impl<'a> From<&'a StartupMessage> for Asked<'a> {
@@ -157,7 +162,10 @@ impl<'a> From<&'a StartupMessage> for Asked<'a> {
                 "user" => &mut asked.user,
                 "database" => &mut asked.database,
                 "replication" => &mut asked.replication,
-                _ => continue,
+                _ => {
+                    asked.protocol_options |= name.starts_with("_pq_.");
+                    continue;
+                }
             };
             slot.get_or_insert(value);
         }
@@ -217,9 +225,6 @@ async fn write(stream: &mut Stream, bytes: &[u8]) -> Result<(), ClientError> {
 /// is told what pgheal speaks, as PostgreSQL does.
 async fn negotiate_version(stream: &mut Stream, msg: &StartupMessage) -> Result<(), ClientError> {
     let options: Vec<&str> = msg.protocol_options().collect();
-    if msg.minor == SUPPORTED_MINOR && options.is_empty() {
-        return Ok(());
-    }
     let mut out = BytesMut::new();
     build::negotiate_protocol_version(&mut out, SUPPORTED_MINOR, &options);
     write(stream, &out).await
