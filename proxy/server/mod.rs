@@ -87,7 +87,10 @@ async fn accept_loop(listener: TcpListener, tuned: bool, app: Arc<App>) {
                 }
                 match ClientSlot::take(&app) {
                     Some(slot) => {
-                        tokio::spawn(serve(app.clone(), stream, peer, slot));
+                        // Boxed: the task then holds a pointer, and spawning
+                        // it moves 8 bytes instead of the whole future
+                        // (several copies per login, in tokio).
+                        tokio::spawn(Box::pin(serve(app.clone(), stream, peer, slot)));
                     }
                     None => {
                         tokio::spawn(refuse(app.clone(), stream, peer));

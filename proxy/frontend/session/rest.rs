@@ -125,7 +125,7 @@ fn wake_up(info: &Arc<ClientInfo>) {
     // Without a runtime (it is shutting down) the client closes.
     if let Ok(runtime) = tokio::runtime::Handle::try_current() {
         let session = Box::new(Session::from_rested(rested, registered));
-        runtime.spawn(super::live(session));
+        runtime.spawn(Box::pin(super::live(session)));
     }
 }
 
