@@ -46,6 +46,14 @@ impl Flow {
         }
     }
 
+    /// [`Flow::reserve`] for a flow that holds a buffer; one that gave it
+    /// up stays without.
+    pub(crate) fn reserve_if_held(&mut self) {
+        if self.buf.capacity() > 0 {
+            self.reserve();
+        }
+    }
+
     pub(crate) fn advance(&mut self, n: usize) {
         self.buf.advance(n);
         self.scanned -= n;

@@ -32,7 +32,7 @@ use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::Poll;
+use std::task::{Context, Poll};
 
 use crate::net::stream::Stream;
 use bytes::{Buf, BytesMut};
@@ -223,6 +223,19 @@ async fn cancelled(token: Option<&tokio_util::sync::CancellationToken>) {
         Some(token) => token.cancelled().await,
         None => std::future::pending().await,
     }
+}
+
+/// Waits until the client is readable (`None`), or, when it holds a read
+/// buffer with room, reads into it (`Some(bytes read)`, 0 at its end).
+fn wait_or_read(
+    client: &mut Stream,
+    buf: &mut BytesMut,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<Option<usize>>> {
+    if buf.capacity() == buf.len() {
+        return client.poll_read_ready(cx).map_ok(|()| None);
+    }
+    poll_read_buf(Pin::new(client), cx, buf).map_ok(Some)
 }
 
 /// Serves a client in this task until it leaves, closes or rests.
@@ -785,32 +798,35 @@ impl Session {
                     None => self.rest_timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
                 }
             }
-            // poll_read_ready keeps the waker in the socket's own slot: an
-            // idle client's wait costs no more than a pointer.
-            let (client, shutdown, timer) =
-                (&mut self.client, &self.app.shutdown, &mut self.rest_timer);
+            // A client without a buffer waits with poll_read_ready, which
+            // keeps the waker in the socket's own slot: an idle client's
+            // wait costs no more than a pointer. One that kept its buffer
+            // (warm, see above) reads into it at once: waiting for
+            // readiness first asked tokio twice per request.
+            self.up.reserve_if_held();
+            let (client, up, shutdown, timer) = (
+                &mut self.client,
+                &mut self.up.buf,
+                &self.app.shutdown,
+                &mut self.rest_timer,
+            );
             let rest = poll_fn(|cx| match timer {
                 Some(timer) => std::future::Future::poll(timer.as_mut(), cx),
                 None => Poll::Pending,
             });
-            tokio::select! {
-                ready = poll_fn(|cx| client.poll_read_ready(cx)) => {
-                    ready.map_err(ClientError::ClientIo)?
+            let read = tokio::select! {
+                read = poll_fn(|cx| wait_or_read(client, up, cx)) => {
+                    read.map_err(ClientError::ClientIo)?
                 }
                 // A client that can rest hears a shutdown when it does.
                 _ = shutdown.cancelled(), if !can_rest => return Err(ClientError::Shutdown),
                 _ = rest, if can_rest => return Ok(Wait::Rest),
-            }
-            self.up.reserve();
-            // poll_read (unlike try_read) clears readiness after a short
-            // read, which spares the pump a read that would find nothing.
-            let read = poll_fn(|cx| {
-                match poll_read_buf(Pin::new(&mut self.client), cx, &mut self.up.buf) {
-                    Poll::Pending => Poll::Ready(Err(io::ErrorKind::WouldBlock.into())),
-                    ready => ready,
-                }
-            });
-            match read.await {
+            };
+            let read = match read {
+                Some(read) => Ok(read),
+                None => self.read_request().await,
+            };
+            match read {
                 Ok(0) => return Ok(Wait::Left),
                 Ok(n) => {
                     self.app.metrics.bytes_in.inc_by(n as u64);
@@ -819,6 +835,20 @@ impl Session {
                 Err(e) => return Err(ClientError::ClientIo(e)),
             }
         }
+    }
+
+    /// Reads what the client sent once it is readable.
+    async fn read_request(&mut self) -> io::Result<usize> {
+        self.up.reserve();
+        // poll_read (unlike try_read) clears readiness after a short
+        // read, which spares the pump a read that would find nothing.
+        poll_fn(|cx| {
+            match poll_read_buf(Pin::new(&mut self.client), cx, &mut self.up.buf) {
+                Poll::Pending => Poll::Ready(Err(io::ErrorKind::WouldBlock.into())),
+                ready => ready,
+            }
+        })
+        .await
     }
 
     /// No server could be had: answer the buffered requests with the error.

@@ -330,16 +330,9 @@ impl Session {
         if let Some(Some(pool)) = self.node_pools.get(node) {
             return pool.clone();
         }
-        let addr = self
-            .target
-            .database
-            .nodes
-            .get(node)
-            .cloned()
-            .unwrap_or_default();
-        let pool = self
-            .app
-            .pool_at(&self.target, &self.registered.info.user, &addr);
+        let target = &self.target;
+        let addr = target.database.nodes.get(node).map_or("", String::as_str);
+        let pool = self.app.pool_at(target, &self.registered.info.user, addr);
         if let Some(slot) = self.node_pools.get_mut(node) {
             *slot = Some(pool.clone());
         }
