@@ -339,8 +339,7 @@ impl Pool {
 
     /// A leased connection given back: idle again, or closed when past its
     /// lifetime, drained, or beyond a lowered pool_size.
-    fn put_back(&self, conn: Box<ServerConn>, permit: OwnedSemaphorePermit) {
-        let now = Instant::now();
+    fn put_back(&self, conn: Box<ServerConn>, permit: OwnedSemaphorePermit, now: Instant) {
         let retire = now.duration_since(conn.created) >= self.limits.server_lifetime
             || self.is_draining()
             || self.owed.load(Relaxed) > 0
@@ -490,8 +489,14 @@ impl Lease {
 
     /// Returns the connection to the pool.
     pub fn release(&mut self) {
+        self.release_at(Instant::now());
+    }
+
+    /// Returns the connection to the pool, idle since `now` (a time its
+    /// caller read already: the end of the transaction).
+    pub fn release_at(&mut self, now: Instant) {
         if let (Some(conn), Some(permit)) = (self.conn.take(), self.permit.take()) {
-            self.pool.put_back(conn, permit);
+            self.pool.put_back(conn, permit, now);
         }
     }
 }

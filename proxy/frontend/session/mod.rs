@@ -316,6 +316,10 @@ pub struct Session {
     watching_shutdown: bool,
     /// When the running transaction's first message arrived.
     tx_started: Option<std::time::Instant>,
+    /// When the last transaction ended (its ReadyForQuery), until the next
+    /// one starts: its server's return and the idle wait after it use this
+    /// reading of the clock instead of taking their own.
+    ended_at: Option<std::time::Instant>,
     /// When the client last went idle (it could rest then), until its
     /// next request.
     idle_since: Option<std::time::Instant>,
@@ -788,7 +792,10 @@ impl Session {
                 self.wire.shrink();
             }
             if can_rest {
-                let now = tokio::time::Instant::now();
+                let now = match self.ended_at.take() {
+                    Some(ended) => tokio::time::Instant::from_std(ended),
+                    None => tokio::time::Instant::now(),
+                };
                 self.idle_since = Some(now.into_std());
                 let deadline = rest::rest_deadline(now);
                 match &mut self.rest_timer {
@@ -928,7 +935,7 @@ impl Session {
         }
         if let Some(mut lease) = lease {
             if reuse {
-                lease.release();
+                lease.release_at(self.ended_at.unwrap_or_else(std::time::Instant::now));
             }
         }
         self.flight.reset();

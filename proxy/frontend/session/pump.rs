@@ -104,6 +104,7 @@ impl Session {
                     if self.tx_started.is_none() {
                         let now = std::time::Instant::now();
                         self.tx_started = Some(now);
+                        self.ended_at = None;
                         self.note_return(now);
                     }
                     if self.holding {
@@ -293,9 +294,11 @@ impl Session {
         if self.flight.pending == 0 && self.flight.tx == TxStatus::Idle {
             metrics.transactions.inc();
             TargetStats::add(&self.target.stats.transactions);
+            let now = std::time::Instant::now();
             if let Some(start) = self.tx_started.take() {
-                metrics.transaction_took(start.elapsed());
+                metrics.transaction_took(now.saturating_duration_since(start));
             }
+            self.ended_at = Some(now);
         }
     }
 
