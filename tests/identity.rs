@@ -112,6 +112,17 @@ async fn another_clients_notification_carries_that_clients_pid() {
         let from = i32::from_be_bytes([note[0], note[1], note[2], note[3]]);
         assert_eq!(from, sender_pid, "notification {n}");
     }
+    // A server session the first sender used, now another client's (the
+    // pool hands out its most recently returned one): named by that one.
+    let (mut second, second_pid) = login(&proxy).await;
+    drop(sender);
+    for n in 0..3 {
+        query(&mut second, &format!("NOTIFY jobs, 's{n}'")).await;
+        let (tag, note) = listener.next().await.expect("a notification");
+        assert_eq!(tag, b'A');
+        let from = i32::from_be_bytes([note[0], note[1], note[2], note[3]]);
+        assert_eq!(from, second_pid, "second sender's notification {n}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

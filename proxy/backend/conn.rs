@@ -53,6 +53,10 @@ pub struct ServerConn {
     pub created: Instant,
     /// Named statements pgheal prepared here for clients.
     pub statements: ServerStatements,
+    /// The pid pgheal gave the client that leased this session last (0:
+    /// none yet). In transaction mode a notification this session sends
+    /// is named by it (see `Pools::client_of`).
+    pub last_client: i32,
 }
 
 impl ServerConn {
@@ -86,6 +90,7 @@ impl ServerConn {
             applied: Params::default(),
             created: Instant::now(),
             statements: ServerStatements::default(),
+            last_client: 0,
         };
         let mut out = BytesMut::new();
         let mut params = vec![

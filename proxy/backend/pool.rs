@@ -74,16 +74,46 @@ pub struct Pool {
 #[derive(Default)]
 struct Conns {
     idle: Vec<Idle>,
-    /// Out on lease: (backend pid, when the connection opened). A pool
-    /// holds tens of connections, so a list is the cheapest map.
-    leased: Vec<(i32, Instant)>,
+    /// Out on lease. A pool holds tens of connections, so a list is the
+    /// cheapest map.
+    leased: Vec<Leased>,
+}
+
+/// A connection out on lease, as the pool still knows it.
+struct Leased {
+    /// The server session's pid.
+    pid: i32,
+    /// When the connection opened.
+    created: Instant,
+    /// The pid of the client that holds it (`ServerConn::last_client`).
+    client: i32,
 }
 
 impl Conns {
+    /// `conn` goes out on lease to `client`.
+    fn lease(&mut self, conn: &mut ServerConn, client: i32) {
+        conn.last_client = client;
+        self.leased.push(Leased {
+            pid: conn.key.pid,
+            created: conn.created,
+            client,
+        });
+    }
+
     fn unlease(&mut self, pid: i32) {
-        if let Some(at) = self.leased.iter().position(|(p, _)| *p == pid) {
+        if let Some(at) = self.leased.iter().position(|l| l.pid == pid) {
             self.leased.swap_remove(at);
         }
+    }
+
+    /// The client that holds the server session `pid`, or held it last.
+    fn client_of(&self, pid: i32) -> Option<i32> {
+        let leased = self.leased.iter().find(|l| l.pid == pid).map(|l| l.client);
+        let idle = || {
+            let idle = self.idle.iter().find(|i| i.conn.key.pid == pid);
+            idle.map(|i| i.conn.last_client)
+        };
+        leased.or_else(idle).filter(|&client| client != 0)
     }
 }
 
@@ -232,8 +262,10 @@ impl Pool {
     }
 
     /// Waits up to `checkout_timeout` for a healthy connection.
-    pub async fn checkout(self: &Arc<Self>) -> Result<Lease, PoolError> {
-        if let Some(lease) = self.take_idle() {
+    /// A connection for the client whose pid (the one pgheal gave it) is
+    /// `client` (0 for pgheal's own use).
+    pub async fn checkout(self: &Arc<Self>, client: i32) -> Result<Lease, PoolError> {
+        if let Some(lease) = self.take_idle(client) {
             return Ok(lease);
         }
         let deadline = tokio::time::Instant::now() + self.limits.checkout_timeout;
@@ -242,11 +274,11 @@ impl Pool {
             let returned = self.returned.notified();
             tokio::pin!(returned);
             returned.as_mut().enable();
-            if let Some(lease) = self.take_idle() {
+            if let Some(lease) = self.take_idle(client) {
                 return Ok(lease);
             }
             if let Ok(permit) = self.permits.clone().try_acquire_owned() {
-                return self.open(permit).await;
+                return self.open(permit, client).await;
             }
             if tokio::time::timeout_at(deadline, returned).await.is_err() {
                 return Err(PoolError::Timeout {
@@ -258,7 +290,11 @@ impl Pool {
         }
     }
 
-    async fn open(self: &Arc<Self>, permit: OwnedSemaphorePermit) -> Result<Lease, PoolError> {
+    async fn open(
+        self: &Arc<Self>,
+        permit: OwnedSemaphorePermit,
+        client: i32,
+    ) -> Result<Lease, PoolError> {
         // Boxed: the connect future is large and rare; it should not swell
         // every client task that might call it.
         let keys = lock(&self.keys).clone();
@@ -272,7 +308,7 @@ impl Pool {
         match Box::pin(ServerConn::connect(spec)).await {
             Ok(conn) => {
                 *lock(&self.welcome) = Some(conn.reported.clone());
-                Ok(self.lease(Box::new(conn), permit))
+                Ok(self.lease(Box::new(conn), permit, client))
             }
             Err(e) => {
                 self.give_back(permit);
@@ -282,8 +318,13 @@ impl Pool {
         }
     }
 
-    fn lease(self: &Arc<Self>, conn: Box<ServerConn>, permit: OwnedSemaphorePermit) -> Lease {
-        lock(&self.conns).leased.push((conn.key.pid, conn.created));
+    fn lease(
+        self: &Arc<Self>,
+        mut conn: Box<ServerConn>,
+        permit: OwnedSemaphorePermit,
+        client: i32,
+    ) -> Lease {
+        lock(&self.conns).lease(&mut conn, client);
         self.leased(conn, permit)
     }
 
@@ -311,19 +352,19 @@ impl Pool {
         let leased = conns
             .leased
             .iter()
-            .map(|(pid, created)| (true, *pid, created.elapsed()));
+            .map(|l| (true, l.pid, l.created.elapsed()));
         idle.chain(leased).collect()
     }
 
     /// The most recently given back idle connection that is still sound.
     /// Past `server_lifetime` connections are closed when given back and by
     /// the pool's tick, so a checkout reads no clock.
-    fn take_idle(self: &Arc<Self>) -> Option<Lease> {
+    fn take_idle(self: &Arc<Self>, client: i32) -> Option<Lease> {
         loop {
             let idle = {
                 let mut conns = lock(&self.conns);
-                let idle = conns.idle.pop()?;
-                conns.leased.push((idle.conn.key.pid, idle.conn.created));
+                let mut idle = conns.idle.pop()?;
+                conns.lease(&mut idle.conn, client);
                 idle
             };
             let Idle {
@@ -438,7 +479,7 @@ impl Pool {
             let Ok(permit) = self.permits.clone().try_acquire_owned() else {
                 return;
             };
-            match self.open(permit).await {
+            match self.open(permit, 0).await {
                 Ok(mut lease) => {
                     self.warm_failures.store(0, Relaxed);
                     lease.release();
@@ -545,6 +586,21 @@ impl Pools {
             .iter()
             .find(|p| p.serves(addr, user))
             .cloned()
+    }
+
+    /// The pid pgheal gave the client that holds the server session `pid`
+    /// on `addr`, or held it last; `None` for a session that is none of
+    /// pgheal's or that no client used yet. (A pool holds tens of
+    /// connections and pgheal a few pools per node: this walks those, not
+    /// the clients.)
+    pub fn client_of(&self, addr: &str, pid: i32) -> Option<i32> {
+        let pools: Vec<Arc<Pool>> = lock(&self.map)
+            .values()
+            .flatten()
+            .filter(|p| p.addr() == addr)
+            .cloned()
+            .collect();
+        pools.iter().find_map(|p| lock(&p.conns).client_of(pid))
     }
 
     pub fn get(&self, database: &str, spec: &ConnectSpec, limits: &PoolLimits) -> Arc<Pool> {

@@ -372,6 +372,12 @@ impl App {
         self.pool_at(target, user, addr)
     }
 
+    /// The pid of the client that holds pgheal's server session `pid` on
+    /// `addr`, or held it last (see `Pools::client_of`).
+    pub fn client_of_server(&self, addr: &str, pid: i32) -> Option<i32> {
+        self.pools.client_of(addr, pid)
+    }
+
     /// The pool of `target`'s node at `addr` for a client logged in as `user`.
     pub fn pool_at(&self, target: &Target, user: &str, addr: &str) -> Arc<Pool> {
         let database = &target.database;

@@ -24,8 +24,8 @@ struct Target {
     key: CancelKey,
 }
 
-/// Where one client's requests run, for its cancel requests and for the
-/// pid of notifications its server sessions send (in the client's entry).
+/// Where one client's requests run, for its cancel requests (in the
+/// client's entry).
 #[derive(Default)]
 pub struct CancelSlot {
     target: Mutex<Slot>,
@@ -36,21 +36,16 @@ struct Slot {
     /// The server session the client is attached to, or was last.
     last: Option<Target>,
     attached: bool,
-    /// When it attached (registry-wide order).
-    seq: u64,
 }
 
 impl CancelSlot {
     pub fn attach(&self, addr: &Arc<str>, key: CancelKey) {
-        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         *lock(&self.target) = Slot {
             last: Some(Target {
                 addr: addr.clone(),
                 key,
             }),
             attached: true,
-            seq,
         };
     }
 
@@ -106,26 +101,6 @@ impl CancelRegistry {
 
     /// Forwards a cancel to the server running the query of the client
     /// that owns `key`. Unknown keys are ignored, as PostgreSQL does.
-    /// The pid clients know the server session `server_pid` on `addr` by:
-    /// that of the client attached to it, else of the one attached last.
-    /// A notification's sender so keeps the pid its own client reports.
-    pub fn client_pid(&self, addr: &str, server_pid: i32) -> Option<i32> {
-        let clients = lock(&self.clients);
-        let mut best: Option<(bool, u64, i32)> = None;
-        for (key, client) in clients.iter() {
-            let slot = lock(&client.cancel.target);
-            let Some(t) = &slot.last else { continue };
-            if t.key.pid != server_pid || &*t.addr != addr {
-                continue;
-            }
-            let rank = (slot.attached, slot.seq, key.pid);
-            if best.is_none_or(|b| (b.0, b.1) < (rank.0, rank.1)) {
-                best = Some(rank);
-            }
-        }
-        best.map(|b| b.2)
-    }
-
     pub async fn cancel(&self, key: CancelKey) {
         let target = {
             let clients = lock(&self.clients);

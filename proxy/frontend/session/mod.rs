@@ -735,7 +735,7 @@ impl Session {
 
     /// A server for the welcome, with the client's startup settings applied.
     async fn welcome_server(&mut self) -> Result<Lease, PoolError> {
-        let mut lease = self.pool.checkout().await?;
+        let mut lease = self.pool.checkout(self.cancel.key.pid).await?;
         match lease.conn().apply_params(&self.params).await {
             // The server refused a setting: as a direct connection would,
             // the client hears it and is not let in.
@@ -849,12 +849,12 @@ impl Session {
         self.up.reserve();
         // poll_read (unlike try_read) clears readiness after a short
         // read, which spares the pump a read that would find nothing.
-        poll_fn(|cx| {
-            match poll_read_buf(Pin::new(&mut self.client), cx, &mut self.up.buf) {
+        poll_fn(
+            |cx| match poll_read_buf(Pin::new(&mut self.client), cx, &mut self.up.buf) {
                 Poll::Pending => Poll::Ready(Err(io::ErrorKind::WouldBlock.into())),
                 ready => ready,
-            }
-        })
+            },
+        )
         .await
     }
 

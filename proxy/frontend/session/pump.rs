@@ -268,7 +268,7 @@ impl Session {
                 let client = match sender {
                     _ if self.mode != PoolMode::Transaction => None,
                     Some(pid) if pid == conn.key.pid => Some(self.cancel.key.pid),
-                    Some(pid) => self.app.cancels.client_pid(&conn.addr, pid),
+                    Some(pid) => self.app.client_of_server(&conn.addr, pid),
                     None => None,
                 };
                 if let Some(pid) = client {

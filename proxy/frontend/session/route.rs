@@ -340,7 +340,7 @@ impl Session {
     }
 
     pub(super) async fn checkout(&mut self, pool: &Arc<Pool>) -> Result<Lease, PoolError> {
-        let mut lease = pool.checkout().await?;
+        let mut lease = pool.checkout(self.cancel.key.pid).await?;
         if !self.intent.reads_only() && lease.conn().reported.get("in_hot_standby") == Some("on") {
             // Taken for the primary, but it says it is a standby (PG 14+).
             self.target.cluster.nudge(pool.addr());
