@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use pgheal_protocol::build;
 use pgheal_protocol::frame;
 use pgheal_protocol::frontend;
@@ -200,7 +200,7 @@ async fn read_startup(
 ) -> Result<StartupPacket, ClientError> {
     loop {
         if let Some((packet, len)) = startup::parse(buf)? {
-            let _ = buf.split_to(len);
+            buf.advance(len);
             return Ok(packet);
         }
         read_more(stream, buf).await?;
