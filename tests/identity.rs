@@ -106,10 +106,7 @@ async fn another_clients_notification_carries_that_clients_pid() {
     let (mut sender, sender_pid) = login(&proxy).await;
     query(&mut listener, "LISTEN jobs").await;
     for n in 0..3 {
-        query(&mut sender, &format!("NOTIFY jobs, 'n{n}'")).await;
-        let (tag, note) = listener.next().await.expect("a notification");
-        assert_eq!(tag, b'A');
-        let from = i32::from_be_bytes([note[0], note[1], note[2], note[3]]);
+        let from = notify(&mut sender, &mut listener, &format!("first {n}")).await;
         assert_eq!(from, sender_pid, "notification {n}");
     }
     // A server session the first sender used, now another client's (the
@@ -117,12 +114,22 @@ async fn another_clients_notification_carries_that_clients_pid() {
     let (mut second, second_pid) = login(&proxy).await;
     drop(sender);
     for n in 0..3 {
-        query(&mut second, &format!("NOTIFY jobs, 's{n}'")).await;
-        let (tag, note) = listener.next().await.expect("a notification");
-        assert_eq!(tag, b'A');
-        let from = i32::from_be_bytes([note[0], note[1], note[2], note[3]]);
+        let from = notify(&mut second, &mut listener, &format!("second {n}")).await;
         assert_eq!(from, second_pid, "second sender's notification {n}");
     }
+}
+
+/// `sender` notifies channel `jobs` with `payload`; the pid `listener`'s
+/// notification names its sender by.
+async fn notify(sender: &mut Raw, listener: &mut Raw, payload: &str) -> i32 {
+    query(sender, &format!("NOTIFY jobs, '{payload}'")).await;
+    let (tag, note) = listener.next().await.expect("a notification");
+    assert_eq!(tag, b'A');
+    assert!(
+        note.ends_with(format!("{payload}\0").as_bytes()),
+        "{payload}"
+    );
+    i32::from_be_bytes([note[0], note[1], note[2], note[3]])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
