@@ -261,9 +261,8 @@ impl Pool {
         (idle, open.saturating_sub(idle))
     }
 
-    /// Waits up to `checkout_timeout` for a healthy connection.
-    /// A connection for the client whose pid (the one pgheal gave it) is
-    /// `client` (0 for pgheal's own use).
+    /// Waits up to `checkout_timeout` for a healthy connection, for the
+    /// client pgheal gave the pid `client` (0: for pgheal's own use).
     pub async fn checkout(self: &Arc<Self>, client: i32) -> Result<Lease, PoolError> {
         if let Some(lease) = self.take_idle(client) {
             return Ok(lease);
