@@ -139,11 +139,7 @@ async fn ssl_is_refused_and_newer_protocol_is_negotiated() {
         &[("user", "raw"), ("database", "app"), ("_pq_.future", "1")],
     );
     raw.send(&out).await;
-    let msgs = raw.read_until(b'Z').await;
-    let (tag, body) = &msgs[0];
-    assert_eq!(*tag, b'v');
-    assert_eq!(&body[..8], &[0, 3, 0, 0, 0, 0, 0, 1]);
-    assert_eq!(&body[8..], b"_pq_.future\0");
+    let msgs = negotiated(&mut raw).await;
     assert!(
         msgs.iter().any(|(t, _)| *t == b'K'),
         "BackendKeyData is sent"
@@ -305,9 +301,16 @@ async fn a_protocol_option_alone_is_negotiated() {
         &[("user", "raw"), ("_pq_.future", "1"), ("database", "app")],
     );
     raw.send(&out).await;
+    negotiated(&mut raw).await;
+}
+
+/// The login's answer up to ReadyForQuery, which starts by telling the
+/// client pgheal speaks 3.0 and not `_pq_.future`.
+async fn negotiated(raw: &mut Raw) -> Vec<(u8, Vec<u8>)> {
     let msgs = raw.read_until(b'Z').await;
     let (tag, body) = &msgs[0];
     assert_eq!(*tag, b'v');
     assert_eq!(&body[..8], &[0, 3, 0, 0, 0, 0, 0, 1]);
     assert_eq!(&body[8..], b"_pq_.future\0");
+    msgs
 }
