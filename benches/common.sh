@@ -1,7 +1,7 @@
-# Shared by benches/e2e.sh and benches/instructions.sh (sourced, from the
-# project root): PostgreSQL's binaries, a work directory removed on exit
-# with every process listed in `pids` stopped first, free ports, and the
-# wait for a PostgreSQL started in the background.
+# Shared by benches/e2e.sh, benches/instructions.sh and scripts/pgo-build
+# (sourced, from the project root): PostgreSQL's binaries, a work directory
+# removed on exit with every process listed in `pids` stopped first, free
+# ports, and the wait for a PostgreSQL started in the background.
 
 bin=$(dirname "$(readlink -f "$(command -v initdb || ls /usr/lib/postgresql/*/bin/initdb | tail -1)")")
 # PostgreSQL refuses to run as root.

@@ -11,6 +11,9 @@
 #   PROXY_CORES=1 benches/e2e.sh        # both proxies pinned to that many
 #                                       # cores (taskset); pgheal runs as
 #                                       # many workers: TPS per proxy core
+#   BIN=target/pgo/release/pgheal benches/e2e.sh   # another pgheal build
+#                                       # (scripts/pgo-build's); default:
+#                                       # the release build, built first
 #
 # Columns: TPS (mean of the rounds), average latency, p99 latency (from
 # pgbench's per-transaction log), the proxy's own CPU (user + system)
@@ -51,8 +54,11 @@ pg_ready "$work/data"
 psql -qX -h "$work" -p "$pg_port" -U postgres -c "CREATE ROLE app LOGIN SUPERUSER PASSWORD 'apppw'" \
     -c "CREATE ROLE idle LOGIN PASSWORD 'apppw'" -c "CREATE DATABASE app OWNER app"
 
-cargo build --release -q
-heal_bin=${CARGO_TARGET_DIR:-target}/release/pgheal
+if [ -z "${BIN:-}" ]; then
+    cargo build --release -q
+fi
+heal_bin=${BIN:-${CARGO_TARGET_DIR:-target}/release/pgheal}
+[ -x "$heal_bin" ] || { echo "no pgheal at $heal_bin" >&2; exit 1; }
 {
     cat <<TOML
 [proxy]
