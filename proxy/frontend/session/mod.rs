@@ -792,18 +792,7 @@ impl Session {
                 self.wire.shrink();
             }
             if can_rest {
-                let now = match self.ended_at.take() {
-                    Some(ended) => tokio::time::Instant::from_std(ended),
-                    None => tokio::time::Instant::now(),
-                };
-                self.idle_since = Some(now.into_std());
-                let deadline = rest::rest_deadline(now);
-                match &mut self.rest_timer {
-                    // Idle starts within one tick share a deadline.
-                    Some(timer) if timer.deadline() == deadline => {}
-                    Some(timer) => timer.as_mut().reset(deadline),
-                    None => self.rest_timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
-                }
+                self.arm_rest_timer();
             }
             // A client without a buffer waits with poll_read_ready, which
             // keeps the waker in the socket's own slot: an idle client's

@@ -171,6 +171,23 @@ pub(super) fn rest(session: Box<Session>) {
 }
 
 impl Session {
+    /// Starts the client's idle time (from the end of its last
+    /// transaction) and sets its rest timer to the deadline that follows.
+    pub(super) fn arm_rest_timer(&mut self) {
+        let now = match self.ended_at.take() {
+            Some(ended) => tokio::time::Instant::from_std(ended),
+            None => tokio::time::Instant::now(),
+        };
+        self.idle_since = Some(now.into_std());
+        let deadline = rest_deadline(now);
+        match &mut self.rest_timer {
+            // Idle starts within one tick share a deadline.
+            Some(timer) if timer.deadline() == deadline => {}
+            Some(timer) => timer.as_mut().reset(deadline),
+            None => self.rest_timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
+        }
+    }
+
     /// Idle between transactions with nothing a task must keep: no
     /// server, no request, no transaction state, no pinned settings.
     pub(super) fn can_rest(&self) -> bool {
