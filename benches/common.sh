@@ -31,6 +31,26 @@ pg_ready() {
     pids+=("$(head -1 "$1/postmaster.pid")")
 }
 
+# A self-signed certificate for localhost in $work/tls.crt and tls.key,
+# readable by the postgres user.
+self_signed_cert() {
+    openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=localhost \
+        -keyout "$work/tls.key" -out "$work/tls.crt" >/dev/null 2>&1
+    chmod 600 "$work/tls.key"
+    if [ "$(id -u)" -eq 0 ]; then chown postgres "$work/tls.key" "$work/tls.crt"; fi
+}
+
+# On the PostgreSQL at port $1 (its socket in $work): the roles app
+# (superuser) and idle, both with password apppw, the database app with
+# pgbench's tables at scale $2, which idle may read.
+app_database() {
+    psql -qX -h "$work" -p "$1" -U postgres -c "CREATE ROLE app LOGIN SUPERUSER PASSWORD 'apppw'" \
+        -c "CREATE ROLE idle LOGIN PASSWORD 'apppw'" -c "CREATE DATABASE app OWNER app"
+    PGPASSWORD=apppw PGSSLMODE=disable pgbench -i -q -s "$2" -h 127.0.0.1 -p "$1" -U app app >/dev/null 2>&1
+    PGPASSWORD=apppw PGSSLMODE=disable psql -qX -h 127.0.0.1 -p "$1" -U app app \
+        -c "GRANT SELECT ON ALL TABLES IN SCHEMA public TO idle"
+}
+
 # pgheal's users (app with a password, idle on trust) and its database app
 # on the PostgreSQL at port $1 with a pool of $2, as both benches set them.
 app_toml() {

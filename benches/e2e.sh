@@ -40,10 +40,7 @@ BENCH_PREFIX=pgheal-bench
 pg_port=$(free_port); heal_port=$(free_port); bouncer_port=$(free_port); bsession_port=$(free_port)
 noreplay_port=$(free_port)
 # One self-signed certificate for the TLS rows, served by all three.
-openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=localhost \
-    -keyout "$work/tls.key" -out "$work/tls.crt" >/dev/null 2>&1
-chmod 600 "$work/tls.key"
-[ "$(id -u)" -eq 0 ] && chown postgres "$work/tls.key" "$work/tls.crt"
+self_signed_cert
 echo "apppw" > "$work/pw"; chmod 644 "$work/pw"
 "${as_pg[@]}" "$bin/initdb" -D "$work/data" -U postgres --auth-local=trust --auth-host=scram-sha-256 \
     --pwfile="$work/pw" -N -E UTF8 --no-locale >/dev/null
@@ -51,8 +48,8 @@ echo "apppw" > "$work/pw"; chmod 644 "$work/pw"
     -c fsync=off -c max_connections=300 -c shared_buffers=256MB \
     -c ssl=on -c ssl_cert_file="$work/tls.crt" -c ssl_key_file="$work/tls.key" >"$work/pg.log" 2>&1 &
 pg_ready "$work/data"
-psql -qX -h "$work" -p "$pg_port" -U postgres -c "CREATE ROLE app LOGIN SUPERUSER PASSWORD 'apppw'" \
-    -c "CREATE ROLE idle LOGIN PASSWORD 'apppw'" -c "CREATE DATABASE app OWNER app"
+# The trust user (idle) runs the -C trust row.
+app_database "$pg_port" "$SCALE"
 
 if [ -z "${BIN:-}" ]; then
     cargo build --release -q
@@ -138,9 +135,6 @@ for _ in $(seq 100); do
 done
 
 export PGPASSWORD=apppw PGSSLMODE=disable
-pgbench -i -q -s "$SCALE" -h 127.0.0.1 -p "$pg_port" -U app app >/dev/null 2>&1
-# The trust user runs the -C trust row.
-psql -qX -h 127.0.0.1 -p "$pg_port" -U app app -c "GRANT SELECT ON ALL TABLES IN SCHEMA public TO idle"
 mkdir -p "$work/lat"
 
 declare -A tps lat cpu p99 cs

@@ -44,11 +44,8 @@ pg_port=$(free_port)
 "${as_pg[@]}" "$bin/postgres" -D "$work/data" -p "$pg_port" -k "$work" -c listen_addresses=127.0.0.1 \
     -c fsync=off -c max_connections=100 >"$work/pg.log" 2>&1 &
 pg_ready "$work/data"
-psql -qX -h "$work" -p "$pg_port" -U postgres -c "CREATE ROLE app LOGIN SUPERUSER PASSWORD 'apppw'" \
-    -c "CREATE ROLE idle LOGIN PASSWORD 'apppw'" -c "CREATE DATABASE app OWNER app"
+app_database "$pg_port" "$SCALE"
 export PGPASSWORD=apppw PGSSLMODE=disable
-pgbench -i -q -s "$SCALE" -h 127.0.0.1 -p "$pg_port" -U app app >/dev/null 2>&1
-psql -qX -h 127.0.0.1 -p "$pg_port" -U app app -c "GRANT SELECT ON ALL TABLES IN SCHEMA public TO idle"
 
 # name|clients|pgbench arguments
 cases=(
